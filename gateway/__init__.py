@@ -1,0 +1,1 @@
+"""Telephony voice-bot gateway: Twilio Media Streams to Gemini Live."""

@@ -1,0 +1,1 @@
+"""Gemini Live session manager. Knows nothing of Twilio."""

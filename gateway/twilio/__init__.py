@@ -1,0 +1,1 @@
+"""Twilio side: Media Streams protocol and webhooks. Knows nothing of Gemini."""
