@@ -1,0 +1,105 @@
+"""Prometheus metrics of the gateway, one registry per app.
+
+Labels are low-cardinality by design: causes, outcomes, reasons and
+directions, never a CallSid, StreamSid or phone number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+GAP_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Metrics:
+    """Every metric family the gateway exports."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.calls_active = Gauge("gateway_calls_active", "Calls in progress", registry=r)
+        self.calls = Counter("gateway_calls", "Calls ended, by outcome", ["outcome"], registry=r)
+        self.call_duration = Histogram(
+            "gateway_call_duration_seconds",
+            "Call duration",
+            buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+            registry=r,
+        )
+        self.live_connections = Counter(
+            "gateway_live_connections",
+            "Live connections opened, by kind (fresh, resumed, fallback)",
+            ["kind"],
+            registry=r,
+        )
+        self.live_resumptions = Counter(
+            "gateway_live_resumptions",
+            "Live connection switches, by cause (goaway, abrupt, refused)",
+            ["cause"],
+            registry=r,
+        )
+        self.goaway = Counter("gateway_live_goaway", "goAway messages received", registry=r)
+        self.reset_gap = Histogram(
+            "gateway_live_reset_gap_seconds",
+            "How long caller audio waited for a Live connection at a reset",
+            ["cause"],
+            buckets=GAP_BUCKETS,
+            registry=r,
+        )
+        self.replayed_audio = Histogram(
+            "gateway_live_replayed_audio_seconds",
+            "Caller audio replayed into a resumed session",
+            ["cause"],
+            buckets=GAP_BUCKETS,
+            registry=r,
+        )
+        self.caller_frames = Counter(
+            "gateway_caller_audio_frames", "Caller audio frames received", registry=r
+        )
+        self.caller_audio_dropped = Counter(
+            "gateway_caller_audio_dropped_seconds",
+            "Caller audio that could not be delivered to the model, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.model_audio = Counter(
+            "gateway_model_audio_seconds", "Model audio sent to callers", registry=r
+        )
+        self.barge_ins = Counter("gateway_barge_ins", "Caller interrupted the model", registry=r)
+        self.rejected = Counter(
+            "gateway_requests_rejected", "Requests refused, by reason", ["reason"], registry=r
+        )
+        self.stream_errors = Counter(
+            "gateway_stream_errors",
+            "Streams closed for bad input, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.live_errors = Counter(
+            "gateway_live_errors", "Live sessions that failed, by reason", ["reason"], registry=r
+        )
+        self.added_latency = Histogram(
+            "gateway_added_latency_seconds",
+            "Time audio spends inside the gateway, by direction",
+            ["direction"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)
