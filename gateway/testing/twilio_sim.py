@@ -1,0 +1,695 @@
+"""Twilio caller simulator: plays Twilio's side of one call against a real gateway.
+
+It is written independently of ``gateway.twilio`` on purpose, so that tests built on it check
+the gateway's protocol code instead of agreeing with it by construction.
+
+What it does, like Twilio does for an inbound call answered with ``<Connect><Stream>``:
+
+* POSTs the signed voice webhook and reads the TwiML;
+* opens the signed Media Streams WebSocket, sends ``connected`` and ``start``;
+* sends the caller's audio as 20 ms ``media`` frames on an absolute real-time schedule;
+* plays the gateway's outbound audio at real time (a virtual playout clock, no busy loop),
+  echoes ``mark`` once the audio queued before it has played, and on ``clear`` drops the
+  unplayed audio and echoes the pending marks at once;
+* validates every message from the gateway and records bad ones as ``protocol_error``.
+
+``speed`` compresses time (2.0 sends and plays twice as fast) so tests stay short.
+Many simulators can share one event loop: each call costs one reader task, one player task
+that wakes once per outbound chunk, and one timer wake per 20 ms frame it sends.
+
+Usage::
+
+    sim = TwilioCallerSimulator(http, "http://127.0.0.1:8080", "https://gw.example.com", token)
+    async with await sim.place_call() as call:
+        await call.speak_tone(440, 1.0)
+        await call.wait_heard(lambda r: len(r.heard_pcm()) >= 8000, timeout=10)
+
+Each open call holds one connection of ``http``'s connector: for more than 100 concurrent
+calls, give the session ``aiohttp.TCPConnector(limit=0)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import secrets
+import time
+import warnings
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import numpy as np
+import numpy.typing as npt
+from twilio.request_validator import RequestValidator
+from yarl import URL
+
+with warnings.catch_warnings():  # stdlib audioop warns on 3.11/3.12; audioop-lts on 3.13
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+__all__ = [
+    "CallRecord",
+    "CallRejected",
+    "HeardAudio",
+    "SimulatedCall",
+    "StreamRejected",
+    "TwilioCallerSimulator",
+    "dominant_frequency",
+    "tone_ulaw",
+]
+
+SAMPLE_RATE = 8000
+FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law: what Twilio sends per media message
+FRAME_SECONDS = FRAME_BYTES / SAMPLE_RATE
+ULAW_SILENCE = 0xFF
+DTMF_DIGITS = frozenset("0123456789*#")
+OUTBOUND_EVENTS = frozenset({"media", "mark", "clear"})
+
+
+class CallRejected(Exception):
+    """The webhook did not answer with a ``<Connect><Stream>`` (non-200, ``<Reject>``, junk)."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"call rejected: HTTP {status}: {body[:200]!r}")
+        self.status = status
+        self.body = body
+
+
+class StreamRejected(CallRejected):
+    """The TwiML was fine but the WebSocket upgrade failed (e.g. 403 on a bad signature)."""
+
+
+@dataclass(frozen=True)
+class HeardAudio:
+    """One outbound media chunk the caller played (cut short if a clear interrupted it)."""
+
+    at: float  # time.monotonic() when it started playing
+    ulaw: bytes
+
+
+@dataclass
+class CallRecord:
+    """Everything that happened on one simulated call, for assertions."""
+
+    twiml: str = ""
+    stream_url: str = ""
+    custom_parameters: dict[str, str] = field(default_factory=dict)
+    sent_ulaw: bytearray = field(default_factory=bytearray)
+    heard: list[HeardAudio] = field(default_factory=list)
+    marks_echoed: list[tuple[float, str]] = field(default_factory=list)
+    clears: list[float] = field(default_factory=list)
+    close_code: int | None = None
+    close_reason: str | None = None
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+    call_sid: str = ""
+    account_sid: str = ""
+    stream_sid: str = ""
+    speed: float = 1.0
+    closed_by: str | None = None  # "gateway" or "caller"
+
+    def event(self, kind: str, detail: str = "") -> None:
+        self.events.append((time.monotonic(), kind, detail))
+
+    @property
+    def protocol_errors(self) -> list[str]:
+        return [detail for _, kind, detail in self.events if kind == "protocol_error"]
+
+    @property
+    def marks_received(self) -> list[str]:
+        return [detail for _, kind, detail in self.events if kind == "mark_rx"]
+
+    def heard_pcm(self) -> npt.NDArray[np.int16]:
+        """All heard audio as 8 kHz int16, with silence where playback paused between chunks.
+
+        Positions come from the play times (scaled by ``speed``), so the result is the caller's
+        timeline from the first heard sample on.
+        """
+        if not self.heard:
+            return np.zeros(0, dtype=np.int16)
+        per_second = SAMPLE_RATE * self.speed
+        t0 = self.heard[0].at
+        parts: list[npt.NDArray[np.int16]] = []
+        cursor = 0
+        for chunk in self.heard:
+            pos = round((chunk.at - t0) * per_second)
+            if pos > cursor + 1:  # a real gap, not float jitter between back-to-back chunks
+                parts.append(np.zeros(pos - cursor, dtype=np.int16))
+                cursor = pos
+            parts.append(np.frombuffer(audioop.ulaw2lin(chunk.ulaw, 2), dtype=np.int16))
+            cursor += len(chunk.ulaw)
+        return np.concatenate(parts)
+
+
+def tone_ulaw(
+    freq_hz: float, duration_s: float, amplitude: float = 0.3, rate: int = SAMPLE_RATE
+) -> bytes:
+    """A sine tone as mu-law bytes (``amplitude`` is a fraction of full scale)."""
+    n = round(duration_s * rate)
+    t = np.arange(n, dtype=np.float64) / rate
+    pcm = np.round(amplitude * 32767.0 * np.sin(2.0 * np.pi * freq_hz * t)).astype("<i2")
+    return audioop.lin2ulaw(pcm.tobytes(), 2)
+
+
+def dominant_frequency(pcm: npt.NDArray[Any], rate: int) -> float:
+    """Frequency (Hz) of the strongest spectral peak; 0.0 for empty or silent input."""
+    x = np.asarray(pcm, dtype=np.float64)
+    if x.size < 4:
+        return 0.0
+    x = x - x.mean()
+    if not np.any(x):
+        return 0.0
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(x.size)))
+    k = int(np.argmax(spectrum[1:])) + 1
+    delta = 0.0
+    if 1 <= k < spectrum.size - 1:  # parabolic interpolation on log magnitude
+        a, b, c = np.log(spectrum[k - 1 : k + 2] + 1e-12)
+        denom = a - 2.0 * b + c
+        if denom != 0.0:
+            delta = float(0.5 * (a - c) / denom)
+    return float((k + delta) * rate / x.size)
+
+
+def _sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+@dataclass
+class _Queued:
+    arrival: float
+    ulaw: bytes | None = None  # audio chunk, or
+    mark: str | None = None  # a mark waiting behind the audio
+
+
+class SimulatedCall:
+    """One live call: caller audio out, gateway audio played back, marks echoed."""
+
+    def __init__(
+        self, ws: aiohttp.ClientWebSocketResponse, record: CallRecord, speed: float
+    ) -> None:
+        self.record = record
+        self._ws = ws
+        self._speed = speed
+        self._seq = 0
+        self._chunk = 0
+        self._send_lock = asyncio.Lock()
+        self._audio_lock = asyncio.Lock()
+        self._stream_t0 = time.monotonic()
+        self._next_frame_at = 0.0
+        self._last_ts = -FRAME_SECONDS * 1000
+        # Playback state (virtual clock): what is queued, what plays now, when it ends.
+        self._queue: deque[_Queued] = deque()
+        self._pending_echo: deque[str] = deque()
+        self._play_end = 0.0
+        self._cur_start = 0.0
+        self._playing = False  # heard[-1] is the chunk playing until _play_end
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._hung_up = False
+        self._reader: asyncio.Task[None] | None = None
+        self._player: asyncio.Task[None] | None = None
+
+    @property
+    def stream_sid(self) -> str:
+        return self.record.stream_sid
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        rec = self.record
+        await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"}, seq=False)
+        rec.event("connected_tx")
+        await self._send(
+            {
+                "event": "start",
+                "start": {
+                    "accountSid": rec.account_sid,
+                    "streamSid": rec.stream_sid,
+                    "callSid": rec.call_sid,
+                    "tracks": ["inbound"],
+                    "customParameters": dict(rec.custom_parameters),
+                    "mediaFormat": {
+                        "encoding": "audio/x-mulaw",
+                        "sampleRate": SAMPLE_RATE,
+                        "channels": 1,
+                    },
+                },
+                "streamSid": rec.stream_sid,
+            }
+        )
+        rec.event("start_tx", rec.stream_sid)
+        self._stream_t0 = time.monotonic()
+        self._reader = asyncio.create_task(self._read_loop(), name=f"twilio-sim-rx-{rec.call_sid}")
+        self._player = asyncio.create_task(
+            self._play_loop(), name=f"twilio-sim-play-{rec.call_sid}"
+        )
+
+    async def hangup(self) -> None:
+        """Caller hangs up: send ``stop``, close the socket, stop tasks. Idempotent."""
+        if self._hung_up:
+            return
+        self._hung_up = True
+        if not self.closed:
+            rec = self.record
+            await self._send(
+                {
+                    "event": "stop",
+                    "streamSid": rec.stream_sid,
+                    "stop": {"accountSid": rec.account_sid, "callSid": rec.call_sid},
+                }
+            )
+            rec.event("stop_tx")
+            if self.record.closed_by is None:
+                self.record.closed_by = "caller"
+            try:
+                await self._ws.close()
+            except (aiohttp.ClientError, OSError) as exc:
+                rec.event("close_error", repr(exc))
+            rec.close_code = self._ws.close_code
+        # asyncio.wait neither raises the tasks' errors nor swallows our own cancellation.
+        if self._reader is not None:
+            await asyncio.wait({self._reader}, timeout=5.0)
+            self._reader.cancel()
+        self._mark_closed()
+        if self._player is not None:
+            self._player.cancel()
+            await asyncio.wait({self._player})
+
+    async def wait_closed(self, timeout: float) -> None:  # noqa: ASYNC109 - shared interface
+        """Wait until the stream is closed (by the gateway, or by ``hangup``)."""
+        async with asyncio.timeout(timeout):
+            await self._closed.wait()
+
+    async def wait_heard(
+        self,
+        predicate: Callable[[CallRecord], bool],
+        timeout: float,  # noqa: ASYNC109 - part of the shared interface
+    ) -> None:
+        """Wait until ``predicate(record)`` holds; re-checked whenever the record changes.
+
+        Raises ``TimeoutError`` on timeout, or as soon as the call closes without it holding.
+        """
+        async with asyncio.timeout(timeout):
+            while not predicate(self.record):
+                if self.closed:
+                    raise TimeoutError("call closed before the predicate held")
+                await self._changed.wait()
+
+    async def __aenter__(self) -> SimulatedCall:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.hangup()
+
+    # ---- caller -> gateway -----------------------------------------------------------------
+
+    async def send_audio(self, ulaw: bytes) -> None:
+        """Send mu-law as 20 ms ``media`` frames on an absolute schedule (no drift).
+
+        A trailing partial frame is padded with silence, as Twilio only sends whole frames.
+        Back-to-back calls continue one schedule; after an idle gap it restarts at now.
+        """
+        if not ulaw:
+            return
+        async with self._audio_lock:
+            step = FRAME_SECONDS / self._speed
+            now = time.monotonic()
+            due = self._next_frame_at if self._next_frame_at > now - step else now
+            self.record.event("audio_tx", str(len(ulaw)))
+            for off in range(0, len(ulaw), FRAME_BYTES):
+                if self.closed or self._hung_up:
+                    return
+                frame = ulaw[off : off + FRAME_BYTES]
+                if len(frame) < FRAME_BYTES:
+                    frame += bytes([ULAW_SILENCE]) * (FRAME_BYTES - len(frame))
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if not await self._send_media(frame, due):
+                    return
+                due += step
+                self._next_frame_at = due
+
+    async def _send_media(self, frame: bytes, due: float) -> bool:
+        # Twilio's timestamp is media time since the stream started; keep it monotonic.
+        ts = max(round((due - self._stream_t0) * 1000 * self._speed), self._last_ts + 20)
+        self._last_ts = ts
+        self._chunk += 1
+        ok = await self._send(
+            {
+                "event": "media",
+                "streamSid": self.record.stream_sid,
+                "media": {
+                    "track": "inbound",
+                    "chunk": str(self._chunk),
+                    "timestamp": str(int(ts)),
+                    "payload": base64.b64encode(frame).decode("ascii"),
+                },
+            }
+        )
+        if ok:
+            self.record.sent_ulaw += frame
+        return ok
+
+    async def speak_tone(self, freq_hz: float, duration_s: float, amplitude: float = 0.3) -> None:
+        await self.send_audio(tone_ulaw(freq_hz, duration_s, amplitude))
+
+    async def silence(self, duration_s: float) -> None:
+        """Twilio keeps sending frames while the caller is quiet; so do we."""
+        await self.send_audio(bytes([ULAW_SILENCE]) * round(duration_s * SAMPLE_RATE))
+
+    async def send_dtmf(self, digit: str) -> None:
+        if digit not in DTMF_DIGITS:
+            raise ValueError(f"not a DTMF digit: {digit!r}")
+        await self._send(
+            {
+                "event": "dtmf",
+                "streamSid": self.record.stream_sid,
+                "dtmf": {"track": "inbound_track", "digit": digit},
+            }
+        )
+        self.record.event("dtmf_tx", digit)
+
+    async def _send(self, msg: dict[str, Any], *, seq: bool = True) -> bool:
+        async with self._send_lock:
+            return await self._send_locked(msg, seq=seq)
+
+    async def _send_locked(self, msg: dict[str, Any], *, seq: bool = True) -> bool:
+        # sequenceNumber is taken under the lock so wire order matches numbering.
+        if self._ws.closed:
+            return False
+        if seq:
+            self._seq += 1
+            msg = {"event": msg["event"], "sequenceNumber": str(self._seq), **msg}
+        try:
+            await self._ws.send_str(json.dumps(msg, separators=(",", ":")))
+        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+            self.record.event("send_error", repr(exc))
+            return False
+        return True
+
+    # ---- gateway -> caller -----------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        rec = self.record
+        try:
+            while True:
+                msg = await self._ws.receive()
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    await self._on_text(msg.data)
+                elif msg.type is aiohttp.WSMsgType.BINARY:
+                    self._protocol_error("binary frame")
+                elif msg.type is aiohttp.WSMsgType.CLOSE:
+                    if rec.closed_by is None:
+                        rec.closed_by = "gateway"
+                    rec.close_reason = msg.extra if isinstance(msg.extra, str) else None
+                    break
+                elif msg.type is aiohttp.WSMsgType.ERROR:
+                    rec.event("ws_error", repr(msg.data))
+                    break
+                else:  # CLOSING (our own close) or CLOSED (connection gone)
+                    break
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            rec.event("ws_error", repr(exc))
+        finally:
+            if rec.closed_by is None:
+                rec.closed_by = "gateway"
+            rec.close_code = self._ws.close_code
+            self._mark_closed()
+
+    def _mark_closed(self) -> None:
+        if self.closed:
+            return
+        now = time.monotonic()
+        self._truncate_playing(now)
+        self._queue.clear()
+        self.record.event("closed", f"{self.record.close_code} {self.record.closed_by}")
+        self._closed.set()
+        self._wake.set()
+        self._notify()
+
+    def _protocol_error(self, detail: str) -> None:
+        self.record.event("protocol_error", detail)
+        self._notify()
+
+    async def _on_text(self, data: str) -> None:
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            self._protocol_error(f"invalid JSON: {data[:80]!r}")
+            return
+        if not isinstance(msg, dict):
+            self._protocol_error(f"not a JSON object: {data[:80]!r}")
+            return
+        event = msg.get("event")
+        if event not in OUTBOUND_EVENTS:
+            self._protocol_error(f"unknown event {event!r}")
+            return
+        if msg.get("streamSid") != self.record.stream_sid:
+            self._protocol_error(f"{event}: streamSid {msg.get('streamSid')!r} does not match")
+            return
+        now = time.monotonic()
+        if event == "media":
+            media = msg.get("media")
+            payload = media.get("payload") if isinstance(media, dict) else None
+            if not isinstance(payload, str):
+                self._protocol_error("media: missing media.payload")
+                return
+            try:
+                ulaw = base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                self._protocol_error("media: payload is not base64")
+                return
+            if not ulaw:
+                self._protocol_error("media: empty payload")
+                return
+            self._queue.append(_Queued(now, ulaw=ulaw))
+            self._wake.set()
+        elif event == "mark":
+            mark = msg.get("mark")
+            name = mark.get("name") if isinstance(mark, dict) else None
+            if not isinstance(name, str) or not name:
+                self._protocol_error("mark: missing mark.name")
+                return
+            self.record.event("mark_rx", name)
+            self._queue.append(_Queued(now, mark=name))
+            self._wake.set()
+        else:
+            await self._on_clear(now)
+
+    async def _on_clear(self, now: float) -> None:
+        rec = self.record
+        self._truncate_playing(now)
+        dropped = 0
+        for item in self._queue:
+            if item.mark is not None:
+                self._pending_echo.append(item.mark)
+            elif item.ulaw is not None:
+                dropped += len(item.ulaw)
+        self._queue.clear()
+        rec.clears.append(now)
+        rec.event("clear", f"dropped {dropped} queued bytes")
+        self._wake.set()
+        self._notify()
+        await self._flush_echoes()
+
+    def _truncate_playing(self, now: float) -> None:
+        """Cut the chunk now playing at ``now``: only what was played counts as heard."""
+        if not self._playing:
+            return
+        self._playing = False
+        if now >= self._play_end:
+            return
+        heard = self.record.heard
+        last = heard[-1]
+        played = max(0, int((now - self._cur_start) * SAMPLE_RATE * self._speed))
+        if played:
+            heard[-1] = HeardAudio(last.at, last.ulaw[:played])
+        else:
+            heard.pop()
+        self._play_end = now
+
+    async def _play_loop(self) -> None:
+        """Advance the virtual playout clock; sleeps until the current chunk ends or a wake."""
+        while not self.closed:
+            self._wake.clear()
+            self._advance(time.monotonic())
+            if self._pending_echo:
+                await self._flush_echoes()
+                continue
+            timeout = (self._play_end - time.monotonic()) if self._queue else None
+            if timeout is not None and timeout <= 0:
+                continue
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    def _advance(self, now: float) -> None:
+        """Start every queued item whose turn has come by ``now`` (back-to-back, no drift)."""
+        rec = self.record
+        changed = False
+        while self._queue:
+            item = self._queue[0]
+            start = max(self._play_end, item.arrival)
+            if start > now:
+                break
+            self._queue.popleft()
+            if item.ulaw is not None:
+                if start > self._play_end:
+                    rec.event("play_start")
+                rec.heard.append(HeardAudio(start, item.ulaw))
+                self._cur_start = start
+                self._play_end = start + len(item.ulaw) / (SAMPLE_RATE * self._speed)
+                self._playing = True
+                changed = True
+            elif item.mark is not None:
+                self._pending_echo.append(item.mark)
+        if changed:
+            self._notify()
+
+    async def _flush_echoes(self) -> None:
+        """Echo pending marks in the order they became due (one sender keeps wire order)."""
+        async with self._send_lock:
+            while self._pending_echo:
+                name = self._pending_echo.popleft()
+                ok = await self._send_locked(
+                    {
+                        "event": "mark",
+                        "streamSid": self.record.stream_sid,
+                        "mark": {"name": name},
+                    }
+                )
+                if ok:
+                    self.record.marks_echoed.append((time.monotonic(), name))
+                    self.record.event("mark_echo", name)
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake ``wait_heard`` waiters: each holds the event that was current when it slept."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+class TwilioCallerSimulator:
+    """Places simulated inbound calls the way Twilio does, against a gateway at ``base_url``."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        base_url: str,
+        public_url: str,
+        auth_token: str,
+        *,
+        speed: float = 1.0,
+        account_sid: str | None = None,
+    ) -> None:
+        if speed <= 0:
+            raise ValueError("speed must be positive")
+        self._http = http
+        self._base = urlsplit(base_url)
+        self._public_url = public_url.rstrip("/")
+        self._validator = RequestValidator(auth_token)
+        self._speed = speed
+        self._account_sid = account_sid or _sid("AC")
+
+    async def place_call(
+        self,
+        *,
+        call_sid: str | None = None,
+        from_: str = "+15005550006",
+        to: str = "+15005550001",
+        extra_params: Mapping[str, str] | None = None,
+    ) -> SimulatedCall:
+        """Run the voice webhook, then open and start the media stream."""
+        call_sid = call_sid or _sid("CA")
+        rec = CallRecord(call_sid=call_sid, account_sid=self._account_sid, speed=self._speed)
+        params = {
+            "AccountSid": self._account_sid,
+            "ApiVersion": "2010-04-01",
+            "CallSid": call_sid,
+            "CallStatus": "ringing",
+            "Called": to,
+            "Caller": from_,
+            "Direction": "inbound",
+            "From": from_,
+            "To": to,
+            **(extra_params or {}),
+        }
+        webhook_url = self._public_url + "/twilio/voice"
+        signature = self._validator.compute_signature(webhook_url, params)
+        rec.event("webhook_tx", webhook_url)
+        async with self._http.post(
+            self._rewrite(webhook_url),
+            data=params,
+            headers={"X-Twilio-Signature": signature, "User-Agent": "TwilioProxy/1.1"},
+        ) as resp:
+            body = await resp.text()
+            status = resp.status
+        rec.twiml = body
+        rec.event("webhook_rx", str(status))
+        if status != 200:
+            raise CallRejected(status, body)
+        stream_url, custom = _parse_connect_stream(body, status)
+        rec.stream_url = stream_url
+        rec.custom_parameters = custom
+        if urlsplit(stream_url).scheme != "wss":
+            rec.event("twiml_warning", "Twilio requires a wss:// stream url")
+        if urlsplit(stream_url).query:
+            rec.event("twiml_warning", "Twilio does not pass query strings on stream urls")
+
+        ws_signature = self._validator.compute_signature(stream_url, {})
+        try:
+            ws = await self._http.ws_connect(
+                URL(self._rewrite(stream_url, websocket=True), encoded=True),
+                headers={"X-Twilio-Signature": ws_signature},
+                autoping=True,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise StreamRejected(exc.status, exc.message) from exc
+        rec.stream_sid = _sid("MZ")
+        call = SimulatedCall(ws, rec, self._speed)
+        await call._open()
+        return call
+
+    def _rewrite(self, public: str, *, websocket: bool = False) -> str:
+        """Same path and query, but aimed at where the gateway actually listens."""
+        parts = urlsplit(public)
+        scheme = self._base.scheme
+        if websocket:
+            scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
+        return urlunsplit((scheme, self._base.netloc, parts.path, parts.query, ""))
+
+
+def _parse_connect_stream(twiml: str, status: int) -> tuple[str, dict[str, str]]:
+    """Find ``<Response><Connect><Stream url=..>`` and its ``<Parameter>``s, or reject."""
+    try:
+        root = ET.fromstring(twiml)
+    except ET.ParseError as exc:
+        raise CallRejected(status, twiml) from exc
+    stream = root.find("./Connect/Stream") if root.tag == "Response" else None
+    url = stream.get("url") if stream is not None else None
+    if stream is None or not url:
+        raise CallRejected(status, twiml)
+    params = {
+        p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter") if p.get("name")
+    }
+    return url, params
