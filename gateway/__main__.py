@@ -1,0 +1,86 @@
+"""`python -m gateway` serves; `python -m gateway demo` runs a self-contained call.
+
+Serving drains gracefully: the first SIGTERM/SIGINT fails readiness and turns new
+calls away while calls in progress go on (up to DRAIN_TIMEOUT); a second signal
+ends the process at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.logs import configure_logging
+from gateway.server import create_app, start_draining, wait_calls_done
+
+log = logging.getLogger("gateway")
+
+
+async def serve(settings: Settings) -> int:
+    """Run the server until a signal, then drain."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    log.info("listening on %s:%d", settings.host, settings.port)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("signal %d: draining", signum)
+            start_draining(app)
+            stop.set()
+        else:
+            log.warning("second signal: exiting now")
+            sys.stdout.flush()
+            import os
+
+            os._exit(0)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()
+    all_done = await wait_calls_done(app, settings.drain_timeout)
+    if not all_done:
+        log.warning("drain timeout: closing the calls still in progress")
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="serve the gateway (default)")
+    demo = sub.add_parser("demo", help="a simulated call against the bundled emulator")
+    demo.add_argument("--out", default="call.wav", help="where to write the stereo WAV")
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from gateway.demo import run_demo
+
+        return asyncio.run(run_demo(out=args.out))
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
