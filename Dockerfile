@@ -38,6 +38,8 @@ RUN groupadd --system --gid 10001 gateway \
        --home-dir /nonexistent --shell /usr/sbin/nologin gateway
 
 COPY --from=builder /opt/venv /opt/venv
+# Documented defaults (config/gateway.toml); environment variables override each key.
+COPY config/gateway.toml /app/config/gateway.toml
 
 # Bytecode was compiled at install time; nothing is written at run time, so a
 # read-only root filesystem works.
@@ -46,7 +48,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOST=0.0.0.0 \
     PORT=8080 \
-    LOG_FORMAT=json
+    LOG_FORMAT=json \
+    GATEWAY_CONFIG=/app/config/gateway.toml
 
 WORKDIR /app
 USER 10001:10001
