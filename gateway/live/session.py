@@ -23,6 +23,7 @@ typed events.
 from __future__ import annotations
 
 import asyncio
+import audioop
 import contextlib
 import logging
 import random
@@ -62,6 +63,10 @@ REPLAY_CHUNK_BYTES = BYTES_PER_SECOND // 2  # replay in half-second messages
 HISTORY_CHARS = 4000  # conversation text given to a fresh session
 # Close codes with which the service refuses a setup (bad or expired handle).
 REFUSAL_CODES = frozenset({1007, 1008})
+# Caller speech, for choosing when to switch connections: RMS above about -40 dBFS,
+# held for a short hangover so pauses between words do not count as silence.
+SPEECH_RMS = 330
+SPEECH_HANGOVER_S = 0.4
 
 
 class LiveSessionFailed(Exception):
@@ -195,6 +200,7 @@ class LiveSession:
         self._closed = asyncio.Event()
         self._started = asyncio.Event()
         self._refused_during_retry = False
+        self._caller_spoke_at = -1e9
         self.dropped_audio_s = 0.0
         self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
 
@@ -211,9 +217,15 @@ class LiveSession:
 
     def send_audio(self, pcm16k: bytes, received_at: float | None = None) -> None:
         """Queue caller audio (16 kHz PCM16) for the model; never blocks."""
-        self._inbox.put_nowait(
-            _Input(seq=0, audio=pcm16k, received_at=received_at or time.monotonic())
-        )
+        now = received_at or time.monotonic()
+        if audioop.rms(pcm16k, 2) > SPEECH_RMS:
+            self._caller_spoke_at = now
+        self._inbox.put_nowait(_Input(seq=0, audio=pcm16k, received_at=now))
+
+    @property
+    def caller_speaking(self) -> bool:
+        """Whether the caller's audio had speech energy in the last moments."""
+        return time.monotonic() - self._caller_spoke_at < SPEECH_HANGOVER_S
 
     def send_text(self, text: str, *, turn_complete: bool = True) -> None:
         """Queue a text turn (a greeting instruction, a key press) for the model."""
@@ -543,22 +555,28 @@ class LiveSession:
         if deadline is None or old is None:
             return
         while True:
-            clean = not old.generating and self._handle_fresh and self._handle is not None
+            clean = (
+                not old.generating
+                and self._handle_fresh
+                and self._handle is not None
+                and not self.caller_speaking
+            )
             if clean or time.monotonic() >= deadline:
                 break
-            # Wait for a boundary, a failure, or the deadline.
+            # Wait for a boundary, a failure, the caller's pause, or the deadline.
+            wake = min(deadline, time.monotonic() + 0.1) if self.caller_speaking else deadline
             try:
-                async with asyncio.timeout_at(_loop_time_at(deadline)):
+                async with asyncio.timeout_at(_loop_time_at(wake)):
                     signal = await self._signals.get()
             except TimeoutError:
-                break
+                continue
             if signal.kind == "failed" and signal.conn is old:
                 self._goaway_deadline = None
                 await self._recover_abrupt(signal.detail)
                 return
             if signal.kind == "failed" and signal.conn is not None:
                 await self._retire(signal.conn)
-        forced = old.generating or not self._handle_fresh
+        forced = old.generating or not self._handle_fresh or self.caller_speaking
         started = time.monotonic()
         try:
             new = await self._open(self._handle, kind="resumed")

@@ -1,0 +1,128 @@
+"""Reading a simulated call back: which replies the caller heard, and the WAV of it."""
+
+from __future__ import annotations
+
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.testing.live_emulator import reply_freq
+from gateway.testing.twilio_sim import CallRecord, dominant_frequency
+
+try:
+    import audioop
+except ImportError:  # pragma: no cover - Python 3.13 without audioop-lts
+    raise
+
+RATE = 8000
+WINDOW = 160  # 20 ms at 8 kHz
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of sound on the caller's timeline."""
+
+    start_s: float
+    end_s: float
+    freq_hz: float
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True)
+class HeardReply:
+    """A reply the caller heard: its number (from its pitch) and how much of it."""
+
+    n: int
+    start_s: float
+    duration_s: float
+
+
+def timeline(record: CallRecord) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int16]]:
+    """(caller, heard) as 8 kHz int16 on one timeline starting at the stream's start."""
+    origin = next((t for t, kind, _ in record.events if kind == "start_tx"), None)
+    caller = np.frombuffer(audioop.ulaw2lin(bytes(record.sent_ulaw), 2), dtype=np.int16)
+    if origin is None or not record.heard:
+        return caller, np.zeros(len(caller), dtype=np.int16)
+    per_second = RATE * record.speed
+    end = max(
+        len(caller),
+        max(round((h.at - origin) * per_second) + len(h.ulaw) for h in record.heard),
+    )
+    heard = np.zeros(end, dtype=np.int16)
+    for chunk in record.heard:
+        pos = max(0, round((chunk.at - origin) * per_second))
+        pcm = np.frombuffer(audioop.ulaw2lin(chunk.ulaw, 2), dtype=np.int16)
+        heard[pos : pos + len(pcm)] = pcm
+    if len(caller) < end:
+        caller = np.concatenate([caller, np.zeros(end - len(caller), dtype=np.int16)])
+    return caller, heard
+
+
+def segments(pcm: npt.NDArray[np.int16], threshold: float = 500.0) -> list[Segment]:
+    """Runs of 20 ms windows whose RMS exceeds `threshold`, with their pitch."""
+    n = len(pcm) // WINDOW
+    if n == 0:
+        return []
+    frames = pcm[: n * WINDOW].astype(np.float64).reshape(n, WINDOW)
+    loud = np.sqrt((frames**2).mean(axis=1)) > threshold
+    found: list[Segment] = []
+    i = 0
+    while i < n:
+        if not loud[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and loud[j]:
+            j += 1
+        piece = pcm[i * WINDOW : j * WINDOW]
+        found.append(Segment(i * WINDOW / RATE, j * WINDOW / RATE, dominant_frequency(piece, RATE)))
+        i = j
+    return found
+
+
+def reply_number(freq_hz: float, tolerance_hz: float = 12.0) -> int | None:
+    """The reply number n whose pitch is `freq_hz` (within the first 50), or None."""
+    for n in range(1, 51):
+        if abs(reply_freq(n) - freq_hz) <= tolerance_hz:
+            return n
+    return None
+
+
+def heard_replies(record: CallRecord, min_s: float = 0.04) -> list[HeardReply]:
+    """The replies on the caller's side of the line, in the order heard."""
+    _, heard = timeline(record)
+    replies: list[HeardReply] = []
+    for seg in segments(heard):
+        n = reply_number(seg.freq_hz)
+        if n is None or seg.duration_s < min_s:
+            continue
+        if (
+            replies
+            and replies[-1].n == n
+            and seg.start_s - (replies[-1].start_s + replies[-1].duration_s) < 0.1
+        ):
+            last = replies[-1]
+            replies[-1] = HeardReply(n, last.start_s, seg.end_s - last.start_s)
+        else:
+            replies.append(HeardReply(n, seg.start_s, seg.duration_s))
+    return replies
+
+
+def write_wav(record: CallRecord, path: Path) -> float:
+    """Stereo 8 kHz WAV: caller left, what the caller heard right. Returns seconds."""
+    caller, heard = timeline(record)
+    stereo = np.empty(len(caller) * 2, dtype="<i2")
+    stereo[0::2] = caller
+    stereo[1::2] = heard
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(2)
+        out.setframerate(RATE)
+        out.writeframes(stereo.tobytes())
+    return len(caller) / RATE

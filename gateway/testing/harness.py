@@ -1,0 +1,118 @@
+"""A whole test bed in one event loop: Live emulator, real gateway, simulated callers.
+
+Used by the tests and the demo. The gateway's Live client finds the emulator
+the way an operator would point it anywhere: GOOGLE_GEMINI_BASE_URL and
+SSL_CERT_FILE, which the google-genai SDK reads when the client is created.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.metrics import Metrics
+from gateway.server import create_app
+from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
+from gateway.testing.tls import make_tls
+from gateway.testing.twilio_sim import TwilioCallerSimulator
+
+PUBLIC_URL = "https://gateway.example.test"
+AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+
+
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the block, then restore them."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+@dataclass
+class TestBed:
+    """Everything a call needs, running."""
+
+    emulator: LiveEmulator
+    app: web.Application
+    settings: Settings
+    metrics: Metrics
+    gateway_url: str
+    http: aiohttp.ClientSession
+
+    def caller(self, speed: float = 1.0) -> TwilioCallerSimulator:
+        """A simulated Twilio that calls this gateway."""
+        return TwilioCallerSimulator(
+            self.http, self.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=speed
+        )
+
+
+def test_settings(api_key: str, **overrides: Any) -> Settings:
+    """Gateway settings for the test bed (no config file, no environment)."""
+    values: dict[str, Any] = {
+        "public_url": PUBLIC_URL,
+        "twilio_auth_token": AUTH_TOKEN,
+        "gemini_api_key": api_key,
+        "host": "127.0.0.1",
+        "port": 0,
+        "reconnect_total_s": 10.0,
+        "goaway_margin_s": 0.2,
+        "connect_timeout_s": 5.0,
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+@asynccontextmanager
+async def test_bed(
+    emulator_config: EmulatorConfig | None = None,
+    workdir: Path | None = None,
+    **settings_overrides: Any,
+) -> AsyncIterator[TestBed]:
+    """Start the emulator and the gateway; stop both (and every call) on exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tls = make_tls(workdir or Path(tmp))
+        emulator = LiveEmulator(emulator_config or EmulatorConfig(), tls)
+        await emulator.start()
+        try:
+            with environment(
+                GOOGLE_GEMINI_BASE_URL=emulator.base_url, SSL_CERT_FILE=tls.ca_pem_path
+            ):
+                settings = test_settings(emulator.config.api_key, **settings_overrides)
+                metrics = Metrics()
+                app = create_app(settings, metrics=metrics)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            connector = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                try:
+                    yield TestBed(
+                        emulator=emulator,
+                        app=app,
+                        settings=settings,
+                        metrics=metrics,
+                        gateway_url=f"http://127.0.0.1:{port}",
+                        http=http,
+                    )
+                finally:
+                    await runner.cleanup()
+        finally:
+            await emulator.stop()
