@@ -116,3 +116,9 @@ async def test_bed(
                     await runner.cleanup()
         finally:
             await emulator.stop()
+
+
+# Not tests themselves, though their names start with "test" (pytest would collect them).
+TestBed.__test__ = False  # type: ignore[attr-defined]
+test_bed.__test__ = False  # type: ignore[attr-defined]
+test_settings.__test__ = False  # type: ignore[attr-defined]
