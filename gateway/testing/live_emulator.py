@@ -1,0 +1,927 @@
+"""Gemini Live API emulator: the BidiGenerateContent WebSocket, as the google-genai SDK uses it.
+
+The unmodified SDK (``client.aio.live.connect`` in Gemini Developer API mode) connects to it
+over TLS; tests and the benchmark point the SDK here with ``HttpOptions(base_url=...)`` or
+``GOOGLE_GEMINI_BASE_URL`` plus ``SSL_CERT_FILE`` (see :mod:`gateway.testing.tls`).
+
+Wire protocol, as checked against google-genai 3.6 (``live.py``, ``_api_client.py``):
+
+* URL ``wss://HOST/ws/google.ai.generativelanguage.{v1,v1beta,v1alpha}.GenerativeService.
+  BidiGenerateContent`` (the SDK's default version is ``v1``). The SDK sends the key in the
+  ``x-goog-api-key`` header; ``?key=`` is accepted too. Frames are JSON; the SDK mixes
+  snake_case envelopes (``realtime_input``) with camelCase bodies, so every key is accepted
+  in either spelling (proto3 JSON). Client base64 is URL-safe (SDK) or standard.
+* ``connect()`` sends ``{"setup": ...}`` and waits for one message. Every refusal here is a
+  close frame sent *after* reading the setup, which the SDK turns into
+  ``google.genai.errors.APIError`` (``.code`` = the close code, plain ``APIError`` since
+  1007/1008/1011 are outside 4xx/5xx) raised out of ``connect().__aenter__``:
+
+  ======================================  ====  ==================================================
+  cause                                   code  reason
+  ======================================  ====  ==================================================
+  no API key                              1008  "Method doesn't allow unregistered callers ..."
+  wrong API key                           1007  "API key not valid. Please pass a valid API key."
+  unknown / expired / ended handle        1008  "Session resumption handle is invalid or expired."
+  outage (:meth:`refuse_connections`)     1011  "The service is currently unavailable."
+  malformed JSON / unknown field / b64    1007  "Invalid JSON payload received. ..."
+  message before setup, second setup      1008  "... must be the first message ..."
+  ======================================  ====  ==================================================
+
+  With ``EmulatorConfig.refuse_with_http`` an outage is an HTTP 503 at the handshake instead;
+  the SDK does not wrap that: ``websockets.exceptions.InvalidStatus`` escapes ``connect()``.
+* Connection lifetime: ``goAway{timeLeft:"9.5s"}`` (protobuf Duration string) at
+  ``lifetime - goaway_lead``, then close **1011 "Deadline expired before operation could
+  complete."** at ``lifetime`` -- what the real service was seen doing at its ~10 min cut.
+  ``session.receive()`` then raises ``APIError`` with code 1011.
+* Session limit (no ``contextWindowCompression`` in the session's first setup): the session
+  ends ``session_limit`` s after it was created, across resumptions, with close 1011
+  "Session time limit exceeded." and no goAway; its handles stop working.
+* Abrupt cut (``abrupt_after``, :meth:`cut`): SO_LINGER 0 + ``transport.abort()`` -- a TCP RST,
+  no close frame. The SDK's ``receive()`` raises ``APIError`` code 1006 ("abnormal closure");
+  a send raises ``websockets.exceptions.ConnectionClosedError``.
+* Server frames are camelCase JSON sent as binary frames; ``setupComplete`` is ``{}`` (the
+  Developer API does not send a session id).
+
+Resumption: when the setup carries ``sessionResumption``, a ``sessionResumptionUpdate`` goes
+out every ``handle_interval`` and after every model turn: ``{newHandle, resumable:true}``,
+or ``{resumable:false}`` while a reply is being generated. A handle is a snapshot of what the
+model holds (audio, turns, text history, session start, compression); resuming replaces the
+session's state by that snapshot, so audio the old connection received after the handle is
+lost. Several connections of one session may be open at once (make before break), each with
+its own state; :class:`SessionRecord` shows the lineage of the latest resumption.
+``reject_concurrent_resume`` makes a resume fail with 1011 while another connection of the
+session is open, which one public report (sip-to-ai#14) says the real service does.
+
+The "model": an energy VAD on the 16 kHz input (20 ms windows, audio time). After
+``min_speech_s`` of speech and ``end_of_speech_s`` of silence it replies with a sine of
+``reply_freq(n)`` Hz, n = model turns the session's state holds + 1. Speech during a reply
+interrupts it. Config knobs are read when used: timers when a connection opens, VAD and reply
+settings on each use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import functools
+import json
+import logging
+import math
+import random
+import re
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from gateway.testing.tls import TestTLS
+
+log = logging.getLogger(__name__)
+
+IN_RATE = 16_000
+OUT_RATE = 24_000
+WINDOW_S = 0.02
+WINDOW_BYTES = int(IN_RATE * WINDOW_S) * 2
+
+REASON_NO_KEY = (
+    "Method doesn't allow unregistered callers (callers without established identity). "
+    "Please use API Key or other form of API consumer identity to call this API."
+)
+REASON_BAD_KEY = "API key not valid. Please pass a valid API key."
+REASON_BAD_HANDLE = "Session resumption handle is invalid or expired."
+REASON_UNAVAILABLE = "The service is currently unavailable."
+REASON_DEADLINE = "Deadline expired before operation could complete."
+REASON_SESSION_LIMIT = "Session time limit exceeded."
+REASON_SHUTDOWN = "Server is shutting down."
+
+_PATH = re.compile(
+    r"^/ws/google\.ai\.generativelanguage\.(v1|v1beta|v1alpha)\.GenerativeService\."
+    r"(BidiGenerateContent|BidiGenerateContentConstrained)$"
+)
+_CLIENT_KEYS = frozenset(
+    {"setup", "clientContent", "realtimeInput", "toolResponse", "contextUpdate"}
+)
+
+
+def reply_freq(n: int) -> float:
+    """Frequency (Hz) of the emulator's n-th model reply in a session (1-based)."""
+    return 500.0 + 50.0 * ((n - 1) % 50)
+
+
+def format_duration(seconds: float) -> str:
+    """A protobuf Duration in its JSON form: ``9.5s``, ``10s``."""
+    text = f"{max(seconds, 0.0):.3f}".rstrip("0").rstrip(".")
+    return f"{text}s"
+
+
+@dataclass
+class EmulatorConfig:
+    """Knobs; mutable while the emulator runs (see the module docstring for when each is read)."""
+
+    lifetime: float = 600.0
+    goaway_lead: float = 10.0
+    session_limit: float = 900.0
+    handle_interval: float = 1.0
+    handle_ttl: float = 7200.0
+    vad_threshold_db: float = -40.0
+    end_of_speech_s: float = 0.5
+    min_speech_s: float = 0.1
+    reply_s: float = 1.0
+    chunk_s: float = 0.04
+    speed: float = 1.0
+    pace: float = 1.05  # replies go out this much faster than real time, like the service
+    response_delay_s: float = 0.2
+    api_key: str = "test-key"
+    abrupt_after: float | None = None
+    abrupt_jitter: float = 0.0
+    seed: int = 0
+    refuse_with_http: bool = False  # outage as HTTP 503 instead of close 1011
+    reject_concurrent_resume: bool = False
+    record_audio: bool = True  # keep held audio bytes (off for long benchmarks: memory)
+    setup_timeout: float = 10.0
+    close_timeout: float = 2.0
+
+
+@dataclass
+class TurnRecord:
+    """One model reply; ``finished_at`` stays None if its connection died mid-reply."""
+
+    index: int
+    trigger: Literal["audio", "text"]
+    started_at: float
+    finished_at: float | None
+    interrupted: bool
+    freq_hz: float
+
+
+@dataclass
+class SessionState:
+    """What the model holds for one lineage of a session; lists only ever grow."""
+
+    session_id: str
+    created_at: float
+    compression: bool
+    audio: bytearray = field(default_factory=bytearray)
+    audio_bytes: int = 0
+    turns: list[TurnRecord] = field(default_factory=list)
+    history_text: list[tuple[str, str]] = field(default_factory=list)
+    model_turns: int = 0  # finished or interrupted replies + "model" turns given as history
+    utterances: int = 0
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A handle's view of a state: prefixes of its append-only lists, so issuing is O(1)."""
+
+    state: SessionState
+    audio_bytes: int
+    n_turns: int
+    n_history: int
+    model_turns: int
+    utterances: int
+    issued_at: float
+
+    def restore(self) -> SessionState:
+        s = self.state
+        return SessionState(
+            session_id=s.session_id,
+            created_at=s.created_at,
+            compression=s.compression,
+            audio=bytearray(s.audio[: self.audio_bytes]),
+            audio_bytes=self.audio_bytes,
+            turns=s.turns[: self.n_turns],
+            history_text=s.history_text[: self.n_history],
+            model_turns=self.model_turns,
+            utterances=self.utterances,
+        )
+
+
+@dataclass
+class ConnectionRecord:
+    """One WebSocket; ``setup`` is the raw setup JSON (also kept when the setup was refused)."""
+
+    id: int
+    session_id: str
+    opened_at: float
+    closed_at: float | None
+    close_kind: str | None  # goaway|abrupt|cut|client|session_limit|error|refused|...
+    setup: dict[str, Any]
+    resumed_from: str | None
+    refused: bool
+    close_code: int | None = None
+    audio_bytes_received: int = 0
+
+
+@dataclass
+class SessionRecord:
+    """A session; ``state`` (and ``audio``/``turns``/``history_text``) is the lineage of the
+    latest connection that created or resumed it."""
+
+    id: str
+    created_at: float
+    connection_ids: list[int]
+    state: SessionState
+    ended_at: float | None = None
+
+    @property
+    def audio(self) -> bytearray:
+        return self.state.audio
+
+    @property
+    def turns(self) -> list[TurnRecord]:
+        return self.state.turns
+
+    @property
+    def history_text(self) -> list[tuple[str, str]]:
+        return self.state.history_text
+
+
+@dataclass
+class EmulatorRecord:
+    """What happened, for tests to assert on. Expired handles are dropped from
+    ``handles_issued`` (memory: a long benchmark issues one per connection per second)."""
+
+    connections: list[ConnectionRecord] = field(default_factory=list)
+    sessions: dict[str, SessionRecord] = field(default_factory=dict)
+    handles_issued: dict[str, tuple[str, float]] = field(default_factory=dict)
+    handles_used: list[str] = field(default_factory=list)
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+
+    def event(self, kind: str, detail: str) -> None:
+        self.events.append((time.monotonic(), kind, detail))
+
+
+class _Refused(Exception):
+    """Close the connection with this code and reason (protocol error or refusal)."""
+
+    def __init__(self, code: int, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.kind = kind
+
+
+def _camel(key: str) -> str:
+    if "_" not in key:
+        return key
+    head, *rest = key.split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
+def _normalize(value: Any) -> Any:
+    """Recursively rename snake_case keys to camelCase (proto3 JSON accepts both)."""
+    if isinstance(value, dict):
+        return {_camel(k): _normalize(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalize(v) for v in value]
+    return value
+
+
+def _normalize_message(obj: dict[str, Any]) -> dict[str, Any]:
+    """``_normalize`` with a shallow fast path for the audio stream (most of the traffic)."""
+    if len(obj) == 1:
+        key, body = next(iter(obj.items()))
+        if key in ("realtime_input", "realtimeInput") and isinstance(body, dict):
+            inner = {_camel(k): v for k, v in body.items()}
+            audio = inner.get("audio")
+            if isinstance(audio, dict):
+                inner["audio"] = {_camel(k): v for k, v in audio.items()}
+            if "mediaChunks" in inner:
+                inner["mediaChunks"] = _normalize(inner["mediaChunks"])
+            return {"realtimeInput": inner}
+    result: dict[str, Any] = _normalize(obj)
+    return result
+
+
+def _b64decode(data: Any) -> bytes:
+    if not isinstance(data, str):
+        raise _Refused(1007, "Invalid JSON payload received. Blob data is not a string.", "error")
+    text = data.strip().replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        reason = "Invalid value at 'data' (TYPE_BYTES), Base64 decoding failed."
+        raise _Refused(1007, reason, "error") from None
+
+
+def _audio_rate(mime: Any) -> int | None:
+    """Sample rate of an ``audio/pcm`` mime type (16 kHz when omitted); None if not PCM audio."""
+    if not isinstance(mime, str) or not mime.startswith("audio/pcm"):
+        return None
+    match = re.search(r"rate=(\d+)", mime)
+    return int(match.group(1)) if match else IN_RATE
+
+
+@functools.lru_cache(maxsize=512)
+def _reply_frames(freq: float, reply_s: float, chunk_s: float) -> tuple[bytes, ...]:
+    """Pre-encoded serverContent frames of one reply tone (cached: CPU for 200 calls)."""
+    n = max(1, round(reply_s * OUT_RATE))
+    t = np.arange(n, dtype=np.float64) / OUT_RATE
+    pcm = (0.3 * 32767 * np.sin(2 * np.pi * freq * t)).astype("<i2").tobytes()
+    step = max(2, round(chunk_s * OUT_RATE) * 2)
+    frames = []
+    for i in range(0, len(pcm), step):
+        data = base64.b64encode(pcm[i : i + step]).decode("ascii")
+        part = {"inlineData": {"mimeType": f"audio/pcm;rate={OUT_RATE}", "data": data}}
+        frames.append(json.dumps({"serverContent": {"modelTurn": {"parts": [part]}}}).encode())
+    return tuple(frames)
+
+
+def _dumps(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+class _Connection:
+    """One WebSocket: its timers, VAD and reply task; owns every task it starts."""
+
+    def __init__(
+        self,
+        emu: LiveEmulator,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        record: ConnectionRecord,
+    ) -> None:
+        self.emu = emu
+        self.ws = ws
+        self.transport = transport
+        self.rec = record
+        self.state: SessionState | None = None
+        self.session: SessionRecord | None = None
+        self.resumption = False
+        self.in_tx = False
+        self.out_tx = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.reply_task: asyncio.Task[None] | None = None
+        self.turn: TurnRecord | None = None
+        self.closing = False
+        self.close_task: asyncio.Task[Any] | None = None
+        self._pending = b""
+        self._voiced = 0  # voiced windows in the current utterance
+        self._silent = 0  # silent windows since the last voiced one
+        self._speech_confirmed = False
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A timer or reply that crashed is a bug: log it and end the connection with 1011."""
+        self.tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("emulator connection %d task failed", self.rec.id, exc_info=exc)
+        self.request_close(1011, f"Internal error encountered: {type(exc).__name__}", "error")
+
+    async def send(self, message: dict[str, Any] | bytes) -> None:
+        if self.closing or self.ws.closed:
+            return
+        data = message if isinstance(message, bytes) else _dumps(message)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.send_bytes(data)
+
+    def request_close(self, code: int, reason: str, kind: str) -> None:
+        """Send a close frame (once); the handler waits for the close handshake."""
+        if self.closing:
+            return
+        self.closing = True
+        self.rec.close_kind = kind
+        self.rec.close_code = code
+        self.emu.record.event("close", f"conn={self.rec.id} kind={kind} code={code} {reason}")
+        message = reason.encode()[:123]
+        self.close_task = asyncio.ensure_future(self.ws.close(code=code, message=message))
+
+    def abort(self, kind: str) -> None:
+        """Reset the TCP connection: no goAway, no close frame."""
+        if self.closing:
+            return
+        self.closing = True
+        self.rec.close_kind = kind
+        self.rec.close_code = 1006
+        self.emu.record.event("close", f"conn={self.rec.id} kind={kind} tcp reset")
+        self.reset_transport()
+
+    def reset_transport(self) -> None:
+        """SO_LINGER 0 then abort: the kernel sends RST instead of FIN."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+    async def shutdown_tasks(self) -> None:
+        current = asyncio.current_task()
+        tasks = [t for t in self.tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, api_key: str | None, refused: bool) -> None:
+        cfg = self.emu.config
+        try:
+            first = await self.ws.receive(timeout=cfg.setup_timeout)
+        except TimeoutError:
+            raise _Refused(1008, "No setup message received.", "error") from None
+        if first.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            self.rec.close_kind = self.rec.close_kind or "client"
+            return
+        with contextlib.suppress(ValueError, UnicodeDecodeError):  # recorded even if refused
+            raw = json.loads(first.data)
+            raw_setup = raw.get("setup") if isinstance(raw, dict) else None
+            if isinstance(raw_setup, dict):
+                self.rec.setup = raw_setup
+        if not api_key:
+            raise _Refused(1008, REASON_NO_KEY, "refused")
+        if api_key != cfg.api_key:
+            raise _Refused(1007, REASON_BAD_KEY, "refused")
+        if refused:
+            raise _Refused(1011, REASON_UNAVAILABLE, "refused")
+        message = self._parse(first.data)
+        if "setup" not in message:
+            raise _Refused(1008, "The first message must be 'setup'.", "error")
+        self._setup(message["setup"])
+        await self.send({"setupComplete": {}})
+        self._start_timers()
+        async for msg in self.ws:
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                break
+            await self._on_message(self._parse(msg.data))
+            if self.closing:
+                break
+        if not self.closing:
+            self.rec.close_kind = "client"
+            self.closing = True
+
+    def _parse(self, data: str | bytes) -> dict[str, Any]:
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise _Refused(1007, "Invalid JSON payload received.", "error") from None
+        if not isinstance(obj, dict):
+            raise _Refused(1007, "Invalid JSON payload received. Expected an object.", "error")
+        norm = _normalize_message(obj)
+        unknown = [k for k in norm if k not in _CLIENT_KEYS]
+        if unknown or not norm:
+            name = unknown[0] if unknown else ""
+            raise _Refused(1007, f'Invalid JSON payload received. Unknown name "{name}".', "error")
+        return norm
+
+    def _setup(self, setup: Any) -> None:
+        if not isinstance(setup, dict) or not isinstance(setup.get("model"), str):
+            raise _Refused(1007, "Request contains an invalid argument: setup.model.", "error")
+        emu = self.emu
+        now = time.monotonic()
+        self.resumption = isinstance(setup.get("sessionResumption"), dict)
+        self.in_tx = setup.get("inputAudioTranscription") is not None
+        self.out_tx = setup.get("outputAudioTranscription") is not None
+        handle = setup.get("sessionResumption", {}).get("handle") if self.resumption else None
+        if handle:
+            snap = emu._snapshots.get(handle)
+            session = emu.record.sessions.get(snap.state.session_id) if snap else None
+            if (
+                snap is None
+                or session is None
+                or now - snap.issued_at > emu.config.handle_ttl
+                or session.ended_at is not None
+            ):
+                raise _Refused(1008, REASON_BAD_HANDLE, "bad_handle")
+            if emu.config.reject_concurrent_resume and any(
+                c.session is session for c in emu._conns.values() if not c.closing
+            ):
+                raise _Refused(1011, REASON_UNAVAILABLE, "refused")
+            self.state = snap.restore()
+            session.state = self.state
+            self.rec.resumed_from = handle
+            emu.record.handles_used.append(handle)
+        else:
+            sid = f"s{len(emu.record.sessions) + 1}-{secrets.token_hex(4)}"
+            compression = setup.get("contextWindowCompression") is not None
+            self.state = SessionState(session_id=sid, created_at=now, compression=compression)
+            session = SessionRecord(id=sid, created_at=now, connection_ids=[], state=self.state)
+            emu.record.sessions[sid] = session
+        self.session = session
+        session.connection_ids.append(self.rec.id)
+        self.rec.session_id = self.state.session_id
+        emu.record.event(
+            "setup", f"conn={self.rec.id} session={self.state.session_id} resumed={bool(handle)}"
+        )
+
+    def _start_timers(self) -> None:
+        cfg = self.emu.config
+        assert self.state is not None
+        opened = self.rec.opened_at
+        self.spawn(self._lifetime(opened + cfg.lifetime - cfg.goaway_lead, opened + cfg.lifetime))
+        if not self.state.compression:
+            self.spawn(self._session_limit(self.state.created_at + cfg.session_limit))
+        if self.resumption:
+            self.spawn(self._handle_ticks())
+        if cfg.abrupt_after is not None:
+            jitter = self.emu._rng.uniform(0.0, cfg.abrupt_jitter) if cfg.abrupt_jitter else 0.0
+            self.spawn(self._abrupt(opened + cfg.abrupt_after + jitter))
+
+    async def _lifetime(self, goaway_at: float, end_at: float) -> None:
+        await asyncio.sleep(max(0.0, goaway_at - time.monotonic()))
+        self.emu.record.event("goaway", f"conn={self.rec.id}")
+        await self.send({"goAway": {"timeLeft": format_duration(end_at - time.monotonic())}})
+        await asyncio.sleep(max(0.0, end_at - time.monotonic()))
+        self.request_close(1011, REASON_DEADLINE, "goaway")
+
+    async def _session_limit(self, end_at: float) -> None:
+        await asyncio.sleep(max(0.0, end_at - time.monotonic()))
+        if self.session is not None and self.session.ended_at is None:
+            self.session.ended_at = time.monotonic()
+        self.request_close(1011, REASON_SESSION_LIMIT, "session_limit")
+
+    async def _abrupt(self, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        self.abort("abrupt")
+
+    async def _handle_ticks(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.01, self.emu.config.handle_interval))
+            await self._resumption_update()
+
+    async def _resumption_update(self) -> None:
+        if self.closing:
+            return
+        if self.reply_task is not None:
+            await self.send({"sessionResumptionUpdate": {"resumable": False}})
+            return
+        st = self.state
+        assert st is not None
+        handle = secrets.token_urlsafe(18)
+        now = time.monotonic()
+        self.emu._add_snapshot(
+            handle,
+            _Snapshot(
+                st,
+                st.audio_bytes,
+                len(st.turns),
+                len(st.history_text),
+                st.model_turns,
+                st.utterances,
+                now,
+            ),
+        )
+        await self.send({"sessionResumptionUpdate": {"newHandle": handle, "resumable": True}})
+
+    # --- client messages ------------------------------------------------------------------
+
+    async def _on_message(self, msg: dict[str, Any]) -> None:
+        if "setup" in msg:
+            raise _Refused(1008, "setup must be the first message, and only once.", "error")
+        if "realtimeInput" in msg:
+            await self._on_realtime(msg["realtimeInput"])
+        if "clientContent" in msg:
+            await self._on_client_content(msg["clientContent"])
+        if "toolResponse" in msg:
+            self.emu.record.event("tool_response", f"conn={self.rec.id}")
+        if "contextUpdate" in msg:
+            self.emu.record.event("context_update", f"conn={self.rec.id}")
+
+    async def _on_realtime(self, rt: Any) -> None:
+        if not isinstance(rt, dict):
+            raise _Refused(1007, "Invalid JSON payload received. realtimeInput.", "error")
+        blobs: list[Any] = []
+        if "audio" in rt:
+            blobs.append(rt["audio"])
+        chunks = rt.get("mediaChunks")
+        if isinstance(chunks, list):
+            blobs.extend(chunks)
+        for blob in blobs:
+            if not isinstance(blob, dict):
+                raise _Refused(1007, "Invalid JSON payload received. Blob.", "error")
+            rate = _audio_rate(blob.get("mimeType"))
+            pcm = _b64decode(blob.get("data", ""))
+            if rate is None:
+                continue  # video frames etc.: accepted, ignored
+            if rate != IN_RATE:
+                raise _Refused(1007, f"Unsupported audio sample rate {rate}; send 16000.", "error")
+            await self._on_audio(pcm)
+        if rt.get("activityStart") is not None:
+            self._speech_confirmed = True
+            await self._interrupt()
+        if rt.get("activityEnd") is not None or rt.get("audioStreamEnd"):
+            if self._voiced >= self._min_speech_windows() or rt.get("activityEnd") is not None:
+                await self._end_of_utterance()
+        text = rt.get("text")
+        if isinstance(text, str) and text:
+            assert self.state is not None
+            self.state.history_text.append(("user", text))
+            await self._start_reply("text")
+
+    async def _on_client_content(self, cc: Any) -> None:
+        if not isinstance(cc, dict):
+            raise _Refused(1007, "Invalid JSON payload received. clientContent.", "error")
+        st = self.state
+        assert st is not None
+        for turn in cc.get("turns") or []:
+            if not isinstance(turn, dict):
+                raise _Refused(1007, "Invalid JSON payload received. Content.", "error")
+            role = str(turn.get("role") or "user")
+            parts = turn.get("parts") or []
+            texts = [str(p["text"]) for p in parts if isinstance(p, dict) and "text" in p]
+            st.history_text.append((role, " ".join(texts)))
+            if role == "model":
+                st.model_turns += 1
+        if cc.get("turnComplete"):
+            await self._start_reply("text")
+
+    # --- VAD ------------------------------------------------------------------------------
+
+    async def _on_audio(self, pcm: bytes) -> None:
+        st = self.state
+        assert st is not None
+        cfg = self.emu.config
+        if cfg.record_audio:
+            st.audio += pcm
+        st.audio_bytes += len(pcm)
+        self.rec.audio_bytes_received += len(pcm)
+        buf = self._pending + pcm if self._pending else pcm
+        n = len(buf) // WINDOW_BYTES
+        self._pending = bytes(buf[n * WINDOW_BYTES :])
+        if n == 0:
+            return
+        x = np.frombuffer(buf, dtype="<i2", count=n * WINDOW_BYTES // 2).astype(np.float32)
+        # sum of squares per window against the threshold's; dot() is the 1-window fast path
+        limit = (32768.0 * 10 ** (cfg.vad_threshold_db / 20)) ** 2 * (WINDOW_BYTES // 2)
+        if n == 1:
+            flags = [float(np.dot(x, x)) > limit]
+        else:
+            w = x.reshape(n, -1)
+            flags = (np.einsum("ij,ij->i", w, w) > limit).tolist()
+        min_speech = self._min_speech_windows()
+        end_silence = max(1, math.ceil(cfg.end_of_speech_s / WINDOW_S - 1e-9))
+        for voiced in flags:
+            if voiced:
+                self._voiced += 1
+                self._silent = 0
+                if self._voiced >= min_speech and not self._speech_confirmed:
+                    self._speech_confirmed = True
+                    if self.reply_task is not None:
+                        await self._interrupt()
+            elif self._voiced:
+                self._silent += 1
+                if self._silent >= end_silence:
+                    if self._voiced >= min_speech:
+                        await self._end_of_utterance()
+                    self._voiced = self._silent = 0
+                    self._speech_confirmed = False
+
+    def _min_speech_windows(self) -> int:
+        return max(1, math.ceil(self.emu.config.min_speech_s / WINDOW_S - 1e-9))
+
+    async def _end_of_utterance(self) -> None:
+        st = self.state
+        assert st is not None
+        self._voiced = self._silent = 0
+        self._speech_confirmed = False
+        st.utterances += 1
+        text = f"caller utterance {st.utterances}"
+        st.history_text.append(("user", text))
+        if self.in_tx:
+            await self.send({"serverContent": {"inputTranscription": {"text": text}}})
+        await self._start_reply("audio")
+
+    # --- replies --------------------------------------------------------------------------
+
+    async def _start_reply(self, trigger: Literal["audio", "text"]) -> None:
+        if self.reply_task is not None:
+            await self._interrupt()
+        st = self.state
+        assert st is not None
+        n = st.model_turns + 1
+        self.turn = TurnRecord(n, trigger, time.monotonic(), None, False, reply_freq(n))
+        st.turns.append(self.turn)
+        self.emu.record.event("turn", f"conn={self.rec.id} n={n} trigger={trigger}")
+        self.reply_task = self.spawn(self._reply(self.turn))
+
+    async def _interrupt(self) -> None:
+        task, turn, st = self.reply_task, self.turn, self.state
+        if task is None or turn is None or st is None:
+            return
+        task.cancel()
+        self.reply_task = self.turn = None
+        turn.interrupted = True
+        turn.finished_at = time.monotonic()
+        st.model_turns += 1
+        st.history_text.append(("model", f"reply {turn.index}"))
+        self.emu.record.event("interrupted", f"conn={self.rec.id} n={turn.index}")
+        await self.send({"serverContent": {"interrupted": True}})
+        if self.resumption:
+            await self._resumption_update()
+
+    async def _reply(self, turn: TurnRecord) -> None:
+        cfg = self.emu.config
+        speed = max(cfg.speed, 1e-6)
+        await asyncio.sleep(cfg.response_delay_s / speed)
+        frames = _reply_frames(turn.freq_hz, cfg.reply_s, cfg.chunk_s)
+        interval = cfg.chunk_s / (speed * max(cfg.pace, 1e-6))
+        start = time.monotonic()
+        for i, frame in enumerate(frames):
+            delay = start + i * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self.send(frame)
+            if i == 0 and self.out_tx:
+                text = {"text": f"reply {turn.index}"}
+                await self.send({"serverContent": {"outputTranscription": text}})
+        await self.send({"serverContent": {"generationComplete": True}})
+        st = self.state
+        assert st is not None
+        self.reply_task = self.turn = None
+        turn.finished_at = time.monotonic()
+        st.model_turns += 1
+        st.history_text.append(("model", f"reply {turn.index}"))
+        prompt = st.audio_bytes // (2 * IN_RATE) * 32 + 4 * len(st.history_text)
+        response = max(1, round(cfg.reply_s * 25))
+        usage = {
+            "promptTokenCount": prompt,
+            "responseTokenCount": response,
+            "totalTokenCount": prompt + response,
+        }
+        await self.send({"serverContent": {"turnComplete": True}, "usageMetadata": usage})
+        self.emu.record.event("turn_complete", f"conn={self.rec.id} n={turn.index}")
+        if self.resumption:
+            await self._resumption_update()
+
+
+class LiveEmulator:
+    """An aiohttp server speaking BidiGenerateContent; see the module docstring."""
+
+    def __init__(self, config: EmulatorConfig, tls: TestTLS | None) -> None:
+        self.config = config
+        self.tls = tls
+        self.record = EmulatorRecord()
+        self.base_url = ""
+        self._runner: web.AppRunner | None = None
+        self._conns: dict[int, _Connection] = {}
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._next_id = 0
+        self._refuse_until: float | None = None
+        self._rng = random.Random(config.seed)
+
+    async def __aenter__(self) -> LiveEmulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        ssl_ctx = self.tls.server_ssl if self.tls else None
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_ctx)
+        await site.start()
+        bound = self._runner.addresses[0]
+        scheme = "https" if ssl_ctx else "http"
+        self.base_url = f"{scheme}://{host}:{bound[1]}"
+
+    async def stop(self) -> None:
+        """Close every connection (1001), wait for their tasks, stop the server."""
+        for conn in list(self._conns.values()):
+            conn.request_close(1001, REASON_SHUTDOWN, "stopped")
+        closes = [c.close_task for c in self._conns.values() if c.close_task is not None]
+        if closes:
+            await asyncio.wait(closes, timeout=self.config.close_timeout + 1.0)
+        for conn in list(self._conns.values()):
+            if conn.close_task is not None and not conn.close_task.done():
+                conn.reset_transport()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def refuse_connections(self, until: float | None) -> None:
+        """Refuse new connections until monotonic time ``until`` (None: accept again)."""
+        self._refuse_until = until
+
+    async def cut_all(self, abrupt: bool = True) -> None:
+        for cid in list(self._conns):
+            await self.cut(cid, abrupt)
+
+    async def cut(self, connection_id: int, abrupt: bool = True) -> None:
+        """Abrupt: TCP reset. Otherwise goAway{timeLeft:"0s"} then close 1011."""
+        conn = self._conns.get(connection_id)
+        if conn is None or conn.closing:
+            return
+        if abrupt:
+            conn.abort("abrupt")
+            return
+        await conn.send({"goAway": {"timeLeft": "0s"}})
+        conn.request_close(1011, REASON_UNAVAILABLE, "cut")
+
+    def open_connections(self) -> list[int]:
+        return [cid for cid, c in self._conns.items() if not c.closing]
+
+    def _refusing(self) -> bool:
+        until = self._refuse_until
+        return until is not None and time.monotonic() < until
+
+    def _add_snapshot(self, handle: str, snap: _Snapshot) -> None:
+        # Handles are issued in time order: drop the expired ones from the front.
+        ttl = self.config.handle_ttl
+        while self._snapshots:
+            oldest = next(iter(self._snapshots))
+            if snap.issued_at - self._snapshots[oldest].issued_at <= ttl:
+                break
+            del self._snapshots[oldest]
+            self.record.handles_issued.pop(oldest, None)
+        self._snapshots[handle] = snap
+        self.record.handles_issued[handle] = (snap.state.session_id, snap.issued_at)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        match = _PATH.match(request.path)
+        if match is None:
+            return web.Response(status=404, text="Not found")
+        refused = self._refusing()
+        self._next_id += 1
+        rec = ConnectionRecord(
+            id=self._next_id,
+            session_id="",
+            opened_at=time.monotonic(),
+            closed_at=None,
+            close_kind=None,
+            setup={},
+            resumed_from=None,
+            refused=refused,
+        )
+        self.record.connections.append(rec)
+        if refused and self.config.refuse_with_http:
+            rec.closed_at, rec.close_kind, rec.close_code = time.monotonic(), "refused", 503
+            self.record.event("refused", f"conn={rec.id} http 503")
+            return web.Response(status=503, text=REASON_UNAVAILABLE)
+        auth = request.headers.get("Authorization", "")
+        api_key = (
+            request.headers.get("x-goog-api-key")
+            or request.query.get("key")
+            or request.query.get("access_token")
+            or (auth[len("Token ") :] if auth.startswith("Token ") else None)
+        )
+        ws = web.WebSocketResponse(
+            compress=False, max_msg_size=16 * 1024 * 1024, timeout=self.config.close_timeout
+        )
+        await ws.prepare(request)
+        conn = _Connection(self, ws, request.transport, rec)
+        self._conns[rec.id] = conn
+        self.record.event("open", f"conn={rec.id} version={match.group(1)}")
+        try:
+            await conn.run(api_key, refused)
+        except _Refused as exc:
+            if exc.kind == "refused" and refused:
+                rec.close_kind = "refused"
+            conn.request_close(exc.code, exc.reason, exc.kind)
+        except ConnectionError:
+            conn.closing = True
+            rec.close_kind = rec.close_kind or "error"
+        except Exception as exc:  # never a traceback to the peer: close 1011 and log
+            log.exception("emulator connection %d failed", rec.id)
+            conn.request_close(1011, f"Internal error encountered: {type(exc).__name__}", "error")
+        finally:
+            await conn.shutdown_tasks()
+            if conn.close_task is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await conn.close_task
+            rec.closed_at = time.monotonic()
+            self._conns.pop(rec.id, None)
+        return ws
+
+
+__all__ = [
+    "ConnectionRecord",
+    "EmulatorConfig",
+    "EmulatorRecord",
+    "LiveEmulator",
+    "SessionRecord",
+    "SessionState",
+    "TurnRecord",
+    "format_duration",
+    "reply_freq",
+]

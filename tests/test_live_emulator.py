@@ -1,0 +1,502 @@
+"""The Live API emulator, driven by the real google-genai SDK over TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import websockets
+from google import genai
+from google.genai import errors, types
+from websockets.asyncio.client import connect as ws_connect
+
+from gateway.testing.live_emulator import (
+    EmulatorConfig,
+    LiveEmulator,
+    format_duration,
+    reply_freq,
+)
+from gateway.testing.tls import TestTLS, make_tls
+
+MODEL = "gemini-live-2.5-flash-preview"
+STEP_TIMEOUT = 5.0  # generous bound on any single wait; a hang fails instead of blocking
+PATH = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TestTLS:
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+Factory = Callable[..., Awaitable[LiveEmulator]]
+
+
+@pytest.fixture
+async def emulator_factory(tls: TestTLS) -> AsyncIterator[Factory]:
+    started: list[LiveEmulator] = []
+
+    async def make(**knobs: Any) -> LiveEmulator:
+        knobs.setdefault("reply_s", 0.4)
+        knobs.setdefault("response_delay_s", 0.05)
+        emu = LiveEmulator(EmulatorConfig(**knobs), tls)
+        await emu.start()
+        started.append(emu)
+        return emu
+
+    yield make
+    for emu in started:
+        await emu.stop()
+
+
+def make_client(emu: LiveEmulator, tls: TestTLS, api_key: str = "test-key") -> genai.Client:
+    options = types.HttpOptions(base_url=emu.base_url, async_client_args={"ssl": tls.client_ssl})
+    return genai.Client(api_key=api_key, http_options=options)
+
+
+def live_config(
+    handle: str | None = None, resumption: bool = True, compression: bool = False
+) -> types.LiveConnectConfig:
+    return types.LiveConnectConfig(
+        response_modalities=[types.Modality.AUDIO],
+        session_resumption=types.SessionResumptionConfig(handle=handle) if resumption else None,
+        context_window_compression=(
+            types.ContextWindowCompressionConfig(sliding_window=types.SlidingWindow())
+            if compression
+            else None
+        ),
+        input_audio_transcription=types.AudioTranscriptionConfig(),
+        output_audio_transcription=types.AudioTranscriptionConfig(),
+    )
+
+
+def tone(freq: float, seconds: float, amp: float = 0.3) -> bytes:
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (amp * 32767 * np.sin(2 * np.pi * freq * t)).astype("<i2").tobytes()
+
+
+def silence(seconds: float) -> bytes:
+    return bytes(int(16000 * seconds) * 2)
+
+
+UTTERANCE = tone(300, 0.3) + silence(0.6)
+
+
+def dominant_freq(pcm: bytes, rate: int = 24000) -> float:
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / rate)[int(np.argmax(spectrum))])
+
+
+async def send_pcm(session: Any, pcm: bytes) -> None:
+    for i in range(0, len(pcm), 640):
+        blob = types.Blob(data=pcm[i : i + 640], mime_type="audio/pcm;rate=16000")
+        await session.send_realtime_input(audio=blob)
+
+
+class Reader:
+    """Every server message in order, across turns, through the public ``receive()``."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.gen: AsyncIterator[types.LiveServerMessage] | None = None
+
+    async def next(self) -> types.LiveServerMessage:
+        while True:
+            if self.gen is None:
+                self.gen = self.session.receive()
+            try:
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    return await anext(self.gen)
+            except StopAsyncIteration:
+                self.gen = None
+
+    async def until(
+        self, pred: Callable[[types.LiveServerMessage], bool]
+    ) -> list[types.LiveServerMessage]:
+        seen: list[types.LiveServerMessage] = []
+        while True:
+            msg = await self.next()
+            seen.append(msg)
+            if pred(msg):
+                return seen
+
+
+def turn_complete(m: types.LiveServerMessage) -> bool:
+    return bool(m.server_content and m.server_content.turn_complete)
+
+
+def new_handle(m: types.LiveServerMessage) -> bool:
+    u = m.session_resumption_update
+    return bool(u and u.resumable and u.new_handle)
+
+
+def reply_audio(msgs: list[types.LiveServerMessage]) -> bytes:
+    return b"".join(m.data or b"" for m in msgs)
+
+
+async def wait_until(pred: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("via_env", [True, False])
+async def test_audio_reply(
+    emulator_factory: Factory, tls: TestTLS, monkeypatch: pytest.MonkeyPatch, via_env: bool
+) -> None:
+    emu = await emulator_factory()
+    if via_env:  # the SDK reads both when the Client is created
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", emu.base_url)
+        monkeypatch.setenv("SSL_CERT_FILE", tls.ca_pem_path)
+        client = genai.Client(api_key="test-key")
+    else:
+        client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        await send_pcm(session, UTTERANCE)
+        msgs = await Reader(session).until(turn_complete)
+    kinds = [
+        k
+        for m in msgs
+        if m.server_content
+        for k in ("input_transcription", "output_transcription", "generation_complete")
+        if getattr(m.server_content, k)
+    ]
+    assert kinds == ["input_transcription", "output_transcription", "generation_complete"]
+    assert msgs[-1].usage_metadata is not None and msgs[-1].usage_metadata.total_token_count
+    audio = reply_audio(msgs)
+    assert len(audio) == round(0.4 * 24000) * 2
+    assert abs(dominant_freq(audio) - reply_freq(1)) < 5
+    [conn] = emu.record.connections
+    assert conn.setup["model"] == f"models/{MODEL}" and "sessionResumption" in conn.setup
+    [turn] = emu.record.sessions[conn.session_id].turns
+    assert (turn.index, turn.trigger, turn.interrupted) == (1, "audio", False)
+    assert turn.finished_at is not None
+
+
+async def test_goaway_then_close(emulator_factory: Factory, tls: TestTLS) -> None:
+    emu = await emulator_factory(lifetime=1.0, goaway_lead=0.4)
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        reader = Reader(session)
+        msgs = await reader.until(lambda m: m.go_away is not None)
+        time_left = msgs[-1].go_away.time_left if msgs[-1].go_away else None
+        assert time_left is not None and time_left.endswith("s")
+        assert 0 < float(time_left[:-1]) <= 0.4
+        with pytest.raises(errors.APIError) as caught:
+            await reader.until(lambda m: False)
+    assert caught.value.code == 1011
+    assert emu.record.connections[0].close_kind == "goaway"
+    assert format_duration(9.5) == "9.5s" and format_duration(10) == "10s"
+
+
+async def test_abrupt_cut_has_no_close_frame(emulator_factory: Factory, tls: TestTLS) -> None:
+    emu = await emulator_factory(abrupt_after=0.3)
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        with pytest.raises(errors.APIError) as caught:
+            await Reader(session).until(lambda m: False)
+        assert caught.value.code == 1006  # no close frame received
+        with pytest.raises(websockets.ConnectionClosedError):
+            await session.send_realtime_input(audio=types.Blob(data=b"\0\0", mime_type="audio/pcm"))
+    assert emu.record.connections[0].close_kind == "abrupt"
+
+    emu.config.abrupt_after = None  # a service restart: every open connection reset at once
+    async with (
+        client.aio.live.connect(model=MODEL, config=live_config()) as s1,
+        client.aio.live.connect(model=MODEL, config=live_config()) as s2,
+    ):
+        await emu.cut_all(abrupt=False)
+        for s in (s1, s2):
+            reader = Reader(s)
+            msgs = await reader.until(lambda m: m.go_away is not None)
+            assert msgs[-1].go_away is not None and msgs[-1].go_away.time_left == "0s"
+            with pytest.raises(errors.APIError) as caught:
+                await reader.until(lambda m: False)
+            assert caught.value.code == 1011
+    assert [c.close_kind for c in emu.record.connections[1:]] == ["cut", "cut"]
+
+
+async def test_resume_continues_the_session(emulator_factory: Factory, tls: TestTLS) -> None:
+    emu = await emulator_factory()
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        reader = Reader(session)
+        await send_pcm(session, UTTERANCE)
+        await reader.until(turn_complete)
+        msgs = await reader.until(new_handle)  # sent right after turnComplete
+        update = msgs[-1].session_resumption_update
+        assert update is not None and update.new_handle
+        handle = update.new_handle
+    async with client.aio.live.connect(model=MODEL, config=live_config(handle)) as session:
+        await send_pcm(session, UTTERANCE)
+        msgs = await Reader(session).until(turn_complete)
+    assert abs(dominant_freq(reply_audio(msgs)) - reply_freq(2)) < 5
+    first, second = emu.record.connections
+    assert second.resumed_from == handle and second.session_id == first.session_id
+    assert emu.record.handles_used == [handle]
+    session_rec = emu.record.sessions[first.session_id]
+    assert session_rec.connection_ids == [1, 2]
+    assert [t.index for t in session_rec.turns] == [1, 2]
+    assert session_rec.history_text == [
+        ("user", "caller utterance 1"),
+        ("model", "reply 1"),
+        ("user", "caller utterance 2"),
+        ("model", "reply 2"),
+    ]
+
+
+async def test_resumed_state_is_the_handle_snapshot(
+    emulator_factory: Factory, tls: TestTLS
+) -> None:
+    emu = await emulator_factory(handle_interval=0.05)
+    client = make_client(emu, tls)
+    rng = np.random.default_rng(1)
+    before = rng.integers(-50, 50, 3200, dtype="<i2").tobytes()  # quiet: below the VAD
+    after = rng.integers(-50, 50, 3200, dtype="<i2").tobytes()
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as old:
+        reader = Reader(old)
+        await send_pcm(old, before)
+        sid = ""
+
+        def holds_before() -> bool:
+            return bool(emu.record.connections[0].audio_bytes_received == len(before))
+
+        await wait_until(holds_before)
+        received_at = time.monotonic()
+        sid = emu.record.connections[0].session_id
+        while True:  # a handle issued after the server held `before`
+            msgs = await reader.until(new_handle)
+            update = msgs[-1].session_resumption_update
+            assert update is not None and update.new_handle
+            if emu.record.handles_issued[update.new_handle][1] > received_at:
+                handle = update.new_handle
+                break
+        await send_pcm(old, after)
+        await wait_until(lambda: emu.record.connections[0].audio_bytes_received == 2 * len(before))
+        # make before break: the old connection is still open while the new one resumes
+        async with client.aio.live.connect(model=MODEL, config=live_config(handle)) as new:
+            held = bytes(emu.record.sessions[sid].audio)
+            assert held == before
+            await send_pcm(new, silence(0.1))
+            await wait_until(lambda: len(emu.record.sessions[sid].audio) > len(before))
+            assert bytes(emu.record.sessions[sid].audio) == before + silence(0.1)
+            assert len(emu.open_connections()) == 2
+
+
+async def test_concurrent_resume_can_be_rejected(emulator_factory: Factory, tls: TestTLS) -> None:
+    emu = await emulator_factory(handle_interval=0.05, reject_concurrent_resume=True)
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as old:
+        msgs = await Reader(old).until(new_handle)
+        update = msgs[-1].session_resumption_update
+        assert update is not None and update.new_handle
+        with pytest.raises(errors.APIError) as caught:
+            async with client.aio.live.connect(model=MODEL, config=live_config(update.new_handle)):
+                pass
+        assert caught.value.code == 1011
+    async with client.aio.live.connect(model=MODEL, config=live_config(update.new_handle)):
+        pass  # break before make works
+    assert [c.resumed_from for c in emu.record.connections] == [None, None, update.new_handle]
+
+
+async def test_unknown_or_expired_handle_is_refused(
+    emulator_factory: Factory, tls: TestTLS
+) -> None:
+    emu = await emulator_factory(handle_interval=0.05, handle_ttl=0.2)
+    client = make_client(emu, tls)
+    with pytest.raises(errors.APIError) as caught:
+        async with client.aio.live.connect(model=MODEL, config=live_config("no-such-handle")):
+            pass
+    assert caught.value.code == 1008
+    assert emu.record.connections[0].setup["sessionResumption"] == {"handle": "no-such-handle"}
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        msgs = await Reader(session).until(new_handle)
+    update = msgs[-1].session_resumption_update
+    assert update is not None and update.new_handle
+    await asyncio.sleep(0.3)
+    with pytest.raises(errors.APIError) as caught:
+        async with client.aio.live.connect(model=MODEL, config=live_config(update.new_handle)):
+            pass
+    assert caught.value.code == 1008
+    assert [c.close_kind for c in emu.record.connections] == ["bad_handle", "client", "bad_handle"]
+
+
+async def test_session_limit_only_without_compression(
+    emulator_factory: Factory, tls: TestTLS
+) -> None:
+    emu = await emulator_factory(session_limit=1.0, handle_interval=0.1)
+    client = make_client(emu, tls)
+    async with (
+        client.aio.live.connect(model=MODEL, config=live_config()) as plain,
+        client.aio.live.connect(model=MODEL, config=live_config(compression=True)) as packed,
+    ):
+        reader = Reader(plain)
+        msgs = await reader.until(new_handle)
+        update = msgs[-1].session_resumption_update
+        assert update is not None and update.new_handle
+        with pytest.raises(errors.APIError) as caught:
+            await reader.until(lambda m: False)
+        assert caught.value.code == 1011
+        await asyncio.sleep(0.5)  # well past the limit: the compressed session still runs
+        await send_pcm(packed, UTTERANCE)
+        msgs = await Reader(packed).until(turn_complete)
+        assert abs(dominant_freq(reply_audio(msgs)) - reply_freq(1)) < 5
+    with pytest.raises(errors.APIError) as caught:  # the ended session's handles are dead
+        async with client.aio.live.connect(model=MODEL, config=live_config(update.new_handle)):
+            pass
+    assert caught.value.code == 1008
+    kinds = [c.close_kind for c in emu.record.connections]
+    assert kinds == ["session_limit", "client", "bad_handle"]
+
+
+async def test_speech_during_reply_interrupts(emulator_factory: Factory, tls: TestTLS) -> None:
+    emu = await emulator_factory(reply_s=3.0)
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        reader = Reader(session)
+        await send_pcm(session, UTTERANCE)
+        await reader.until(lambda m: m.data is not None)
+        emu.config.reply_s = 0.4  # knobs are read per use: the next reply is short
+        await send_pcm(session, UTTERANCE)  # barge in
+        msgs = await reader.until(lambda m: bool(m.server_content and m.server_content.interrupted))
+        assert not any(turn_complete(m) for m in msgs)
+        assert sum(len(m.data or b"") for m in msgs) < 3.0 * 24000 * 2
+        msgs = await reader.until(turn_complete)
+    assert abs(dominant_freq(reply_audio(msgs)) - reply_freq(2)) < 5
+    turns = emu.record.sessions[emu.record.connections[0].session_id].turns
+    assert [(t.index, t.interrupted) for t in turns] == [(1, True), (2, False)]
+
+
+async def test_text_turns_and_history(emulator_factory: Factory, tls: TestTLS) -> None:
+    emu = await emulator_factory()
+    client = make_client(emu, tls)
+    history: list[types.Content | types.ContentDict] = [
+        types.Content(role="user", parts=[types.Part(text="hello")]),
+        types.Content(role="model", parts=[types.Part(text="hi there")]),
+        types.Content(role="user", parts=[types.Part(text="and?")]),
+        types.Content(role="model", parts=[types.Part(text="and so on")]),
+    ]
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        await session.send_client_content(turns=history, turn_complete=False)
+        await session.send_client_content(
+            turns=types.Content(role="user", parts=[types.Part(text="Greet the caller.")])
+        )
+        msgs = await Reader(session).until(turn_complete)
+    assert abs(dominant_freq(reply_audio(msgs)) - reply_freq(3)) < 5
+    state = emu.record.sessions[emu.record.connections[0].session_id]
+    assert state.history_text[1] == ("model", "hi there")
+    assert state.history_text[-2:] == [("user", "Greet the caller."), ("model", "reply 3")]
+    assert [(t.index, t.trigger) for t in state.turns] == [(3, "text")]
+
+
+async def test_refusals(emulator_factory: Factory, tls: TestTLS) -> None:
+    emu = await emulator_factory()
+    client = make_client(emu, tls)
+    emu.refuse_connections(time.monotonic() + 60)
+    with pytest.raises(errors.APIError) as caught:
+        async with client.aio.live.connect(model=MODEL, config=live_config()):
+            pass
+    assert caught.value.code == 1011
+    emu.config.refuse_with_http = True
+    with pytest.raises(websockets.InvalidStatus) as http_refusal:
+        async with client.aio.live.connect(model=MODEL, config=live_config()):
+            pass
+    assert http_refusal.value.response.status_code == 503
+    emu.refuse_connections(None)
+    with pytest.raises(errors.APIError) as caught:
+        async with make_client(emu, tls, api_key="wrong").aio.live.connect(model=MODEL):
+            pass
+    assert caught.value.code == 1007
+    async with client.aio.live.connect(model=MODEL, config=live_config()):
+        pass
+    assert [c.refused for c in emu.record.connections] == [True, True, False, False]
+    assert [c.close_kind for c in emu.record.connections] == [
+        "refused",
+        "refused",
+        "refused",
+        "client",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("headers", "messages", "code"),
+    [
+        ({}, ['{"setup": {"model": "models/x"}}'], 1008),
+        ({"x-goog-api-key": "test-key"}, ["not json"], 1007),
+        ({"x-goog-api-key": "test-key"}, ['{"realtime_input": {"text": "hi"}}'], 1008),
+        (
+            {"x-goog-api-key": "test-key"},
+            ['{"setup": {"model": "models/x"}}', '{"bogus": {}}'],
+            1007,
+        ),
+        (
+            {"x-goog-api-key": "test-key"},
+            [
+                '{"setup": {"model": "models/x"}}',
+                '{"realtimeInput": {"audio": {"data": "!!!", "mimeType": "audio/pcm"}}}',
+            ],
+            1007,
+        ),
+    ],
+)
+async def test_bad_input_is_closed_with_a_code(
+    emulator_factory: Factory,
+    tls: TestTLS,
+    caplog: pytest.LogCaptureFixture,
+    headers: dict[str, str],
+    messages: list[str],
+    code: int,
+) -> None:
+    emu = await emulator_factory()
+    url = emu.base_url.replace("https", "wss") + PATH
+    caplog.set_level(logging.WARNING)
+    async with ws_connect(url, ssl=tls.client_ssl, additional_headers=headers) as ws:
+        for text in messages:
+            await ws.send(text)
+        with pytest.raises(websockets.ConnectionClosedError) as caught:
+            while True:
+                await ws.recv()
+    assert caught.value.rcvd is not None and caught.value.rcvd.code == code
+    assert caught.value.rcvd.reason
+    assert emu.record.connections[0].close_code == code
+    assert not [r for r in caplog.records if r.name.startswith("gateway")]
+
+
+async def test_stop_closes_everything_and_leaks_no_task(tls: TestTLS) -> None:
+    emu = LiveEmulator(EmulatorConfig(handle_interval=0.05), tls)
+    await emu.start()
+    client = make_client(emu, tls)
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = [
+            await stack.enter_async_context(
+                client.aio.live.connect(model=MODEL, config=live_config())
+            )
+            for _ in range(3)
+        ]
+        await send_pcm(sessions[0], UTTERANCE)
+        await asyncio.sleep(0.2)
+        await emu.stop()
+        for s in sessions:
+            with pytest.raises(errors.APIError) as caught:
+                await Reader(s).until(lambda m: False)
+            assert caught.value.code == 1001
+    leftovers = [
+        t
+        for t in asyncio.all_tasks()
+        if t is not asyncio.current_task() and "live_emulator" in repr(t.get_coro())
+    ]
+    assert leftovers == []
+    assert all(c.closed_at is not None for c in emu.record.connections)
+
+
+def test_tls_material(tmp_path: Path) -> None:
+    material = make_tls(tmp_path / "x")
+    assert Path(material.ca_pem_path).read_text().startswith("-----BEGIN CERTIFICATE-----")
