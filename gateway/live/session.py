@@ -125,6 +125,20 @@ class _Connection:
     closing: bool = False
     fresh: bool = False
     replayed_s: float = 0.0
+    delivered: bool = False  # the service sent at least one valid message on it
+
+
+@dataclass
+class _Streak:
+    """Reconnects since the last connection that delivered anything: one retry budget.
+
+    A service that accepts the setup and then sends garbage would otherwise get a fresh
+    budget (and an immediate retry) on every reset: a hot reconnect loop.
+    """
+
+    started: float
+    attempts: int
+    last_error: str
 
 
 @dataclass
@@ -201,6 +215,7 @@ class LiveSession:
         self._started = asyncio.Event()
         self._refused_during_retry = False
         self._caller_spoke_at = -1e9
+        self._streak: _Streak | None = None
         self.dropped_audio_s = 0.0
         self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
 
@@ -362,6 +377,7 @@ class LiveSession:
         try:
             while True:
                 async for message in conn.session.receive():
+                    conn.delivered = True
                     self._on_message(conn, message)
         except asyncio.CancelledError:
             raise
@@ -584,14 +600,21 @@ class LiveSession:
             await self._recover_refused(ResetCause.GOAWAY, started)
             return
         except Exception as exc:
-            # Could not open ahead of time: carry on with the old one; its end
-            # will come as a failure and be handled as an abrupt reset.
-            log.warning(
-                "live: opening the next connection failed (%s)",
-                type(exc).__name__,
+            # The service may refuse a second connection of a live session: break, then
+            # make. Caller audio waits in the replay buffer meanwhile.
+            log.info(
+                "live: could not open ahead (%s); closing the old connection first",
+                _describe(exc),
                 extra=self._log_extra,
             )
+            async with self._send_lock:
+                self._active = None
             self._goaway_deadline = None
+            if old.generating:
+                self._emit(ReplyAbandoned(ResetCause.GOAWAY))
+                self._turn_state = TurnState.IDLE
+            await self._retire(old)
+            await self._reconnect(ResetCause.GOAWAY, started)
             return
         async with self._send_lock:
             try:
@@ -625,13 +648,17 @@ class LiveSession:
             old = self._active
             self._active = None
         self._goaway_deadline = None
+        # A connection that never delivered a valid message does not renew the budget.
+        streak = self._streak if old is not None and not old.delivered else None
+        if streak is not None:
+            streak.last_error = detail
         if old is not None:
             if old.generating:
                 self._emit(ReplyAbandoned(ResetCause.ABRUPT))
                 self._turn_state = TurnState.IDLE
             await self._retire(old)
         log.info("live: connection lost (%s), resuming", detail, extra=self._log_extra)
-        await self._reconnect(ResetCause.ABRUPT, started)
+        await self._reconnect(ResetCause.ABRUPT, started, streak)
 
     async def _recover_refused(self, cause: ResetCause, started: float) -> None:
         async with self._send_lock:
@@ -649,9 +676,11 @@ class LiveSession:
         )
         await self._reconnect(ResetCause.REFUSED, started)
 
-    async def _reconnect(self, cause: ResetCause, started: float) -> None:
+    async def _reconnect(
+        self, cause: ResetCause, started: float, streak: _Streak | None = None
+    ) -> None:
         """Resume (or, if the handle is refused, restart) and replay what the model lacks."""
-        conn, attempts = await self._connect_with_retries(started)
+        conn, attempts = await self._connect_with_retries(started, streak)
         fresh = conn.fresh
         if self._refused_during_retry:
             cause = ResetCause.REFUSED
@@ -668,17 +697,25 @@ class LiveSession:
             extra=self._log_extra,
         )
 
-    async def _connect_with_retries(self, started: float) -> tuple[_Connection, int]:
+    async def _connect_with_retries(
+        self, started: float, streak: _Streak | None = None
+    ) -> tuple[_Connection, int]:
         """Open, brief and replay a connection and make it active.
 
         Immediate first try, then exponential backoff with full jitter, bounded
         in attempts and in total time. A refused handle is dropped and a fresh
-        session tried at once.
+        session tried at once. A `streak` continues an earlier budget (and its
+        backoff) instead of starting a new one.
         """
         opts = self._options
-        attempt = 0
-        delay = opts.backoff_initial_s
-        last_error = ""
+        attempt = streak.attempts if streak else 0
+        delay = min(opts.backoff_initial_s * 2 ** max(0, attempt - 2), opts.backoff_max_s)
+        last_error = streak.last_error if streak else ""
+        if streak is not None:
+            started = streak.started
+            if attempt > 1:  # back off as if that connection had failed to open
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, opts.backoff_max_s)
         self._refused_during_retry = False
         while True:
             attempt += 1
@@ -702,9 +739,7 @@ class LiveSession:
                 )
                 continue
             except Exception as exc:
-                last_error = type(exc).__name__ + (
-                    f" {exc.code}" if isinstance(exc, errors.APIError) else ""
-                )
+                last_error = _describe(exc)
                 if attempt > 1:
                     await asyncio.sleep(random.uniform(0, delay))
                     delay = min(delay * 2, opts.backoff_max_s)
@@ -720,6 +755,7 @@ class LiveSession:
                 last_error = f"replay {type(exc).__name__}"
                 await self._retire(conn)
                 continue
+            self._streak = _Streak(started, attempt, last_error)
             return conn, attempt
 
     async def _brief(self, conn: _Connection) -> None:
@@ -730,6 +766,11 @@ class LiveSession:
         ]
         if turns:
             await conn.session.send_client_content(turns=turns, turn_complete=False)
+
+
+def _describe(exc: BaseException) -> str:
+    code = f" {exc.code}" if isinstance(exc, errors.APIError) else ""
+    return type(exc).__name__ + code
 
 
 async def _quiet_close(stack: AsyncExitStack) -> None:

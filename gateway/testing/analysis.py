@@ -64,12 +64,15 @@ def timeline(record: CallRecord) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.
     return caller, heard
 
 
-def segments(pcm: npt.NDArray[np.int16], threshold: float = 500.0) -> list[Segment]:
+def segments(
+    pcm: npt.NDArray[np.int16], threshold: float = 500.0, rate: int = RATE
+) -> list[Segment]:
     """Runs of 20 ms windows whose RMS exceeds `threshold`, with their pitch."""
-    n = len(pcm) // WINDOW
+    window = rate // 50
+    n = len(pcm) // window
     if n == 0:
         return []
-    frames = pcm[: n * WINDOW].astype(np.float64).reshape(n, WINDOW)
+    frames = pcm[: n * window].astype(np.float64).reshape(n, window)
     loud = np.sqrt((frames**2).mean(axis=1)) > threshold
     found: list[Segment] = []
     i = 0
@@ -80,8 +83,8 @@ def segments(pcm: npt.NDArray[np.int16], threshold: float = 500.0) -> list[Segme
         j = i
         while j < n and loud[j]:
             j += 1
-        piece = pcm[i * WINDOW : j * WINDOW]
-        found.append(Segment(i * WINDOW / RATE, j * WINDOW / RATE, dominant_frequency(piece, RATE)))
+        piece = pcm[i * window : j * window]
+        found.append(Segment(i * window / rate, j * window / rate, dominant_frequency(piece, rate)))
         i = j
     return found
 

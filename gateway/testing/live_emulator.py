@@ -189,6 +189,10 @@ class _Snapshot:
     model_turns: int
     utterances: int
     issued_at: float
+    # Turn detection in progress (voiced windows, silent windows, speech confirmed, a
+    # partial window): the session's listening state is part of what it holds, so an
+    # utterance begun before a reset and finished after it is still one turn.
+    vad: tuple[int, int, bool, bytes] = (0, 0, False, b"")
 
     def restore(self) -> SessionState:
         s = self.state
@@ -510,6 +514,7 @@ class _Connection:
             ):
                 raise _Refused(1011, REASON_UNAVAILABLE, "refused")
             self.state = snap.restore()
+            self._voiced, self._silent, self._speech_confirmed, self._pending = snap.vad
             session.state = self.state
             self.rec.resumed_from = handle
             emu.record.handles_used.append(handle)
@@ -581,6 +586,7 @@ class _Connection:
                 st.model_turns,
                 st.utterances,
                 now,
+                (self._voiced, self._silent, self._speech_confirmed, self._pending),
             ),
         )
         await self.send({"sessionResumptionUpdate": {"newHandle": handle, "resumable": True}})

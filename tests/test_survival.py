@@ -1,0 +1,204 @@
+"""Session survival: calls outlive announced and abrupt Live connection resets.
+
+The emulator's connections live a few seconds here, so a call of a dozen
+turns crosses many resets. What the emulator's session holds at the end is
+compared with what the caller said: every utterance once, nothing lost,
+nothing doubled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from gateway.testing.analysis import HeardReply, heard_replies, segments
+from gateway.testing.harness import TestBed, test_bed
+from gateway.testing.live_emulator import EmulatorConfig
+from gateway.testing.twilio_sim import SimulatedCall
+
+SPEED = 2.0
+UTTERANCE_S = 0.6
+CALLER_FREQS = (300.0, 340.0, 380.0, 420.0)
+
+
+def survival_config(**overrides: object) -> EmulatorConfig:
+    config = EmulatorConfig()
+    config.reply_s = 0.8
+    config.end_of_speech_s = 0.4
+    config.response_delay_s = 0.1
+    config.handle_interval = 0.4
+    config.speed = SPEED
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def full_replies(record_replies: list[HeardReply]) -> list[int]:
+    return [r.n for r in record_replies if r.duration_s > 0.7]
+
+
+async def converse(call: SimulatedCall, turns: int, limit_s: float = 20.0) -> None:
+    """Say something, keep the line open until the reply to it was heard, repeat."""
+    loop = asyncio.get_running_loop()
+    for n in range(1, turns + 1):
+        await call.speak_tone(CALLER_FREQS[n % len(CALLER_FREQS)], UTTERANCE_S)
+        deadline = loop.time() + limit_s
+        while n not in full_replies(heard_replies(call.record)):
+            assert loop.time() < deadline, (n, heard_replies(call.record))
+            await call.silence(0.1)
+        await call.silence(0.2)
+
+
+def assert_replies_once_in_order(replies: list[HeardReply], turns: int) -> None:
+    """Every reply heard in full exactly once, in order; a reply cut by a reset may only
+    be followed by its own full repetition."""
+    assert full_replies(replies) == list(range(1, turns + 1)), replies
+    for prev, nxt in itertools.pairwise(replies):
+        if prev.duration_s <= 0.7:
+            assert nxt.n == prev.n, replies
+
+
+def assert_session_holds_caller_audio(bed: TestBed, call: SimulatedCall, utterances: int) -> None:
+    sessions = list(bed.emulator.record.sessions.values())
+    assert len(sessions) == 1, "a reconnect did not resume the session"
+    session = sessions[0]
+    sent = len(call.record.sent_ulaw) * 4  # mu-law 8 kHz -> PCM16 16 kHz
+    held = len(session.audio)
+    assert abs(held - sent) <= 0.02 * sent, (held, sent)
+    pcm = np.frombuffer(bytes(session.audio), dtype=np.int16)
+    spoken = segments(pcm, rate=16000)
+    found = [(round(s.start_s, 2), round(s.duration_s, 2)) for s in spoken]
+    assert len(spoken) == utterances, found
+    for seg in spoken:
+        assert abs(seg.duration_s - UTTERANCE_S) <= 0.04, seg
+
+
+async def test_call_across_goaway_resets_loses_nothing() -> None:
+    turns = 10
+    config = survival_config(lifetime=1.8, goaway_lead=0.9)
+    async with test_bed(config) as bed:
+        call = await bed.caller(speed=SPEED).place_call()
+        await converse(call, turns)
+        await call.hangup()
+        await asyncio.sleep(0.1)
+
+        record = bed.emulator.record
+        goaways = [e for e in record.events if e[1] == "goaway"]
+        assert len(goaways) >= 5, len(goaways)
+        assert all(c.resumed_from is not None for c in record.connections[1:])
+        assert not any(c.refused for c in record.connections)
+        assert_replies_once_in_order(heard_replies(call.record), turns)
+        assert_session_holds_caller_audio(bed, call, turns)
+        resumed = bed.metrics.live_resumptions.labels(cause="goaway")._value.get()
+        assert resumed >= 5
+
+
+async def test_call_across_abrupt_resets_loses_nothing() -> None:
+    turns = 10
+    config = survival_config(abrupt_after=1.6, abrupt_jitter=0.8, seed=7)
+    async with test_bed(config) as bed:
+        call = await bed.caller(speed=SPEED).place_call()
+        await converse(call, turns)
+        await call.hangup()
+        await asyncio.sleep(0.1)
+
+        record = bed.emulator.record
+        abrupt = [e for e in record.events if e[1] == "close" and "abrupt" in e[2]]
+        assert len(abrupt) >= 5, len(abrupt)
+        assert all(c.resumed_from is not None for c in record.connections[1:])
+        assert_replies_once_in_order(heard_replies(call.record), turns)
+        assert_session_holds_caller_audio(bed, call, turns)
+        assert bed.metrics.live_resumptions.labels(cause="abrupt")._value.get() >= 5
+
+
+async def test_refused_handle_continues_on_a_briefed_fresh_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = survival_config()
+    async with test_bed(config) as bed:
+        call = await bed.caller(speed=SPEED).place_call()
+        await converse(call, 2)
+        # The service forgets every handle (as after their expiry), then the line drops.
+        bed.emulator.config.handle_ttl = 0.0
+        with caplog.at_level(logging.WARNING, logger="gateway.live.session"):
+            await bed.emulator.cut_all(abrupt=True)
+            loop = asyncio.get_running_loop()
+            await call.speak_tone(CALLER_FREQS[0], UTTERANCE_S)
+            deadline = loop.time() + 20
+            while 3 not in full_replies(heard_replies(call.record)):
+                assert loop.time() < deadline, heard_replies(call.record)
+                await call.silence(0.1)
+        await call.hangup()
+
+        sessions = list(bed.emulator.record.sessions.values())
+        assert len(sessions) == 2
+        fresh = sessions[1]
+        # Briefed with the conversation so far: both earlier replies' transcripts.
+        briefing = " ".join(text for _, text in fresh.history_text)
+        assert "reply 1" in briefing and "reply 2" in briefing, fresh.history_text
+        assert bed.metrics.live_resumptions.labels(cause="refused")._value.get() == 1
+        refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refusals) == 1
+
+
+async def test_outage_longer_than_the_bound_ends_the_call_with_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with test_bed(survival_config(), reconnect_total_s=1.5) as bed:
+        call = await bed.caller(speed=SPEED).place_call()
+        await converse(call, 1)
+        bed.emulator.refuse_connections(until=time.monotonic() + 3600)
+        with caplog.at_level(logging.INFO):
+            await bed.emulator.cut_all(abrupt=True)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while not call.closed:
+                assert loop.time() - started < 10
+                await call.silence(0.1)
+        assert call.record.close_code == 1011
+        messages = [r.getMessage() for r in caplog.records]
+        reasons = [m for m in messages if "live session failed" in m]
+        assert len(reasons) == 1 and "unreachable" in reasons[0]
+        assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_many_calls_resetting_at_once_all_resume() -> None:
+    calls_n = 8
+    async with test_bed(survival_config()) as bed:
+        callers = [await bed.caller(speed=SPEED).place_call() for _ in range(calls_n)]
+        await asyncio.gather(*(converse(c, 1) for c in callers))
+        await bed.emulator.cut_all(abrupt=True)  # the service restarts
+        await asyncio.gather(*(converse_from(c, 2) for c in callers))
+        for c in callers:
+            await c.hangup()
+        assert bed.metrics.live_resumptions.labels(cause="abrupt")._value.get() == calls_n
+        assert len(bed.emulator.record.sessions) == calls_n
+
+
+async def converse_from(call: SimulatedCall, n: int) -> None:
+    loop = asyncio.get_running_loop()
+    await call.speak_tone(CALLER_FREQS[0], UTTERANCE_S)
+    deadline = loop.time() + 20
+    while n not in full_replies(heard_replies(call.record)):
+        assert loop.time() < deadline, heard_replies(call.record)
+        await call.silence(0.1)
+
+
+async def test_goaway_when_the_service_refuses_a_second_connection() -> None:
+    """Some deployments refuse to resume while the old connection is open: break, then make."""
+    turns = 6
+    config = survival_config(lifetime=1.8, goaway_lead=0.9, reject_concurrent_resume=True)
+    async with test_bed(config) as bed:
+        call = await bed.caller(speed=SPEED).place_call()
+        await converse(call, turns)
+        await call.hangup()
+        await asyncio.sleep(0.1)
+        record = bed.emulator.record
+        assert len([e for e in record.events if e[1] == "goaway"]) >= 3
+        assert_replies_once_in_order(heard_replies(call.record), turns)
+        assert_session_holds_caller_audio(bed, call, turns)
