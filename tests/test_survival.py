@@ -202,3 +202,52 @@ async def test_goaway_when_the_service_refuses_a_second_connection() -> None:
         assert len([e for e in record.events if e[1] == "goaway"]) >= 3
         assert_replies_once_in_order(heard_replies(call.record), turns)
         assert_session_holds_caller_audio(bed, call, turns)
+
+
+async def test_hour_long_call_stays_up() -> None:
+    """Sixty minutes of call time, compressed: hundreds of turns, dozens of resets of both
+    kinds (goAway every few seconds, abrupt cuts in between), one session throughout."""
+    speed = 40.0
+    call_s = 3600.0
+    config = survival_config(
+        speed=speed,
+        lifetime=3.0,
+        goaway_lead=1.0,
+        handle_interval=0.1,
+        reply_s=3.0,
+        end_of_speech_s=0.6,
+        response_delay_s=0.3,
+        record_audio=False,
+    )
+    async with test_bed(config, goaway_margin_s=0.1) as bed:
+        call = await bed.caller(speed=speed).place_call()
+        loop = asyncio.get_running_loop()
+        turns = 0
+        next_cut = loop.time() + 4.5
+        while len(call.record.sent_ulaw) < call_s * 8000:
+            turns += 1
+            before = len(call.record.marks_echoed)
+            await call.speak_tone(CALLER_FREQS[turns % 4], 2.0)
+            deadline = loop.time() + 10
+            while len(call.record.marks_echoed) == before:
+                assert loop.time() < deadline, f"turn {turns}: no reply heard"
+                assert not call.closed, f"call dropped at turn {turns}"
+                await call.silence(0.5)
+            await call.silence(0.5)
+            if loop.time() > next_cut:
+                await bed.emulator.cut_all(abrupt=True)
+                next_cut = loop.time() + 4.5
+        await call.hangup()
+
+        record = bed.emulator.record
+        goaways = len([e for e in record.events if e[1] == "goaway"])
+        abrupt = len([e for e in record.events if e[1] == "close" and "abrupt" in e[2]])
+        assert turns >= 300
+        assert goaways >= 12 and abrupt >= 12, (goaways, abrupt)
+        assert len(record.sessions) == 1
+        session = next(iter(record.sessions.values()))
+        assert session.state.model_turns >= turns
+        sent = len(call.record.sent_ulaw) * 4
+        assert abs(session.state.audio_bytes - sent) <= 0.02 * sent
+        heard_s = sum(len(h.ulaw) for h in call.record.heard) / 8000
+        assert heard_s >= 0.95 * turns * 3.0
