@@ -1,0 +1,661 @@
+"""`python -m bench`: the gateway under 1, 50, 100 and 200 concurrent calls, against a naive one.
+
+Processes, so that only the gateway's own cost is counted:
+
+* the Live emulator (TLS, the real google-genai SDK connects to it) with a control server for
+  resets (``bench.emulator_server``);
+* the gateway, started as an operator starts it: ``python -m gateway`` with its settings in the
+  environment (a fresh process per scenario);
+* the naive baseline (``bench.naive_gateway``) the same way, on the same calls;
+* the simulated callers (``bench.callers``).
+
+For each number of calls: calls are placed, a warm-up passes, then over a steady window the
+gateway process's own CPU counters (/proc/PID/stat, all threads) give core-seconds per
+call-minute; its /metrics histogram ``gateway_added_latency_seconds`` (scraped at both ends of the
+window) gives the added latency each way; its RSS at the end of the window minus its idle RSS
+(after one warm-up call) gives memory per call; every call checks it heard every reply; the
+callers time each turn from their own end of speech to the first sound of the reply (the
+"turn gap", an external check: everything between the caller's ear and the model, both ways,
+beyond the model's own pause). A reset run then gives every call an announced reset (goAway)
+and an abrupt one (TCP reset) and measures the caller's extra wait for the replies around it.
+
+Run: ``python -m bench`` (about 10 minutes); ``python -m bench --quick`` (a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import aiohttp
+
+from bench.common import AUTH_TOKEN, PUBLIC_URL, Histogram, cpu_seconds, histograms, rss_bytes
+from bench.common import run as run_loop
+
+ROOT = Path(__file__).resolve().parent.parent
+WINDOW_S = 0.02  # the emulator's VAD window
+LATENCY = "gateway_added_latency_seconds"
+DIRECTIONS = ("caller_to_model", "model_to_caller")
+MIB = 1024 * 1024
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A child process whose stdout is read line by line."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def line(self, limit_s: float = 60.0) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        raw = await asyncio.wait_for(self.process.stdout.readline(), limit_s)
+        if not raw:
+            raise RuntimeError(f"{self.name} exited ({self.tail()})")
+        parsed: dict[str, Any] = json.loads(raw)
+        return parsed
+
+    def tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text().strip().splitlines()[-lines:])
+        except OSError:
+            return "no log"
+
+    async def stop(self, sig: int = signal.SIGTERM, grace_s: float = 15.0) -> None:
+        if self.process.returncode is not None:
+            return
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.send_signal(sig)
+            await asyncio.wait_for(self.process.wait(), grace_s)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+        except ProcessLookupError:
+            pass
+
+
+async def spawn(name: str, args: Sequence[str], env: dict[str, str], logs: Path) -> Proc:
+    log_path = logs / f"{name}.log"
+    with _append(log_path) as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            limit=64 * MIB,
+        )
+    return Proc(name, process, log_path)
+
+
+def _append(path: Path) -> BinaryIO:
+    return open(path, "ab")  # closed by the caller's with
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_healthy(http: aiohttp.ClientSession, url: str, proc: Proc) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.process.returncode is not None:
+            raise RuntimeError(f"{proc.name} exited: {proc.tail()}")
+        try:
+            async with http.get(url + "/healthz") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{proc.name} not healthy: {proc.tail()}")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]
+    total = sum(values[:8])
+    return total - idle, total
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """Counters at both ends of the steady window."""
+
+    seconds: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)  # process name -> CPU seconds
+    busy: float = 0.0  # machine-wide, fraction of all cores
+    latency: dict[str, Histogram] = field(default_factory=dict)
+    rss: int = 0
+
+
+@dataclass
+class Run:
+    impl: str
+    calls: int
+    window: Window
+    idle_rss: int
+    results: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cpu_per_call_minute(self) -> float:
+        cpu = self.window.cpu.get("gateway", math.nan)
+        return cpu / self.window.seconds / self.calls * 60
+
+    @property
+    def calls_per_core(self) -> float:
+        return 60 / self.cpu_per_call_minute
+
+    @property
+    def rss_per_call_mib(self) -> float:
+        return (self.window.rss - self.idle_rss) / self.calls / MIB
+
+    @property
+    def heard_ok(self) -> tuple[int, int]:
+        return sum(bool(r["heard_ok"]) for r in self.results), len(self.results)
+
+    def turn_delays(self) -> list[float]:
+        return [
+            t["reply_start"] - t["speech_end"]
+            for r in self.results
+            for t in r["turns"]
+            if t["reply_start"] is not None
+        ]
+
+
+def model_pause(args: argparse.Namespace) -> float:
+    """The emulator's own pause from the end of speech to its first reply audio."""
+    pause: float = args.end_of_speech_s + args.response_delay_s
+    return pause
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+# --- one scenario ---------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    emulator: Proc
+    emulator_info: dict[str, Any]
+    http: aiohttp.ClientSession
+    logs: Path
+
+    def gateway_env(self, port: int) -> dict[str, str]:
+        info = self.emulator_info
+        return {
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "PUBLIC_URL": PUBLIC_URL,
+            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "GEMINI_API_KEY": info["api_key"],
+            "GOOGLE_GEMINI_BASE_URL": info["base_url"],
+            "SSL_CERT_FILE": info["ca_pem"],
+            "LOG_LEVEL": "WARNING",
+            "MAX_CALLS": "100000",
+        }
+
+    async def start_gateway(self, impl: str) -> tuple[Proc, str]:
+        port = free_port()
+        module = "gateway" if impl == "gateway" else "bench.naive_gateway"
+        proc = await spawn(impl, ["-m", module], self.gateway_env(port), self.logs)
+        url = f"http://127.0.0.1:{port}"
+        await wait_healthy(self.http, url, proc)
+        return proc, url
+
+    async def callers(self, url: str, calls: int, **options: Any) -> Proc:
+        argv = ["-m", "bench.callers", "--url", url, "--calls", str(calls)]
+        argv += ["--reply-s", str(self.args.reply_s)]
+        for key, value in options.items():
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+        return await spawn("callers", argv, {}, self.logs)
+
+    async def scrape(self, url: str) -> dict[str, Histogram]:
+        async with self.http.get(url + "/metrics") as resp:
+            return histograms(await resp.text(), LATENCY, "direction")
+
+    async def control(self, path: str) -> dict[str, Any]:
+        async with self.http.post(self.emulator_info["control_url"] + path) as resp:
+            result: dict[str, Any] = await resp.json()
+            return result
+
+    async def run(
+        self,
+        impl: str,
+        calls: int,
+        seconds: float,
+        during: Callable[[float], Any] | None = None,
+    ) -> Run:
+        """Start ``impl``, warm it with one call, then run ``calls`` calls over a window."""
+        args = self.args
+        gateway, url = await self.start_gateway(impl)
+        try:
+            if args.warm_call:  # load what the first call loads before taking the idle RSS
+                warm = await self.callers(url, 1, turns=1)
+                while (await warm.line())["event"] != "result":
+                    pass
+                await warm.stop()
+            idle_rss = rss_bytes(gateway.pid)
+            callers = await self.callers(
+                url, calls, seconds=seconds, warmup=args.warmup, rate=args.rate
+            )
+            window = Window()
+            pids = {
+                "gateway": gateway.pid,
+                "emulator": self.emulator.pid,
+                "callers": callers.process.pid,
+            }
+            start: dict[str, float] = {}
+            start_hist: dict[str, Histogram] = {}
+            t0 = busy0 = total0 = 0.0
+            profiler: asyncio.subprocess.Process | None = None
+            background: asyncio.Task[Any] | None = None
+            while True:
+                msg = await callers.line(limit_s=seconds + 120)
+                if msg["event"] == "steady":
+                    t0 = time.monotonic()
+                    start = {k: cpu_seconds(p) for k, p in pids.items()}
+                    busy0, total0 = machine_busy()
+                    if impl == "gateway":
+                        start_hist = await self.scrape(url)
+                        profiler = await self.profile(gateway.pid, calls, seconds)
+                    if during is not None:
+                        background = asyncio.create_task(during(t0))
+                elif msg["event"] == "end":
+                    window.seconds = time.monotonic() - t0
+                    window.cpu = {k: cpu_seconds(p) - start[k] for k, p in pids.items()}
+                    busy1, total1 = machine_busy()
+                    window.busy = (busy1 - busy0) / max(total1 - total0, 1)
+                    window.rss = rss_bytes(gateway.pid)
+                    if impl == "gateway":
+                        end_hist = await self.scrape(url)
+                        window.latency = {
+                            d: end_hist[d].minus(start_hist[d]) for d in DIRECTIONS if d in end_hist
+                        }
+                elif msg["event"] == "result":
+                    results: list[dict[str, Any]] = msg["calls"]
+                    break
+            extra: dict[str, Any] = {}
+            if background is not None:
+                extra = await background
+            if profiler is not None:
+                await profiler.wait()
+            await callers.stop()
+            return Run(impl, calls, window, idle_rss, results, extra)
+        finally:
+            await gateway.stop()
+
+    async def profile(
+        self, pid: int, calls: int, seconds: float
+    ) -> asyncio.subprocess.Process | None:
+        """py-spy over the window, when --profile DIR is given (folded stacks, gateway only)."""
+        if not self.args.profile:
+            return None
+        out = Path(self.args.profile) / f"gateway-{calls}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spy = Path(sys.executable).parent / "py-spy"
+        return await asyncio.create_subprocess_exec(
+            str(spy),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(max(1, int(seconds) - 1)),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "-o",
+            str(out),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+
+    async def resets(self, calls: int, seconds: float) -> tuple[Run, dict[str, float]]:
+        """A run in which every connection gets a goAway, then later dies abruptly."""
+        time_left = min(5.0, seconds * 0.2)
+        goaway_at = seconds * 0.12
+        abrupt_at = seconds * 0.55
+
+        async def resets(t0: float) -> dict[str, Any]:
+            await asyncio.sleep(max(0.0, t0 + goaway_at - time.monotonic()))
+            goaway = await self.control(f"/goaway?time_left={time_left}")
+            await asyncio.sleep(max(0.0, t0 + abrupt_at - time.monotonic()))
+            abrupt = await self.control("/cut")
+            return {"goaway": goaway, "abrupt": abrupt, "time_left": time_left}
+
+        run = await self.run("gateway", calls, seconds, during=resets)
+        return run, {"goaway": run.extra["goaway"]["at"], "abrupt": run.extra["abrupt"]["at"]}
+
+
+# --- reset gap ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResetGap:
+    kind: str
+    calls: int
+    connections: int  # connections the emulator reset
+    gaps_ms: tuple[float, ...]  # per call: the extra wait beyond an unaffected turn
+    baseline_ms: float
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.gaps_ms) if self.gaps_ms else math.nan
+
+    @property
+    def worst(self) -> float:
+        return max(self.gaps_ms) if self.gaps_ms else math.nan
+
+
+def reset_gaps(run: Run, times: dict[str, float], time_left: float) -> list[ResetGap]:
+    """Per call and reset: the affected turns' delay minus the unaffected turns' median.
+
+    A turn's delay is from the caller's end of speech to the start of the reply as heard to its
+    end (a reply cut by a reset and said again counts from its second start). Affected turns:
+    those whose [speech start, reply end] overlaps the reset ([goAway, goAway + timeLeft] for an
+    announced reset, the instant for an abrupt one), or else the first turn after it.
+    """
+    spans = {"goaway": (times["goaway"], times["goaway"] + time_left)}
+    spans["abrupt"] = (times["abrupt"], times["abrupt"])
+
+    def affected(turns: list[dict[str, Any]], lo: float, hi: float) -> list[dict[str, Any]]:
+        hit = [
+            t
+            for t in turns
+            if t["speech_start"] <= hi and (t["reply_end"] is None or t["reply_end"] >= lo)
+        ]
+        if hit:
+            return hit
+        later = [t for t in turns if t["speech_start"] > hi]
+        return later[:1]
+
+    touched: set[int] = set()
+    per_call: dict[str, list[list[dict[str, Any]]]] = {k: [] for k in spans}
+    for result in run.results:
+        for kind, (lo, hi) in spans.items():
+            turns = affected(result["turns"], lo, hi)
+            per_call[kind].append(turns)
+            touched.update(id(t) for t in turns)
+    unaffected = [
+        t["reply_start"] - t["speech_end"]
+        for r in run.results
+        for t in r["turns"]
+        if t["reply_start"] is not None and id(t) not in touched
+    ]
+    baseline = statistics.median(unaffected) if unaffected else math.nan
+    gaps: list[ResetGap] = []
+    for kind in spans:
+        values = []
+        for turns in per_call[kind]:
+            delays = [
+                (t["reply_start"] - t["speech_end"]) if t["reply_start"] is not None else math.inf
+                for t in turns
+            ]
+            if delays:
+                values.append(1000 * (max(delays) - baseline))
+        connections = int(run.extra[kind]["connections"])
+        gaps.append(ResetGap(kind, run.calls, connections, tuple(values), 1000 * baseline))
+    return gaps
+
+
+# --- transcoding ----------------------------------------------------------------------------
+
+
+def transcoding(seconds: int) -> dict[str, float]:
+    """x real time per core of the gateway's converters, wire to wire, as calls stream them."""
+    from bench.transcode import realtime_factor, test_audio
+    from gateway.audio import (
+        MODEL_OUTPUT_RATE,
+        TWILIO_RATE,
+        CallerToModel,
+        ModelToCaller,
+        pcm16_to_ulaw,
+    )
+
+    caller = pcm16_to_ulaw(test_audio(TWILIO_RATE, seconds).tobytes())
+    model = test_audio(MODEL_OUTPUT_RATE, seconds).tobytes()
+    return {
+        "caller 8k mu-law -> 16k PCM, 20 ms frames": realtime_factor(
+            CallerToModel, caller, 160, seconds
+        ),
+        "model 24k PCM -> 8k mu-law, 40 ms chunks": realtime_factor(
+            ModelToCaller, model, 1920, seconds
+        ),
+    }
+
+
+# --- table ----------------------------------------------------------------------------------
+
+
+def ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f}"
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}"
+
+
+def table(runs: list[Run], args: argparse.Namespace) -> list[str]:
+    pause = model_pause(args)
+    header = (
+        "| calls | gateway | CPU core-s / call-min | calls / core | vs naive "
+        "| added ms caller→model p50 / p99 | added ms model→caller p50 / p99 "
+        "| turn gap ms p50 / p99 | RSS MiB / call | heard every reply | machine busy |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    naive = {r.calls: r for r in runs if r.impl == "naive"}
+    for r in runs:
+        ratio = "-"
+        if r.impl == "gateway" and r.calls in naive:
+            ratio = f"{naive[r.calls].cpu_per_call_minute / r.cpu_per_call_minute:.2f}× less"
+        lat = []
+        for d in DIRECTIONS:
+            h = r.window.latency.get(d)
+            lat.append(
+                f"{ms(1000 * h.quantile(0.5))} / {ms(1000 * h.quantile(0.99))}" if h else "-"
+            )
+        gaps = [1000 * (d - pause) for d in r.turn_delays()]
+        ok, total = r.heard_ok
+        lines.append(
+            f"| {r.calls} | {r.impl} | {r.cpu_per_call_minute:.3f} | {r.calls_per_core:.0f} "
+            f"| {ratio} | {lat[0]} | {lat[1]} "
+            f"| {ms(percentile(gaps, 0.5))} / {ms(percentile(gaps, 0.99))} "
+            f"| {r.rss_per_call_mib:.2f} | {ok}/{total} | {100 * r.window.busy:.0f}% |"
+        )
+    return lines
+
+
+def reset_table(gaps: list[ResetGap]) -> list[str]:
+    lines = [
+        "| reset | calls | connections reset | caller's gap ms median | worst | baseline turn ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g in gaps:
+        lines.append(
+            f"| {g.kind} | {g.calls} | {g.connections} | {ms(g.median)} | {ms(g.worst)} "
+            f"| {ms(g.baseline_ms)} |"
+        )
+    return lines
+
+
+def write_json(path: Path, runs: list[Run], gaps: list[ResetGap], speeds: dict[str, float]) -> None:
+    """The results in machine-readable form."""
+    data = {
+        "runs": [
+            {
+                "impl": r.impl,
+                "calls": r.calls,
+                "cpu_per_call_minute": r.cpu_per_call_minute,
+                "cpu": r.window.cpu,
+                "seconds": r.window.seconds,
+                "rss_per_call_mib": r.rss_per_call_mib,
+                "heard_ok": r.heard_ok,
+                "busy": r.window.busy,
+                "latency_ms": {
+                    d: [1000 * h.quantile(0.5), 1000 * h.quantile(0.99)]
+                    for d, h in r.window.latency.items()
+                },
+                "turn_delays": r.turn_delays(),
+            }
+            for r in runs
+        ],
+        "resets": [
+            {"kind": g.kind, "gaps_ms": g.gaps_ms, "baseline_ms": g.baseline_ms} for g in gaps
+        ],
+        "transcoding": speeds,
+    }
+    path.write_text(json.dumps(data, indent=1))
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+async def main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        logs = Path(args.logs) if args.logs else Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        emulator = await spawn(
+            "emulator",
+            [
+                "-m",
+                "bench.emulator_server",
+                "--dir",
+                tmp,
+                "--reply-s",
+                str(args.reply_s),
+                "--end-of-speech-s",
+                str(args.end_of_speech_s),
+                "--response-delay-s",
+                str(args.response_delay_s),
+            ],
+            {},
+            logs,
+        )
+        try:
+            info = await emulator.line(limit_s=30)
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+                bench = Bench(args, emulator, info, http, logs)
+                runs: list[Run] = []
+                impls = ["gateway"] if args.no_naive else ["gateway", "naive"]
+                for n in args.calls:
+                    for impl in impls:
+                        log(f"{impl}: {n} calls for {args.seconds:.0f} s ...")
+                        run = await bench.run(impl, n, args.seconds)
+                        runs.append(run)
+                        log(
+                            f"  {run.cpu_per_call_minute:.3f} core-s/call-min, "
+                            f"heard {run.heard_ok[0]}/{run.heard_ok[1]}"
+                        )
+                gaps: list[ResetGap] = []
+                if args.reset_calls:
+                    log(f"resets: {args.reset_calls} calls for {args.reset_seconds:.0f} s ...")
+                    reset_run, times = await bench.resets(args.reset_calls, args.reset_seconds)
+                    gaps = reset_gaps(reset_run, times, reset_run.extra["time_left"])
+        finally:
+            await emulator.stop()
+    speeds = transcoding(args.transcode_seconds)
+
+    out = [f"machine: {machine()}", f"command: {' '.join(['python -m bench', *sys.argv[1:]])}", ""]
+    out += table(runs, args)
+    out += [""]
+    out += reset_table(gaps)
+    out += ["", "| transcoding | × real time per core |", "|---|---|"]
+    out += [f"| {name} | {speed:.0f} |" for name, speed in speeds.items()]
+    print("\n".join(out))
+    if args.json:
+        write_json(Path(args.json), runs, gaps, speeds)
+    return 0
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--calls", default="1,50,100,200", help="concurrent calls, comma list")
+    parser.add_argument("--seconds", type=float, default=30.0, help="steady window per run")
+    parser.add_argument("--warmup", type=float, default=3.0, help="after the last call is up")
+    parser.add_argument("--rate", type=float, default=40.0, help="calls placed per second")
+    parser.add_argument("--reset-calls", type=int, default=50, help="calls in the reset run")
+    parser.add_argument("--reset-seconds", type=float, default=24.0)
+    parser.add_argument("--reply-s", type=float, default=0.8, help="the emulator's replies")
+    parser.add_argument("--end-of-speech-s", type=float, default=0.5)
+    parser.add_argument("--response-delay-s", type=float, default=0.2)
+    parser.add_argument("--transcode-seconds", type=int, default=60)
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    parser.add_argument("--profile", default="", help="py-spy the gateway into this folder")
+    parser.add_argument("--logs", default="", help="keep the processes' stderr here")
+    parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 calls, seconds")
+    parser.add_argument("--no-warm-call", dest="warm_call", action="store_false")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.calls = "2"
+        args.seconds = min(args.seconds, 2.0)
+        args.warmup = 0.5
+        args.warm_call = False
+        args.reset_calls = min(args.reset_calls, 2)
+        args.reset_seconds = min(args.reset_seconds, 8.0)
+        args.transcode_seconds = 2
+    args.calls = [int(n) for n in str(args.calls).split(",") if n.strip()]
+    return args
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_loop(main(parse_args(argv)), fast=False)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

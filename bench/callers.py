@@ -1,0 +1,193 @@
+"""Simulated callers in a process of their own: N concurrent calls talking in turns.
+
+Each call says a 1 s tone, then keeps the line open (silence, as Twilio streams it) until the
+reply has been heard to its end, pauses briefly and speaks again. Calls are placed at a steady
+rate; once all are up and a warm-up has passed the process prints ``steady``, and ``end`` after
+the measured window. Then each call finishes its turn, hangs up, and one ``result`` line tells,
+per call, every turn's times (monotonic clock, shared by the processes of one machine) and
+whether every reply was heard.
+
+Started as ``python -m bench.callers --url http://127.0.0.1:PORT --calls N ...``; writes JSON
+lines on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+
+from bench.common import AUTH_TOKEN, PUBLIC_URL, run
+from gateway.testing.analysis import heard_replies
+from gateway.testing.twilio_sim import (
+    SAMPLE_RATE,
+    CallRecord,
+    SimulatedCall,
+    TwilioCallerSimulator,
+)
+
+TONE_HZ = 400.0
+TONE_S = 1.0
+PAUSE_S = 0.2  # after a reply, before speaking again
+RUN_GAP_S = 0.1  # heard chunks further apart than this are separate renditions
+STEP_S = 0.1
+REPLY_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Turn:
+    """One exchange, in monotonic time: caller speech, then the reply as heard."""
+
+    speech_start: float
+    speech_end: float
+    reply_start: float | None = None  # start of the rendition that was heard to its end
+    reply_end: float | None = None
+
+
+@dataclass
+class CallResult:
+    turns: list[Turn] = field(default_factory=list)
+    heard: list[int] = field(default_factory=list)  # complete replies, in order heard
+    heard_ok: bool = False
+    error: str | None = None
+    protocol_errors: int = 0
+
+
+@dataclass
+class Window:
+    """When new turns stop being started (set once every call is up)."""
+
+    end_at: float = math.inf
+    placed: int = 0
+
+
+def complete_reply(
+    record: CallRecord, first: int, min_bytes: int, now: float
+) -> tuple[float, float] | None:
+    """The first run of back-to-back heard audio since ``heard[first]`` that holds at least
+    ``min_bytes`` and has finished playing, as (start, end); None if none yet."""
+    start = end = -1.0
+    size = 0
+    for chunk in record.heard[first:]:
+        if size and chunk.at - end > RUN_GAP_S:
+            if size >= min_bytes:
+                return start, end
+            size = 0
+        if size == 0:
+            start = chunk.at
+        size += len(chunk.ulaw)
+        end = chunk.at + len(chunk.ulaw) / SAMPLE_RATE
+    if size >= min_bytes and now - end > RUN_GAP_S:
+        return start, end
+    return None
+
+
+async def await_reply(
+    call: SimulatedCall, first: int, min_bytes: int
+) -> tuple[float, float] | None:
+    """Stream silence until a whole reply has been heard (or the wait times out)."""
+    deadline = time.monotonic() + REPLY_TIMEOUT_S
+    while time.monotonic() < deadline and not call.closed:
+        await call.silence(STEP_S)
+        found = complete_reply(call.record, first, min_bytes, time.monotonic())
+        if found is not None:
+            return found
+    return None
+
+
+async def talk(
+    sim: TwilioCallerSimulator,
+    window: Window,
+    reply_s: float,
+    turns: int | None,
+    on_placed: asyncio.Event,
+) -> CallResult:
+    result = CallResult()
+    min_bytes = int(0.9 * reply_s * SAMPLE_RATE)
+    try:
+        call = await sim.place_call()
+    except Exception as exc:
+        result.error = f"place_call: {type(exc).__name__}: {exc}"
+        on_placed.set()
+        return result
+    on_placed.set()
+    async with call:
+        while (turns is None and time.monotonic() < window.end_at) or (
+            turns is not None and len(result.turns) < turns
+        ):
+            first = len(call.record.heard)
+            started = time.monotonic()
+            await call.speak_tone(TONE_HZ, TONE_S)
+            turn = Turn(started, time.monotonic())
+            result.turns.append(turn)
+            found = await await_reply(call, first, min_bytes)
+            if found is None:
+                result.error = "closed" if call.closed else f"reply {len(result.turns)} not heard"
+                break
+            turn.reply_start, turn.reply_end = found
+            await call.silence(PAUSE_S)
+    record = call.record
+    result.protocol_errors = len(record.protocol_errors)
+    complete = [r.n for r in heard_replies(record) if r.duration_s >= 0.8 * reply_s]
+    result.heard = [n for i, n in enumerate(complete) if i == 0 or complete[i - 1] != n]
+    result.heard_ok = (
+        result.error is None
+        and result.protocol_errors == 0
+        and result.heard == list(range(1, len(result.turns) + 1))
+    )
+    return result
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, "t": time.monotonic(), **fields}), flush=True)
+
+
+async def main(args: argparse.Namespace) -> None:
+    window = Window()
+    interval = 1.0 / args.rate
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        sim = TwilioCallerSimulator(http, args.url, PUBLIC_URL, AUTH_TOKEN)
+        tasks: list[asyncio.Task[CallResult]] = []
+        placed: list[asyncio.Event] = []
+        t0 = time.monotonic()
+        for i in range(args.calls):
+            delay = t0 + i * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            event = asyncio.Event()
+            placed.append(event)
+            tasks.append(asyncio.create_task(talk(sim, window, args.reply_s, args.turns, event)))
+        for event in placed:
+            await event.wait()
+        emit("placed")
+        if args.turns is None:
+            await asyncio.sleep(args.warmup)
+            emit("steady")
+            window.end_at = time.monotonic() + args.seconds
+            await asyncio.sleep(args.seconds)
+            emit("end")
+        results = await asyncio.gather(*tasks)
+    emit("result", calls=[asdict(r) for r in results])
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.callers")
+    parser.add_argument("--url", required=True, help="where the gateway listens (http://...)")
+    parser.add_argument("--calls", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured window")
+    parser.add_argument("--warmup", type=float, default=3.0, help="after the last call is up")
+    parser.add_argument("--rate", type=float, default=40.0, help="calls placed per second")
+    parser.add_argument("--reply-s", type=float, default=0.8, help="the emulator's reply length")
+    parser.add_argument("--turns", type=int, default=None, help="fixed turns, no window")
+    run(main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    cli()
