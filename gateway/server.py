@@ -270,13 +270,21 @@ async def _run_call(
     state.calls.add(call)
     metrics.calls_active.inc()
     log.info("call started")
+    # The call counts later connections (resumed, fallback) itself; the first one is ours.
+    first = asyncio.create_task(_count_first_connection(live, metrics), name="first-conn")
     try:
         await call.run(messages)
     finally:
+        first.cancel()
         state.calls.discard(call)
         metrics.calls_active.dec()
     if call.stats.failure and not ws.closed:
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"live session failed")
+
+
+async def _count_first_connection(live: LiveSession, metrics: Metrics) -> None:
+    await live.wait_started()
+    metrics.live_connections.labels(kind="fresh").inc()
 
 
 async def _await_start(messages: AsyncIterator[InboundMessage]) -> Start | None:
