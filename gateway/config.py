@@ -7,10 +7,19 @@ A missing or malformed setting stops the start with one line naming it
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +32,64 @@ DEFAULT_CONFIG_FILE = Path("config/gateway.toml")
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message names it in one line."""
+
+
+ToolName = Literal["end_call", "transfer_call"]
+# A called number as Twilio sends it in `To` (E.164), or a SIP address.
+_NUMBER = re.compile(r"^\+[1-9]\d{6,14}$")
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+
+
+def phone_address(value: str) -> str:
+    """An E.164 number (spaces, dashes, dots and brackets dropped) or a sip: address."""
+    text = value.strip()
+    if text.lower().startswith("sip:"):
+        if len(text) <= 4 or any(c.isspace() for c in text):
+            raise ValueError(f"not a SIP address: {value!r}")
+        return "sip:" + text[4:]
+    number = re.sub(r"[\s().-]", "", text)
+    if not _NUMBER.match(number):
+        raise ValueError(f"not an E.164 number (+ and digits) or sip: address: {value!r}")
+    return number
+
+
+class PersonaConfig(BaseModel):
+    """One `[personas.NAME]` table; a key left out takes the top-level setting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    numbers: list[str] = []
+    system_instruction: str | None = None
+    voice: str | None = None
+    language: str | None = None
+    greeting: str | None = None
+    tools: list[ToolName] | None = None
+    transfer_to: dict[str, str] | None = None
+
+    @field_validator("numbers")
+    @classmethod
+    def _numbers(cls, value: list[str]) -> list[str]:
+        return [phone_address(v) for v in value]
+
+    @field_validator("transfer_to")
+    @classmethod
+    def _targets(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return None if value is None else _transfer_targets(value)
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, value: str | None) -> str | None:
+        return None if value is None else _language_code(value)
+
+
+def _transfer_targets(value: dict[str, str]) -> dict[str, str]:
+    return {name: phone_address(target) for name, target in value.items()}
+
+
+def _language_code(value: str) -> str:
+    if value and not _LANGUAGE.match(value):
+        raise ValueError(f"not a BCP-47 language code such as en-US: {value!r}")
+    return value
 
 
 class Settings(BaseSettings):
@@ -41,6 +108,15 @@ class Settings(BaseSettings):
     system_instruction: str = "You are a friendly, concise phone assistant. Keep answers short."
     voice: str = "Puck"
     greeting: str = ""
+    language: str = ""  # BCP-47 speech language (e.g. en-US); empty: the model's choice
+    tools: list[ToolName] = []
+    transfer_to: dict[str, str] = {}  # name -> E.164 number or sip: address
+    personas: dict[str, PersonaConfig] = {}
+    transcript_dir: Path | None = None  # one JSON Lines file per call; unset: off
+    # REST API (tools, outbound calls). Inbound calls use the account of the call itself.
+    twilio_account_sid: str = ""
+    twilio_from_number: str = ""  # caller ID for outbound calls without a persona number
+    hangup_wait_s: float = Field(default=20.0, gt=0)  # longest wait for the last words to play
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
@@ -55,6 +131,7 @@ class Settings(BaseSettings):
     reconnect_max_attempts: int = Field(default=12, ge=1)
     goaway_margin_s: float = Field(default=1.0, ge=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    caller_pause_s: float = Field(default=0.4, gt=0)
 
     stream_token_ttl_s: float = Field(default=60.0, gt=0)
     start_timeout_s: float = Field(default=10.0, gt=0)
@@ -66,6 +143,26 @@ class Settings(BaseSettings):
         if not value.startswith(("https://", "http://")) or "://" == value[-3:]:
             raise ValueError("must be an absolute http(s) URL, e.g. https://voice.example.com")
         return value.rstrip("/")
+
+    @field_validator("transfer_to")
+    @classmethod
+    def _transfer_to(cls, value: dict[str, str]) -> dict[str, str]:
+        return _transfer_targets(value)
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, value: str) -> str:
+        return _language_code(value)
+
+    @field_validator("twilio_from_number")
+    @classmethod
+    def _from_number(cls, value: str) -> str:
+        return phone_address(value) if value else value
+
+    @field_validator("transcript_dir", mode="before")
+    @classmethod
+    def _no_dir(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -92,10 +189,24 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Build settings or raise ConfigError naming the first bad setting."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = str(first["loc"][0]).upper() if first["loc"] else "configuration"
+        name = setting_name(first["loc"])
         if first["type"] == "missing":
             raise ConfigError(f"missing setting {name}") from None
-        raise ConfigError(f"invalid setting {name}: {first['msg']}") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"invalid setting {name}: {msg}") from None
+    from gateway.personas import PersonaTable  # personas builds on Settings
+
+    PersonaTable.from_settings(settings)  # cross-persona checks fail the start too
+    return settings
+
+
+def setting_name(loc: tuple[int | str, ...]) -> str:
+    """`PORT` for a top-level setting (its variable), `personas.sales.voice` for a nested key."""
+    if not loc:
+        return "configuration"
+    if len(loc) == 1:
+        return str(loc[0]).upper()
+    return ".".join(str(part) for part in loc)

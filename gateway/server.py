@@ -14,7 +14,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from google import genai
@@ -22,8 +22,11 @@ from google import genai
 from gateway.call import Call
 from gateway.config import Settings
 from gateway.live.session import LiveOptions, LiveSession
-from gateway.logs import bind_call
+from gateway.logs import bind_call, register_secret
 from gateway.metrics import Metrics
+from gateway.personas import Persona, PersonaTable
+from gateway.tools import CallTools, TwilioRest, declarations
+from gateway.transcript import CallTranscript, append_record
 from gateway.twilio.protocol import (
     MAX_MESSAGE_BYTES,
     InboundMessage,
@@ -46,6 +49,7 @@ from gateway.twilio.webhooks import (
 log = logging.getLogger(__name__)
 
 TOKEN_PARAMETER = "token"
+PERSONA_PARAMETER = "persona"
 CLOSE_POLICY = 1008
 
 
@@ -60,6 +64,8 @@ class GatewayState:
     tokens: StreamTokens
     stream_url: str
     live_options: LiveOptions
+    personas: PersonaTable
+    rest: TwilioRest  # Twilio's REST API, for the tools (tests swap in a stand-in client)
     calls: set[Call] = field(default_factory=set)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     draining: bool = False
@@ -85,6 +91,18 @@ def live_options(settings: Settings) -> LiveOptions:
         reconnect_max_attempts=settings.reconnect_max_attempts,
         goaway_margin_s=settings.goaway_margin_s,
         connect_timeout_s=settings.connect_timeout_s,
+        caller_pause_s=settings.caller_pause_s,
+    )
+
+
+def persona_options(base: LiveOptions, persona: Persona) -> LiveOptions:
+    """The Live options of a call answered by `persona`."""
+    return replace(
+        base,
+        system_instruction=persona.system_instruction,
+        voice=persona.voice,
+        language=persona.language,
+        tools=declarations(persona.tools, persona.transfer_to),
     )
 
 
@@ -100,6 +118,8 @@ def create_app(
     SDK reads them; tests and the demo point it at the emulator that way.
     """
     auth_token = settings.twilio_auth_token.get_secret_value()
+    register_secret(auth_token)
+    register_secret(settings.gemini_api_key.get_secret_value())
     # Shared by every replica that has the same auth token, so a stream may land on
     # another replica than its webhook did.
     token_secret = hmac.new(auth_token.encode(), b"gateway-stream-token", hashlib.sha256).digest()
@@ -112,6 +132,8 @@ def create_app(
         tokens=StreamTokens(token_secret, ttl_s=settings.stream_token_ttl_s),
         stream_url=stream_url(settings.public_url),
         live_options=live_options(settings),
+        personas=PersonaTable.from_settings(settings),
+        rest=TwilioRest(auth_token),
     )
     app[STATE].calls_idle.set()
     app.add_routes(
@@ -125,6 +147,7 @@ def create_app(
         ]
     )
     app.on_shutdown.append(_close_streams)
+    app.on_cleanup.append(_close_rest)
     return app
 
 
@@ -167,8 +190,23 @@ async def voice_webhook(request: web.Request) -> web.Response:
         log.info("turned a call away (%s)", reason)
         return web.Response(text=busy_twiml(), content_type="text/xml")
     token = state.tokens.issue(call_sid)
-    twiml = connect_stream_twiml(state.stream_url, {TOKEN_PARAMETER: token})
+    persona = _webhook_persona(state.personas, request, params)
+    twiml = connect_stream_twiml(
+        state.stream_url, {TOKEN_PARAMETER: token, PERSONA_PARAMETER: persona.name}
+    )
     return web.Response(text=twiml, content_type="text/xml")
+
+
+def _webhook_persona(
+    personas: PersonaTable, request: web.Request, params: dict[str, str]
+) -> Persona:
+    """`?persona=` (outbound calls we place) if known, else by the number that was called
+    (our own number, `From`, on outbound calls placed elsewhere); else the default."""
+    named = request.query.get(PERSONA_PARAMETER)
+    if named and named in personas.by_name:
+        return personas.by_name[named]
+    outbound = params.get("Direction", "inbound").startswith("outbound")
+    return personas.for_number(params.get("From" if outbound else "To"))
 
 
 async def status_webhook(request: web.Request) -> web.Response:
@@ -176,6 +214,19 @@ async def status_webhook(request: web.Request) -> web.Response:
     params = await _checked_form(request)
     if params is None:
         raise web.HTTPForbidden()
+    directory = request.app[STATE].settings.transcript_dir
+    call_sid = params.get("CallSid", "")
+    if directory is not None and call_sid:
+        record = {
+            "type": "status",
+            "status": params.get("CallStatus", "unknown"),
+            "duration_s": params.get("CallDuration"),
+            "direction": params.get("Direction"),
+        }
+        try:
+            await asyncio.to_thread(append_record, directory, call_sid, record)
+        except OSError as exc:
+            log.warning("transcript status not written: %s", exc)
     log.info(
         "call status %s",
         params.get("CallStatus", "unknown"),
@@ -256,7 +307,10 @@ async def _run_call(
 ) -> None:
     metrics = state.metrics
     latency = metrics.added_latency.labels(direction="caller_to_model")
-    live = LiveSession(state.client, state.live_options, on_audio_sent=latency.observe)
+    persona = state.personas.get(start.custom_parameters.get(PERSONA_PARAMETER))
+    live = LiveSession(
+        state.client, persona_options(state.live_options, persona), on_audio_sent=latency.observe
+    )
 
     async def send(text: str) -> None:
         if ws.closed:
@@ -266,7 +320,27 @@ async def _run_call(
         except ConnectionResetError:
             pass  # the caller is gone; the inbound side ends the call
 
-    call = Call(start, live, send, metrics, greeting=state.settings.greeting)
+    tools = None
+    if persona.tools:
+        tools = CallTools(
+            state.rest,
+            account_sid=start.account_sid,
+            call_sid=start.call_sid,
+            tools=persona.tools,
+            transfer_to=persona.transfer_to,
+        )
+    transcript = CallTranscript(state.settings.transcript_dir, start.call_sid)
+    transcript.event("start", persona=persona.name, stream_sid=start.stream_sid)
+    call = Call(
+        start,
+        live,
+        send,
+        metrics,
+        greeting=persona.greeting,
+        tools=tools,
+        transcript=transcript,
+        hangup_wait_s=state.settings.hangup_wait_s,
+    )
     state.calls.add(call)
     metrics.calls_active.inc()
     log.info("call started")
@@ -308,10 +382,13 @@ async def _inbound(
         elif msg.type is WSMsgType.BINARY:
             parser.parse_bytes(msg.data)
         elif msg.type is WSMsgType.ERROR:
+            # aiohttp has already closed the socket with this code (1009, 1007, 1002).
             code = getattr(msg.data, "code", None)
             if code == WSCloseCode.MESSAGE_TOO_BIG:
                 raise StreamProtocolError(1009, "message too big")
-            raise StreamProtocolError(1002, "websocket protocol error")
+            if code == WSCloseCode.INVALID_TEXT:
+                raise StreamProtocolError(1007, "invalid UTF-8 text")
+            raise StreamProtocolError(int(code or 1002), "websocket protocol error")
         else:  # CLOSE, CLOSING, CLOSED
             return
 
@@ -361,6 +438,10 @@ async def wait_calls_done(app: web.Application, limit_s: float) -> bool:
         except TimeoutError:
             return False
     return True
+
+
+async def _close_rest(app: web.Application) -> None:
+    await app[STATE].rest.close()
 
 
 async def _close_streams(app: web.Application) -> None:

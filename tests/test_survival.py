@@ -219,7 +219,8 @@ async def test_hour_long_call_stays_up() -> None:
         response_delay_s=0.3,
         record_audio=False,
     )
-    async with test_bed(config, goaway_margin_s=0.1) as bed:
+    # The gateway's own timing knobs are compressed like the call's.
+    async with test_bed(config, goaway_margin_s=0.1, caller_pause_s=0.4 / speed) as bed:
         call = await bed.caller(speed=speed).place_call()
         loop = asyncio.get_running_loop()
         turns = 0
@@ -230,7 +231,10 @@ async def test_hour_long_call_stays_up() -> None:
             await call.speak_tone(CALLER_FREQS[turns % 4], 2.0)
             deadline = loop.time() + 10
             while len(call.record.marks_echoed) == before:
-                assert loop.time() < deadline, f"turn {turns}: no reply heard"
+                assert loop.time() < deadline, (
+                    f"turn {turns}: no reply heard; emulator: {bed.emulator.record.events[-12:]}"
+                    f"; call: {call.record.events[-8:]}"
+                )
                 assert not call.closed, f"call dropped at turn {turns}"
                 await call.silence(0.5)
             await call.silence(0.5)
