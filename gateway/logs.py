@@ -3,6 +3,11 @@
 `bind_call()` stores the call's identifiers in a context variable, so every
 line logged by the call's tasks (and the Live session's, which inherit the
 context) carries `call_sid` and `stream_sid` without passing them around.
+
+Secrets are kept out at the source (nothing logs a token or a key), and the
+formatters also redact, as a backstop, every value given to `register_secret()`
+and anything shaped like a stream token: a library that logs its request
+headers at DEBUG (websockets does) must not print the API key.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -19,6 +25,33 @@ _call: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
 )
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+#: Library loggers kept quiet whatever LOG_LEVEL says: per-request or per-frame noise,
+#: and websockets logs every request header (the API key among them) at DEBUG.
+LIBRARY_LEVELS: dict[str, int] = {
+    "aiohttp.access": logging.WARNING,
+    "websockets": logging.WARNING,
+    "google_genai": logging.WARNING,
+}
+
+REDACTED = "[redacted]"
+_secrets: set[str] = set()
+#: A stream token as gateway.twilio.webhooks issues it: base64url(payload) "." base64url(HMAC).
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
+
+
+def register_secret(value: str) -> None:
+    """Never print `value` (an auth token, an API key) in a log line, whoever logs it."""
+    if len(value) >= 4:
+        _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    """`text` with registered secrets and stream tokens replaced by [redacted]."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return _TOKEN_SHAPE.sub(REDACTED, text)
 
 
 def bind_call(**fields: str) -> None:
@@ -54,7 +87,7 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             payload["error"] = record.exc_info[0].__name__
-        return json.dumps(payload, default=str)
+        return redact(json.dumps(payload, default=str))
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -68,7 +101,7 @@ class ConsoleFormatter(logging.Formatter):
         )
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
-        return f"{line}  {extras}" if extras else line
+        return redact(f"{line}  {extras}" if extras else line)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -79,10 +112,13 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Access logs would be one line per webhook; keep them but quiet the per-frame noise.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    logging.getLogger("websockets").setLevel(logging.WARNING)
-    logging.getLogger("google_genai").setLevel(logging.WARNING)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Apply LIBRARY_LEVELS (done by configure_logging; tests call it to log the same)."""
+    for name, level in LIBRARY_LEVELS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def call_filter() -> logging.Filter:

@@ -129,6 +129,7 @@ class _Connection:
     fresh: bool = False
     replayed_s: float = 0.0
     delivered: bool = False  # the service sent at least one valid message on it
+    streak: _Streak | None = None  # the retry budget it was opened under, if any
 
 
 @dataclass
@@ -218,7 +219,6 @@ class LiveSession:
         self._started = asyncio.Event()
         self._refused_during_retry = False
         self._caller_spoke_at = -1e9
-        self._streak: _Streak | None = None
         self.dropped_audio_s = 0.0
         self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
 
@@ -651,7 +651,7 @@ class LiveSession:
             self._active = None
         self._goaway_deadline = None
         # A connection that never delivered a valid message does not renew the budget.
-        streak = self._streak if old is not None and not old.delivered else None
+        streak = old.streak if old is not None and not old.delivered else None
         if streak is not None:
             streak.last_error = detail
         if old is not None:
@@ -757,7 +757,7 @@ class LiveSession:
                 last_error = f"replay {type(exc).__name__}"
                 await self._retire(conn)
                 continue
-            self._streak = _Streak(started, attempt, last_error)
+            conn.streak = _Streak(started, attempt, last_error)
             return conn, attempt
 
     async def _brief(self, conn: _Connection) -> None:

@@ -1,0 +1,813 @@
+"""Security and hostile input, end to end against the real gateway.
+
+Only Twilio opens calls (signed webhooks, signed upgrade, a single-use stream token bound to
+the CallSid); no peer, however broken, hurts another call or the server; no secret reaches
+a log line, an error or /metrics. Hostile peers are raw aiohttp clients; the good calls are
+the Twilio simulator; the Live side is the emulator, or a stand-in that answers with garbage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import gc
+import io
+import json
+import logging
+import os
+import secrets
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+from google import genai
+from twilio.request_validator import RequestValidator
+
+from gateway.logs import LIBRARY_LEVELS, JsonFormatter, quiet_libraries, register_secret
+from gateway.metrics import Metrics
+from gateway.server import STATE, create_app
+from gateway.testing.analysis import heard_replies
+from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, environment, test_bed
+from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
+from gateway.testing.twilio_sim import SimulatedCall, TwilioCallerSimulator
+from gateway.twilio.webhooks import StreamTokens
+
+SPEED = 2.0
+VOICE_URL = PUBLIC_URL + "/twilio/voice"
+STATUS_URL = PUBLIC_URL + "/twilio/status"
+STREAM_URL = PUBLIC_URL.replace("https://", "wss://") + "/twilio/media"
+SIGNER = RequestValidator(AUTH_TOKEN)
+ACCOUNT_SID = "AC" + "0" * 32
+
+
+def emulator_config(**overrides: object) -> EmulatorConfig:
+    config = EmulatorConfig(
+        reply_s=0.8,
+        end_of_speech_s=0.4,
+        response_delay_s=0.1,
+        handle_interval=0.5,
+        speed=SPEED,
+        # A key that cannot turn up in a log line by accident.
+        api_key="AIza-test-" + secrets.token_urlsafe(24),
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def new_sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+# ---------------------------------------------------------------------- logs
+
+
+@dataclass
+class LogCapture:
+    records: list[logging.LogRecord]
+
+    def texts(self) -> list[str]:
+        """Each record as everything it carries: message, extra fields, traceback."""
+        out = []
+        plain = logging.Formatter()
+        for record in self.records:
+            extras = {k: v for k, v in record.__dict__.items() if k not in {"msg", "args"}}
+            text = record.getMessage() + " " + repr(extras)
+            if record.exc_info:
+                text += plain.formatException(record.exc_info)
+            out.append(text)
+        return out
+
+    def messages(self, logger: str, prefix: str) -> list[str]:
+        return [
+            r.getMessage()
+            for r in self.records
+            if r.name == logger and r.getMessage().startswith(prefix)
+        ]
+
+    def assert_no_traceback_spam(self) -> None:
+        gc.collect()  # "Task exception was never retrieved" is logged on collection
+        noisy = [
+            f"{r.name}: {r.getMessage()}"
+            for r in self.records
+            if r.exc_info
+            or r.levelno >= logging.ERROR
+            or "Error handling request" in r.getMessage()
+            or "never retrieved" in r.getMessage()
+        ]
+        assert noisy == []
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, sink: list[logging.LogRecord]) -> None:
+        super().__init__(logging.DEBUG)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record)
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    """Every record at DEBUG from every logger, with the library levels production sets."""
+    root = logging.getLogger()
+    saved_root = root.level
+    saved = {name: logging.getLogger(name).level for name in LIBRARY_LEVELS}
+    records: list[logging.LogRecord] = []
+    handler = _ListHandler(records)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    quiet_libraries()
+    try:
+        yield LogCapture(records)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_root)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def assert_no_secret(texts: list[str], secret_values: list[str]) -> None:
+    assert secret_values and all(len(s) >= 8 for s in secret_values)
+    leaks = [(s[:6] + "...", t[:200]) for t in texts for s in secret_values if s in t]
+    assert leaks == []
+
+
+# --------------------------------------------------------------- hostile peers
+
+
+async def post_webhook(
+    http: aiohttp.ClientSession,
+    bed: TestBed,
+    url: str,
+    params: dict[str, str],
+    headers: dict[str, str],
+) -> tuple[int, str]:
+    path = url.removeprefix(PUBLIC_URL)
+    async with http.post(bed.gateway_url + path, data=params, headers=headers) as resp:
+        return resp.status, await resp.text()
+
+
+def voice_params(call_sid: str) -> dict[str, str]:
+    return {
+        "AccountSid": ACCOUNT_SID,
+        "CallSid": call_sid,
+        "CallStatus": "ringing",
+        "From": "+15005550006",
+        "To": "+15005550001",
+    }
+
+
+async def issue_token(http: aiohttp.ClientSession, bed: TestBed, call_sid: str) -> str:
+    """What Twilio gets from a genuine, signed voice webhook: the stream token."""
+    params = voice_params(call_sid)
+    signature = SIGNER.compute_signature(VOICE_URL, params)
+    status, body = await post_webhook(
+        http, bed, VOICE_URL, params, {"X-Twilio-Signature": signature}
+    )
+    assert status == 200, body
+    param = ET.fromstring(body).find("./Connect/Stream/Parameter[@name='token']")
+    assert param is not None, body
+    return param.get("value", "")
+
+
+async def open_stream(
+    http: aiohttp.ClientSession, bed: TestBed, signature: str | None = None
+) -> aiohttp.ClientWebSocketResponse:
+    """A WebSocket upgrade signed like Twilio's (or with the given signature)."""
+    sig = SIGNER.compute_signature(STREAM_URL, {}) if signature is None else signature
+    return await http.ws_connect(
+        bed.gateway_url + "/twilio/media", headers={"X-Twilio-Signature": sig}
+    )
+
+
+def start_message(
+    call_sid: str,
+    stream_sid: str,
+    token: str | None,
+    media_format: tuple[str, int] = ("audio/x-mulaw", 8000),
+) -> str:
+    return json.dumps(
+        {
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": stream_sid,
+            "start": {
+                "accountSid": ACCOUNT_SID,
+                "streamSid": stream_sid,
+                "callSid": call_sid,
+                "tracks": ["inbound"],
+                "customParameters": {} if token is None else {"token": token},
+                "mediaFormat": {
+                    "encoding": media_format[0],
+                    "sampleRate": media_format[1],
+                    "channels": 1,
+                },
+            },
+        }
+    )
+
+
+def media_message(
+    stream_sid: str, n: int, payload: str | None = None, track: str = "inbound"
+) -> str:
+    silence = base64.b64encode(b"\xff" * 160).decode()
+    return json.dumps(
+        {
+            "event": "media",
+            "sequenceNumber": str(n + 1),
+            "streamSid": stream_sid,
+            "media": {
+                "track": track,
+                "chunk": str(n),
+                "timestamp": str(20 * n),
+                "payload": silence if payload is None else payload,
+            },
+        }
+    )
+
+
+async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str]:
+    """Read until the gateway closes: (close code, close reason)."""
+    async with asyncio.timeout(15):
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.CLOSE:
+                return ws.close_code, msg.extra or ""
+            if msg.type in (WSMsgType.CLOSED, WSMsgType.CLOSING, WSMsgType.ERROR):
+                return ws.close_code, ""
+
+
+async def settle_tasks(before: set[asyncio.Task[object]], limit_s: float = 5.0) -> set[str]:
+    """Names of tasks alive that were not there before, after a grace period."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while True:
+        extra = {t for t in asyncio.all_tasks() if t not in before and not t.done()}
+        extra.discard(asyncio.current_task())  # type: ignore[arg-type]
+        if not extra or loop.time() > deadline:
+            return {t.get_name() for t in extra}
+        await asyncio.sleep(0.05)
+
+
+async def converse(call: SimulatedCall, n: int, freq: float = 340.0) -> None:
+    """Say something and keep the line open (as Twilio does) until reply n was heard."""
+    await call.speak_tone(freq, 0.6)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while not any(r.n == n and r.duration_s > 0.7 for r in heard_replies(call.record)):
+        assert loop.time() < deadline, heard_replies(call.record)
+        await call.silence(0.1)
+
+
+@contextlib.asynccontextmanager
+async def client_session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        yield http
+
+
+# -------------------------------------------------------------------- webhooks
+
+
+async def test_webhooks_refuse_unsigned_badly_and_otherwise_signed(logs: LogCapture) -> None:
+    async with test_bed(emulator_config()) as bed, client_session() as http:
+        params = voice_params(new_sid("CA"))
+        other = RequestValidator("another-auth-token-0123456789abcd")
+        for url in (VOICE_URL, STATUS_URL):
+            good = SIGNER.compute_signature(url, params)
+            host_url = bed.gateway_url + url.removeprefix(PUBLIC_URL)
+            forged = {
+                "unsigned": {},
+                "empty": {"X-Twilio-Signature": ""},
+                "garbage": {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"},
+                "other token": {"X-Twilio-Signature": other.compute_signature(url, params)},
+                "other url": {"X-Twilio-Signature": SIGNER.compute_signature(STREAM_URL, params)},
+                "request host": {"X-Twilio-Signature": SIGNER.compute_signature(host_url, params)},
+                "other params": {
+                    "X-Twilio-Signature": SIGNER.compute_signature(
+                        url, {**params, "CallSid": new_sid("CA")}
+                    )
+                },
+                "shared key not configured": {
+                    "X-Twilio-Signature": good,
+                    "X-Twilio-Webhooks-Signature-Settings": "key=KS1,algorithm=HMAC_SHA256",
+                },
+            }
+            for case, headers in forged.items():
+                status, body = await post_webhook(http, bed, url, params, headers)
+                assert status == 403, (url, case)
+                assert "signature" not in body.lower() and "Stream" not in body, (url, case)
+            status, _ = await post_webhook(http, bed, url, params, {"X-Twilio-Signature": good})
+            assert status in (200, 204), url
+        rejected = bed.metrics.rejected
+        assert rejected.labels(reason="signature_missing")._value.get() == 4
+        assert rejected.labels(reason="signature_invalid")._value.get() == 12
+        warned = logs.messages("gateway.server", "rejected /twilio/")
+        assert len(warned) == 16 and all(m.endswith(" signature") for m in warned)
+        assert bed.emulator.record.connections == []
+        logs.assert_no_traceback_spam()
+
+
+# --------------------------------------------------------------- stream upgrade
+
+
+async def test_unsigned_stream_upgrade_is_refused_before_anything_opens() -> None:
+    async with test_bed(emulator_config()) as bed, client_session() as http:
+        params = voice_params(new_sid("CA"))
+        bad = {
+            "unsigned": "",
+            "garbage": "bm90IGEgc2lnbmF0dXJl",
+            "webhook's signature": SIGNER.compute_signature(VOICE_URL, params),
+            "request host": SIGNER.compute_signature(
+                bed.gateway_url.replace("http", "ws") + "/twilio/media", {}
+            ),
+        }
+        for case, signature in bad.items():
+            headers = {"X-Twilio-Signature": signature} if signature else {}
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(bed.gateway_url + "/twilio/media", headers=headers)
+            assert refused.value.status == 403, case
+        assert bed.app[STATE].sockets == set()
+        assert bed.emulator.record.connections == []
+
+
+async def test_start_with_parameters_never_issued_is_refused(logs: LogCapture) -> None:
+    async with test_bed(emulator_config()) as bed, client_session() as http:
+        call_sid = new_sid("CA")
+        issued_for_other = await issue_token(http, bed, new_sid("CA"))
+        forged = StreamTokens(os.urandom(32)).issue(call_sid)
+        genuine = await issue_token(http, bed, call_sid)
+        tampered = genuine[:-2] + ("AA" if not genuine.endswith("AA") else "BB")
+        cases = {
+            "malformed": None,
+            "malformed ": "not-a-token",
+            "bad_signature": forged,
+            "bad_signature ": tampered,
+            "wrong_call": issued_for_other,
+        }
+        for verdict, token in cases.items():
+            ws = await open_stream(http, bed)
+            await ws.send_str(start_message(call_sid, new_sid("MZ"), token))
+            assert await closed_with(ws) == (1008, f"stream token {verdict.strip()}"), verdict
+        # The call's genuine token still opens its stream after all those attempts.
+        ws = await open_stream(http, bed)
+        await ws.send_str(start_message(call_sid, new_sid("MZ"), genuine))
+        await asyncio.sleep(0.2)
+        assert not ws.closed
+        await ws.close()
+        await asyncio.sleep(0.1)
+        connections = len(bed.emulator.record.connections)
+        assert connections <= 1  # only the genuine stream may have reached Live
+        refusals = logs.messages("gateway.server", "stream closed: stream token")
+        assert len(refusals) == len(cases)
+        logs.assert_no_traceback_spam()
+
+    async with test_bed(emulator_config(), stream_token_ttl_s=0.2) as bed, client_session() as http:
+        call_sid = new_sid("CA")
+        token = await issue_token(http, bed, call_sid)
+        await asyncio.sleep(0.4)
+        ws = await open_stream(http, bed)
+        await ws.send_str(start_message(call_sid, new_sid("MZ"), token))
+        assert await closed_with(ws) == (1008, "stream token expired")
+        assert bed.emulator.record.connections == []
+
+
+async def test_genuine_stream_accepted_and_the_same_parameters_refused_after() -> None:
+    async with test_bed(emulator_config()) as bed, client_session() as http:
+        caller = TwilioCallerSimulator(http, bed.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=SPEED)
+        call = await caller.place_call()
+        await converse(call, 1)
+        token = call.record.custom_parameters["token"]
+        replay = start_message(call.record.call_sid, call.record.stream_sid, token)
+        # While the genuine call runs, and after it ended: the replay is refused.
+        ws = await open_stream(http, bed)
+        await ws.send_str(replay)
+        assert await closed_with(ws) == (1008, "stream token reused")
+        await call.hangup()
+        ws = await open_stream(http, bed)
+        await ws.send_str(replay)
+        assert await closed_with(ws) == (1008, "stream token reused")
+        assert [r.n for r in heard_replies(call.record)] == [1]
+        assert len(bed.emulator.record.connections) == 1
+        assert bed.metrics.stream_errors.labels(reason="stream_token_reused")._value.get() == 2
+
+
+# ------------------------------------------------------------- hostile crowd
+
+
+Hostile = Callable[[aiohttp.ClientSession, TestBed, list[str]], Awaitable[tuple[int | None, str]]]
+
+
+async def _send_then_close_code(
+    http: aiohttp.ClientSession, bed: TestBed, frames: Sequence[str | bytes]
+) -> tuple[int | None, str]:
+    ws = await open_stream(http, bed)
+    try:
+        for frame in frames:
+            with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+                if isinstance(frame, bytes):
+                    await ws.send_bytes(frame)
+                else:
+                    await ws.send_str(frame)
+        return await closed_with(ws)
+    finally:
+        await ws.close()
+
+
+async def _started(
+    http: aiohttp.ClientSession, bed: TestBed, tokens: list[str], then: list[str]
+) -> tuple[int | None, str]:
+    """A genuine start (Twilio gone bad), a few good frames, then `then`."""
+    call_sid, stream_sid = new_sid("CA"), new_sid("MZ")
+    token = await issue_token(http, bed, call_sid)
+    tokens.append(token)
+    good = [media_message(stream_sid, n) for n in range(5)]
+    frames = [start_message(call_sid, stream_sid, token), *good]
+    return await _send_then_close_code(
+        http, bed, frames + [f.replace("{stream_sid}", stream_sid) for f in then]
+    )
+
+
+def _frames(*frames: str | bytes) -> Hostile:
+    async def run(
+        http: aiohttp.ClientSession, bed: TestBed, tokens: list[str]
+    ) -> tuple[int | None, str]:
+        return await _send_then_close_code(http, bed, list(frames))
+
+    return run
+
+
+def _after_start(*frames: str) -> Hostile:
+    async def run(
+        http: aiohttp.ClientSession, bed: TestBed, tokens: list[str]
+    ) -> tuple[int | None, str]:
+        return await _started(http, bed, tokens, list(frames))
+
+    return run
+
+
+_MZ = "MZ" + "1" * 32
+HOSTILE: dict[str, tuple[Hostile, int, str]] = {
+    "garbage text": (_frames("hello, this is not JSON {"), 1008, "invalid JSON"),
+    "random binary": (_frames(os.urandom(300)), 1003, "binary frames not supported"),
+    "3 MB message": (_frames("x" * 3_000_000), 1009, "message too big"),
+    "media before start": (_frames(media_message(_MZ, 0)), 1008, "media before start"),
+    "stop without start": (
+        _frames(json.dumps({"event": "stop", "streamSid": _MZ, "stop": {}})),
+        1008,
+        "stop before start",
+    ),
+    "unknown event": (_frames(json.dumps({"event": "hijack"})), 1008, "unknown event"),
+    "wrong media format": (
+        _frames(start_message(new_sid("CA"), _MZ, "x", ("audio/l16", 16000))),
+        1003,
+        "unsupported media format",
+    ),
+    "valid start, then garbage": (_after_start("}{ garbage"), 1008, "invalid JSON"),
+    "valid start, then bad base64": (
+        _after_start(media_message("{stream_sid}", 9, payload="!!not base64!!")),
+        1008,
+        "invalid base64 payload",
+    ),
+    "valid start, then wrong track": (
+        _after_start(media_message("{stream_sid}", 9, track="outbound")),
+        1008,
+        "unsupported media track",
+    ),
+}
+
+
+async def test_good_call_unharmed_beside_thirty_hostile_streams(logs: LogCapture) -> None:
+    async with test_bed(emulator_config()) as bed:
+        before = set(asyncio.all_tasks())
+        tokens: list[str] = []
+        async with client_session() as http:
+            caller = TwilioCallerSimulator(
+                http, bed.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=SPEED
+            )
+            call = await caller.place_call()
+            kinds = [kind for kind in HOSTILE for _ in range(3)]
+            assert len(kinds) == 30
+            crowd = asyncio.gather(*(HOSTILE[kind][0](http, bed, tokens) for kind in kinds))
+            await converse(call, 1)
+            results = await crowd
+            async with http.get(bed.gateway_url + "/healthz") as resp:
+                assert resp.status == 200
+            async with http.get(bed.gateway_url + "/readyz") as resp:
+                assert resp.status == 200
+            await converse(call, 2, freq=380.0)
+            await call.hangup()
+            tokens.append(call.record.custom_parameters["token"])
+            async with http.get(bed.gateway_url + "/metrics") as resp:
+                metrics_text = await resp.text()
+        leftover = await settle_tasks(before)
+
+        # The good call: both replies heard, in order, nothing odd on its stream.
+        assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.7] == [1, 2]
+        assert call.record.protocol_errors == []
+        assert call.record.closed_by == "caller"
+        # Every hostile stream closed with its fitting code and reason.
+        for kind, (code, reason) in zip(kinds, results, strict=True):
+            expected_code, expected_reason = HOSTILE[kind][1:]
+            assert code == expected_code, (kind, code, reason)
+            assert reason in (expected_reason, ""), (kind, reason)  # 1009: aiohttp closes
+        # Logged once per stream, counted, no traceback; nothing left behind.
+        logged = Counter(
+            m.removeprefix("stream closed: ")
+            for m in logs.messages("gateway.server", "stream closed: ")
+        )
+        assert logged == Counter(HOSTILE[kind][2] for kind in kinds)
+        counted = sum(
+            s.value
+            for metric in bed.metrics.stream_errors.collect()
+            for s in metric.samples
+            if s.name.endswith("_total")
+        )
+        assert counted == 30
+        logs.assert_no_traceback_spam()
+        assert leftover == set(), leftover
+        state = bed.app[STATE]
+        assert state.sockets == set() and state.calls == set()
+        assert all(c.closed_at is not None for c in bed.emulator.record.connections)
+        assert bed.metrics.calls_active._value.get() == 0
+        # No secret anywhere: logs, metrics, close reasons.
+        assert len(tokens) == 10
+        secret_values = [AUTH_TOKEN, bed.emulator.config.api_key, *tokens]
+        reasons = [reason for _, reason in results]
+        assert_no_secret([*logs.texts(), metrics_text, *reasons], secret_values)
+
+
+# -------------------------------------------------------------------- limits
+
+
+async def test_call_limit_answers_busy_and_readiness_says_so() -> None:
+    async with test_bed(emulator_config(), max_calls=1) as bed, client_session() as http:
+        caller = TwilioCallerSimulator(http, bed.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=SPEED)
+        call = await caller.place_call()
+        params = voice_params(new_sid("CA"))
+        signature = SIGNER.compute_signature(VOICE_URL, params)
+        status, twiml = await post_webhook(
+            http, bed, VOICE_URL, params, {"X-Twilio-Signature": signature}
+        )
+        root = ET.fromstring(twiml)
+        assert status == 200 and root.tag == "Response"
+        reject = root.find("Reject")
+        assert reject is not None and reject.get("reason") == "busy"
+        assert root.find("Connect") is None and "token" not in twiml
+        async with http.get(bed.gateway_url + "/readyz") as resp:
+            assert resp.status == 503 and "limit" in await resp.text()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await open_stream(http, bed)
+        assert refused.value.status == 503
+        assert bed.metrics.rejected.labels(reason="busy")._value.get() == 1
+
+        await call.hangup()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while bed.app[STATE].sockets:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.02)
+        async with http.get(bed.gateway_url + "/readyz") as resp:
+            assert resp.status == 200
+        assert await issue_token(http, bed, new_sid("CA"))
+
+
+async def test_start_deadline_and_idle_stream_are_closed(logs: LogCapture) -> None:
+    async with (
+        test_bed(emulator_config(), start_timeout_s=0.4, idle_timeout_s=1.0) as bed,
+        client_session() as http,
+    ):
+        # Silent after the upgrade; and one that pings (keeps the socket alive) but never
+        # starts: both closed at the start deadline, before any Live session.
+        silent = await open_stream(http, bed)
+        pinging = await open_stream(http, bed)
+        await pinging.send_str(
+            json.dumps({"event": "connected", "protocol": "Call", "version": "1"})
+        )
+
+        async def keep_pinging() -> None:
+            while not pinging.closed:
+                with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+                    await pinging.ping()
+                await asyncio.sleep(0.1)
+
+        pinger = asyncio.create_task(keep_pinging())
+        started = time.monotonic()
+        results = await asyncio.gather(closed_with(silent), closed_with(pinging))
+        waited = time.monotonic() - started
+        await pinger
+        assert list(results) == [(1008, "no start before the deadline")] * 2
+        assert waited >= 0.3
+        assert bed.emulator.record.connections == []
+
+        # A started call whose stream goes quiet: closed, and its Live session with it.
+        caller = TwilioCallerSimulator(http, bed.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=SPEED)
+        call = await caller.place_call()
+        await call.wait_closed(timeout=10)
+        assert (call.record.close_code, call.record.close_reason) == (1008, "stream idle too long")
+        await call.hangup()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not all(c.closed_at is not None for c in bed.emulator.record.connections):
+            assert loop.time() < deadline
+            await asyncio.sleep(0.02)
+        closed = Counter(logs.messages("gateway.server", "stream closed: "))
+        assert closed == {
+            "stream closed: no start before the deadline": 2,
+            "stream closed: stream idle too long": 1,
+        }
+        logs.assert_no_traceback_spam()
+
+
+# ---------------------------------------------------------------- Live side
+
+
+@dataclass(frozen=True)
+class Garbage:
+    name: str
+    frame: str | bytes
+    before_setup: bool = False  # instead of setupComplete
+
+
+LIVE_GARBAGE = (
+    Garbage("not JSON", "<html><body>502 Bad Gateway</body></html>"),
+    Garbage("binary not JSON", b"\x00\xffnot json\x80"),
+    Garbage("unknown message", json.dumps({"somethingNew": {"x": 1}})),
+    Garbage("JSON array", "[1, 2, 3]"),
+    Garbage(
+        "bad field",
+        json.dumps({"serverContent": {"modelTurn": {"parts": [{"inlineData": {"data": "!"}}]}}}),
+    ),
+    Garbage("garbage for setup", "not a setupComplete", before_setup=True),
+)
+
+
+class RogueLive:
+    """Stands in for the Live service: relays to the emulator, or, once `garbage` is set,
+    accepts the setup and then answers with junk (one kind per connection, in turn)."""
+
+    def __init__(self, emulator: LiveEmulator) -> None:
+        self.emulator = emulator
+        self.garbage = False
+        self.served: list[str] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        assert self.emulator.tls is not None
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.emulator.tls.server_ssl)
+        await site.start()
+        self.url = f"https://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024)
+        await ws.prepare(request)
+        if self.garbage:
+            await self._junk(ws)
+        else:
+            await self._relay(request, ws)
+        return ws
+
+    async def _junk(self, ws: web.WebSocketResponse) -> None:
+        garbage = LIVE_GARBAGE[len(self.served) % len(LIVE_GARBAGE)]
+        self.served.append(garbage.name)
+        await ws.receive()  # the setup
+        if not garbage.before_setup:
+            await ws.send_str(json.dumps({"setupComplete": {}}))
+        if isinstance(garbage.frame, bytes):
+            await ws.send_bytes(garbage.frame)
+        else:
+            await ws.send_str(garbage.frame)
+        async for _ in ws:
+            pass
+
+    async def _relay(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        assert self.emulator.tls is not None
+        upstream_url = self.emulator.base_url.replace("https://", "wss://") + request.path_qs
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "x-goog-api-key"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(
+                upstream_url, headers=headers, ssl=self.emulator.tls.client_ssl, max_msg_size=0
+            ) as upstream,
+        ):
+
+            async def pipe(
+                src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+            ) -> None:
+                async for msg in src:
+                    if msg.type is WSMsgType.TEXT:
+                        await dst.send_str(msg.data)
+                    elif msg.type is WSMsgType.BINARY:
+                        await dst.send_bytes(msg.data)
+                await dst.close()
+
+            tasks = [
+                asyncio.create_task(pipe(ws, upstream)),
+                asyncio.create_task(pipe(upstream, ws)),
+            ]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_garbage_from_live_ends_that_call_only(logs: LogCapture) -> None:
+    async with test_bed(emulator_config(), reconnect_total_s=1.5) as bed:
+        rogue = RogueLive(bed.emulator)
+        await rogue.start()
+        assert bed.emulator.tls is not None
+        with environment(
+            GOOGLE_GEMINI_BASE_URL=rogue.url, SSL_CERT_FILE=bed.emulator.tls.ca_pem_path
+        ):
+            client = genai.Client(api_key=bed.emulator.config.api_key)
+        app = create_app(bed.settings, client=client, metrics=Metrics())
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        gateway_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with client_session() as http:
+                caller = TwilioCallerSimulator(
+                    http, gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=SPEED
+                )
+                good = await caller.place_call()
+                await converse(good, 1)
+                rogue.garbage = True
+                bad = await caller.place_call()
+                await asyncio.gather(converse(good, 2, freq=380.0), bad.wait_closed(timeout=15))
+                await good.hangup()
+                await bad.hangup()
+        finally:
+            await runner.cleanup()
+            await rogue.stop()
+
+        # The bad call ends with 1011 within the reconnect bounds; no hot reconnect loop.
+        assert (bad.record.close_code, bad.record.close_reason) == (1011, "live session failed")
+        assert 2 <= len(rogue.served) <= bed.settings.reconnect_max_attempts, rogue.served
+        failed = logs.messages("gateway.call", "call ended: live session failed: ")
+        assert len(failed) == 1 and "last error" in failed[0], failed
+        lost = " ".join(logs.messages("gateway.live.session", "live: connection lost"))
+        assert "ValueError" in lost  # the SDK's error for a message that is not JSON
+        # The other call heard both replies and was never disturbed.
+        assert [r.n for r in heard_replies(good.record) if r.duration_s > 0.7] == [1, 2]
+        assert good.record.protocol_errors == [] and good.record.closed_by == "caller"
+        logs.assert_no_traceback_spam()
+        assert_no_secret(logs.texts(), [AUTH_TOKEN, bed.emulator.config.api_key])
+
+
+# ---------------------------------------------------------------- log backstop
+
+
+async def test_formatters_redact_secrets_a_library_logs() -> None:
+    """websockets logs request headers at DEBUG, the API key among them; production keeps it
+    at WARNING, and should anyone turn it up, the formatter still prints no key."""
+    async with test_bed(emulator_config()) as bed, client_session() as http:
+        out = io.StringIO()
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(JsonFormatter())
+        ws_logger = logging.getLogger("websockets")
+        saved = ws_logger.level
+        ws_logger.setLevel(logging.DEBUG)
+        ws_logger.addHandler(handler)
+        try:
+            caller = TwilioCallerSimulator(
+                http, bed.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=SPEED
+            )
+            call = await caller.place_call()
+            await call.silence(0.3)
+            await call.hangup()
+        finally:
+            ws_logger.removeHandler(handler)
+            ws_logger.setLevel(saved)
+        text = out.getvalue()
+        assert "x-goog-api-key: [redacted]" in text
+        assert bed.emulator.config.api_key not in text
+        # The settings print their secrets masked, should anything log them.
+        for shown in (repr(bed.settings), str(bed.settings), repr(bed.app[STATE])):
+            assert AUTH_TOKEN not in shown and bed.emulator.config.api_key not in shown
+
+    register_secret("sk-test-0123456789")
+    token = StreamTokens(os.urandom(32)).issue(new_sid("CA"))
+    record = logging.makeLogRecord(
+        {"msg": "token=%s key=%s", "args": (token, "sk-test-0123456789"), "levelname": "INFO"}
+    )
+    line = JsonFormatter().format(record)
+    assert token not in line and "sk-test-0123456789" not in line
+    assert json.loads(line)["msg"] == "token=[redacted] key=[redacted]"
