@@ -1,4 +1,5 @@
-"""`python -m gateway` serves; `python -m gateway demo` runs a self-contained call.
+"""`python -m gateway` serves; `python -m gateway demo` runs a self-contained call;
+`python -m gateway call --to +E164 [--persona NAME]` places an outbound call (gateway.outbound).
 
 Serving drains gracefully: the first SIGTERM/SIGINT fails readiness and turns new
 calls away while calls in progress go on (up to DRAIN_TIMEOUT, then they are closed),
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="serve the gateway (default)")
     demo = sub.add_parser("demo", help="a simulated call against the bundled emulator")
     demo.add_argument("--out", default="call.wav", help="where to write the stereo WAV")
+    call = sub.add_parser("call", help="place an outbound call through Twilio to the gateway")
+    call.add_argument("--to", required=True, help="number to call, E.164 (+15551234567)")
+    call.add_argument("--persona", help="persona that speaks (default: the caller ID's)")
+    call.add_argument("--from", dest="from_", help="caller ID (default: the persona's number)")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -83,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if args.command == "call":
+        from gateway.outbound import run_call_command
+
+        return asyncio.run(run_call_command(settings, args.to, args.persona, args.from_))
     return asyncio.run(serve(settings))
 
 

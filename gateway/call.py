@@ -5,6 +5,8 @@ Model audio: LiveSession (24 kHz PCM) -> 8 kHz mu-law -> Twilio `media`, with a
 `mark` at the end of each reply so the call knows what the caller has heard.
 Barge-in: on `interrupted` the call sends Twilio `clear` at once and drops
 whatever of the old reply is still in the resampler.
+Tools (`end_call`, `transfer_call`): the model gets its answer at once; the REST
+request waits until the caller has heard what the model said (the marks tell).
 
 The call owns every task it starts; when it returns, none is left.
 """
@@ -30,9 +32,12 @@ from gateway.live.events import (
     ToolCall,
     Transcript,
     TurnComplete,
+    TurnState,
 )
 from gateway.live.session import LiveSession, LiveSessionFailed
 from gateway.metrics import Metrics
+from gateway.tools import CallTools, RestError, ToolOutcome
+from gateway.transcript import CallTranscript
 from gateway.twilio.protocol import (
     Dtmf,
     InboundMessage,
@@ -59,6 +64,7 @@ class CallOutcome(StrEnum):
     LIVE_FAILED = "live_failed"
     PROTOCOL_ERROR = "protocol_error"
     SHUTDOWN = "shutdown"
+    ENDED_BY_GATEWAY = "ended_by_gateway"  # end_call, when the REST hang-up failed
 
 
 @dataclass
@@ -86,12 +92,22 @@ class Call:
         metrics: Metrics,
         *,
         greeting: str = "",
+        tools: CallTools | None = None,
+        transcript: CallTranscript | None = None,
+        hangup_wait_s: float = 20.0,
     ) -> None:
         self.start = start
         self.live = live
         self._send = send
         self._metrics = metrics
         self._greeting = greeting
+        self._tools = tools
+        self.transcript = transcript or CallTranscript(None, start.call_sid)
+        self._hangup_wait_s = hangup_wait_s
+        self._tool_tasks: set[asyncio.Task[None]] = set()
+        self._end_stream = asyncio.Event()  # the gateway ends the call itself
+        self._turns_completed = 0
+        self._model_audio_at = 0.0
         self._caller_audio = CallerToModel()
         self._model_audio = ModelToCaller()
         self._stream_sid = start.stream_sid
@@ -104,8 +120,10 @@ class Call:
         live_task = asyncio.create_task(self.live.run(), name="live")
         caller_task = asyncio.create_task(self._caller_to_model(inbound), name="caller")
         model_task = asyncio.create_task(self._model_to_caller(), name="model")
-        tasks = (live_task, caller_task, model_task)
+        end_task = asyncio.create_task(self._end_stream.wait(), name="end")
+        tasks = (live_task, caller_task, model_task, end_task)
         if self._greeting:
+            self.transcript.event("greeting", text=self._greeting)
             self.live.send_text(self._greeting)
         outcome = CallOutcome.HANGUP
         protocol_error: StreamProtocolError | None = None
@@ -137,15 +155,23 @@ class Call:
                 error = model_task.exception()
                 if error is not None:
                     raise error
+            elif end_task in done:
+                outcome = CallOutcome.ENDED_BY_GATEWAY
         except asyncio.CancelledError:
             outcome = CallOutcome.SHUTDOWN
             raise
         finally:
             self.live.close()
-            for task in tasks:
+            for task in (*tasks, *self._tool_tasks):
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._tool_tasks, return_exceptions=True)
             self.stats.outcome = outcome
+            self.transcript.close(
+                outcome=outcome.value,
+                replies_heard=self.stats.replies_heard,
+                barge_ins=self.stats.barge_ins,
+                resets=self.stats.resets,
+            )
             self._metrics.calls.labels(outcome=outcome.value).inc()
             self._metrics.call_duration.observe(time.monotonic() - self.started_at)
             log.info(
@@ -177,6 +203,7 @@ class Call:
             elif isinstance(message, Mark):
                 self._on_mark(message.name)
             elif isinstance(message, Dtmf):
+                self.transcript.event("dtmf", digit=message.digit)
                 self.live.send_text(f"The caller pressed the key {message.digit}.")
             elif isinstance(message, Stop):
                 return CallOutcome.COMPLETED
@@ -197,6 +224,7 @@ class Call:
             if type(event) is ModelAudio:
                 ulaw = self._model_audio.convert(event.pcm)
                 self._reply_open = True
+                self._model_audio_at = event.received_at
                 if ulaw:
                     await self._send(media_message(self._stream_sid, ulaw))
                     latency.observe(time.monotonic() - event.received_at)
@@ -205,11 +233,23 @@ class Call:
                 await self._clear_playback()
                 self.stats.barge_ins += 1
                 self._metrics.barge_ins.inc()
+                self.transcript.event("interrupted")
             elif isinstance(event, ReplyAbandoned):
                 await self._clear_playback()
+                self.transcript.event("reply_lost", cause=event.cause.value)
             elif isinstance(event, GenerationComplete | TurnComplete):
                 await self._end_reply()
+                if isinstance(event, TurnComplete):
+                    self._turns_completed += 1
+                    self.transcript.flush_turn(speaker="model")
             elif isinstance(event, Resumed):
+                self.transcript.event(
+                    "reset",
+                    cause=event.cause.value,
+                    gap_s=round(event.gap_s, 3),
+                    replayed_s=round(event.replayed_s, 3),
+                    fresh=event.fresh,
+                )
                 self.stats.resets += 1
                 cause = event.cause.value
                 self._metrics.live_resumptions.labels(cause=cause).inc()
@@ -224,8 +264,69 @@ class Call:
                 self._metrics.caller_audio_dropped.labels(reason="replay_overflow").inc(
                     event.seconds
                 )
-            elif isinstance(event, Transcript | ToolCall):
-                pass  # transcripts and tools: see the features issue
+            elif isinstance(event, Transcript):
+                self.transcript.piece(event.role, event.text)
+            elif isinstance(event, ToolCall):
+                await self._on_tool_call(event)
+
+    # ------------------------------------------------------------------ tools
+
+    async def _on_tool_call(self, event: ToolCall) -> None:
+        """Answer the model now; run the REST action once the caller heard the reply."""
+        self.transcript.event("tool_call", name=event.name, args=event.args)
+        if self._tools is None:
+            outcome = ToolOutcome({"error": f"unknown function {event.name}"})
+        else:
+            outcome = self._tools.prepare(event)
+        await self.live.send_tool_response(event.call_id, event.name, outcome.response)
+        action = outcome.action
+        if action is None:
+            log.info("tool %s declined: %s", event.name, outcome.response.get("error"))
+            self.transcript.event("tool_result", name=event.name, ok=False, **outcome.response)
+            return
+
+        async def run_when_heard() -> None:
+            heard = await self.wait_heard()
+            log.info("tool %s: %s (reply heard: %s)", event.name, outcome.description, heard)
+            try:
+                await action()
+            except RestError as exc:
+                log.warning("tool %s failed: %s", event.name, exc)
+                self.transcript.event("tool_result", name=event.name, ok=False, error=str(exc))
+                if outcome.ends_call:
+                    self._end_stream.set()  # no verb follows <Connect>: Twilio hangs up
+                return
+            self.transcript.event(
+                "tool_result", name=event.name, ok=True, detail=outcome.description
+            )
+
+        task = asyncio.create_task(run_when_heard(), name=f"tool-{event.name}")
+        self._tool_tasks.add(task)
+        task.add_done_callback(self._tool_tasks.discard)
+
+    async def wait_heard(self, settle_s: float = 1.0, poll_s: float = 0.05) -> bool:
+        """Wait until the caller has heard everything the model said, and it says no more.
+
+        Done when no reply is playing or unconfirmed (every mark echoed) and the model's
+        turn is over: a turn completed since the wait began, or `settle_s` passed without
+        model audio (the model may speak after a tool response). False on the time limit.
+        """
+        began = time.monotonic()
+        turns = self._turns_completed
+        deadline = began + self._hangup_wait_s
+        while True:
+            now = time.monotonic()
+            playing = (
+                self._reply_open
+                or bool(self.stats.marks_pending)
+                or self.live.turn_state is TurnState.MODEL_SPEAKING
+            )
+            quiet = now - max(began, self._model_audio_at) >= settle_s
+            if not playing and (self._turns_completed > turns or quiet):
+                return True
+            if now >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
 
     async def _end_reply(self) -> None:
         """Flush the resampler and mark the end of the reply, once per reply."""

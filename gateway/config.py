@@ -209,4 +209,7 @@ def setting_name(loc: tuple[int | str, ...]) -> str:
         return "configuration"
     if len(loc) == 1:
         return str(loc[0]).upper()
-    return ".".join(str(part) for part in loc)
+    name = str(loc[0])
+    for part in loc[1:]:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return name

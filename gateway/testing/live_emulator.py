@@ -149,6 +149,9 @@ class EmulatorConfig:
     record_audio: bool = True  # keep held audio bytes (off for long benchmarks: memory)
     setup_timeout: float = 10.0
     close_timeout: float = 2.0
+    # Function calling: a clientContent text turn containing a key gets a reply whose first
+    # audio chunk is followed by toolCall{name, args} (the value). Recorded as events.
+    tool_call_on_text: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -366,6 +369,7 @@ class _Connection:
         self.out_tx = False
         self.tasks: set[asyncio.Task[None]] = set()
         self.reply_task: asyncio.Task[None] | None = None
+        self.next_tool_call: tuple[str, dict[str, Any]] | None = None
         self.turn: TurnRecord | None = None
         self.closing = False
         self.close_task: asyncio.Task[Any] | None = None
@@ -601,7 +605,8 @@ class _Connection:
         if "clientContent" in msg:
             await self._on_client_content(msg["clientContent"])
         if "toolResponse" in msg:
-            self.emu.record.event("tool_response", f"conn={self.rec.id}")
+            body = json.dumps(msg["toolResponse"], sort_keys=True)[:500]
+            self.emu.record.event("tool_response", f"conn={self.rec.id} {body}")
         if "contextUpdate" in msg:
             self.emu.record.event("context_update", f"conn={self.rec.id}")
 
@@ -650,6 +655,9 @@ class _Connection:
             st.history_text.append((role, " ".join(texts)))
             if role == "model":
                 st.model_turns += 1
+            for key, call in self.emu.config.tool_call_on_text.items():
+                if role == "user" and any(key in text for text in texts):
+                    self.next_tool_call = call
         if cc.get("turnComplete"):
             await self._start_reply("text")
 
@@ -739,6 +747,7 @@ class _Connection:
 
     async def _reply(self, turn: TurnRecord) -> None:
         cfg = self.emu.config
+        tool_call, self.next_tool_call = self.next_tool_call, None
         speed = max(cfg.speed, 1e-6)
         await asyncio.sleep(cfg.response_delay_s / speed)
         frames = _reply_frames(turn.freq_hz, cfg.reply_s, cfg.chunk_s)
@@ -752,6 +761,11 @@ class _Connection:
             if i == 0 and self.out_tx:
                 text = {"text": f"reply {turn.index}"}
                 await self.send({"serverContent": {"outputTranscription": text}})
+            if i == 0 and tool_call is not None:
+                name, args = tool_call
+                call = {"id": f"call-{turn.index}", "name": name, "args": args}
+                await self.send({"toolCall": {"functionCalls": [call]}})
+                self.emu.record.event("tool_call", f"conn={self.rec.id} n={turn.index} {name}")
         await self.send({"serverContent": {"generationComplete": True}})
         st = self.state
         assert st is not None

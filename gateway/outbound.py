@@ -1,0 +1,111 @@
+"""Outbound calls: `python -m gateway call --to +E164 [--persona NAME] [--from +E164]`.
+
+The call is placed through the Twilio REST API with `Url` = PUBLIC_URL/twilio/voice
+?persona=NAME, so when the callee answers Twilio asks the gateway, which answers with the
+media stream like for any inbound call, and that persona speaks. The status callback
+(PUBLIC_URL/twilio/status) records how the call ended.
+
+The caller ID is `--from`, else the persona's first phone number, else TWILIO_FROM_NUMBER;
+without `--persona` the persona is the one answering that caller ID (else the default).
+Needs TWILIO_ACCOUNT_SID besides TWILIO_AUTH_TOKEN.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from gateway.config import ConfigError, Settings, phone_address
+from gateway.personas import PersonaTable
+from gateway.tools import RestError, TwilioRest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutboundCall:
+    """What was asked of Twilio."""
+
+    sid: str
+    to: str
+    from_: str
+    persona: str
+    url: str
+
+
+async def place_call(
+    settings: Settings,
+    to: str,
+    *,
+    persona: str | None = None,
+    from_: str | None = None,
+    rest: TwilioRest | None = None,
+) -> OutboundCall:
+    """Place a call; raises ConfigError (bad input or settings) or RestError (Twilio said no)."""
+    account = settings.twilio_account_sid
+    if not account:
+        raise ConfigError("missing setting TWILIO_ACCOUNT_SID (needed to place calls)")
+    try:
+        callee = phone_address(to)
+    except ValueError as exc:
+        raise ConfigError(f"invalid --to: {exc}") from None
+    table = PersonaTable.from_settings(settings)
+    if persona is not None and persona not in table.by_name:
+        known = ", ".join(sorted(table.by_name))
+        raise ConfigError(f"invalid --persona: unknown persona {persona!r} (known: {known})")
+    chosen = table.by_name[persona] if persona is not None else None
+    caller_id = from_ or ""
+    if not caller_id and chosen is not None:
+        caller_id = next((n for n in chosen.numbers if n.startswith("+")), "")
+    caller_id = caller_id or settings.twilio_from_number
+    if not caller_id:
+        raise ConfigError(
+            "missing setting TWILIO_FROM_NUMBER (the caller ID; or --from, or a persona number)"
+        )
+    try:
+        caller_id = phone_address(caller_id)
+    except ValueError as exc:
+        raise ConfigError(f"invalid --from: {exc}") from None
+    if chosen is None:
+        chosen = table.for_number(caller_id)
+    url = f"{settings.public_url}/twilio/voice?{urlencode({'persona': chosen.name})}"
+    owned = rest is None
+    client = rest or TwilioRest(settings.twilio_auth_token.get_secret_value())
+    try:
+        sid = await client.create_call(
+            account,
+            to=callee,
+            from_=caller_id,
+            url=url,
+            method="POST",
+            status_callback=f"{settings.public_url}/twilio/status",
+            status_callback_method="POST",
+        )
+    finally:
+        if owned:
+            await client.close()
+    log.info("placed call %s with persona %s", sid, chosen.name)
+    return OutboundCall(sid=sid, to=callee, from_=caller_id, persona=chosen.name, url=url)
+
+
+async def run_call_command(
+    settings: Settings,
+    to: str,
+    persona: str | None,
+    from_: str | None,
+    *,
+    rest: TwilioRest | None = None,
+) -> int:
+    """The `call` subcommand: prints the call SID; exit 2 on bad input, 1 if Twilio refused."""
+    try:
+        call = await place_call(settings, to, persona=persona, from_=from_, rest=rest)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    except RestError as exc:
+        print(f"gateway: Twilio refused the call: {exc}", file=sys.stderr)
+        return 1
+    print(f"{call.sid} {call.from_} -> {call.to} (persona {call.persona})")
+    return 0

@@ -1,0 +1,132 @@
+"""Who answers a number: system instruction, voice, language, greeting and tools per called number.
+
+`config/gateway.toml` holds the top-level persona (`system_instruction`, `voice`, ...) and
+`[personas.NAME]` tables with the `numbers` they answer; a key a table leaves out takes the
+top-level value. `[personas.default]`, if present, changes the persona of every other number.
+A mistake stops the start with one line naming the key (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from gateway.config import ConfigError, PersonaConfig, Settings, ToolName
+
+DEFAULT = "default"
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Persona:
+    """Everything a call's model gets from the number it was called on."""
+
+    name: str
+    system_instruction: str
+    voice: str | None = None
+    language: str | None = None
+    greeting: str = ""  # a text turn sent at the start so the bot speaks first; "" = off
+    tools: tuple[ToolName, ...] = ()
+    transfer_to: Mapping[str, str] = field(default_factory=dict)
+    numbers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PersonaTable:
+    """Personas by name and by called number, with the default for any other number."""
+
+    default: Persona
+    by_name: Mapping[str, Persona]
+    by_number: Mapping[str, Persona]
+
+    def get(self, name: str | None) -> Persona:
+        """The persona called `name`; the default for None or an unknown name."""
+        return self.by_name.get(name or "", self.default)
+
+    def for_number(self, number: str | None) -> Persona:
+        """The persona that answers `number` (as Twilio sends `To`); else the default."""
+        if not number:
+            return self.default
+        text = number.strip()
+        key = text if text.lower().startswith("sip:") else re.sub(r"[\s().-]", "", text)
+        if key.lower().startswith("sip:"):
+            key = "sip:" + key[4:]
+        return self.by_number.get(key, self.default)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PersonaTable:
+        """Resolve inheritance and check what a single key cannot: raises ConfigError."""
+        base = PersonaConfig(
+            system_instruction=settings.system_instruction,
+            voice=settings.voice,
+            language=settings.language,
+            greeting=settings.greeting,
+            tools=list(settings.tools),
+            transfer_to=dict(settings.transfer_to),
+        )
+        configs = dict(settings.personas)
+        default_config = configs.pop(DEFAULT, PersonaConfig())
+        default_key = f"personas.{DEFAULT}" if DEFAULT in settings.personas else ""
+        default = _resolve(DEFAULT, default_config, base, default_key)
+        # Named personas inherit the top level, then what [personas.default] changed.
+        inherited = base.model_copy(update=default_config.model_dump(exclude_unset=True))
+        by_name = {DEFAULT: default}
+        for name, config in configs.items():
+            if not _NAME.match(name):
+                raise ConfigError(
+                    f"invalid setting personas.{name}: a name is 1-40 letters, digits, - or _"
+                )
+            by_name[name] = _resolve(name, config, inherited, f"personas.{name}")
+        by_number: dict[str, Persona] = {}
+        for persona in by_name.values():
+            for number in persona.numbers:
+                other = by_number.get(number)
+                if other is not None:
+                    raise ConfigError(
+                        f"invalid setting personas.{persona.name}.numbers: {number} "
+                        f"is already answered by personas.{other.name}"
+                    )
+                by_number[number] = persona
+        return cls(default=default, by_name=by_name, by_number=by_number)
+
+
+def _pick(own: T | None, inherited: T | None, fallback: T) -> T:
+    if own is not None:
+        return own
+    return inherited if inherited is not None else fallback
+
+
+def _resolve(name: str, config: PersonaConfig, base: PersonaConfig, key: str) -> Persona:
+    """`key` is where the table lives (`personas.NAME`), or "" for the top-level settings."""
+
+    def where(setting: str) -> str:
+        return f"{key}.{setting}" if key else setting.upper()
+
+    tools = tuple(dict.fromkeys(_pick(config.tools, base.tools, [])))
+    transfer_to = _pick(config.transfer_to, base.transfer_to, {})
+    if "transfer_call" in tools and not transfer_to:
+        raise ConfigError(
+            f"missing setting {where('transfer_to')} (the transfer_call tool needs a target)"
+        )
+    for target in transfer_to:
+        if not _NAME.match(target):
+            raise ConfigError(
+                f"invalid setting {where('transfer_to')}.{target}: "
+                "a name is 1-40 letters, digits, - or _"
+            )
+    instruction = _pick(config.system_instruction, base.system_instruction, "")
+    if not instruction.strip():
+        raise ConfigError(f"invalid setting {where('system_instruction')}: must not be empty")
+    return Persona(
+        name=name,
+        system_instruction=instruction,
+        voice=_pick(config.voice, base.voice, "") or None,
+        language=_pick(config.language, base.language, "") or None,
+        greeting=_pick(config.greeting, base.greeting, ""),
+        tools=tools,
+        transfer_to=dict(transfer_to),
+        numbers=tuple(config.numbers),
+    )

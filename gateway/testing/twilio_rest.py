@@ -1,0 +1,216 @@
+"""A local stand-in for the Twilio REST API (the Calls resource), for tests and the demo.
+
+It answers what the gateway asks of Twilio -- create a call, update a call (hang up,
+redirect to new TwiML) -- records every request, and checks Basic auth like Twilio does.
+`http_client()` gives a twilio `AsyncHttpClient` that sends every request of the real
+twilio `Client` here instead of to api.twilio.com: only the scheme and host change, so the
+path, form and auth are exactly what the library would send to Twilio.
+
+``on_request`` lets a test play Twilio's part after a request (e.g. end the simulated
+call's media stream when the call is hung up or redirected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import BasicAuth, web
+from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.http.response import Response
+
+API_VERSION = "2010-04-01"
+
+
+@dataclass(frozen=True)
+class RestRequest:
+    """One request the stand-in received."""
+
+    at: float  # time.monotonic()
+    method: str
+    path: str
+    account_sid: str
+    call_sid: str | None  # None for creating a call
+    form: dict[str, str]  # the first value of each field
+    user: str  # the Basic auth user (the account SID)
+    fields: tuple[tuple[str, str], ...] = ()  # every field, repeated ones included
+
+
+@dataclass
+class RestRecord:
+    requests: list[RestRequest] = field(default_factory=list)
+
+    def updates(self, call_sid: str | None = None) -> list[RestRequest]:
+        """Call updates (hang up, redirect), optionally for one call."""
+        return [
+            r
+            for r in self.requests
+            if r.call_sid is not None and (call_sid is None or r.call_sid == call_sid)
+        ]
+
+    def creates(self) -> list[RestRequest]:
+        return [r for r in self.requests if r.call_sid is None]
+
+
+OnRequest = Callable[[RestRequest], Awaitable[None]]
+
+
+class TwilioRestStandIn:
+    """An aiohttp server speaking the Calls part of Twilio's REST API."""
+
+    def __init__(self, auth_token: str | None = None) -> None:
+        self.auth_token = auth_token  # None: any credentials are accepted
+        self.record = RestRecord()
+        self.base_url = ""
+        self.on_request: OnRequest | None = None
+        self.fail_status: int | None = None  # answer every request with this error
+        self._runner: web.AppRunner | None = None
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> TwilioRestStandIn:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post(f"/{API_VERSION}/Accounts/{{account}}/Calls.json", self._create)
+        app.router.add_post(
+            f"/{API_VERSION}/Accounts/{{account}}/Calls/{{call}}.json", self._update
+        )
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def http_client(self) -> StandInHttpClient:
+        """A twilio HTTP client that sends every request here."""
+        return StandInHttpClient(self.base_url)
+
+    async def wait_for(
+        self,
+        predicate: Callable[[RestRecord], bool],
+        timeout: float,  # noqa: ASYNC109 - same shape as the simulator's waits
+    ) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate(self.record):
+                self._changed.clear()
+                await self._changed.wait()
+
+    # ---------------------------------------------------------------- handlers
+
+    async def _receive(
+        self, request: web.Request, call_sid: str | None
+    ) -> RestRequest | web.Response:
+        """Record the request; an error response if Twilio would refuse it."""
+        account = request.match_info["account"]
+        user = password = ""
+        header = request.headers.get("Authorization")
+        if header:
+            try:
+                auth = BasicAuth.decode(header)
+            except ValueError:
+                return _twilio_error(401, 20003, "Authenticate")
+            user, password = auth.login, auth.password
+        form = await request.post()
+        received = RestRequest(
+            at=time.monotonic(),
+            method=request.method,
+            path=request.path,
+            account_sid=account,
+            call_sid=call_sid,
+            form={k: v for k, v in reversed(list(form.items())) if isinstance(v, str)},
+            user=user,
+            fields=tuple((k, v) for k, v in form.items() if isinstance(v, str)),
+        )
+        self.record.requests.append(received)
+        self._changed.set()
+        if self.auth_token is not None and (user != account or password != self.auth_token):
+            return _twilio_error(401, 20003, "Authenticate")
+        if self.fail_status is not None:
+            return _twilio_error(self.fail_status, 20500, "Internal Server Error")
+        if self.on_request is not None:
+            await self.on_request(received)
+        return received
+
+    async def _create(self, request: web.Request) -> web.Response:
+        received = await self._receive(request, None)
+        if isinstance(received, web.Response):
+            return received
+        form = received.form
+        if not form.get("To") or not form.get("From"):
+            return _twilio_error(400, 21201, "No 'To' number is specified")
+        if not (form.get("Url") or form.get("Twiml") or form.get("ApplicationSid")):
+            return _twilio_error(400, 21205, "Url parameter is required.")
+        sid = "CA" + secrets.token_hex(16)
+        return web.json_response(_call_json(received.account_sid, sid, "queued", form), status=201)
+
+    async def _update(self, request: web.Request) -> web.Response:
+        call_sid = request.match_info["call"]
+        received = await self._receive(request, call_sid)
+        if isinstance(received, web.Response):
+            return received
+        status = received.form.get("Status", "in-progress")
+        return web.json_response(_call_json(received.account_sid, call_sid, status, received.form))
+
+
+def _call_json(account: str, sid: str, status: str, form: dict[str, str]) -> dict[str, Any]:
+    return {
+        "sid": sid,
+        "account_sid": account,
+        "to": form.get("To"),
+        "from": form.get("From"),
+        "status": status,
+        "api_version": API_VERSION,
+        "uri": f"/{API_VERSION}/Accounts/{account}/Calls/{sid}.json",
+    }
+
+
+def _twilio_error(status: int, code: int, message: str) -> web.Response:
+    body = {"code": code, "message": message, "more_info": "", "status": status}
+    return web.json_response(body, status=status)
+
+
+class StandInHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
+    """The twilio library's aiohttp client, with every URL's scheme and host replaced."""
+
+    def __init__(self, base_url: str) -> None:
+        super().__init__(timeout=10.0)
+        self._base = urlsplit(base_url)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        params: dict[str, object] | None = None,
+        data: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the twilio interface
+        allow_redirects: bool = False,
+    ) -> Response:
+        parts = urlsplit(url)
+        local = urlunsplit((self._base.scheme, self._base.netloc, parts.path, parts.query, ""))
+        response: Response = await super().request(
+            method, local, params, data, headers, auth, timeout, allow_redirects
+        )
+        return response
