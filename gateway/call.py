@@ -106,6 +106,7 @@ class Call:
         self._hangup_wait_s = hangup_wait_s
         self._tool_tasks: set[asyncio.Task[None]] = set()
         self._end_stream = asyncio.Event()  # the gateway ends the call itself
+        self.shutting_down = False  # set by the server when a drain runs out of time
         self._turns_completed = 0
         self._model_audio_at = 0.0
         self._caller_audio = CallerToModel()
@@ -139,6 +140,8 @@ class Call:
                     raise error
                 else:
                     outcome = caller_task.result()
+                    if outcome is CallOutcome.HANGUP and self.shutting_down:
+                        outcome = CallOutcome.SHUTDOWN
             elif live_task in done:
                 error = live_task.exception()
                 outcome = CallOutcome.LIVE_FAILED

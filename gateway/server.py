@@ -445,5 +445,7 @@ async def _close_rest(app: web.Application) -> None:
 
 
 async def _close_streams(app: web.Application) -> None:
+    for call in app[STATE].calls:
+        call.shutting_down = True
     for ws in list(app[STATE].sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
