@@ -775,11 +775,6 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__ + code
 
 
-import os as _tmpos
-
-_TMP_SDK = _tmpos.environ.get("TMP_SDK_SEND") == "1"
-
-
 def audio_message(pcm16k: bytes) -> str:
     """The JSON `send_realtime_input(audio=Blob(pcm16k, INPUT_MIME))` writes, built directly.
 
@@ -794,7 +789,7 @@ def audio_message(pcm16k: bytes) -> str:
 async def send_audio(session: AsyncSession, pcm16k: bytes) -> None:
     """Write caller audio to a Live connection, as send_realtime_input would, only cheaper."""
     ws = getattr(session, "_ws", None)
-    if ws is None or _TMP_SDK:  # an SDK that keeps its socket elsewhere: the public, slower way
+    if ws is None:  # an SDK that keeps its socket elsewhere: the public, slower way
         await session.send_realtime_input(audio=types.Blob(data=pcm16k, mime_type=INPUT_MIME))
         return
     await ws.send(audio_message(pcm16k))
