@@ -1,4 +1,5 @@
-"""The benchmark runs end to end (tiny: 2 calls, seconds) and prints every column.
+"""The benchmark runs end to end (tiny: 2 calls, seconds) and prints every column; the fast
+paths the benchmark led to say exactly what the SDK's slow paths say.
 
 Speed is never asserted here: these machines are shared and noisy; the numbers are in the
 README, from a full run.
@@ -6,11 +7,24 @@ README, from a full run.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
+import pytest
+from google import genai
+from google.genai import types
+from google.genai.live import AsyncSession
+
+from gateway.live.session import INPUT_MIME, receive, send_audio
+from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
+from gateway.testing.tls import TestTLS, make_tls
+
 ROOT = Path(__file__).resolve().parent.parent
+MODEL = "gemini-live-2.5-flash-preview"
 
 
 def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
@@ -49,3 +63,87 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
         assert cells[1] == "2" and int(cells[2]) >= 2, row  # both calls' connections reset
     assert "caller 8k mu-law -> 16k PCM" in text and "model 24k PCM -> 8k mu-law" in text
     assert out.exists()
+
+
+# --- the gateway's fast Live paths against the SDK's own, through the emulator -----------
+
+
+@pytest.fixture
+async def emulator(tmp_path: Path) -> AsyncIterator[tuple[LiveEmulator, TestTLS]]:
+    tls = make_tls(tmp_path)
+    emu = LiveEmulator(EmulatorConfig(reply_s=0.3, response_delay_s=0.02, speed=2.0), tls)
+    await emu.start()
+    yield emu, tls
+    await emu.stop()
+
+
+def utterance() -> bytes:
+    """0.3 s of a 440 Hz tone then 0.6 s of silence, 16 kHz PCM16: the emulator replies."""
+    t = np.arange(int(16000 * 0.3)) / 16000
+    speech = (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype("<i2").tobytes()
+    return speech + bytes(int(16000 * 0.6) * 2)
+
+
+async def converse(
+    emu: LiveEmulator, tls: TestTLS, fast: bool
+) -> tuple[bytes, list[types.LiveServerMessage], bytes]:
+    """Send an utterance in 20 ms pieces, read until the turn is complete.
+
+    Returns (the audio the emulator holds, the non-audio messages, the reply's PCM).
+    """
+    options = types.HttpOptions(base_url=emu.base_url, async_client_args={"ssl": tls.client_ssl})
+    client = genai.Client(api_key=emu.config.api_key, http_options=options)
+    config = types.LiveConnectConfig(response_modalities=[types.Modality.AUDIO])
+    sent = utterance()
+    async with client.aio.live.connect(model=MODEL, config=config) as session:
+        for i in range(0, len(sent), 640):
+            piece = sent[i : i + 640]
+            if fast:
+                await send_audio(session, piece)
+            else:
+                blob = types.Blob(data=piece, mime_type=INPUT_MIME)
+                await session.send_realtime_input(audio=blob)
+        messages, audio = await asyncio.wait_for(read_turn(session, fast), 10)
+    [record] = emu.record.sessions.values()
+    return bytes(record.audio), messages, audio
+
+
+async def read_turn(
+    session: AsyncSession, fast: bool
+) -> tuple[list[types.LiveServerMessage], bytes]:
+    messages: list[types.LiveServerMessage] = []
+    audio = bytearray()
+    if fast:
+        async for message in receive(session):
+            if isinstance(message, list):
+                audio += b"".join(message)
+                continue
+            messages.append(message)
+            if message.server_content and message.server_content.turn_complete:
+                break
+        return messages, bytes(audio)
+    async for message in session.receive():
+        content = message.server_content
+        parts = content.model_turn.parts if content and content.model_turn else None
+        if parts and all(p.inline_data for p in parts):
+            audio += b"".join(p.inline_data.data or b"" for p in parts if p.inline_data)
+        else:
+            messages.append(message)
+    return messages, bytes(audio)
+
+
+async def test_fast_paths_carry_what_the_sdk_paths_carry(
+    emulator: tuple[LiveEmulator, TestTLS],
+) -> None:
+    emu, tls = emulator
+    held_slow, messages_slow, reply_slow = await converse(emu, tls, fast=False)
+    emu.record.sessions.clear()
+    held_fast, messages_fast, reply_fast = await converse(emu, tls, fast=True)
+    # Caller audio arrives byte for byte, whichever way it was written.
+    assert held_fast == held_slow == utterance()
+    # The reply's audio, decoded without the SDK's models, is the SDK's, byte for byte;
+    # every other message is the SDK's own object.
+    assert len(reply_fast) == round(0.3 * 24000) * 2
+    assert reply_fast == reply_slow
+    assert [m.model_dump() for m in messages_fast] == [m.model_dump() for m in messages_slow]
+    assert messages_fast[-1].server_content and messages_fast[-1].server_content.turn_complete
