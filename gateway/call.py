@@ -95,6 +95,7 @@ class Call:
         tools: CallTools | None = None,
         transcript: CallTranscript | None = None,
         hangup_wait_s: float = 20.0,
+        batch_frames: int = 1,
     ) -> None:
         self.start = start
         self.live = live
@@ -104,6 +105,7 @@ class Call:
         self._tools = tools
         self.transcript = transcript or CallTranscript(None, start.call_sid)
         self._hangup_wait_s = hangup_wait_s
+        self._batch_frames = max(1, batch_frames)  # Twilio frames per piece sent to the model
         self._tool_tasks: set[asyncio.Task[None]] = set()
         self._end_stream = asyncio.Event()  # the gateway ends the call itself
         self.shutting_down = False  # set by the server when a drain runs out of time
@@ -195,17 +197,36 @@ class Call:
         frames = self._metrics.caller_frames
         convert = self._caller_audio.convert
         send_audio = self.live.send_audio
+        batch = self._batch_frames
+        held: list[bytes] = []  # frames waiting to fill a piece (only when batching)
+        held_since = 0.0
+
+        def send_held() -> None:
+            pcm = convert(b"".join(held))
+            held.clear()
+            if pcm:
+                send_audio(pcm, held_since)
+
         async for message in inbound:
             if type(message) is Media:
                 received = time.monotonic()
                 self.stats.caller_frames += 1
                 frames.inc()
+                if batch > 1:
+                    if not held:
+                        held_since = received
+                    held.append(message.payload)
+                    if len(held) >= batch:
+                        send_held()
+                    continue
                 pcm = convert(message.payload)
                 if pcm:
                     send_audio(pcm, received)
             elif isinstance(message, Mark):
                 self._on_mark(message.name)
             elif isinstance(message, Dtmf):
+                if held:
+                    send_held()  # the key press follows the audio before it
                 self.transcript.event("dtmf", digit=message.digit)
                 self.live.send_text(f"The caller pressed the key {message.digit}.")
             elif isinstance(message, Stop):

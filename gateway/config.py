@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     goaway_margin_s: float = Field(default=1.0, ge=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     caller_pause_s: float = Field(default=0.4, gt=0)
+    # Caller audio sent to the model in pieces of this many ms (20: every Twilio frame as it
+    # comes). 40 costs ~15% less CPU and adds up to 20 ms to half the audio (python -m bench).
+    caller_audio_batch_ms: int = Field(default=20, ge=20, le=100, multiple_of=20)
 
     stream_token_ttl_s: float = Field(default=60.0, gt=0)
     start_timeout_s: float = Field(default=10.0, gt=0)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from aiohttp import WSCloseCode, WSMsgType, web
 from google import genai
 
+from gateway.audio import FRAME_MS
 from gateway.call import Call
 from gateway.config import Settings
 from gateway.live.session import LiveOptions, LiveSession
@@ -340,6 +341,7 @@ async def _run_call(
         tools=tools,
         transcript=transcript,
         hangup_wait_s=state.settings.hangup_wait_s,
+        batch_frames=state.settings.caller_audio_batch_ms // FRAME_MS,
     )
     state.calls.add(call)
     metrics.calls_active.inc()

@@ -20,6 +20,8 @@ from google.genai import types
 from google.genai.live import AsyncSession
 
 from gateway.live.session import INPUT_MIME, receive, send_audio
+from gateway.testing.analysis import heard_replies
+from gateway.testing.harness import test_bed
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.tls import TestTLS, make_tls
 
@@ -147,3 +149,25 @@ async def test_fast_paths_carry_what_the_sdk_paths_carry(
     assert reply_fast == reply_slow
     assert [m.model_dump() for m in messages_fast] == [m.model_dump() for m in messages_slow]
     assert messages_fast[-1].server_content and messages_fast[-1].server_content.turn_complete
+
+
+async def test_caller_audio_in_40_ms_pieces_carries_every_turn() -> None:
+    """CALLER_AUDIO_BATCH_MS=40: half as many messages to the model, every reply heard."""
+    config = EmulatorConfig(reply_s=0.4, response_delay_s=0.05, end_of_speech_s=0.3, speed=2.0)
+    async with test_bed(config, caller_audio_batch_ms=40) as bed:
+        call = await bed.caller(speed=2.0).place_call()
+        for n in (1, 2):
+            await call.speak_tone(340.0, 0.6)
+            for _ in range(150):
+                if any(r.n == n and r.duration_s > 0.35 for r in heard_replies(call.record)):
+                    break
+                await call.silence(0.1)
+        await call.hangup()
+        [session] = bed.emulator.record.sessions.values()
+        sample = bed.metrics.registry.get_sample_value
+        frames = sample("gateway_caller_audio_frames_total") or 0
+        pieces = sample("gateway_added_latency_seconds_count", {"direction": "caller_to_model"})
+    assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.35] == [1, 2]
+    assert frames > 50 and pieces is not None and pieces <= frames / 2 + 1
+    # All the audio got there (a last odd frame may wait for its partner at hang-up).
+    assert session.state.audio_bytes >= (frames - 1) * 640 - 68
