@@ -525,12 +525,19 @@ def table(runs: list[Run], args: argparse.Namespace) -> list[str]:
         gaps = [1000 * (d - pause) for d in r.turn_delays()]
         ok, total = r.heard_ok
         lines.append(
-            f"| {r.calls} | {r.impl} | {r.cpu_per_call_minute:.3f} | {r.calls_per_core:.0f} "
+            f"| {r.calls} | {label(r.impl, args)} | {r.cpu_per_call_minute:.3f} "
+            f"| {r.calls_per_core:.0f} "
             f"| {ratio} | {lat[0]} | {lat[1]} "
             f"| {ms(percentile(gaps, 0.5))} / {ms(percentile(gaps, 0.99))} "
             f"| {r.rss_per_call_mib:.2f} | {ok}/{total} | {100 * r.window.busy:.0f}% |"
         )
     return lines
+
+
+def label(impl: str, args: argparse.Namespace) -> str:
+    """The row's name, with the settings it ran with (--gateway-env)."""
+    settings = [kv for kv in args.gateway_env if kv.startswith("NAIVE_") == (impl == "naive")]
+    return f"{impl} ({', '.join(settings)})" if settings else impl
 
 
 def reset_table(gaps: list[ResetGap]) -> list[str]:

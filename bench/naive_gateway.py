@@ -7,7 +7,9 @@ SDK's parsing, ``ratecv`` 24 -> 8 kHz, ``lin2ulaw``, base64 and ``json.dumps``. 
 signature checks, no resumption, no marks; ``clear`` on barge-in. Never deploy this.
 
 Run as ``python -m bench.naive_gateway`` with PORT, PUBLIC_URL, GEMINI_API_KEY (and, for the
-emulator, GOOGLE_GEMINI_BASE_URL and SSL_CERT_FILE) in the environment.
+emulator, GOOGLE_GEMINI_BASE_URL and SSL_CERT_FILE) in the environment. NAIVE_SEND=json writes
+each frame's JSON straight to the SDK's socket instead of through ``send_realtime_input``: the
+floor of a plain bridge on these libraries (aiohttp, websockets, TLS), for comparison.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ with warnings.catch_warnings():
 
 CLIENT = web.AppKey("client", genai.Client)
 MODEL = os.environ.get("GEMINI_MODEL", "gemini-live-2.5-flash-preview")
+DIRECT_JSON = os.environ.get("NAIVE_SEND") == "json"
 
 
 async def voice(request: web.Request) -> web.Response:
@@ -91,9 +94,14 @@ async def media(request: web.Request) -> web.WebSocketResponse:
                     ulaw = base64.b64decode(data["media"]["payload"])
                     pcm8 = audioop.ulaw2lin(ulaw, 2)
                     pcm16, up_state = audioop.ratecv(pcm8, 2, 1, 8000, 16000, up_state)
-                    await session.send_realtime_input(
-                        audio=types.Blob(data=pcm16, mime_type="audio/pcm;rate=16000")
-                    )
+                    if DIRECT_JSON:
+                        data = base64.urlsafe_b64encode(pcm16).decode()
+                        blob = {"data": data, "mime_type": "audio/pcm;rate=16000"}
+                        await session._ws.send(json.dumps({"realtime_input": {"audio": blob}}))
+                    else:
+                        await session.send_realtime_input(
+                            audio=types.Blob(data=pcm16, mime_type="audio/pcm;rate=16000")
+                        )
                 elif event == "stop":
                     break
         finally:
