@@ -355,6 +355,7 @@ class Bench:
         return await asyncio.create_subprocess_exec(
             str(spy),
             "record",
+            "--nonblocking",
             "--pid",
             str(pid),
             "--duration",
