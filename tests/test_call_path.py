@@ -11,7 +11,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from gateway.testing.analysis import heard_replies, segments, timeline
-from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, test_bed
+from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, quick_emulator, test_bed
 from gateway.testing.live_emulator import EmulatorConfig
 from gateway.testing.twilio_sim import SimulatedCall
 
@@ -19,15 +19,7 @@ SPEED = 2.0
 
 
 def fast_config(**overrides: object) -> EmulatorConfig:
-    config = EmulatorConfig()
-    config.reply_s = 0.8
-    config.end_of_speech_s = 0.4
-    config.response_delay_s = 0.1
-    config.handle_interval = 0.5
-    config.speed = SPEED
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+    return quick_emulator(**{"speed": SPEED, **overrides})
 
 
 async def wait_reply(call: SimulatedCall, n: int, limit_s: float = 15.0) -> None:

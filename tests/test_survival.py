@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from gateway.testing.analysis import HeardReply, heard_replies, segments
-from gateway.testing.harness import TestBed, test_bed
+from gateway.testing.harness import TestBed, quick_emulator, test_bed
 from gateway.testing.live_emulator import EmulatorConfig
 from gateway.testing.twilio_sim import SimulatedCall
 
@@ -27,15 +27,7 @@ CALLER_FREQS = (300.0, 340.0, 380.0, 420.0)
 
 
 def survival_config(**overrides: object) -> EmulatorConfig:
-    config = EmulatorConfig()
-    config.reply_s = 0.8
-    config.end_of_speech_s = 0.4
-    config.response_delay_s = 0.1
-    config.handle_interval = 0.4
-    config.speed = SPEED
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+    return quick_emulator(**{"speed": SPEED, "handle_interval": 0.4, **overrides})
 
 
 def full_replies(record_replies: list[HeardReply]) -> list[int]:

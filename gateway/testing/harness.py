@@ -29,6 +29,21 @@ PUBLIC_URL = "https://gateway.example.test"
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 
 
+def quick_emulator(speed: float = 2.0, **overrides: object) -> EmulatorConfig:
+    """Emulator knobs for short test calls: brief replies and pauses, time compressed."""
+    config = EmulatorConfig()
+    config.reply_s = 0.8
+    config.end_of_speech_s = 0.4
+    config.response_delay_s = 0.1
+    config.handle_interval = 0.5
+    config.speed = speed
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise AttributeError(f"EmulatorConfig has no knob {key!r}")
+        setattr(config, key, value)
+    return config
+
+
 @contextmanager
 def environment(**values: str) -> Iterator[None]:
     """Set environment variables for the block, then restore them."""
