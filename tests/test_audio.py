@@ -18,6 +18,9 @@ import soxr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+# The dB figures the tests hold are measured exactly as the benchmark measures them.
+from bench.transcode import level_db, steady, tone
+from bench.transcode import to_pcm as pcm
 from gateway.audio import (
     FRAME_MS,
     MODEL_INPUT_RATE,
@@ -43,28 +46,6 @@ Resample = Callable[[Iterator[Pcm]], Pcm]
 
 
 # --- signal helpers -------------------------------------------------------------------------
-
-
-def tone(freq: float, rate: int, seconds: float, amp: float) -> npt.NDArray[np.float64]:
-    t = np.arange(int(rate * seconds)) / rate
-    return amp * np.sin(2 * np.pi * freq * t)
-
-
-def pcm(x: npt.NDArray[np.float64]) -> Pcm:
-    return np.clip(np.rint(x), -32768, 32767).astype(np.int16)
-
-
-def level_db(x: npt.NDArray[np.generic], rate: int, freq: float) -> float:
-    """Power at ``freq`` (Hann window, +-3 bins) in dB; tones sit on bin centres."""
-    n = len(x)
-    spectrum = np.abs(np.fft.rfft(x.astype(np.float64) * np.hanning(n))) ** 2
-    k = round(freq * n / rate)
-    return float(10 * np.log10(spectrum[k - 3 : k + 4].sum() + 1e-30))
-
-
-def steady(y: npt.NDArray[np.generic], rate: int) -> npt.NDArray[np.generic]:
-    """One second from the middle of the stream, away from start-up and tail transients."""
-    return y[rate // 2 : rate // 2 + rate]
 
 
 def split(data: bytes, sizes: list[int]) -> Iterator[bytes]:
