@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.testing.analysis import heard_replies, write_wav
+from gateway.testing.analysis import await_reply, heard_replies, write_wav
 from gateway.testing.harness import TestBed, test_bed
 from gateway.testing.live_emulator import EmulatorConfig
 from gateway.testing.twilio_sim import CallRecord, SimulatedCall
@@ -30,21 +30,16 @@ def _progress(text: str) -> None:
     sys.stderr.flush()
 
 
-async def _wait_reply(call: SimulatedCall, turn: int, limit_s: float = 20.0) -> None:
-    """Keep the line open (silence, as Twilio streams it) until reply `turn` was heard."""
-    deadline = time.monotonic() + limit_s
-    while not any(r.n == turn and r.duration_s > 0.8 for r in heard_replies(call.record)):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"reply {turn} not heard")
-        await call.silence(0.2)
+async def _wait_reply(call: SimulatedCall, turn: int) -> None:
+    """Keep the line open until reply `turn` was heard, then pause a moment."""
+    await await_reply(call, turn, min_s=0.8, limit_s=20.0, step_s=0.2)
     await call.silence(0.3)
 
 
 async def _barge_in(call: SimulatedCall, turn: int, freq: float) -> None:
     """Speak, wait until the reply starts, then talk over it."""
     await call.speak_tone(freq, 0.8)
-    while not any(r.n == turn for r in heard_replies(call.record)):
-        await call.silence(0.1)
+    await await_reply(call, turn, min_s=0.0, limit_s=20.0)
     await call.silence(0.2)
     await call.speak_tone(freq, 0.4)  # the model stops, then answers this
 

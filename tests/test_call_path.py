@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from twilio.request_validator import RequestValidator
 
-from gateway.testing.analysis import heard_replies, segments, timeline
+from gateway.testing.analysis import await_reply, heard_replies, segments, timeline
 from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, quick_emulator, test_bed
 from gateway.testing.live_emulator import EmulatorConfig
 from gateway.testing.twilio_sim import SimulatedCall
@@ -24,11 +24,7 @@ def fast_config(**overrides: object) -> EmulatorConfig:
 
 async def wait_reply(call: SimulatedCall, n: int, limit_s: float = 15.0) -> None:
     """Keep streaming silence, as Twilio does, until reply n has been heard in full."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit_s
-    while not any(r.n == n and r.duration_s > 0.7 for r in heard_replies(call.record)):
-        assert loop.time() < deadline, f"reply {n} not heard: {heard_replies(call.record)}"
-        await call.silence(0.1)
+    await await_reply(call, n, min_s=0.7, limit_s=limit_s)
 
 
 async def settle_tasks(before: set[asyncio.Task[object]], limit_s: float = 5.0) -> set[str]:
@@ -90,11 +86,7 @@ async def test_barge_in_clears_at_once_and_old_reply_stops() -> None:
     async with test_bed(config) as bed:
         call = await bed.caller(speed=1.0).place_call()
         await call.speak_tone(320.0, 0.5)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while not any(r.n == 1 and r.duration_s > 0.5 for r in heard_replies(call.record)):
-            assert loop.time() < deadline
-            await call.silence(0.05)
+        await await_reply(call, 1, min_s=0.5, limit_s=10, step_s=0.05)
         await call.speak_tone(320.0, 0.6)  # talk over the bot
         await wait_reply(call, 2)
         await call.hangup()
@@ -135,11 +127,7 @@ async def test_stream_closed_mid_reply_ends_live_session_and_tasks() -> None:
         before = set(asyncio.all_tasks())
         call = await bed.caller(speed=SPEED).place_call()
         await call.speak_tone(330.0, 0.5)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while not heard_replies(call.record):
-            assert loop.time() < deadline
-            await call.silence(0.05)
+        await await_reply(call, 1, min_s=0.0, limit_s=10, step_s=0.05)
         await call.hangup()
         leftover = await settle_tasks(before)
         assert leftover == set(), leftover

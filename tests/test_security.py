@@ -32,7 +32,7 @@ from twilio.request_validator import RequestValidator
 from gateway.logs import LIBRARY_LEVELS, JsonFormatter, quiet_libraries, register_secret
 from gateway.metrics import Metrics
 from gateway.server import STATE, create_app
-from gateway.testing.analysis import heard_replies
+from gateway.testing.analysis import await_reply, heard_replies
 from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, environment, test_bed
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.twilio_sim import SimulatedCall, TwilioCallerSimulator
@@ -259,11 +259,7 @@ async def settle_tasks(before: set[asyncio.Task[object]], limit_s: float = 5.0) 
 async def converse(call: SimulatedCall, n: int, freq: float = 340.0) -> None:
     """Say something and keep the line open (as Twilio does) until reply n was heard."""
     await call.speak_tone(freq, 0.6)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
-    while not any(r.n == n and r.duration_s > 0.7 for r in heard_replies(call.record)):
-        assert loop.time() < deadline, heard_replies(call.record)
-        await call.silence(0.1)
+    await await_reply(call, n, min_s=0.7, limit_s=15)
 
 
 @contextlib.asynccontextmanager

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from gateway.testing.analysis import HeardReply, heard_replies, segments
+from gateway.testing.analysis import HeardReply, await_reply, heard_replies, segments
 from gateway.testing.harness import TestBed, quick_emulator, test_bed
 from gateway.testing.live_emulator import EmulatorConfig
 from gateway.testing.twilio_sim import SimulatedCall
@@ -36,13 +36,9 @@ def full_replies(record_replies: list[HeardReply]) -> list[int]:
 
 async def converse(call: SimulatedCall, turns: int, limit_s: float = 20.0) -> None:
     """Say something, keep the line open until the reply to it was heard, repeat."""
-    loop = asyncio.get_running_loop()
     for n in range(1, turns + 1):
         await call.speak_tone(CALLER_FREQS[n % len(CALLER_FREQS)], UTTERANCE_S)
-        deadline = loop.time() + limit_s
-        while n not in full_replies(heard_replies(call.record)):
-            assert loop.time() < deadline, (n, heard_replies(call.record))
-            await call.silence(0.1)
+        await await_reply(call, n, min_s=0.7, limit_s=limit_s)
         await call.silence(0.2)
 
 
@@ -119,12 +115,7 @@ async def test_refused_handle_continues_on_a_briefed_fresh_session(
         bed.emulator.config.handle_ttl = 0.0
         with caplog.at_level(logging.WARNING, logger="gateway.live.session"):
             await bed.emulator.cut_all(abrupt=True)
-            loop = asyncio.get_running_loop()
-            await call.speak_tone(CALLER_FREQS[0], UTTERANCE_S)
-            deadline = loop.time() + 20
-            while 3 not in full_replies(heard_replies(call.record)):
-                assert loop.time() < deadline, heard_replies(call.record)
-                await call.silence(0.1)
+            await converse_from(call, 3)
         await call.hangup()
 
         sessions = list(bed.emulator.record.sessions.values())
@@ -173,12 +164,9 @@ async def test_many_calls_resetting_at_once_all_resume() -> None:
 
 
 async def converse_from(call: SimulatedCall, n: int) -> None:
-    loop = asyncio.get_running_loop()
+    """Say something and keep the line open until reply n was heard in full."""
     await call.speak_tone(CALLER_FREQS[0], UTTERANCE_S)
-    deadline = loop.time() + 20
-    while n not in full_replies(heard_replies(call.record)):
-        assert loop.time() < deadline, heard_replies(call.record)
-        await call.silence(0.1)
+    await await_reply(call, n, min_s=0.7, limit_s=20)
 
 
 async def test_goaway_when_the_service_refuses_a_second_connection() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.testing.live_emulator import reply_freq
-from gateway.testing.twilio_sim import CallRecord, dominant_frequency
+from gateway.testing.twilio_sim import CallRecord, SimulatedCall, dominant_frequency
 
 try:
     import audioop
@@ -115,6 +116,24 @@ def heard_replies(record: CallRecord, min_s: float = 0.04) -> list[HeardReply]:
         else:
             replies.append(HeardReply(n, seg.start_s, seg.duration_s))
     return replies
+
+
+async def await_reply(
+    call: SimulatedCall,
+    n: int,
+    *,
+    min_s: float = 0.7,
+    limit_s: float = 20.0,
+    step_s: float = 0.1,
+) -> None:
+    """Keep the line open (silence, as Twilio streams it) until the caller has heard at least
+    `min_s` of reply `n`; TimeoutError, naming what was heard, after `limit_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while not any(r.n == n and r.duration_s > min_s for r in heard_replies(call.record)):
+        if loop.time() > deadline or call.closed:
+            raise TimeoutError(f"reply {n} not heard; heard {heard_replies(call.record)}")
+        await call.silence(step_s)
 
 
 def write_wav(record: CallRecord, path: Path) -> float:
