@@ -18,7 +18,8 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from gateway.config import ConfigError, load_settings
-from gateway.live.events import ToolCall
+from gateway.live.events import ToolCall, Usage
+from gateway.live.session import LiveSession
 from gateway.outbound import place_call, run_call_command
 from gateway.personas import PersonaTable
 from gateway.server import STATE
@@ -479,3 +480,30 @@ async def test_the_call_command_names_a_missing_setting(capsys: pytest.CaptureFi
     assert "missing setting TWILIO_FROM_NUMBER" in capsys.readouterr().err
     assert await run_call_command(settings, "+15557654321", "nobody", "+15550100011") == 2
     assert "unknown persona 'nobody'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ usage and cost
+
+
+async def test_the_live_session_reports_the_services_token_counts_by_modality() -> None:
+    async with test_bed(emulator_config()) as bed:
+        state = bed.app[STATE]
+        live = LiveSession(state.client, state.live_options)
+        runner = asyncio.create_task(live.run())
+        live.send_text("Hello.")
+        seen: list[object] = []
+        async with asyncio.timeout(15):
+            async for event in live.events():
+                seen.append(event)
+                if isinstance(event, Usage):
+                    break
+        live.close()
+        await runner
+
+    usage = seen[-1]
+    assert isinstance(usage, Usage)
+    # The emulator bills the turn's text (the instruction and its own reply, 4 tokens each)
+    # and 0.8 s of reply at 25 tokens a second; no caller audio was sent.
+    assert usage.prompt_by_modality == (("audio", 0), ("text", 8))
+    assert usage.response_by_modality == (("audio", 20),)
+    assert (usage.prompt_tokens, usage.response_tokens, usage.total_tokens) == (8, 20, 28)

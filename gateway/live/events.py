@@ -95,6 +95,21 @@ class ToolCall:
     args: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens the service counted for a model turn (its `usageMetadata`), as billed.
+
+    The by-modality pairs are (modality in lower case, e.g. "audio" or "text", tokens);
+    empty when the service gave no breakdown.
+    """
+
+    prompt_tokens: int
+    response_tokens: int
+    total_tokens: int
+    prompt_by_modality: tuple[tuple[str, int], ...] = ()
+    response_by_modality: tuple[tuple[str, int], ...] = ()
+
+
 LiveEvent = (
     ModelAudio
     | Interrupted
@@ -106,4 +121,5 @@ LiveEvent = (
     | Resumed
     | AudioDropped
     | ToolCall
+    | Usage
 )

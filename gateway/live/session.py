@@ -57,6 +57,7 @@ from gateway.live.events import (
     Transcript,
     TurnComplete,
     TurnState,
+    Usage,
 )
 
 log = logging.getLogger(__name__)
@@ -423,6 +424,8 @@ class LiveSession:
         if message.tool_call is not None and active:
             for call in message.tool_call.function_calls or []:
                 self._emit(ToolCall(call.id or "", call.name or "", dict(call.args or {})))
+        if message.usage_metadata is not None:  # billed whichever connection it came on
+            self._emit(_usage(message.usage_metadata))
 
     def _on_content(
         self, conn: _Connection, content: types.LiveServerContent, active: bool
@@ -777,6 +780,24 @@ class LiveSession:
         ]
         if turns:
             await conn.session.send_client_content(turns=turns, turn_complete=False)
+
+
+def _usage(meta: types.UsageMetadata) -> Usage:
+    def by_modality(details: list[types.ModalityTokenCount] | None) -> tuple[tuple[str, int], ...]:
+        return tuple(
+            (str(d.modality.value if d.modality else "unspecified").lower(), d.token_count or 0)
+            for d in details or []
+        )
+
+    prompt = meta.prompt_token_count or 0
+    response = meta.response_token_count or 0
+    return Usage(
+        prompt_tokens=prompt,
+        response_tokens=response,
+        total_tokens=meta.total_token_count or prompt + response,
+        prompt_by_modality=by_modality(meta.prompt_tokens_details),
+        response_by_modality=by_modality(meta.response_tokens_details),
+    )
 
 
 def _describe(exc: BaseException) -> str:

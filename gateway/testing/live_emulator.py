@@ -773,12 +773,19 @@ class _Connection:
         turn.finished_at = time.monotonic()
         st.model_turns += 1
         st.history_text.append(("model", f"reply {turn.index}"))
-        prompt = st.audio_bytes // (2 * IN_RATE) * 32 + 4 * len(st.history_text)
+        prompt_audio = st.audio_bytes // (2 * IN_RATE) * 32  # 32 tokens a second, as billed
+        prompt_text = 4 * len(st.history_text)
+        prompt = prompt_audio + prompt_text
         response = max(1, round(cfg.reply_s * 25))
         usage = {
             "promptTokenCount": prompt,
             "responseTokenCount": response,
             "totalTokenCount": prompt + response,
+            "promptTokensDetails": [
+                {"modality": "AUDIO", "tokenCount": prompt_audio},
+                {"modality": "TEXT", "tokenCount": prompt_text},
+            ],
+            "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": response}],
         }
         await self.send({"serverContent": {"turnComplete": True}, "usageMetadata": usage})
         self.emu.record.event("turn_complete", f"conn={self.rec.id} n={turn.index}")
