@@ -23,14 +23,15 @@ from aiohttp import web
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.logs import configure_logging
+from gateway.personas import PersonaTable
 from gateway.server import STATE, create_app, start_draining, wait_calls_done
 
 log = logging.getLogger("gateway")
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, personas: PersonaTable) -> int:
     """Run the server until a signal, then drain."""
-    app = create_app(settings)
+    app = create_app(settings, personas)
     # shutdown_timeout: what the calls left after the drain get to close, not the drain.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
@@ -80,12 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        from gateway.demo import run_demo
-
+        try:
+            from gateway.demo import run_demo
+        except ModuleNotFoundError as exc:  # a runtime-only install, such as the image
+            print(
+                f"gateway: the demo needs the test bed ({exc.name} is missing): "
+                "pip install 'gateway[demo]'",
+                file=sys.stderr,
+            )
+            return 2
         return asyncio.run(run_demo(out=args.out))
 
     try:
         settings = load_settings()
+        personas = PersonaTable.from_settings(settings)  # the one table, checked at start
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
@@ -93,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "call":
         from gateway.outbound import run_call_command
 
-        return asyncio.run(run_call_command(settings, args.to, args.persona, args.from_))
+        command = run_call_command(settings, personas, args.to, args.persona, args.from_)
+        return asyncio.run(command)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(serve(settings))
+        return runner.run(serve(settings, personas))
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

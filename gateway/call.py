@@ -125,6 +125,10 @@ class Call:
         model_task = asyncio.create_task(self._model_to_caller(), name="model")
         end_task = asyncio.create_task(self._end_stream.wait(), name="end")
         tasks = (live_task, caller_task, model_task, end_task)
+        # The call counts its Live connections: later ones from `Resumed`, the first here.
+        first_task = asyncio.create_task(self._count_first_connection(), name="first-conn")
+        self._metrics.calls_active.inc()
+        log.info("call started")
         if self._greeting:
             self.transcript.event("greeting", text=self._greeting)
             self.live.send_text(self._greeting)
@@ -167,9 +171,10 @@ class Call:
             raise
         finally:
             self.live.close()
-            for task in (*tasks, *self._tool_tasks):
+            for task in (*tasks, first_task, *self._tool_tasks):
                 task.cancel()
-            await asyncio.gather(*tasks, *self._tool_tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, first_task, *self._tool_tasks, return_exceptions=True)
+            self._metrics.calls_active.dec()
             self.stats.outcome = outcome
             self.transcript.close(
                 outcome=outcome.value,
@@ -190,6 +195,10 @@ class Call:
         if protocol_error is not None:
             raise protocol_error
         return outcome
+
+    async def _count_first_connection(self) -> None:
+        await self.live.wait_started()
+        self._metrics.live_connections.labels(kind="fresh").inc()
 
     # ------------------------------------------------------------ caller side
 

@@ -2,6 +2,12 @@
 
 A missing or malformed setting stops the start with one line naming it
 (`ConfigError`), never a pydantic traceback.
+
+Every setting is declared once, here, with its check and default; `config/gateway.toml`
+documents the same defaults (a test holds the two together). The Live session's settings
+are one nested model, `Settings.live`, whose fields are `LiveOptions` fields of the same
+name, so a call's options are built from it directly; they are still read from flat keys
+and variables (`REPLAY_LIMIT_S`), as operators have always set them.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -19,7 +25,9 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,17 +48,24 @@ _NUMBER = re.compile(r"^\+[1-9]\d{6,14}$")
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
 
 
-def phone_address(value: str) -> str:
-    """An E.164 number (spaces, dashes, dots and brackets dropped) or a sip: address."""
+def address_key(value: str) -> str:
+    """The one spelling of a phone address: a number without spaces, dashes, dots and
+    brackets, or `sip:` (in lower case) and the rest as given. Not a check."""
     text = value.strip()
     if text.lower().startswith("sip:"):
-        if len(text) <= 4 or any(c.isspace() for c in text):
-            raise ValueError(f"not a SIP address: {value!r}")
         return "sip:" + text[4:]
-    number = re.sub(r"[\s().-]", "", text)
-    if not _NUMBER.match(number):
+    return re.sub(r"[\s().-]", "", text)
+
+
+def phone_address(value: str) -> str:
+    """An E.164 number or a sip: address, in its `address_key` spelling; else ValueError."""
+    key = address_key(value)
+    if key.startswith("sip:"):
+        if len(key) <= 4 or any(c.isspace() for c in key):
+            raise ValueError(f"not a SIP address: {value!r}")
+    elif not _NUMBER.match(key):
         raise ValueError(f"not an E.164 number (+ and digits) or sip: address: {value!r}")
-    return number
+    return key
 
 
 class PersonaConfig(BaseModel):
@@ -92,6 +107,37 @@ def _language_code(value: str) -> str:
     return value
 
 
+class LiveSettings(BaseModel):
+    """How hard each call's Live session tries to stay connected: `LiveOptions` fields.
+
+    Set as top-level keys and variables (`replay_limit_s`, `REPLAY_LIMIT_S`); `Settings`
+    gathers them here.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    compression_trigger_tokens: int = Field(default=25600, ge=1000)
+    compression_target_tokens: int = Field(default=12800, ge=100)
+    replay_limit_s: float = Field(default=60.0, gt=0)  # caller audio kept for replay
+    reconnect_total_s: float = Field(default=30.0, gt=0)
+    reconnect_max_attempts: int = Field(default=12, ge=1)
+    goaway_margin_s: float = Field(default=1.0, ge=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    caller_pause_s: float = Field(default=0.4, gt=0)
+
+
+class _LiveVariables(PydanticBaseSettingsSource):
+    """The Live settings' flat environment variables (`REPLAY_LIMIT_S`, ...), which the
+    standard source does not read for a nested model."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # everything happens in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        found = {key.lower(): value for key, value in os.environ.items()}
+        return {name: found[name] for name in LiveSettings.model_fields if name in found}
+
+
 class Settings(BaseSettings):
     """Everything the gateway reads from its configuration."""
 
@@ -124,14 +170,7 @@ class Settings(BaseSettings):
     max_calls: int = Field(default=200, ge=1)
     drain_timeout: float = Field(default=3600.0, ge=0)
 
-    compression_trigger_tokens: int = Field(default=25600, ge=1000)
-    compression_target_tokens: int = Field(default=12800, ge=100)
-    replay_limit_s: float = Field(default=60.0, gt=0)
-    reconnect_total_s: float = Field(default=30.0, gt=0)
-    reconnect_max_attempts: int = Field(default=12, ge=1)
-    goaway_margin_s: float = Field(default=1.0, ge=0)
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    caller_pause_s: float = Field(default=0.4, gt=0)
+    live: LiveSettings = LiveSettings()
     # Caller audio sent to the model in pieces of this many ms (20: every Twilio frame as it
     # comes). 40 costs ~15% less CPU and adds up to 20 ms to half the audio (python -m bench).
     caller_audio_batch_ms: int = Field(default=20, ge=20, le=100, multiple_of=20)
@@ -139,6 +178,22 @@ class Settings(BaseSettings):
     stream_token_ttl_s: float = Field(default=60.0, gt=0)
     start_timeout_s: float = Field(default=10.0, gt=0)
     idle_timeout_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_live(cls, data: Any) -> Any:
+        """Flat Live keys (from any source) into `live`; what `live` holds already stays
+        unless a flat key says otherwise."""
+        if not isinstance(data, dict):
+            return data
+        flat = {k: v for k, v in data.items() if k.lower() in LiveSettings.model_fields}
+        if not flat:
+            return data
+        nested = data.get("live") or {}
+        if isinstance(nested, BaseModel):
+            nested = nested.model_dump()
+        rest = {k: v for k, v in data.items() if k not in flat}
+        return {**rest, "live": {**nested, **{k.lower(): v for k, v in flat.items()}}}
 
     @field_validator("public_url")
     @classmethod
@@ -185,6 +240,7 @@ class Settings(BaseSettings):
         return (
             init_settings,
             env_settings,
+            _LiveVariables(settings_cls),
             TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
         )
 
@@ -192,7 +248,7 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Build settings or raise ConfigError naming the first bad setting."""
     try:
-        settings = Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
         name = setting_name(first["loc"])
@@ -200,16 +256,15 @@ def load_settings(**overrides: object) -> Settings:
             raise ConfigError(f"missing setting {name}") from None
         msg = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"invalid setting {name}: {msg}") from None
-    from gateway.personas import PersonaTable  # personas builds on Settings
-
-    PersonaTable.from_settings(settings)  # cross-persona checks fail the start too
-    return settings
 
 
 def setting_name(loc: tuple[int | str, ...]) -> str:
-    """`PORT` for a top-level setting (its variable), `personas.sales.voice` for a nested key."""
+    """`PORT` for a top-level setting or a Live one (its variable), `personas.sales.voice`
+    for a key in a table."""
     if not loc:
         return "configuration"
+    if len(loc) == 2 and loc[0] == "live":
+        loc = loc[1:]
     if len(loc) == 1:
         return str(loc[0]).upper()
     name = str(loc[0])

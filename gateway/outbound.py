@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
+from gateway.call_factory import PERSONA_PARAMETER
 from gateway.config import ConfigError, Settings, phone_address
 from gateway.personas import PersonaTable
 from gateway.tools import RestError, TwilioRest
@@ -37,6 +38,7 @@ class OutboundCall:
 
 async def place_call(
     settings: Settings,
+    personas: PersonaTable,
     to: str,
     *,
     persona: str | None = None,
@@ -51,11 +53,10 @@ async def place_call(
         callee = phone_address(to)
     except ValueError as exc:
         raise ConfigError(f"invalid --to: {exc}") from None
-    table = PersonaTable.from_settings(settings)
-    if persona is not None and persona not in table.by_name:
-        known = ", ".join(sorted(table.by_name))
+    if persona is not None and persona not in personas.by_name:
+        known = ", ".join(sorted(personas.by_name))
         raise ConfigError(f"invalid --persona: unknown persona {persona!r} (known: {known})")
-    chosen = table.by_name[persona] if persona is not None else None
+    chosen = personas.by_name[persona] if persona is not None else None
     caller_id = from_ or ""
     if not caller_id and chosen is not None:
         caller_id = next((n for n in chosen.numbers if n.startswith("+")), "")
@@ -69,8 +70,9 @@ async def place_call(
     except ValueError as exc:
         raise ConfigError(f"invalid --from: {exc}") from None
     if chosen is None:
-        chosen = table.for_number(caller_id)
-    url = f"{settings.public_url}/twilio/voice?{urlencode({'persona': chosen.name})}"
+        chosen = personas.for_number(caller_id)
+    query = urlencode({PERSONA_PARAMETER: chosen.name})
+    url = f"{settings.public_url}/twilio/voice?{query}"
     owned = rest is None
     client = rest or TwilioRest(settings.twilio_auth_token.get_secret_value())
     try:
@@ -92,6 +94,7 @@ async def place_call(
 
 async def run_call_command(
     settings: Settings,
+    personas: PersonaTable,
     to: str,
     persona: str | None,
     from_: str | None,
@@ -100,7 +103,7 @@ async def run_call_command(
 ) -> int:
     """The `call` subcommand: prints the call SID; exit 2 on bad input, 1 if Twilio refused."""
     try:
-        call = await place_call(settings, to, persona=persona, from_=from_, rest=rest)
+        call = await place_call(settings, personas, to, persona=persona, from_=from_, rest=rest)
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 `config/gateway.toml` holds the top-level persona (`system_instruction`, `voice`, ...) and
 `[personas.NAME]` tables with the `numbers` they answer; a key a table leaves out takes the
 top-level value. `[personas.default]`, if present, changes the persona of every other number.
-A mistake stops the start with one line naming the key (`ConfigError`).
+A mistake stops the start with one line naming the key (`ConfigError`): the table is built
+once, at start, from the settings (which know nothing of it) and handed to what needs it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from gateway.config import ConfigError, PersonaConfig, Settings, ToolName
+from gateway.config import ConfigError, PersonaConfig, Settings, ToolName, address_key
 
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -50,11 +51,19 @@ class PersonaTable:
         """The persona that answers `number` (as Twilio sends `To`); else the default."""
         if not number:
             return self.default
-        text = number.strip()
-        key = text if text.lower().startswith("sip:") else re.sub(r"[\s().-]", "", text)
-        if key.lower().startswith("sip:"):
-            key = "sip:" + key[4:]
-        return self.by_number.get(key, self.default)
+        return self.by_number.get(address_key(number), self.default)
+
+    def answering(self, params: Mapping[str, str], named: str | None = None) -> Persona:
+        """Who answers a call Twilio's voice webhook asks about (`params`, its form).
+
+        `named` (`?persona=` on the calls we place) if it is a persona; else the one of
+        our own number in the call: `To`, or `From` on an outbound call placed elsewhere;
+        else the default.
+        """
+        if named and named in self.by_name:
+            return self.by_name[named]
+        outbound = params.get("Direction", "inbound").startswith("outbound")
+        return self.for_number(params.get("From" if outbound else "To"))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PersonaTable:

@@ -1,9 +1,11 @@
-"""The aiohttp application: Twilio webhooks, the media-stream WebSocket, ops endpoints.
+"""The aiohttp application: routes, ops endpoints and the drain.
 
 Every request from Twilio is signature-checked against `PUBLIC_URL` + path
 (the URL Twilio used, never the request's Host, since the gateway runs behind
 proxies). The voice webhook issues a single-use stream token; the stream's
 `start` must carry it, or the stream is closed before any Live session opens.
+What a stream carries is read by `gateway.twilio.stream`; the call it becomes is
+built by `gateway.call_factory`.
 """
 
 from __future__ import annotations
@@ -13,28 +15,28 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import web
 from google import genai
 
-from gateway.audio import FRAME_MS
 from gateway.call import Call
+from gateway.call_factory import PERSONA_PARAMETER, CallFactory
 from gateway.config import Settings
-from gateway.live.session import LiveOptions, LiveSession
 from gateway.logs import bind_call, register_secret
 from gateway.metrics import Metrics
-from gateway.personas import Persona, PersonaTable
-from gateway.tools import CallTools, TwilioRest, declarations
-from gateway.transcript import CallTranscript, append_record
+from gateway.personas import PersonaTable
+from gateway.tools import TwilioRest
+from gateway.transcript import append_record
 from gateway.twilio.protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_POLICY_VIOLATION,
     MAX_MESSAGE_BYTES,
-    InboundMessage,
-    Start,
-    StreamParser,
     StreamProtocolError,
 )
+from gateway.twilio.stream import MediaStream
 from gateway.twilio.webhooks import (
     SIGNATURE_HEADER,
     SIGNATURE_SETTINGS_HEADER,
@@ -50,8 +52,6 @@ from gateway.twilio.webhooks import (
 log = logging.getLogger(__name__)
 
 TOKEN_PARAMETER = "token"
-PERSONA_PARAMETER = "persona"
-CLOSE_POLICY = 1008
 
 
 @dataclass
@@ -60,13 +60,10 @@ class GatewayState:
 
     settings: Settings
     metrics: Metrics
-    client: genai.Client
     signatures: SignatureChecker
     tokens: StreamTokens
     stream_url: str
-    live_options: LiveOptions
     personas: PersonaTable
-    rest: TwilioRest  # Twilio's REST API, for the tools (tests swap in a stand-in client)
     calls: set[Call] = field(default_factory=set)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     draining: bool = False
@@ -77,46 +74,24 @@ class GatewayState:
 
 
 STATE = web.AppKey("state", GatewayState)
-
-
-def live_options(settings: Settings) -> LiveOptions:
-    """The Live session options a call gets from the settings."""
-    return LiveOptions(
-        model=settings.gemini_model,
-        system_instruction=settings.system_instruction,
-        voice=settings.voice or None,
-        compression_trigger_tokens=settings.compression_trigger_tokens,
-        compression_target_tokens=settings.compression_target_tokens,
-        replay_limit_s=settings.replay_limit_s,
-        reconnect_total_s=settings.reconnect_total_s,
-        reconnect_max_attempts=settings.reconnect_max_attempts,
-        goaway_margin_s=settings.goaway_margin_s,
-        connect_timeout_s=settings.connect_timeout_s,
-        caller_pause_s=settings.caller_pause_s,
-    )
-
-
-def persona_options(base: LiveOptions, persona: Persona) -> LiveOptions:
-    """The Live options of a call answered by `persona`."""
-    return replace(
-        base,
-        system_instruction=persona.system_instruction,
-        voice=persona.voice,
-        language=persona.language,
-        tools=declarations(persona.tools, persona.transfer_to),
-    )
+#: Builds calls with the app's clients; there from startup (cleanup_ctx) to cleanup.
+CALLS = web.AppKey("calls", CallFactory)
 
 
 def create_app(
     settings: Settings,
+    personas: PersonaTable,
     *,
     client: genai.Client | None = None,
+    rest: TwilioRest | None = None,
     metrics: Metrics | None = None,
 ) -> web.Application:
     """Build the gateway application.
 
     The Live client honours GOOGLE_GEMINI_BASE_URL and SSL_CERT_FILE as the
-    SDK reads them; tests and the demo point it at the emulator that way.
+    SDK reads them when it is created, at the app's startup; tests and the demo
+    point it at the emulator that way. A `client` or `rest` passed in stays the
+    caller's to close; those the app creates, it closes at cleanup.
     """
     auth_token = settings.twilio_auth_token.get_secret_value()
     register_secret(auth_token)
@@ -124,17 +99,15 @@ def create_app(
     # Shared by every replica that has the same auth token, so a stream may land on
     # another replica than its webhook did.
     token_secret = hmac.new(auth_token.encode(), b"gateway-stream-token", hashlib.sha256).digest()
+    metrics = metrics or Metrics()
     app = web.Application(client_max_size=64 * 1024)
     app[STATE] = GatewayState(
         settings=settings,
-        metrics=metrics or Metrics(),
-        client=client or genai.Client(api_key=settings.gemini_api_key.get_secret_value()),
+        metrics=metrics,
         signatures=SignatureChecker(auth_token),
         tokens=StreamTokens(token_secret, ttl_s=settings.stream_token_ttl_s),
         stream_url=stream_url(settings.public_url),
-        live_options=live_options(settings),
-        personas=PersonaTable.from_settings(settings),
-        rest=TwilioRest(auth_token),
+        personas=personas,
     )
     app[STATE].calls_idle.set()
     app.add_routes(
@@ -147,9 +120,31 @@ def create_app(
             web.get("/metrics", metrics_endpoint),
         ]
     )
+    app.cleanup_ctx.append(_clients(client, rest))
     app.on_shutdown.append(_close_streams)
-    app.on_cleanup.append(_close_rest)
     return app
+
+
+def _clients(
+    client: genai.Client | None, rest: TwilioRest | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The app's long-lived clients (Gemini, Twilio REST), from startup to cleanup."""
+
+    async def clients(app: web.Application) -> AsyncIterator[None]:
+        state = app[STATE]
+        settings = state.settings
+        live = client or genai.Client(api_key=settings.gemini_api_key.get_secret_value())
+        twilio = rest or TwilioRest(settings.twilio_auth_token.get_secret_value())
+        app[CALLS] = CallFactory(settings, state.personas, live, twilio, state.metrics)
+        try:
+            yield
+        finally:
+            if rest is None:
+                await twilio.close()
+            if client is None:
+                await live.aio.aclose()
+
+    return clients
 
 
 # ------------------------------------------------------------------ webhooks
@@ -191,23 +186,11 @@ async def voice_webhook(request: web.Request) -> web.Response:
         log.info("turned a call away (%s)", reason)
         return web.Response(text=busy_twiml(), content_type="text/xml")
     token = state.tokens.issue(call_sid)
-    persona = _webhook_persona(state.personas, request, params)
+    persona = state.personas.answering(params, request.query.get(PERSONA_PARAMETER))
     twiml = connect_stream_twiml(
         state.stream_url, {TOKEN_PARAMETER: token, PERSONA_PARAMETER: persona.name}
     )
     return web.Response(text=twiml, content_type="text/xml")
-
-
-def _webhook_persona(
-    personas: PersonaTable, request: web.Request, params: dict[str, str]
-) -> Persona:
-    """`?persona=` (outbound calls we place) if known, else by the number that was called
-    (our own number, `From`, on outbound calls placed elsewhere); else the default."""
-    named = request.query.get(PERSONA_PARAMETER)
-    if named and named in personas.by_name:
-        return personas.by_name[named]
-    outbound = params.get("Direction", "inbound").startswith("outbound")
-    return personas.for_number(params.get("From" if outbound else "To"))
 
 
 async def status_webhook(request: web.Request) -> web.Response:
@@ -260,9 +243,11 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     state.sockets.add(ws)
     state.calls_idle.clear()
+    stream = MediaStream(ws, state.settings.idle_timeout_s)
     try:
-        await _serve_stream(state, ws)
+        await _serve_stream(state, request.app[CALLS], stream)
     finally:
+        await stream.aclose()
         state.sockets.discard(ws)
         if not state.sockets:
             state.calls_idle.set()
@@ -271,16 +256,10 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _serve_stream(state: GatewayState, ws: web.WebSocketResponse) -> None:
-    parser = StreamParser()
-    settings = state.settings
-    messages = _inbound(ws, parser, settings.idle_timeout_s)
+async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaStream) -> None:
+    """Wait for `start`, check its token, run the call; close on bad input, with a reason."""
     try:
-        try:
-            async with asyncio.timeout(settings.start_timeout_s):
-                start = await _await_start(messages)
-        except TimeoutError:
-            raise StreamProtocolError(CLOSE_POLICY, "no start before the deadline") from None
+        start = await stream.wait_start(state.settings.start_timeout_s)
         if start is None:
             log.info("stream closed before start")
             return
@@ -289,147 +268,20 @@ async def _serve_stream(state: GatewayState, ws: web.WebSocketResponse) -> None:
             start.custom_parameters.get(TOKEN_PARAMETER, ""), start.call_sid
         )
         if verdict is not TokenResult.OK:
-            raise StreamProtocolError(CLOSE_POLICY, f"stream token {verdict.value}")
-        await _run_call(state, ws, start, messages)
+            raise StreamProtocolError(CLOSE_POLICY_VIOLATION, f"stream token {verdict.value}")
+        call = calls.build(start, stream.send)
+        state.calls.add(call)
+        try:
+            await call.run(stream.messages)
+        finally:
+            state.calls.discard(call)
+        if call.stats.failure and not stream.closed:
+            await stream.close(CLOSE_INTERNAL_ERROR, "live session failed")
     except StreamProtocolError as error:
         reason = error.reason
         state.metrics.stream_errors.labels(reason=_label(reason)).inc()
         log.warning("stream closed: %s", reason, extra={"close_code": error.close_code})
-        await ws.close(code=error.close_code, message=reason.encode()[:120])
-    finally:
-        await messages.aclose()
-
-
-async def _run_call(
-    state: GatewayState,
-    ws: web.WebSocketResponse,
-    start: Start,
-    messages: AsyncIterator[InboundMessage],
-) -> None:
-    metrics = state.metrics
-    latency = metrics.added_latency.labels(direction="caller_to_model")
-    persona = state.personas.get(start.custom_parameters.get(PERSONA_PARAMETER))
-    live = LiveSession(
-        state.client, persona_options(state.live_options, persona), on_audio_sent=latency.observe
-    )
-
-    async def send(text: str) -> None:
-        if ws.closed:
-            return
-        try:
-            await ws.send_str(text)
-        except ConnectionResetError:
-            pass  # the caller is gone; the inbound side ends the call
-
-    tools = None
-    if persona.tools:
-        tools = CallTools(
-            state.rest,
-            account_sid=start.account_sid,
-            call_sid=start.call_sid,
-            tools=persona.tools,
-            transfer_to=persona.transfer_to,
-        )
-    transcript = CallTranscript(state.settings.transcript_dir, start.call_sid)
-    transcript.event("start", persona=persona.name, stream_sid=start.stream_sid)
-    call = Call(
-        start,
-        live,
-        send,
-        metrics,
-        greeting=persona.greeting,
-        tools=tools,
-        transcript=transcript,
-        hangup_wait_s=state.settings.hangup_wait_s,
-        batch_frames=state.settings.caller_audio_batch_ms // FRAME_MS,
-    )
-    state.calls.add(call)
-    metrics.calls_active.inc()
-    log.info("call started")
-    # The call counts later connections (resumed, fallback) itself; the first one is ours.
-    first = asyncio.create_task(_count_first_connection(live, metrics), name="first-conn")
-    try:
-        await call.run(messages)
-    finally:
-        first.cancel()
-        state.calls.discard(call)
-        metrics.calls_active.dec()
-    if call.stats.failure and not ws.closed:
-        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"live session failed")
-
-
-async def _count_first_connection(live: LiveSession, metrics: Metrics) -> None:
-    await live.wait_started()
-    metrics.live_connections.labels(kind="fresh").inc()
-
-
-async def _await_start(messages: AsyncIterator[InboundMessage]) -> Start | None:
-    async for message in messages:
-        if isinstance(message, Start):
-            return message
-    return None
-
-
-class _IdleWatch:
-    """Interrupts a wait on a stream that sends nothing for ``limit`` seconds.
-
-    One timer per stream, re-armed when it fires, instead of ``receive(timeout=...)``, which
-    arms and cancels a timer for every 20 ms frame (~6% of the gateway's CPU). As with a
-    timeout, the budget starts when the wait does and the waiting task is cancelled; the
-    timer stops once the socket is closed.
-    """
-
-    def __init__(self, ws: web.WebSocketResponse, limit: float) -> None:
-        self.loop = asyncio.get_running_loop()
-        self._ws = ws
-        self._limit = limit
-        self.since = self.loop.time()
-        self.waiter: asyncio.Task[object] | None = None
-        self.fired = False
-        self.loop.call_at(self.since + limit, self._check)
-
-    def _check(self) -> None:
-        if self._ws.closed:
-            return
-        now = self.loop.time()
-        if self.waiter is not None and now >= self.since + self._limit:
-            self.fired = True
-            self.waiter.cancel()
-            return
-        due = self.since + self._limit if self.waiter is not None else now + self._limit
-        self.loop.call_at(due, self._check)
-
-
-async def _inbound(
-    ws: web.WebSocketResponse, parser: StreamParser, idle_timeout: float
-) -> AsyncGenerator[InboundMessage]:
-    """Parsed, validated Twilio messages until the socket closes."""
-    idle = _IdleWatch(ws, idle_timeout)
-    while True:
-        task = asyncio.current_task()
-        idle.since, idle.waiter = idle.loop.time(), task
-        try:
-            msg = await ws.receive()
-        except asyncio.CancelledError:
-            if idle.fired and task is not None and task.uncancel() == 0:
-                raise StreamProtocolError(CLOSE_POLICY, "stream idle too long") from None
-            raise
-        finally:
-            idle.waiter = None
-        if msg.type is WSMsgType.TEXT:
-            yield parser.parse(msg.data)
-        elif msg.type is WSMsgType.BINARY:
-            parser.parse_bytes(msg.data)
-        elif msg.type is WSMsgType.ERROR:
-            # aiohttp has already closed the socket with this code (1009, 1007, 1002).
-            code = getattr(msg.data, "code", None)
-            if code == WSCloseCode.MESSAGE_TOO_BIG:
-                raise StreamProtocolError(1009, "message too big")
-            if code == WSCloseCode.INVALID_TEXT:
-                raise StreamProtocolError(1007, "invalid UTF-8 text")
-            raise StreamProtocolError(int(code or 1002), "websocket protocol error")
-        else:  # CLOSE, CLOSING, CLOSED
-            return
+        await stream.close(error.close_code, reason)
 
 
 def _label(reason: str) -> str:
@@ -479,12 +331,8 @@ async def wait_calls_done(app: web.Application, limit_s: float) -> bool:
     return True
 
 
-async def _close_rest(app: web.Application) -> None:
-    await app[STATE].rest.close()
-
-
 async def _close_streams(app: web.Application) -> None:
     for call in app[STATE].calls:
         call.shutting_down = True
     for ws in list(app[STATE].sockets):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown")

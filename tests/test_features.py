@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 from twilio.request_validator import RequestValidator
 
+from gateway.call_factory import live_options
 from gateway.config import ConfigError, load_settings
 from gateway.live.events import ToolCall, Usage
 from gateway.live.session import LiveSession
 from gateway.outbound import place_call, run_call_command
 from gateway.personas import PersonaTable
-from gateway.server import STATE
+from gateway.server import CALLS
 from gateway.testing.analysis import heard_replies
 from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, test_bed, test_settings
 from gateway.testing.live_emulator import EmulatorConfig
@@ -84,18 +85,15 @@ async def bed_with_rest(
         ):
             ended.append(asyncio.create_task(call.hangup()))
 
-    async with (
-        test_bed(config, personas=PERSONAS, **settings) as bed,
-        TwilioRestStandIn(AUTH_TOKEN) as rest,
-    ):
+    async with TwilioRestStandIn(AUTH_TOKEN) as rest:
         rest.on_request = twilio_ends_stream
-        state = bed.app[STATE]
-        state.rest = TwilioRest(AUTH_TOKEN, http_client=rest.http_client())
+        client = TwilioRest(AUTH_TOKEN, http_client=rest.http_client())
         try:
-            yield bed, rest, calls
-            await asyncio.gather(*ended)
+            async with test_bed(config, personas=PERSONAS, rest=client, **settings) as bed:
+                yield bed, rest, calls
+                await asyncio.gather(*ended)
         finally:
-            await state.rest.close()
+            await client.close()
 
 
 async def keep_line_open(call: SimulatedCall, until: Any, limit_s: float = 15.0) -> None:
@@ -232,8 +230,10 @@ def test_invalid_persona_configuration_fails_naming_the_key(
     path = tmp_path / "gateway.toml"
     path.write_text(toml)
     monkeypatch.setenv("GATEWAY_CONFIG", str(path))
-    with pytest.raises(ConfigError) as caught:
-        load_settings(public_url=PUBLIC_URL, twilio_auth_token="t", gemini_api_key="k")
+    with pytest.raises(ConfigError) as caught:  # what `python -m gateway` does at start
+        PersonaTable.from_settings(
+            load_settings(public_url=PUBLIC_URL, twilio_auth_token="t", gemini_api_key="k")
+        )
     text = str(caught.value)
     assert text.startswith(message), text
     assert "\n" not in text
@@ -429,7 +429,10 @@ async def test_outbound_call_asks_twilio_to_connect_the_callee_to_the_gateway() 
     async with TwilioRestStandIn(AUTH_TOKEN) as rest:
         client = TwilioRest(AUTH_TOKEN, http_client=rest.http_client())
         try:
-            placed = await place_call(settings, "+1 555 765 4321", persona="sales", rest=client)
+            personas = PersonaTable.from_settings(settings)
+            placed = await place_call(
+                settings, personas, "+1 555 765 4321", persona="sales", rest=client
+            )
         finally:
             await client.close()
 
@@ -473,12 +476,14 @@ async def test_the_outbound_calls_webhook_answers_with_its_persona() -> None:
 
 async def test_the_call_command_names_a_missing_setting(capsys: pytest.CaptureFixture[str]) -> None:
     settings = test_settings("k", personas=PERSONAS)
-    assert await run_call_command(settings, "+15557654321", "sales", None) == 2
+    personas = PersonaTable.from_settings(settings)
+    assert await run_call_command(settings, personas, "+15557654321", "sales", None) == 2
     assert "missing setting TWILIO_ACCOUNT_SID" in capsys.readouterr().err
     settings = test_settings("k", twilio_account_sid="AC" + "1" * 32)
-    assert await run_call_command(settings, "+15557654321", None, None) == 2
+    personas = PersonaTable.from_settings(settings)
+    assert await run_call_command(settings, personas, "+15557654321", None, None) == 2
     assert "missing setting TWILIO_FROM_NUMBER" in capsys.readouterr().err
-    assert await run_call_command(settings, "+15557654321", "nobody", "+15550100011") == 2
+    assert await run_call_command(settings, personas, "+15557654321", "nobody", "+15550100011") == 2
     assert "unknown persona 'nobody'" in capsys.readouterr().err
 
 
@@ -487,8 +492,8 @@ async def test_the_call_command_names_a_missing_setting(capsys: pytest.CaptureFi
 
 async def test_the_live_session_reports_the_services_token_counts_by_modality() -> None:
     async with test_bed(emulator_config()) as bed:
-        state = bed.app[STATE]
-        live = LiveSession(state.client, state.live_options)
+        calls = bed.app[CALLS]
+        live = LiveSession(calls.client, live_options(bed.settings, calls.personas.default))
         runner = asyncio.create_task(live.run())
         live.send_text("Hello.")
         seen: list[object] = []

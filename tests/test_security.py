@@ -31,6 +31,7 @@ from twilio.request_validator import RequestValidator
 
 from gateway.logs import LIBRARY_LEVELS, JsonFormatter, quiet_libraries, register_secret
 from gateway.metrics import Metrics
+from gateway.personas import PersonaTable
 from gateway.server import STATE, create_app
 from gateway.testing.analysis import await_reply, heard_replies
 from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, environment, test_bed
@@ -732,7 +733,8 @@ async def test_garbage_from_live_ends_that_call_only(logs: LogCapture) -> None:
             GOOGLE_GEMINI_BASE_URL=rogue.url, SSL_CERT_FILE=bed.emulator.tls.ca_pem_path
         ):
             client = genai.Client(api_key=bed.emulator.config.api_key)
-        app = create_app(bed.settings, client=client, metrics=Metrics())
+        personas = PersonaTable.from_settings(bed.settings)
+        app = create_app(bed.settings, personas, client=client, metrics=Metrics())
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -756,7 +758,7 @@ async def test_garbage_from_live_ends_that_call_only(logs: LogCapture) -> None:
 
         # The bad call ends with 1011 within the reconnect bounds; no hot reconnect loop.
         assert (bad.record.close_code, bad.record.close_reason) == (1011, "live session failed")
-        assert 2 <= len(rogue.served) <= bed.settings.reconnect_max_attempts, rogue.served
+        assert 2 <= len(rogue.served) <= bed.settings.live.reconnect_max_attempts, rogue.served
         failed = logs.messages("gateway.call", "call ended: live session failed: ")
         assert len(failed) == 1 and "last error" in failed[0], failed
         lost = " ".join(logs.messages("gateway.live.session", "live: connection lost"))

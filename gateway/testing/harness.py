@@ -20,10 +20,12 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.metrics import Metrics
+from gateway.personas import PersonaTable
 from gateway.server import create_app
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.tls import make_tls
 from gateway.testing.twilio_sim import TwilioCallerSimulator
+from gateway.tools import TwilioRest
 
 PUBLIC_URL = "https://gateway.example.test"
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -97,22 +99,30 @@ def test_settings(api_key: str, **overrides: Any) -> Settings:
 async def test_bed(
     emulator_config: EmulatorConfig | None = None,
     workdir: Path | None = None,
+    *,
+    rest: TwilioRest | None = None,
     **settings_overrides: Any,
 ) -> AsyncIterator[TestBed]:
-    """Start the emulator and the gateway; stop both (and every call) on exit."""
+    """Start the emulator and the gateway; stop both (and every call) on exit.
+
+    `rest` is the gateway's Twilio REST client (e.g. one pointed at the stand-in in
+    `gateway.testing.twilio_rest`); it stays the caller's to close.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         tls = make_tls(workdir or Path(tmp))
         emulator = LiveEmulator(emulator_config or EmulatorConfig(), tls)
         await emulator.start()
         try:
+            settings = test_settings(emulator.config.api_key, **settings_overrides)
+            personas = PersonaTable.from_settings(settings)
+            metrics = Metrics()
+            app = create_app(settings, personas, rest=rest, metrics=metrics)
+            runner = web.AppRunner(app, access_log=None)
+            # The app creates its Live client at startup, reading these as the SDK does.
             with environment(
                 GOOGLE_GEMINI_BASE_URL=emulator.base_url, SSL_CERT_FILE=tls.ca_pem_path
             ):
-                settings = test_settings(emulator.config.api_key, **settings_overrides)
-                metrics = Metrics()
-                app = create_app(settings, metrics=metrics)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
+                await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
             port = runner.addresses[0][1]

@@ -21,8 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 __all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL_ERROR",
+    "CLOSE_INVALID_DATA",
     "CLOSE_MESSAGE_TOO_BIG",
     "CLOSE_POLICY_VIOLATION",
+    "CLOSE_PROTOCOL_ERROR",
     "CLOSE_UNSUPPORTED_DATA",
     "MAX_MEDIA_PAYLOAD_BYTES",
     "MAX_MESSAGE_BYTES",
@@ -41,9 +45,15 @@ __all__ = [
     "media_message",
 ]
 
+#: WebSocket close codes (RFC 6455) the gateway ends a media stream with: the one home of
+#: these numbers, for the parser's errors and for the server's own closes.
+CLOSE_GOING_AWAY: Final = 1001  # the server is shutting down
+CLOSE_PROTOCOL_ERROR: Final = 1002  # a WebSocket-level protocol error
 CLOSE_UNSUPPORTED_DATA: Final = 1003
+CLOSE_INVALID_DATA: Final = 1007  # text that is not UTF-8
 CLOSE_POLICY_VIOLATION: Final = 1008
 CLOSE_MESSAGE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL_ERROR: Final = 1011  # the call's Live session failed
 
 #: Largest inbound text frame accepted, in UTF-8 bytes. A Twilio media frame is ~300 bytes;
 #: a start frame grows with custom parameters but stays far below this.

@@ -1,0 +1,79 @@
+"""From a started media stream to a `Call`: what a call is built from, in one place.
+
+The persona the voice webhook chose (its name comes back in the stream's `start`), the Live
+options (that persona and `Settings.live`), the persona's tools and the call's transcript.
+The factory holds the app's long-lived clients; the server owns them (creates and closes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google import genai
+
+from gateway.audio import FRAME_MS
+from gateway.call import Call, SendText
+from gateway.config import Settings
+from gateway.live.session import LiveOptions, LiveSession
+from gateway.metrics import Metrics
+from gateway.personas import Persona, PersonaTable
+from gateway.tools import CallTools, TwilioRest, declarations
+from gateway.transcript import CallTranscript
+from gateway.twilio.protocol import Start
+
+#: The stream `<Parameter>` (and the voice webhook's `?persona=`) naming the persona.
+PERSONA_PARAMETER = "persona"
+
+
+def live_options(settings: Settings, persona: Persona) -> LiveOptions:
+    """The Live session options of a call answered by `persona`."""
+    return LiveOptions(
+        model=settings.gemini_model,
+        system_instruction=persona.system_instruction,
+        voice=persona.voice,
+        language=persona.language,
+        tools=declarations(persona.tools, persona.transfer_to),
+        **settings.live.model_dump(),
+    )
+
+
+@dataclass(frozen=True)
+class CallFactory:
+    """Builds each call of the app from its started stream."""
+
+    settings: Settings
+    personas: PersonaTable
+    client: genai.Client
+    rest: TwilioRest  # Twilio's REST API, for the tools
+    metrics: Metrics
+
+    def build(self, start: Start, send: SendText) -> Call:
+        """The call for a stream whose `start` was accepted; `send` writes to the caller."""
+        settings = self.settings
+        persona = self.personas.get(start.custom_parameters.get(PERSONA_PARAMETER))
+        latency = self.metrics.added_latency.labels(direction="caller_to_model")
+        live = LiveSession(
+            self.client, live_options(settings, persona), on_audio_sent=latency.observe
+        )
+        tools = None
+        if persona.tools:
+            tools = CallTools(
+                self.rest,
+                account_sid=start.account_sid,
+                call_sid=start.call_sid,
+                tools=persona.tools,
+                transfer_to=persona.transfer_to,
+            )
+        transcript = CallTranscript(settings.transcript_dir, start.call_sid)
+        transcript.event("start", persona=persona.name, stream_sid=start.stream_sid)
+        return Call(
+            start,
+            live,
+            send,
+            self.metrics,
+            greeting=persona.greeting,
+            tools=tools,
+            transcript=transcript,
+            hangup_wait_s=settings.hangup_wait_s,
+            batch_frames=settings.caller_audio_batch_ms // FRAME_MS,
+        )
