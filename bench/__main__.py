@@ -248,6 +248,7 @@ class Bench:
             "SSL_CERT_FILE": info["ca_pem"],
             "LOG_LEVEL": "WARNING",
             "MAX_CALLS": "100000",
+            "GREETING": "",  # callers talk first: each turn is one measured reply
         }
 
     async def start_gateway(self, impl: str) -> tuple[Proc, str]:

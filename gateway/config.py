@@ -68,6 +68,10 @@ def phone_address(value: str) -> str:
     return key
 
 
+# The default persona greets, so a fresh install answers like a phone system; "" is off.
+GREETING = "Greet the caller briefly and ask how you can help."
+
+
 class PersonaConfig(BaseModel):
     """One `[personas.NAME]` table; a key left out takes the top-level setting."""
 
@@ -153,7 +157,7 @@ class Settings(BaseSettings):
     gemini_model: str = "gemini-live-2.5-flash-preview"
     system_instruction: str = "You are a friendly, concise phone assistant. Keep answers short."
     voice: str = "Puck"
-    greeting: str = ""
+    greeting: str = GREETING
     language: str = ""  # BCP-47 speech language (e.g. en-US); empty: the model's choice
     tools: list[ToolName] = []
     transfer_to: dict[str, str] = {}  # name -> E.164 number or sip: address

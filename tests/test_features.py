@@ -18,7 +18,8 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from gateway.call_factory import live_options
-from gateway.config import ConfigError, load_settings
+from gateway.config import GREETING as GREETING_DEFAULT
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.live.events import ToolCall, Usage
 from gateway.live.session import LiveSession
 from gateway.outbound import place_call, run_call_command
@@ -250,7 +251,30 @@ def test_the_shipped_configuration_has_two_numbered_personas_and_a_default(
     assert len(numbered) >= 2
     for persona in numbered:
         assert table.for_number(persona.numbers[0]) is persona
-    assert table.default.greeting == ""  # existing deployments keep their behaviour
+    # A fresh install greets like a phone system: the file and the code agree on it.
+    assert table.default.greeting == GREETING_DEFAULT == Settings.model_fields["greeting"].default
+    assert table.by_name["soporte"].greeting != GREETING_DEFAULT  # its own, in Spanish
+
+
+async def test_the_default_persona_greets_and_a_persona_can_turn_it_off() -> None:
+    personas = {"quiet": {"numbers": [SUPPORT], "system_instruction": "Wait.", "greeting": ""}}
+    async with test_bed(emulator_config(), personas=personas, greeting=GREETING_DEFAULT) as bed:
+        greeted = await bed.caller(speed=SPEED).place_call(to="+15559990000")
+        await keep_line_open(greeted, lambda: heard_in_full(greeted, 1))
+        await greeted.hangup()
+        quiet = await bed.caller(speed=SPEED).place_call(to=SUPPORT)
+        await quiet.silence(1.0)
+        await quiet.speak_tone(400.0, 0.5)
+        await keep_line_open(quiet, lambda: heard_in_full(quiet, 1))
+        await quiet.hangup()
+
+    first, second = bed.emulator.record.sessions.values()
+    # The caller of the default persona only sent silence: the model spoke first.
+    assert first.history_text[0] == ("user", GREETING_DEFAULT)
+    assert [t.trigger for t in first.turns] == ["text"] and first.state.utterances == 0
+    # The persona without a greeting waited for the caller's words.
+    assert second.history_text[0] == ("user", "caller utterance 1")
+    assert [t.trigger for t in second.turns] == ["audio"]
 
 
 # ------------------------------------------------------------------- tools and keypad

@@ -414,6 +414,7 @@ async def stage(**env: str) -> AsyncIterator[Stage]:
                     HOST="127.0.0.1",
                     PORT=str(port),
                     GOAWAY_MARGIN_S="0.2",
+                    GREETING="",  # the scripts count replies from the caller's first turn
                     **env,
                 ),
                 stdout=asyncio.subprocess.PIPE,
