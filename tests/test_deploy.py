@@ -384,13 +384,98 @@ def test_lock_pins_everything_with_hashes() -> None:
 def test_lock_covers_every_runtime_dependency() -> None:
     pins = parse_lock(LOCK)
     reqs = [r for r in runtime_requirements() if r.marker is None or r.marker.evaluate(IMAGE_ENV)]
-    assert {"aiohttp", "google-genai", "twilio", "soxr", "audioop-lts"} <= {
+    assert {"aiohttp", "google-genai", "twilio", "audioop-lts"} <= {
         canonicalize_name(r.name) for r in reqs
     }
     for req in reqs:
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} missing from requirements.lock"
         assert req.specifier.contains(pins[name][0], prereleases=True), (req, pins[name][0])
+
+
+def extra_requirements() -> dict[str, list[Requirement]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    return {name: [Requirement(r) for r in reqs] for name, reqs in extras.items()}
+
+
+def requirement_closure(reqs: list[Requirement], env: dict[str, str]) -> set[str]:
+    """Canonical names of `reqs` and, as installed here, everything they need (no extras)."""
+    seen: set[str] = set()
+    todo = [r for r in reqs if r.marker is None or r.marker.evaluate(env)]
+    while todo:
+        name = canonicalize_name(todo.pop().name)
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            needs = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            continue
+        for raw in needs:
+            req = Requirement(raw)
+            if req.marker is None or req.marker.evaluate(env):
+                todo.append(req)
+    return seen
+
+
+def test_image_lock_holds_no_test_only_package() -> None:
+    """The image installs requirements.lock alone: no package only the test bed, the demo,
+    the benchmark or the tests need may be in it, nor the test bed and demo themselves."""
+    pins = parse_lock(LOCK)
+    runtime = requirement_closure(runtime_requirements(), IMAGE_ENV)
+    extras = extra_requirements()
+    assert {"demo", "bench", "test"} <= extras.keys()
+    test_only = {
+        canonicalize_name(r.name)
+        for name in ("demo", "bench", "test")
+        for r in extras[name]
+        if canonicalize_name(r.name) != "gateway"
+    } - runtime
+    assert {"trustme", "soxr", "pytest", "hypothesis", "mypy"} <= test_only  # not vacuous
+    assert test_only & pins.keys() == set()
+    for path in ("gateway/testing/harness.py", "gateway/testing/tls.py", "gateway/demo.py"):
+        assert dockerignore_excludes(path), path
+
+
+def test_runtime_dependencies_are_what_python_m_gateway_imports() -> None:
+    """Serving and placing calls import every runtime dependency and nothing else."""
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "before = set(sys.modules)\n"  # what the interpreter's start imported (site)
+            "import gateway.__main__, gateway.outbound\n"
+            "for name in set(sys.modules) - before:\n"
+            "    f = getattr(sys.modules[name], '__file__', None)\n"
+            "    if f: print(f)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    owners: dict[Path, str] = {}
+    for dist in metadata.distributions():
+        for file in dist.files or []:
+            if file.name.endswith(".py") or ".so" in file.name:
+                owners[Path(str(dist.locate_file(file))).resolve()] = canonicalize_name(
+                    dist.metadata["Name"]
+                )
+    imported = {owners[p] for p in map(Path, shown.stdout.split()) if p.resolve() in owners}
+    here = {key: str(value) for key, value in IMAGE_ENV.items()}
+    here.update(python_version=f"{sys.version_info.major}.{sys.version_info.minor}")
+    direct = {
+        canonicalize_name(r.name)
+        for r in runtime_requirements()
+        if r.marker is None or r.marker.evaluate(here)
+    }
+    assert direct <= imported, direct - imported  # no runtime dependency goes unused
+    extra = imported - requirement_closure(runtime_requirements(), here) - {"gateway"}
+    assert extra == set()  # nothing imported that the runtime does not declare
+    assert not {"trustme", "soxr", "pytest"} & imported
 
 
 def test_build_lock_satisfies_build_system() -> None:
