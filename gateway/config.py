@@ -180,6 +180,9 @@ class Settings(BaseSettings):
     caller_audio_batch_ms: int = Field(default=20, ge=20, le=100, multiple_of=20)
 
     stream_token_ttl_s: float = Field(default=60.0, gt=0)
+    # A call's CallSid is remembered this long after its stream ended: a replayed voice
+    # webhook for it opens no second stream meanwhile (one entry per call, ~200 bytes).
+    call_memory_s: float = Field(default=86400.0, ge=0)
     start_timeout_s: float = Field(default=10.0, gt=0)
     idle_timeout_s: float = Field(default=30.0, gt=0)
 

@@ -105,7 +105,9 @@ def create_app(
         settings=settings,
         metrics=metrics,
         signatures=SignatureChecker(auth_token),
-        tokens=StreamTokens(token_secret, ttl_s=settings.stream_token_ttl_s),
+        tokens=StreamTokens(
+            token_secret, ttl_s=settings.stream_token_ttl_s, memory_s=settings.call_memory_s
+        ),
         stream_url=stream_url(settings.public_url),
         personas=personas,
     )
@@ -180,13 +182,24 @@ async def voice_webhook(request: web.Request) -> web.Response:
     if not call_sid:
         state.metrics.rejected.labels(reason="no_call_sid").inc()
         raise web.HTTPBadRequest(text="CallSid missing")
+    account_sid = params.get("AccountSid", "")
+    expected = state.settings.twilio_account_sid
+    if expected and account_sid != expected:
+        state.metrics.rejected.labels(reason="wrong_account").inc()
+        log.warning("rejected /twilio/voice: AccountSid is not TWILIO_ACCOUNT_SID")
+        raise web.HTTPForbidden()
+    if state.tokens.streamed(call_sid):
+        # A replayed webhook (signatures carry no timestamp): the call had its stream.
+        state.metrics.rejected.labels(reason="replayed").inc()
+        log.warning("rejected /twilio/voice: the call already has had its stream")
+        return web.Response(text=busy_twiml(), content_type="text/xml")
     if state.draining or state.at_capacity():
         reason = "draining" if state.draining else "busy"
         state.metrics.rejected.labels(reason=reason).inc()
         log.info("turned a call away (%s)", reason)
         return web.Response(text=busy_twiml(), content_type="text/xml")
-    token = state.tokens.issue(call_sid)
     persona = state.personas.answering(params, request.query.get(PERSONA_PARAMETER))
+    token = state.tokens.issue(call_sid, account_sid=account_sid, persona=persona.name)
     twiml = connect_stream_twiml(
         state.stream_url, {TOKEN_PARAMETER: token, PERSONA_PARAMETER: persona.name}
     )
@@ -265,16 +278,22 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
             return
         bind_call(call_sid=start.call_sid, stream_sid=start.stream_sid)
         verdict = state.tokens.redeem(
-            start.custom_parameters.get(TOKEN_PARAMETER, ""), start.call_sid
+            start.custom_parameters.get(TOKEN_PARAMETER, ""),
+            start.call_sid,
+            account_sid=start.account_sid,
+            persona=start.custom_parameters.get(PERSONA_PARAMETER, ""),
         )
         if verdict is not TokenResult.OK:
             raise StreamProtocolError(CLOSE_POLICY_VIOLATION, f"stream token {verdict.value}")
-        call = calls.build(start, stream.send)
-        state.calls.add(call)
         try:
-            await call.run(stream.messages)
+            call = calls.build(start, stream.send)
+            state.calls.add(call)
+            try:
+                await call.run(stream.messages)
+            finally:
+                state.calls.discard(call)
         finally:
-            state.calls.discard(call)
+            state.tokens.ended(start.call_sid)  # remembered a while more: no second stream
         if call.stats.failure and not stream.closed:
             await stream.close(CLOSE_INTERNAL_ERROR, "live session failed")
     except StreamProtocolError as error:

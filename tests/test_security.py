@@ -193,6 +193,8 @@ def start_message(
     stream_sid: str,
     token: str | None,
     media_format: tuple[str, int] = ("audio/x-mulaw", 8000),
+    persona: str = "default",
+    account_sid: str = ACCOUNT_SID,
 ) -> str:
     return json.dumps(
         {
@@ -200,11 +202,11 @@ def start_message(
             "sequenceNumber": "1",
             "streamSid": stream_sid,
             "start": {
-                "accountSid": ACCOUNT_SID,
+                "accountSid": account_sid,
                 "streamSid": stream_sid,
                 "callSid": call_sid,
                 "tracks": ["inbound"],
-                "customParameters": {} if token is None else {"token": token},
+                "customParameters": {} if token is None else {"token": token, "persona": persona},
                 "mediaFormat": {
                     "encoding": media_format[0],
                     "sampleRate": media_format[1],
@@ -381,7 +383,13 @@ async def test_genuine_stream_accepted_and_the_same_parameters_refused_after() -
         call = await caller.place_call()
         await converse(call, 1)
         token = call.record.custom_parameters["token"]
-        replay = start_message(call.record.call_sid, call.record.stream_sid, token)
+        replay = start_message(
+            call.record.call_sid,
+            call.record.stream_sid,
+            token,
+            persona=call.record.custom_parameters["persona"],
+            account_sid=call.record.account_sid,
+        )
         # While the genuine call runs, and after it ended: the replay is refused.
         ws = await open_stream(http, bed)
         await ws.send_str(replay)

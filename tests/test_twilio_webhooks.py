@@ -15,18 +15,22 @@ from multidict import MultiDict
 from twilio.request_validator import RequestValidator
 
 from gateway.twilio.webhooks import (
+    FORM_CONTENT_TYPE,
+    FormError,
     SignatureChecker,
     SignatureResult,
     StreamTokens,
     TokenResult,
     busy_twiml,
     connect_stream_twiml,
+    parse_form,
     stream_url,
 )
 
 AUTH_TOKEN = "12345678901234567890123456789012"
 SHARED_SECRET = "shared-key-secret-0123456789"
 CALL = "CA5ff9d5d3a4e84f2a8b6b8f3c1e2d3c4b"
+ACCOUNT = "AC" + "0" * 32
 SECRET = b"s" * 32
 
 # --- TwiML ------------------------------------------------------------------------------
@@ -237,12 +241,32 @@ def test_token_ok_then_reused() -> None:
     assert tokens.redeem(token, CALL) is TokenResult.REUSED
 
 
-def test_tokens_are_distinct() -> None:
+def test_tokens_are_distinct_and_a_call_gets_one_stream() -> None:
     tokens = StreamTokens(SECRET)
     first, second = tokens.issue(CALL), tokens.issue(CALL)
     assert first != second
-    assert tokens.redeem(first, CALL) is TokenResult.OK
+    assert not tokens.streamed(CALL)
     assert tokens.redeem(second, CALL) is TokenResult.OK
+    assert tokens.streamed(CALL)
+    # A replayed webhook's token for the same call opens no second stream, then or later.
+    assert tokens.redeem(first, CALL) is TokenResult.SECOND_STREAM
+    tokens.ended(CALL)
+    assert tokens.redeem(first, CALL) is TokenResult.SECOND_STREAM
+    assert tokens.redeem(second, CALL) is TokenResult.REUSED
+
+
+def test_token_binds_account_and_persona() -> None:
+    tokens = StreamTokens(SECRET)
+    token = tokens.issue(CALL, account_sid=ACCOUNT, persona="sales")
+    assert tokens.redeem(token, CALL, account_sid="AC" + "f" * 32, persona="sales") is (
+        TokenResult.WRONG_ACCOUNT
+    )
+    assert tokens.redeem(token, CALL, account_sid=ACCOUNT, persona="support") is (
+        TokenResult.WRONG_PERSONA
+    )
+    assert tokens.redeem(token, CALL, account_sid=ACCOUNT) is TokenResult.WRONG_PERSONA
+    # None of the refusals consumed it.
+    assert tokens.redeem(token, CALL, account_sid=ACCOUNT, persona="sales") is TokenResult.OK
 
 
 def test_token_wrong_call_does_not_consume() -> None:
@@ -263,19 +287,51 @@ def test_token_expired() -> None:
     assert tokens.redeem(late, CALL) is TokenResult.OK
 
 
-def test_redeemed_nonces_are_purged_after_expiry() -> None:
+def test_calls_are_remembered_while_open_and_for_the_memory_after() -> None:
     clock = FakeClock()
-    tokens = StreamTokens(SECRET, ttl_s=10.0, clock=clock)
-    for _ in range(100):
-        assert tokens.redeem(tokens.issue(CALL), CALL) is TokenResult.OK
-        clock.now += 0.5
-    assert tokens.remembered == 20  # only tokens issued in the last 10 s
-    replay = tokens.issue(CALL)
-    assert tokens.redeem(replay, CALL) is TokenResult.OK
-    clock.now += 10.0
-    # Its nonce is forgotten, but the replay is still refused: it has expired.
-    assert tokens.redeem(replay, CALL) is TokenResult.EXPIRED
+    tokens = StreamTokens(SECRET, ttl_s=10.0, clock=clock, memory_s=100.0)
+    calls = [f"CA{n:032d}" for n in range(30)]
+    for call in calls:
+        assert tokens.redeem(tokens.issue(call), call) is TokenResult.OK
+    for call in calls[:20]:
+        tokens.ended(call)
+    clock.now += 1000.0  # an hour-long call stays remembered however long it runs
+    assert tokens.remembered == 30
+    # The 20 that ended are forgotten `memory_s` after; the 10 still open are not.
+    for call in calls[20:]:
+        tokens.ended(call)
+    clock.now += 50.0
+    replay = tokens.issue(calls[25])
+    assert tokens.redeem(replay, calls[25]) is TokenResult.SECOND_STREAM
+    assert tokens.streamed(calls[0]) is False and tokens.remembered == 10
+    clock.now += 50.0
+    assert tokens.remembered == 10  # purged lazily: nothing asked yet
+    assert not tokens.streamed(calls[25])
     assert tokens.remembered == 0
+    # Once forgotten, a replay issued afterwards opens a stream again: the memory's limit.
+    assert tokens.redeem(tokens.issue(calls[25]), calls[25]) is TokenResult.OK
+
+
+def test_memory_outlasts_every_token_issued_for_the_call() -> None:
+    clock = FakeClock()
+    tokens = StreamTokens(SECRET, ttl_s=60.0, clock=clock, memory_s=0.0)
+    early, late = tokens.issue(CALL), None
+    clock.now += 30.0
+    late = tokens.issue(CALL)
+    assert tokens.redeem(early, CALL) is TokenResult.OK
+    tokens.ended(CALL)  # a very short call
+    clock.now += 59.0
+    assert tokens.redeem(late, CALL) is TokenResult.SECOND_STREAM
+    clock.now += 2.0
+    assert tokens.redeem(late, CALL) is TokenResult.EXPIRED
+    assert tokens.remembered == 0
+
+
+def test_ended_without_a_stream_is_harmless() -> None:
+    tokens = StreamTokens(SECRET)
+    tokens.ended(CALL)
+    assert tokens.remembered == 0
+    assert tokens.redeem(tokens.issue(CALL), CALL) is TokenResult.OK
 
 
 def test_token_from_other_secret_is_bad_signature() -> None:
@@ -339,6 +395,8 @@ def test_token_secret_and_ttl_validation() -> None:
     with pytest.raises(ValueError):
         StreamTokens(SECRET, ttl_s=0)
     with pytest.raises(ValueError):
+        StreamTokens(SECRET, memory_s=-1)
+    with pytest.raises(ValueError):
         StreamTokens(SECRET).issue("")
 
 
@@ -347,3 +405,51 @@ def test_token_does_not_leak_secret() -> None:
     body, _ = token.split(".")
     assert SECRET not in base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     assert SECRET.decode() not in token
+
+
+# --- webhook bodies ----------------------------------------------------------------------
+
+
+def test_form_as_twilio_sends_it() -> None:
+    body = b"CallSid=CA123&From=%2B15005550006&To=%2B15005550001&Caller=J%C3%BCrgen+X&Empty="
+    assert parse_form(body, FORM_CONTENT_TYPE, "UTF-8") == {
+        "CallSid": "CA123",
+        "From": "+15005550006",
+        "To": "+15005550001",
+        "Caller": "J\u00fcrgen X",
+        "Empty": "",
+    }
+    assert parse_form(b"", FORM_CONTENT_TYPE) == {}
+    assert parse_form(b"A=1&A=2", FORM_CONTENT_TYPE) == {"A": "2"}
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "charset", "reason"),
+    [
+        (b"CallSid=CA\xff\xfe", FORM_CONTENT_TYPE, None, "invalid UTF-8"),
+        (b"CallSid=CA%FF%FE", FORM_CONTENT_TYPE, None, "invalid UTF-8"),
+        (b"\xc3(=1", FORM_CONTENT_TYPE, None, "invalid UTF-8"),
+        (b"CallSid", FORM_CONTENT_TYPE, None, "malformed form"),
+        (b"a=1&&b=2", FORM_CONTENT_TYPE, None, "malformed form"),
+        (b"&".join([b"a=1"] * 501), FORM_CONTENT_TYPE, None, "malformed form"),
+        (b'{"CallSid": "CA1"}', "application/json", None, "not a form"),
+        (b"--x\r\n", "multipart/form-data", None, "not a form"),
+        (b"CallSid=CA1", FORM_CONTENT_TYPE, "latin-1", "charset not UTF-8"),
+    ],
+)
+def test_bad_bodies_are_form_errors(
+    body: bytes, content_type: str, charset: str | None, reason: str
+) -> None:
+    with pytest.raises(FormError) as error:
+        parse_form(body, content_type, charset)
+    assert error.value.reason == reason
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_or_are_a_form_error(body: bytes) -> None:
+    try:
+        params = parse_form(body, FORM_CONTENT_TYPE)
+    except FormError as error:
+        assert error.reason in ("invalid UTF-8", "malformed form")
+    else:
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in params.items())

@@ -1,4 +1,4 @@
-"""Webhook-side helpers: TwiML, Twilio signature checks and single-use stream tokens.
+"""Webhook-side helpers: TwiML, webhook bodies, Twilio signature checks, stream tokens.
 
 Pure functions and small classes; the aiohttp server calls them. Secrets (the auth token,
 the SharedKey secret, the token secret, issued tokens) never appear in return values other
@@ -14,26 +14,30 @@ import hashlib
 import heapq
 import hmac
 import json
+import math
 import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import twilio.request_validator as _request_validator
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, Parameter, Stream, VoiceResponse
 
 __all__ = [
+    "FORM_CONTENT_TYPE",
     "SIGNATURE_HEADER",
     "SIGNATURE_SETTINGS_HEADER",
+    "FormError",
     "SignatureChecker",
     "SignatureResult",
     "StreamTokens",
     "TokenResult",
     "busy_twiml",
     "connect_stream_twiml",
+    "parse_form",
     "stream_url",
 ]
 
@@ -166,6 +170,53 @@ class SignatureChecker:
         return self.check(url, {}, signature, settings)
 
 
+# --- webhook bodies ----------------------------------------------------------------------
+
+FORM_CONTENT_TYPE: Final = "application/x-www-form-urlencoded"
+#: Twilio sends a few dozen parameters; far more is not a Twilio request.
+_MAX_FORM_FIELDS: Final = 500
+
+
+class FormError(ValueError):
+    """A webhook body that is not a form as Twilio sends one; ``reason`` is safe to log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def parse_form(body: bytes, content_type: str, charset: str | None = None) -> dict[str, str]:
+    """The parameters of a webhook body, decoded strictly.
+
+    Twilio posts ``application/x-www-form-urlencoded`` UTF-8. Anything else (another content
+    type or charset, bytes or percent-escapes that are not UTF-8, a field without ``=``, too
+    many fields) raises :class:`FormError`: a client error, never a server one. A key given
+    twice keeps its last value, as the signature check has always seen it.
+    """
+    if content_type.lower() != FORM_CONTENT_TYPE:
+        raise FormError("not a form")
+    if charset is not None and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
+        raise FormError("charset not UTF-8")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormError("invalid UTF-8") from None
+    try:
+        pairs = parse_qsl(
+            text,
+            keep_blank_values=True,
+            strict_parsing=True,
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=_MAX_FORM_FIELDS,
+        )
+    except UnicodeDecodeError:
+        raise FormError("invalid UTF-8") from None
+    except ValueError:
+        raise FormError("malformed form") from None
+    return dict(pairs)
+
+
 # --- stream tokens --------------------------------------------------------------------------
 
 
@@ -174,13 +225,19 @@ class TokenResult(enum.Enum):
     MALFORMED = "malformed"
     BAD_SIGNATURE = "bad_signature"
     WRONG_CALL = "wrong_call"
+    WRONG_ACCOUNT = "wrong_account"
+    WRONG_PERSONA = "wrong_persona"
     EXPIRED = "expired"
     REUSED = "reused"
+    SECOND_STREAM = "second_stream"
 
 
-_TOKEN_RE: Final = re.compile(r"([A-Za-z0-9_-]{1,512})\.([A-Za-z0-9_-]{43})", re.ASCII)
+_TOKEN_RE: Final = re.compile(r"([A-Za-z0-9_-]{1,1024})\.([A-Za-z0-9_-]{43})", re.ASCII)
+# The payload gained "a" and "p" since v1; a v1 reader ignores them, so a token this
+# version issues still redeems on a replica not yet updated during a rollout.
 _TOKEN_DOMAIN: Final = b"gateway.stream-token.v1."
 _MIN_SECRET_BYTES: Final = 16
+_LIVE: Final = math.inf  # a remembered call whose stream is still open
 
 
 def _b64url(data: bytes) -> str:
@@ -192,46 +249,75 @@ def _unb64url(text: str) -> bytes:
 
 
 class StreamTokens:
-    """Single-use, short-lived tokens tying a Media Stream to the webhook that created it.
+    """Short-lived tokens tying a Media Stream to the webhook that created it, and at most
+    one stream per call.
 
-    The voice webhook (signature-checked) issues a token for its CallSid and puts it in a
-    ``<Parameter>``; the stream's ``start`` message carries it back and is accepted only if
-    the token redeems for that same CallSid. Token = ``base64url(payload) "." base64url(
-    HMAC-SHA256(secret, payload))``; the payload binds the CallSid, an expiry and a random
-    nonce. Redeemed nonces are remembered until their expiry, then purged.
+    The voice webhook (signature-checked) issues a token for its CallSid, AccountSid and
+    persona and puts it in a ``<Parameter>``; the stream's ``start`` message carries it back
+    and is accepted only if the token redeems for that same CallSid, AccountSid and persona.
+    Token = ``base64url(payload) "." base64url(HMAC-SHA256(secret, payload))``; the payload
+    binds those three, an expiry and a random nonce.
+
+    Twilio's signatures carry no timestamp, so a captured voice webhook can be replayed at
+    any time and gets a fresh token. What stops it is the call memory: the first stream a
+    CallSid redeems is remembered while it runs (:meth:`ended` starts the countdown) and
+    ``memory_s`` after, and no other token for that call redeems meanwhile
+    (``SECOND_STREAM``; the same token again is ``REUSED``). :meth:`streamed` lets the
+    webhook refuse to issue one at all. A webhook Twilio itself retries before any stream
+    started gets a token that works, once. The memory is this process's: see the README on
+    replicas.
 
     ``clock`` returns seconds; it defaults to wall-clock ``time.time`` because the expiry
     travels inside the token and must mean the same thing in every process sharing the
     secret and across restarts (a monotonic clock does not).
     """
 
-    __slots__ = ("_clock", "_expiries", "_redeemed", "_secret", "_ttl")
+    __slots__ = ("_calls", "_clock", "_forget", "_memory", "_secret", "_ttl")
 
     def __init__(
-        self, secret: bytes, ttl_s: float = 60.0, clock: Callable[[], float] = time.time
+        self,
+        secret: bytes,
+        ttl_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        *,
+        memory_s: float = 86400.0,
     ) -> None:
         if len(secret) < _MIN_SECRET_BYTES:
             raise ValueError(f"secret must be at least {_MIN_SECRET_BYTES} bytes")
         if not ttl_s > 0:
             raise ValueError("ttl_s must be positive")
+        if not memory_s >= 0:
+            raise ValueError("memory_s must not be negative")
         self._secret = bytes(secret)
         self._ttl = ttl_s
+        self._memory = memory_s
         self._clock = clock
-        self._redeemed: set[str] = set()
-        self._expiries: list[tuple[float, str]] = []  # heap of (expiry, nonce)
+        # CallSid -> (the nonce that opened its stream, when to forget the call).
+        self._calls: dict[str, tuple[str, float]] = {}
+        self._forget: list[tuple[float, str]] = []  # heap of (forget at, CallSid)
 
     def _sign(self, body: str) -> str:
         mac = hmac.new(self._secret, _TOKEN_DOMAIN + body.encode("ascii"), hashlib.sha256)
         return _b64url(mac.digest())
 
-    def issue(self, call_sid: str) -> str:
+    def issue(self, call_sid: str, *, account_sid: str = "", persona: str = "") -> str:
         if not call_sid:
             raise ValueError("call_sid must be non-empty")
-        payload = {"c": call_sid, "e": self._clock() + self._ttl, "n": secrets.token_hex(16)}
+        payload = {
+            "c": call_sid,
+            "a": account_sid,
+            "p": persona,
+            "e": self._clock() + self._ttl,
+            "n": secrets.token_hex(16),
+        }
         body = _b64url(json.dumps(payload, separators=(",", ":")).encode("utf-8"))
         return f"{body}.{self._sign(body)}"
 
-    def redeem(self, token: str, call_sid: str) -> TokenResult:
+    def redeem(
+        self, token: str, call_sid: str, *, account_sid: str = "", persona: str = ""
+    ) -> TokenResult:
+        """Check a ``start``'s token against what the ``start`` says; OK opens the call's
+        one stream (call :meth:`ended` when it closes). A refusal consumes nothing."""
         match = _TOKEN_RE.fullmatch(token) if isinstance(token, str) else None
         if match is None:
             return TokenResult.MALFORMED
@@ -240,35 +326,55 @@ class StreamTokens:
             return TokenResult.BAD_SIGNATURE
         try:
             payload = json.loads(_unb64url(body))
-            token_call, expiry, nonce = payload["c"], payload["e"], payload["n"]
+            fields = (payload["c"], payload["a"], payload["p"], payload["n"])
+            expiry = payload["e"]
         except (ValueError, binascii.Error, TypeError, KeyError, RecursionError):
             return TokenResult.MALFORMED
-        if (
-            not isinstance(token_call, str)
-            or type(expiry) not in (int, float)
-            or not isinstance(nonce, str)
-        ):
+        if not all(isinstance(f, str) for f in fields) or type(expiry) not in (int, float):
             return TokenResult.MALFORMED
-        if token_call != call_sid:  # not secret: a plain comparison is fine
+        token_call, token_account, token_persona, nonce = fields
+        # None of these is secret: plain comparisons are fine.
+        if token_call != call_sid:
             return TokenResult.WRONG_CALL
+        if token_account != account_sid:
+            return TokenResult.WRONG_ACCOUNT
+        if token_persona != persona:
+            return TokenResult.WRONG_PERSONA
         now = self._clock()
         self._purge(now)
         if not now < expiry:
             return TokenResult.EXPIRED
-        if nonce in self._redeemed:
-            return TokenResult.REUSED
-        self._redeemed.add(nonce)
-        heapq.heappush(self._expiries, (float(expiry), nonce))
+        seen = self._calls.get(call_sid)
+        if seen is not None:
+            return TokenResult.REUSED if seen[0] == nonce else TokenResult.SECOND_STREAM
+        self._calls[call_sid] = (nonce, _LIVE)
         return TokenResult.OK
 
+    def streamed(self, call_sid: str) -> bool:
+        """Whether the call has (or recently had) its stream: a webhook for it is a replay."""
+        self._purge(self._clock())
+        return call_sid in self._calls
+
+    def ended(self, call_sid: str) -> None:
+        """The call's stream closed: remember the call ``memory_s`` more (at least until
+        any token issued for it has expired), then forget it."""
+        seen = self._calls.get(call_sid)
+        if seen is None or seen[1] != _LIVE:
+            return
+        forget_at = self._clock() + max(self._memory, self._ttl)
+        self._calls[call_sid] = (seen[0], forget_at)
+        heapq.heappush(self._forget, (forget_at, call_sid))
+
     def _purge(self, now: float) -> None:
-        """Forget nonces whose tokens have expired: they fail the expiry check anyway."""
-        heap = self._expiries
+        """Forget calls whose memory ran out: their tokens have all expired by then."""
+        heap = self._forget
         while heap and heap[0][0] <= now:
-            _, nonce = heapq.heappop(heap)
-            self._redeemed.discard(nonce)
+            forget_at, call_sid = heapq.heappop(heap)
+            seen = self._calls.get(call_sid)
+            if seen is not None and seen[1] == forget_at:
+                del self._calls[call_sid]
 
     @property
     def remembered(self) -> int:
-        """How many redeemed nonces are held (for tests and metrics)."""
-        return len(self._redeemed)
+        """How many calls are remembered, open or ended (for tests and metrics)."""
+        return len(self._calls)
