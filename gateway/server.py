@@ -40,12 +40,14 @@ from gateway.twilio.stream import MediaStream
 from gateway.twilio.webhooks import (
     SIGNATURE_HEADER,
     SIGNATURE_SETTINGS_HEADER,
+    FormError,
     SignatureChecker,
     SignatureResult,
     StreamTokens,
     TokenResult,
     busy_twiml,
     connect_stream_twiml,
+    parse_form,
     stream_url,
 )
 
@@ -155,8 +157,12 @@ def _clients(
 async def _checked_form(request: web.Request) -> dict[str, str] | None:
     """The form parameters if Twilio's signature over them holds, else None."""
     state = request.app[STATE]
-    form = await request.post()
-    params = {k: v for k, v in form.items() if isinstance(v, str)}
+    try:
+        params = parse_form(await request.read(), request.content_type, request.charset)
+    except FormError as error:
+        state.metrics.rejected.labels(reason="bad_form").inc()
+        log.warning("rejected %s: %s", request.path, error.reason)
+        raise web.HTTPBadRequest(text=f"{error.reason}\n") from None
     url = state.settings.public_url + request.path_qs
     result = state.signatures.check(
         url,
