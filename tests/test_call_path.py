@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -15,6 +16,10 @@ from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, quick_emula
 from gateway.testing.live_emulator import EmulatorConfig
 from gateway.testing.twilio_sim import SimulatedCall
 
+if TYPE_CHECKING:
+    from conftest import NewTasks
+
+pytestmark = pytest.mark.usefixtures("no_gemini_base_url")
 SPEED = 2.0
 
 
@@ -25,19 +30,6 @@ def fast_config(**overrides: object) -> EmulatorConfig:
 async def wait_reply(call: SimulatedCall, n: int, limit_s: float = 15.0) -> None:
     """Keep streaming silence, as Twilio does, until reply n has been heard in full."""
     await await_reply(call, n, min_s=0.7, limit_s=limit_s)
-
-
-async def settle_tasks(before: set[asyncio.Task[object]], limit_s: float = 5.0) -> set[str]:
-    """Names of tasks still alive that were not there before (after a grace period)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit_s
-    while True:
-        extra = {t for t in asyncio.all_tasks() if t not in before and not t.done()}
-        extra.discard(asyncio.current_task())  # type: ignore[arg-type]
-        names = {t.get_name() for t in extra}
-        if not names or loop.time() > deadline:
-            return names
-        await asyncio.sleep(0.05)
 
 
 async def test_three_turn_call_hears_every_reply_once_in_order() -> None:
@@ -112,28 +104,28 @@ async def _signed_stream(bed: TestBed) -> aiohttp.ClientWebSocketResponse:
     )
 
 
-async def test_stream_closed_before_start_leaves_nothing_behind() -> None:
+async def test_stream_closed_before_start_leaves_nothing_behind(new_tasks: NewTasks) -> None:
     async with test_bed(fast_config()) as bed:
-        before = set(asyncio.all_tasks())
+        new_tasks.mark()
         ws = await _signed_stream(bed)
         await ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1"}))
         await ws.close()
-        assert await settle_tasks(before) == set()
+        assert await new_tasks.left() == set()
         assert bed.emulator.record.connections == []
 
 
-async def test_stream_closed_mid_reply_ends_live_session_and_tasks() -> None:
+async def test_stream_closed_mid_reply_ends_live_session_and_tasks(new_tasks: NewTasks) -> None:
     async with test_bed(fast_config(reply_s=4.0)) as bed:
-        before = set(asyncio.all_tasks())
+        new_tasks.mark()
         call = await bed.caller(speed=SPEED).place_call()
         await call.speak_tone(330.0, 0.5)
         await await_reply(call, 1, min_s=0.0, limit_s=10, step_s=0.05)
         await call.hangup()
-        leftover = await settle_tasks(before)
+        leftover = await new_tasks.left()
         assert leftover == set(), leftover
         connections = bed.emulator.record.connections
         assert connections and all(c.closed_at is not None for c in connections)
-        assert bed.metrics.calls_active._value.get() == 0
+        assert bed.metrics.registry.get_sample_value("gateway_calls_active") == 0
 
 
 async def test_live_failure_ends_the_call_cleanly() -> None:
@@ -146,7 +138,8 @@ async def test_live_failure_ends_the_call_cleanly() -> None:
         await bed.emulator.cut_all(abrupt=True)
         await call.wait_closed(timeout=10)
         assert call.record.close_code == 1011
-        assert bed.metrics.calls.labels(outcome="live_failed")._value.get() == 1
+        sample = bed.metrics.registry.get_sample_value
+        assert sample("gateway_calls_total", {"outcome": "live_failed"}) == 1
 
 
 def test_audio_segments_helper_sees_caller_tones() -> None:
@@ -160,8 +153,3 @@ def test_audio_segments_helper_sees_caller_tones() -> None:
     assert len(found) == 1
     assert abs(found[0].freq_hz - 440.0) < 5
     assert abs(found[0].duration_s - 0.5) <= 0.04
-
-
-@pytest.fixture(autouse=True)
-def _no_env_leak(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GOOGLE_GEMINI_BASE_URL", raising=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,21 @@ from gateway.outbound import place_call, run_call_command
 from gateway.personas import PersonaTable
 from gateway.server import CALLS
 from gateway.testing.analysis import heard_replies
-from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, test_bed, test_settings
+from gateway.testing.harness import (
+    AUTH_TOKEN,
+    PUBLIC_URL,
+    TestBed,
+    quick_emulator,
+    test_bed,
+    test_settings,
+)
 from gateway.testing.live_emulator import EmulatorConfig
 from gateway.testing.twilio_rest import RestRequest, TwilioRestStandIn
 from gateway.testing.twilio_sim import SimulatedCall
 from gateway.tools import CallTools, TwilioRest
 
+# Only the settings a test gives: the repo's config/gateway.toml stays out of it.
+pytestmark = pytest.mark.usefixtures("no_config_file")
 SPEED = 2.0
 REPLY_S = 0.8
 SALES = "+15550100011"
@@ -51,23 +60,10 @@ PERSONAS: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def no_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Only the settings a test gives: the repo's config/gateway.toml stays out of it."""
-    monkeypatch.setenv("GATEWAY_CONFIG", str(tmp_path / "absent.toml"))
-    yield
-
-
 def emulator_config(**overrides: Any) -> EmulatorConfig:
-    config = EmulatorConfig()
-    config.reply_s = REPLY_S
-    config.end_of_speech_s = 0.4
-    config.response_delay_s = 0.1
-    config.handle_interval = 0.3
-    config.speed = SPEED
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+    return quick_emulator(
+        **{"speed": SPEED, "reply_s": REPLY_S, "handle_interval": 0.3, **overrides}
+    )
 
 
 @asynccontextmanager

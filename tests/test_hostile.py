@@ -187,7 +187,11 @@ async def test_undecodable_webhook_bodies_are_client_errors(logs: Records) -> No
         await call.hangup()
 
         assert_completed(call, 1)
-        assert bed.metrics.rejected.labels(reason="bad_form")._value.get() == 2 * len(BAD_BODIES)
+        bad_form = {"reason": "bad_form"}
+        rejected = bed.metrics.registry.get_sample_value(
+            "gateway_requests_rejected_total", bad_form
+        )
+        assert rejected == 2 * len(BAD_BODIES)
         warned = logs.warnings("rejected /twilio/")
         expected = [reason or "charset not UTF-8" for _, _, reason in BAD_BODIES.values()]
         assert warned == [f"rejected /twilio/voice: {r}" for r in expected] + [
@@ -235,7 +239,11 @@ async def test_replayed_webhooks_open_no_second_stream(logs: Records) -> None:
             assert (await closed_with(again))[0] == 1008
 
         assert_completed(good, 2)
-        assert bed.metrics.rejected.labels(reason="replayed")._value.get() == 8 + 1
+        replayed = {"reason": "replayed"}
+        assert (
+            bed.metrics.registry.get_sample_value("gateway_requests_rejected_total", replayed)
+            == 8 + 1
+        )
         # Only the two genuine streams ever reached the Live side.
         assert len(bed.emulator.record.connections) == 2
         logs.assert_quiet()
@@ -271,5 +279,6 @@ async def test_token_binds_the_account_and_the_persona(logs: Records) -> None:
         await good.hangup()
 
         assert_completed(good, 1)
-        assert bed.metrics.rejected.labels(reason="wrong_account")._value.get() == 1
+        wrong = {"reason": "wrong_account"}
+        assert bed.metrics.registry.get_sample_value("gateway_requests_rejected_total", wrong) == 1
         logs.assert_quiet()

@@ -19,10 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -32,7 +33,7 @@ from twilio.request_validator import RequestValidator
 from gateway.logs import JsonFormatter, call_filter
 from gateway.server import STATE, start_draining
 from gateway.testing.analysis import heard_replies
-from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, test_bed
+from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, quick_emulator, test_bed
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.tls import make_tls
 from gateway.testing.twilio_sim import (
@@ -42,6 +43,9 @@ from gateway.testing.twilio_sim import (
     TwilioCallerSimulator,
 )
 
+if TYPE_CHECKING:
+    from conftest import Eventually
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEED = 2.0
 CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
@@ -50,16 +54,10 @@ PHONE = re.compile(r"\+?\d{7,15}")
 
 
 def emulator_config(**overrides: float) -> EmulatorConfig:
-    """Short replies, quick turn-taking, time compressed like the callers."""
-    values: dict[str, float] = {
-        "reply_s": 0.8,
-        "end_of_speech_s": 0.3,
-        "response_delay_s": 0.1,
-        "handle_interval": 0.3,
-        "speed": SPEED,
-    }
-    values.update(overrides)
-    return EmulatorConfig(**values)  # type: ignore[arg-type]
+    """Short replies, quicker turn-taking, time compressed like the callers."""
+    return quick_emulator(
+        **{"speed": SPEED, "end_of_speech_s": 0.3, "handle_interval": 0.3, **overrides}
+    )
 
 
 def complete_replies(record: CallRecord, min_s: float = 0.75) -> list[int]:
@@ -93,13 +91,6 @@ async def barge_in(call: SimulatedCall, n: int, freq: float = 390.0) -> None:
     await wait_reply(call, n + 1)
 
 
-async def eventually(predicate: Callable[[], object], limit_s: float = 10.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.02)
-
-
 # --------------------------------------------------------------- health and readiness
 
 
@@ -108,7 +99,7 @@ async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
         return resp.status, await resp.text()
 
 
-async def test_health_and_readiness_follow_calls_and_drain() -> None:
+async def test_health_and_readiness_follow_calls_and_drain(eventually: Eventually) -> None:
     async with test_bed(emulator_config(), max_calls=1) as bed:
         url = bed.gateway_url
         assert await get(bed.http, url + "/healthz") == (200, "ok\n")
@@ -174,7 +165,7 @@ async def _scripted_call(bed: TestBed) -> CallRecord:
         return call.record
 
 
-async def _run_scripted_call() -> CallOutcome:
+async def _run_scripted_call(eventually: Eventually) -> CallOutcome:
     collect = _Collect()
     root = logging.getLogger()
     saved_level = root.level
@@ -197,9 +188,9 @@ async def _run_scripted_call() -> CallOutcome:
 
 
 @pytest.fixture(scope="module")
-def scripted_call() -> CallOutcome:
+def scripted_call(eventually: Eventually) -> CallOutcome:
     """One call shared by the metrics and logs tests (it takes a few seconds)."""
-    return asyncio.run(_run_scripted_call())
+    return asyncio.run(_run_scripted_call(eventually))
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

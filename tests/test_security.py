@@ -22,6 +22,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -34,10 +35,20 @@ from gateway.metrics import Metrics
 from gateway.personas import PersonaTable
 from gateway.server import STATE, create_app
 from gateway.testing.analysis import await_reply, heard_replies
-from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, environment, test_bed
+from gateway.testing.harness import (
+    AUTH_TOKEN,
+    PUBLIC_URL,
+    TestBed,
+    environment,
+    quick_emulator,
+    test_bed,
+)
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.twilio_sim import SimulatedCall, TwilioCallerSimulator
 from gateway.twilio.webhooks import StreamTokens
+
+if TYPE_CHECKING:
+    from conftest import Eventually, NewTasks
 
 SPEED = 2.0
 VOICE_URL = PUBLIC_URL + "/twilio/voice"
@@ -48,18 +59,9 @@ ACCOUNT_SID = "AC" + "0" * 32
 
 
 def emulator_config(**overrides: object) -> EmulatorConfig:
-    config = EmulatorConfig(
-        reply_s=0.8,
-        end_of_speech_s=0.4,
-        response_delay_s=0.1,
-        handle_interval=0.5,
-        speed=SPEED,
-        # A key that cannot turn up in a log line by accident.
-        api_key="AIza-test-" + secrets.token_urlsafe(24),
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+    # A key that cannot turn up in a log line by accident.
+    api_key = "AIza-test-" + secrets.token_urlsafe(24)
+    return quick_emulator(**{"speed": SPEED, "api_key": api_key, **overrides})
 
 
 def new_sid(prefix: str) -> str:
@@ -247,18 +249,6 @@ async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, 
                 return ws.close_code, ""
 
 
-async def settle_tasks(before: set[asyncio.Task[object]], limit_s: float = 5.0) -> set[str]:
-    """Names of tasks alive that were not there before, after a grace period."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit_s
-    while True:
-        extra = {t for t in asyncio.all_tasks() if t not in before and not t.done()}
-        extra.discard(asyncio.current_task())  # type: ignore[arg-type]
-        if not extra or loop.time() > deadline:
-            return {t.get_name() for t in extra}
-        await asyncio.sleep(0.05)
-
-
 async def converse(call: SimulatedCall, n: int, freq: float = 340.0) -> None:
     """Say something and keep the line open (as Twilio does) until reply n was heard."""
     await call.speak_tone(freq, 0.6)
@@ -304,9 +294,9 @@ async def test_webhooks_refuse_unsigned_badly_and_otherwise_signed(logs: LogCapt
                 assert "signature" not in body.lower() and "Stream" not in body, (url, case)
             status, _ = await post_webhook(http, bed, url, params, {"X-Twilio-Signature": good})
             assert status in (200, 204), url
-        rejected = bed.metrics.rejected
-        assert rejected.labels(reason="signature_missing")._value.get() == 4
-        assert rejected.labels(reason="signature_invalid")._value.get() == 12
+        sample = bed.metrics.registry.get_sample_value
+        assert sample("gateway_requests_rejected_total", {"reason": "signature_missing"}) == 4
+        assert sample("gateway_requests_rejected_total", {"reason": "signature_invalid"}) == 12
         warned = logs.messages("gateway.server", "rejected /twilio/")
         assert len(warned) == 16 and all(m.endswith(" signature") for m in warned)
         assert bed.emulator.record.connections == []
@@ -400,7 +390,8 @@ async def test_genuine_stream_accepted_and_the_same_parameters_refused_after() -
         assert await closed_with(ws) == (1008, "stream token reused")
         assert [r.n for r in heard_replies(call.record)] == [1]
         assert len(bed.emulator.record.connections) == 1
-        assert bed.metrics.stream_errors.labels(reason="stream_token_reused")._value.get() == 2
+        reused = {"reason": "stream_token_reused"}
+        assert bed.metrics.registry.get_sample_value("gateway_stream_errors_total", reused) == 2
 
 
 # ------------------------------------------------------------- hostile crowd
@@ -488,9 +479,11 @@ HOSTILE: dict[str, tuple[Hostile, int, str]] = {
 }
 
 
-async def test_good_call_unharmed_beside_thirty_hostile_streams(logs: LogCapture) -> None:
+async def test_good_call_unharmed_beside_thirty_hostile_streams(
+    logs: LogCapture, new_tasks: NewTasks
+) -> None:
     async with test_bed(emulator_config()) as bed:
-        before = set(asyncio.all_tasks())
+        new_tasks.mark()
         tokens: list[str] = []
         async with client_session() as http:
             caller = TwilioCallerSimulator(
@@ -511,7 +504,7 @@ async def test_good_call_unharmed_beside_thirty_hostile_streams(logs: LogCapture
             tokens.append(call.record.custom_parameters["token"])
             async with http.get(bed.gateway_url + "/metrics") as resp:
                 metrics_text = await resp.text()
-        leftover = await settle_tasks(before)
+        leftover = await new_tasks.left()
 
         # The good call: both replies heard, in order, nothing odd on its stream.
         assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.7] == [1, 2]
@@ -540,7 +533,7 @@ async def test_good_call_unharmed_beside_thirty_hostile_streams(logs: LogCapture
         state = bed.app[STATE]
         assert state.sockets == set() and state.calls == set()
         assert all(c.closed_at is not None for c in bed.emulator.record.connections)
-        assert bed.metrics.calls_active._value.get() == 0
+        assert bed.metrics.registry.get_sample_value("gateway_calls_active") == 0
         # No secret anywhere: logs, metrics, close reasons.
         assert len(tokens) == 10
         secret_values = [AUTH_TOKEN, bed.emulator.config.api_key, *tokens]
@@ -551,7 +544,7 @@ async def test_good_call_unharmed_beside_thirty_hostile_streams(logs: LogCapture
 # -------------------------------------------------------------------- limits
 
 
-async def test_call_limit_answers_busy_and_readiness_says_so() -> None:
+async def test_call_limit_answers_busy_and_readiness_says_so(eventually: Eventually) -> None:
     async with test_bed(emulator_config(), max_calls=1) as bed, client_session() as http:
         caller = TwilioCallerSimulator(http, bed.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=SPEED)
         call = await caller.place_call()
@@ -570,20 +563,19 @@ async def test_call_limit_answers_busy_and_readiness_says_so() -> None:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await open_stream(http, bed)
         assert refused.value.status == 503
-        assert bed.metrics.rejected.labels(reason="busy")._value.get() == 1
+        busy = {"reason": "busy"}
+        assert bed.metrics.registry.get_sample_value("gateway_requests_rejected_total", busy) == 1
 
         await call.hangup()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while bed.app[STATE].sockets:
-            assert loop.time() < deadline
-            await asyncio.sleep(0.02)
+        await eventually(lambda: not bed.app[STATE].sockets, limit_s=5)
         async with http.get(bed.gateway_url + "/readyz") as resp:
             assert resp.status == 200
         assert await issue_token(http, bed, new_sid("CA"))
 
 
-async def test_start_deadline_and_idle_stream_are_closed(logs: LogCapture) -> None:
+async def test_start_deadline_and_idle_stream_are_closed(
+    logs: LogCapture, eventually: Eventually
+) -> None:
     async with (
         test_bed(emulator_config(), start_timeout_s=0.4, idle_timeout_s=1.0) as bed,
         client_session() as http,
@@ -617,11 +609,8 @@ async def test_start_deadline_and_idle_stream_are_closed(logs: LogCapture) -> No
         await call.wait_closed(timeout=10)
         assert (call.record.close_code, call.record.close_reason) == (1008, "stream idle too long")
         await call.hangup()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while not all(c.closed_at is not None for c in bed.emulator.record.connections):
-            assert loop.time() < deadline
-            await asyncio.sleep(0.02)
+        connections = bed.emulator.record.connections
+        await eventually(lambda: all(c.closed_at is not None for c in connections), limit_s=5)
         closed = Counter(logs.messages("gateway.server", "stream closed: "))
         assert closed == {
             "stream closed: no start before the deadline": 2,

@@ -82,8 +82,8 @@ async def test_call_across_goaway_resets_loses_nothing() -> None:
         assert not any(c.refused for c in record.connections)
         assert_replies_once_in_order(heard_replies(call.record), turns)
         assert_session_holds_caller_audio(bed, call, turns)
-        resumed = bed.metrics.live_resumptions.labels(cause="goaway")._value.get()
-        assert resumed >= 5
+        resumed = bed.metrics.registry.get_sample_value
+        assert resumed("gateway_live_resumptions_total", {"cause": "goaway"}) >= 5
 
 
 async def test_call_across_abrupt_resets_loses_nothing() -> None:
@@ -101,7 +101,8 @@ async def test_call_across_abrupt_resets_loses_nothing() -> None:
         assert all(c.resumed_from is not None for c in record.connections[1:])
         assert_replies_once_in_order(heard_replies(call.record), turns)
         assert_session_holds_caller_audio(bed, call, turns)
-        assert bed.metrics.live_resumptions.labels(cause="abrupt")._value.get() >= 5
+        resumed = bed.metrics.registry.get_sample_value
+        assert resumed("gateway_live_resumptions_total", {"cause": "abrupt"}) >= 5
 
 
 async def test_refused_handle_continues_on_a_briefed_fresh_session(
@@ -124,7 +125,8 @@ async def test_refused_handle_continues_on_a_briefed_fresh_session(
         # Briefed with the conversation so far: both earlier replies' transcripts.
         briefing = " ".join(text for _, text in fresh.history_text)
         assert "reply 1" in briefing and "reply 2" in briefing, fresh.history_text
-        assert bed.metrics.live_resumptions.labels(cause="refused")._value.get() == 1
+        resumed = bed.metrics.registry.get_sample_value
+        assert resumed("gateway_live_resumptions_total", {"cause": "refused"}) == 1
         refusals = [r for r in caplog.records if "refused" in r.getMessage()]
         assert len(refusals) == 1
 
@@ -159,7 +161,8 @@ async def test_many_calls_resetting_at_once_all_resume() -> None:
         await asyncio.gather(*(converse_from(c, 2) for c in callers))
         for c in callers:
             await c.hangup()
-        assert bed.metrics.live_resumptions.labels(cause="abrupt")._value.get() == calls_n
+        resumed = bed.metrics.registry.get_sample_value
+        assert resumed("gateway_live_resumptions_total", {"cause": "abrupt"}) == calls_n
         assert len(bed.emulator.record.sessions) == calls_n
 
 
