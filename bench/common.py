@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import math
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.__main__ import event_loop_factory
 
 PUBLIC_URL = "https://gateway.bench.test"
 AUTH_TOKEN = "bench-auth-token-0123456789abcdef"
@@ -20,19 +21,10 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 T = TypeVar("T")
 
 
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop factory when uvloop is installed, else None (the default loop)."""
-    try:
-        uvloop = importlib.import_module("uvloop")
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 def run(coro: Coroutine[Any, Any, T], *, fast: bool = True) -> T:
     """asyncio.run, on uvloop when ``fast`` and installed (helpers, not what is measured)."""
-    with asyncio.Runner(loop_factory=loop_factory() if fast else None) as runner:
+    # The gateway's own choice of loop (uvloop when installed), for the helpers too.
+    with asyncio.Runner(loop_factory=event_loop_factory() if fast else None) as runner:
         return runner.run(coro)
 
 

@@ -137,21 +137,23 @@ class TwilioRest:
         try:
             call = await self.client(account_sid).calls.create_async(**params)
         except (TwilioException, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise RestError(_describe(exc)) from None
+            raise RestError(_rest_failure(exc)) from None
         return str(call.sid)
 
     async def _call(self, account_sid: str, call_sid: str, **params: Any) -> None:
         try:
             await self.client(account_sid).calls(call_sid).update_async(**params)
         except (TwilioException, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise RestError(_describe(exc)) from None
+            raise RestError(_rest_failure(exc)) from None
 
     async def close(self) -> None:
         if self._http is not None and hasattr(self._http, "close"):
             await self._http.close()
 
 
-def _describe(exc: BaseException) -> str:
+def _rest_failure(exc: BaseException) -> str:
+    """What went wrong with a REST request, safe to log: the HTTP status and Twilio's error
+    code, or the exception's type (never its text, which may quote the request)."""
     status = getattr(exc, "status", None)
     code = getattr(exc, "code", None)
     if status is not None:

@@ -33,7 +33,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from gateway.config import Settings
+from gateway.config import LiveSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -58,13 +58,18 @@ IMAGE_ENV = {
 }
 
 # Every environment variable the gateway reads: one per Settings field (pydantic-settings,
-# case-insensitive), the alias GOOGLE_API_KEY, the defaults file, and what the SDK honours.
-KNOWN_ENV = {name.upper() for name in Settings.model_fields} | {
-    "GOOGLE_API_KEY",
-    "GATEWAY_CONFIG",
-    "GOOGLE_GEMINI_BASE_URL",
-    "SSL_CERT_FILE",
-}
+# case-insensitive) and per Live setting (flat, like the others), the alias GOOGLE_API_KEY,
+# the defaults file, and what the SDK honours.
+KNOWN_ENV = (
+    {name.upper() for name in Settings.model_fields if name != "live"}
+    | {name.upper() for name in LiveSettings.model_fields}
+    | {
+        "GOOGLE_API_KEY",
+        "GATEWAY_CONFIG",
+        "GOOGLE_GEMINI_BASE_URL",
+        "SSL_CERT_FILE",
+    }
+)
 SECRET_ENV = {"TWILIO_AUTH_TOKEN", "GEMINI_API_KEY", "GOOGLE_API_KEY"}
 
 # Kubernetes versions to validate against: an older supported one and the newest bundled.

@@ -129,7 +129,7 @@ async def test_health_and_readiness_follow_calls_and_drain(eventually: Eventuall
 
 
 @dataclass
-class CallOutcome:
+class ScriptedCall:
     """What one scripted call left behind: /metrics text, log records, the caller's record."""
 
     metrics_text: str
@@ -165,7 +165,7 @@ async def _scripted_call(bed: TestBed) -> CallRecord:
         return call.record
 
 
-async def _run_scripted_call(eventually: Eventually) -> CallOutcome:
+async def _run_scripted_call(eventually: Eventually) -> ScriptedCall:
     collect = _Collect()
     root = logging.getLogger()
     saved_level = root.level
@@ -184,11 +184,11 @@ async def _run_scripted_call(eventually: Eventually) -> CallOutcome:
     finally:
         root.removeHandler(collect)
         root.setLevel(saved_level)
-    return CallOutcome(text, collect.records, record, events)
+    return ScriptedCall(text, collect.records, record, events)
 
 
 @pytest.fixture(scope="module")
-def scripted_call(eventually: Eventually) -> CallOutcome:
+def scripted_call(eventually: Eventually) -> ScriptedCall:
     """One call shared by the metrics and logs tests (it takes a few seconds)."""
     return asyncio.run(_run_scripted_call(eventually))
 
@@ -205,13 +205,13 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, frozenset(labels.items())), 0.0)
 
 
-def test_the_call_itself_went_as_scripted(scripted_call: CallOutcome) -> None:
+def test_the_call_itself_went_as_scripted(scripted_call: ScriptedCall) -> None:
     assert complete_replies(scripted_call.record) == [1, 3, 4]
     assert scripted_call.record.clears, "the barge-in cleared Twilio's playback"
     assert any(kind == "goaway" for _, kind, _ in scripted_call.emulator_events)
 
 
-def test_metrics_count_the_call(scripted_call: CallOutcome) -> None:
+def test_metrics_count_the_call(scripted_call: ScriptedCall) -> None:
     text, rec = scripted_call.metrics_text, scripted_call.record
     v = value
     assert v(text, "gateway_calls_total", outcome="completed") == 1
@@ -239,7 +239,7 @@ def test_metrics_count_the_call(scripted_call: CallOutcome) -> None:
     assert any(f.name.startswith("process_") for f in text_string_to_metric_families(text))
 
 
-def test_metrics_carry_no_call_identifiers(scripted_call: CallOutcome) -> None:
+def test_metrics_carry_no_call_identifiers(scripted_call: ScriptedCall) -> None:
     text, rec = scripted_call.metrics_text, scripted_call.record
     assert rec.call_sid not in text and rec.stream_sid not in text
     for (name, labels), _ in samples(text).items():
@@ -253,7 +253,7 @@ def test_metrics_carry_no_call_identifiers(scripted_call: CallOutcome) -> None:
             assert not PHONE.fullmatch(val), (name, label, val)
 
 
-def test_a_call_leaves_a_few_log_lines_each_with_the_call(scripted_call: CallOutcome) -> None:
+def test_a_call_leaves_a_few_log_lines_each_with_the_call(scripted_call: ScriptedCall) -> None:
     rec = scripted_call.record
     gateway_records = [
         r

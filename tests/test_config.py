@@ -1,0 +1,131 @@
+"""Settings are declared once: the model holds each check and default, the shipped
+`config/gateway.toml` documents the same defaults, and a call's Live options come from the
+nested Live settings as they are. The modules import one way."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from gateway.call_factory import live_options
+from gateway.config import ConfigError, LiveSettings, Settings, load_settings
+from gateway.live.session import LiveOptions
+from gateway.personas import PersonaTable
+from gateway.testing.harness import PUBLIC_URL, test_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TOML = ROOT / "config" / "gateway.toml"
+# Required, secret or a table of their own: not a top-level default in the file.
+NOT_IN_TOML = {"public_url", "twilio_auth_token", "gemini_api_key", "personas", "live"}
+REQUIRED = {"public_url": PUBLIC_URL, "twilio_auth_token": "t", "gemini_api_key": "k"}
+
+pytestmark = pytest.mark.usefixtures("no_config_file")
+
+
+def documented() -> tuple[dict[str, object], set[str]]:
+    """The file's top-level keys, and the keys it shows commented out (`# key = ...`)."""
+    text = TOML.read_text()
+    commented = {
+        line.removeprefix("#").split("=")[0].strip()
+        for line in text.splitlines()
+        if line.startswith("# ") and "=" in line and line.split("=")[0].strip("# ").isidentifier()
+    }
+    return tomllib.loads(text), commented
+
+
+def test_the_toml_documents_every_setting_with_the_models_default() -> None:
+    values, commented = documented()
+    fields = {**Settings.model_fields, **LiveSettings.model_fields}
+    for name, info in fields.items():
+        if name in NOT_IN_TOML:
+            continue
+        if info.default is None:  # off unless set: shown as a commented-out example
+            assert name in commented, name
+            continue
+        assert name in values, f"config/gateway.toml does not document {name}"
+        assert values[name] == info.default, (name, values[name], info.default)
+    unknown = set(values) - set(fields) - {"personas"}
+    assert unknown == set()
+
+
+def test_live_settings_are_live_options_of_the_same_name_and_default() -> None:
+    options = {f.name: f for f in dataclasses.fields(LiveOptions)}
+    for name, info in LiveSettings.model_fields.items():
+        assert name in options, f"LiveOptions has no {name}"
+        assert options[name].default == info.default, name
+    settings = test_settings("k", replay_limit_s=5.0, caller_pause_s=0.2)
+    made = live_options(settings, PersonaTable.from_settings(settings).default)
+    assert (made.replay_limit_s, made.caller_pause_s) == (5.0, 0.2)
+    assert made.model == settings.gemini_model
+
+
+def test_live_settings_are_read_from_flat_keys_and_variables_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text("replay_limit_s = 9.0\ngoaway_margin_s = 0.5\nreconnect_max_attempts = 3\n")
+    monkeypatch.setenv("GATEWAY_CONFIG", str(path))
+    monkeypatch.setenv("REPLAY_LIMIT_S", "5")
+    monkeypatch.setenv("reconnect_max_attempts", "4")
+    settings = load_settings(**REQUIRED, goaway_margin_s=0.25)
+    # The environment over the file, a value given in code over both.
+    assert settings.live.replay_limit_s == 5.0
+    assert settings.live.reconnect_max_attempts == 4
+    assert settings.live.goaway_margin_s == 0.25
+    assert settings.live.connect_timeout_s == LiveSettings().connect_timeout_s
+
+
+def test_a_bad_live_setting_is_named_by_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REPLAY_LIMIT_S", "-1")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(**REQUIRED)
+    assert str(caught.value).startswith("invalid setting REPLAY_LIMIT_S: ")
+
+
+# ---------------------------------------------------------------- imports run one way
+
+
+def gateway_imports(path: Path) -> set[str]:
+    """The gateway modules a file imports (at any depth in the file)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("gateway")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gateway"):
+            found.add(node.module or "")
+    return found
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_imports_run_one_way() -> None:
+    """call -> twilio / audio / live; nothing but the entry point (and the test bed, which
+    starts the app) imports server; personas build on settings, never the reverse; Live
+    knows nothing of Twilio and Twilio nothing of Live; the runtime never imports the test
+    bed."""
+    graph = {module_name(path): gateway_imports(path) for path in (ROOT / "gateway").rglob("*.py")}
+    assert len(graph) > 20
+
+    def imports(module: str, prefix: str) -> bool:
+        return any(m == prefix or m.startswith(prefix + ".") for m in graph[module])
+
+    for module in graph:
+        if module != "gateway.__main__" and not module.startswith("gateway.testing"):
+            assert not imports(module, "gateway.server"), module
+        if module.startswith("gateway.live"):
+            assert not imports(module, "gateway.twilio"), module
+            assert not imports(module, "gateway.call"), module
+        if module.startswith("gateway.twilio"):
+            assert not imports(module, "gateway.live"), module
+            assert not imports(module, "gateway.call"), module
+        if not module.startswith("gateway.testing") and module != "gateway.demo":
+            assert not imports(module, "gateway.testing"), module
+    assert graph["gateway.config"] == set()
+    assert not imports("gateway.call", "gateway.call_factory")
