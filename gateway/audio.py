@@ -73,6 +73,11 @@ def ulaw_to_pcm16(data: bytes) -> bytes:
     return audioop.byteswap(pcm, 2) if _BIG_ENDIAN_HOST else pcm
 
 
+def speech_level(ulaw: bytes) -> int:
+    """The RMS of mu-law audio as 16-bit PCM (speech is above about 330, -40 dBFS)."""
+    return int(audioop.rms(audioop.ulaw2lin(_as_bytes(ulaw), 2), 2))
+
+
 def pcm16_to_ulaw(data: bytes) -> bytes:
     """Encode 16-bit little-endian PCM to G.711 mu-law."""
     raw = _as_bytes(data)

@@ -17,7 +17,7 @@ from gateway.config import Settings
 from gateway.live.session import LiveOptions, LiveSession
 from gateway.metrics import Metrics
 from gateway.personas import Persona, PersonaTable
-from gateway.tools import CallTools, TwilioRest, declarations
+from gateway.tools import CallControl, CallTools, TwilioRest, declarations
 from gateway.transcript import CallTranscript
 from gateway.twilio.protocol import Start
 
@@ -63,6 +63,8 @@ class CallFactory:
                 call_sid=start.call_sid,
                 tools=persona.tools,
                 transfer_to=persona.transfer_to,
+                whisper_base=f"{settings.public_url}/twilio/whisper",
+                language=persona.language,
             )
         transcript = CallTranscript(settings.transcript_dir, start.call_sid)
         transcript.event("start", persona=persona.name, stream_sid=start.stream_sid)
@@ -76,4 +78,7 @@ class CallFactory:
             transcript=transcript,
             hangup_wait_s=settings.hangup_wait_s,
             batch_frames=settings.caller_audio_batch_ms // FRAME_MS,
+            persona=persona,
+            control=CallControl(self.rest, start.account_sid, start.call_sid, settings.public_url),
+            token_prices=settings.token_prices,
         )

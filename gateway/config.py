@@ -68,8 +68,24 @@ def phone_address(value: str) -> str:
     return key
 
 
-# The default persona greets, so a fresh install answers like a phone system; "" is off.
+# Instructions the gateway sends the model on its own (each a text turn); a persona may
+# change any of them. The default persona greets, so a fresh install answers like a phone
+# system; "" turns the greeting off.
 GREETING = "Greet the caller briefly and ask how you can help."
+WRAP_UP = (
+    "The call has almost reached its time limit. Tell the caller briefly that you have to "
+    "end the call now, thank them and say goodbye."
+)
+SILENCE_PROMPT = (
+    "The caller has not said anything for a while. Ask briefly whether they are still there."
+)
+SILENCE_GOODBYE = "The caller is still silent. Say a short, polite goodbye; the call then ends."
+# Token kinds a price may be given for: prompt_audio, response_text, ...
+TOKEN_KINDS = frozenset(
+    f"{side}_{modality}"
+    for side in ("prompt", "response")
+    for modality in ("audio", "text", "image", "video", "document")
+)
 
 
 class PersonaConfig(BaseModel):
@@ -84,6 +100,15 @@ class PersonaConfig(BaseModel):
     greeting: str | None = None
     tools: list[ToolName] | None = None
     transfer_to: dict[str, str] | None = None
+    record: bool | None = None
+    voicemail: str | None = None
+    max_call_s: float | None = Field(default=None, ge=0)
+    max_call_tokens: int | None = Field(default=None, ge=0)
+    wrap_up_at: float | None = Field(default=None, gt=0, le=1)
+    wrap_up: str | None = None
+    silence_timeout_s: float | None = Field(default=None, ge=0)
+    silence_prompt: str | None = None
+    silence_goodbye: str | None = None
 
     @field_validator("numbers")
     @classmethod
@@ -161,6 +186,17 @@ class Settings(BaseSettings):
     language: str = ""  # BCP-47 speech language (e.g. en-US); empty: the model's choice
     tools: list[ToolName] = []
     transfer_to: dict[str, str] = {}  # name -> E.164 number or sip: address
+    # What the gateway does on its own during a call (per persona; see personas.Persona).
+    record: bool = False
+    voicemail: str = ""
+    max_call_s: float = Field(default=0.0, ge=0)
+    max_call_tokens: int = Field(default=0, ge=0)
+    wrap_up_at: float = Field(default=0.9, gt=0, le=1)
+    wrap_up: str = WRAP_UP
+    silence_timeout_s: float = Field(default=0.0, ge=0)
+    silence_prompt: str = SILENCE_PROMPT
+    silence_goodbye: str = SILENCE_GOODBYE
+    token_prices: dict[str, float] = {}  # USD per million tokens, by TOKEN_KINDS
     personas: dict[str, PersonaConfig] = {}
     transcript_dir: Path | None = None  # one JSON Lines file per call; unset: off
     # REST API (tools, outbound calls). Inbound calls use the account of the call itself.
@@ -218,6 +254,16 @@ class Settings(BaseSettings):
     @classmethod
     def _language(cls, value: str) -> str:
         return _language_code(value)
+
+    @field_validator("token_prices")
+    @classmethod
+    def _prices(cls, value: dict[str, float]) -> dict[str, float]:
+        for kind, price in value.items():
+            if kind not in TOKEN_KINDS:
+                raise ValueError(f"unknown token kind {kind!r} (e.g. prompt_audio, response_text)")
+            if price < 0:
+                raise ValueError(f"{kind}: a price is not negative")
+        return value
 
     @field_validator("twilio_from_number")
     @classmethod

@@ -104,6 +104,39 @@ class Metrics:
             registry=r,
         )
 
+        # Features (per persona: a persona is a configured name, never a number or SID).
+        self.tokens = Counter(
+            "gateway_live_tokens",
+            "Tokens the Live API counted, by persona, kind (prompt, response) and modality",
+            ["persona", "kind", "modality"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "gateway_live_cost_usd",
+            "What the tokens cost at TOKEN_PRICES, by persona",
+            ["persona"],
+            registry=r,
+        )
+        self.hangups = Counter(
+            "gateway_hangups",
+            "Calls the gateway ended, by persona and reason (end_call, transfer_call, silence, "
+            "max_duration, max_tokens, voicemail, machine, fax, ...)",
+            ["persona", "reason"],
+            registry=r,
+        )
+        self.answered_by = Counter(
+            "gateway_answered_by",
+            "Answering-machine detection results of outbound calls (human, machine, fax, unknown)",
+            ["persona", "answered_by"],
+            registry=r,
+        )
+        self.rest_errors = Counter(
+            "gateway_twilio_rest_errors",
+            "Twilio REST requests that failed, by action",
+            ["action"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)

@@ -3,7 +3,10 @@
 The call is placed through the Twilio REST API with `Url` = PUBLIC_URL/twilio/voice
 ?persona=NAME, so when the callee answers Twilio asks the gateway, which answers with the
 media stream like for any inbound call, and that persona speaks. The status callback
-(PUBLIC_URL/twilio/status) records how the call ended.
+(PUBLIC_URL/twilio/status) records how the call ended. Twilio's answering-machine
+detection runs asynchronously (`DetectMessageEnd`): its result comes to
+PUBLIC_URL/twilio/amd once a machine's greeting has ended (or a person answered), and a
+machine gets the persona's voicemail message, or a hang-up (`gateway.call`).
 
 The caller ID is `--from`, else the persona's first phone number, else TWILIO_FROM_NUMBER;
 without `--persona` the persona is the one answering that caller ID (else the default).
@@ -84,6 +87,12 @@ async def place_call(
             method="POST",
             status_callback=f"{settings.public_url}/twilio/status",
             status_callback_method="POST",
+            # Answering-machine detection, asynchronous: the call connects at once and the
+            # result (after a machine's greeting has ended) comes to /twilio/amd.
+            machine_detection="DetectMessageEnd",
+            async_amd="true",
+            async_amd_status_callback=f"{settings.public_url}/twilio/amd",
+            async_amd_status_callback_method="POST",
         )
     finally:
         if owned:

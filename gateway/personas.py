@@ -33,6 +33,15 @@ class Persona:
     tools: tuple[ToolName, ...] = ()
     transfer_to: Mapping[str, str] = field(default_factory=dict)
     numbers: tuple[str, ...] = ()
+    record: bool = False  # ask Twilio to record the call (dual channel) when it starts
+    voicemail: str = ""  # an outbound call reached a machine: leave this message; "" = hang up
+    max_call_s: float = 0.0  # 0 = no limit
+    max_call_tokens: int = 0  # 0 = no limit
+    wrap_up_at: float = 0.9  # the share of either limit at which the model is told `wrap_up`
+    wrap_up: str = ""
+    silence_timeout_s: float = 0.0  # caller silent this long after the bot spoke; 0 = off
+    silence_prompt: str = ""
+    silence_goodbye: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ class PersonaTable:
             greeting=settings.greeting,
             tools=list(settings.tools),
             transfer_to=dict(settings.transfer_to),
+            **{key: getattr(settings, key) for key in _POLICY_KEYS},
         )
         configs = dict(settings.personas)
         default_config = configs.pop(DEFAULT, PersonaConfig())
@@ -100,6 +110,20 @@ class PersonaTable:
                     )
                 by_number[number] = persona
         return cls(default=default, by_name=by_name, by_number=by_number)
+
+
+# Keys of the gateway's own moves during a call, inherited like the others.
+_POLICY_KEYS = (
+    "record",
+    "voicemail",
+    "max_call_s",
+    "max_call_tokens",
+    "wrap_up_at",
+    "wrap_up",
+    "silence_timeout_s",
+    "silence_prompt",
+    "silence_goodbye",
+)
 
 
 def _pick(own: T | None, inherited: T | None, fallback: T) -> T:
@@ -129,6 +153,17 @@ def _resolve(name: str, config: PersonaConfig, base: PersonaConfig, key: str) ->
     instruction = _pick(config.system_instruction, base.system_instruction, "")
     if not instruction.strip():
         raise ConfigError(f"invalid setting {where('system_instruction')}: must not be empty")
+    policy = {key: _pick(getattr(config, key), getattr(base, key), None) for key in _POLICY_KEYS}
+    needs: list[tuple[str, tuple[str, ...]]] = [
+        ("silence_timeout_s", ("silence_prompt", "silence_goodbye"))
+    ]
+    needs += [(limit, ("wrap_up",)) for limit in ("max_call_s", "max_call_tokens")]
+    for switch, texts in needs:
+        for text in texts:
+            if policy[switch] and not str(policy[text]).strip():
+                raise ConfigError(
+                    f"invalid setting {where(text)}: must not be empty when {where(switch)} is set"
+                )
     return Persona(
         name=name,
         system_instruction=instruction,
@@ -138,4 +173,5 @@ def _resolve(name: str, config: PersonaConfig, base: PersonaConfig, key: str) ->
         tools=tools,
         transfer_to=dict(transfer_to),
         numbers=tuple(config.numbers),
+        **policy,
     )

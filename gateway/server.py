@@ -27,7 +27,7 @@ from gateway.config import Settings
 from gateway.logs import bind_call, register_secret
 from gateway.metrics import Metrics
 from gateway.personas import PersonaTable
-from gateway.tools import TwilioRest
+from gateway.tools import MAX_SUMMARY_CHARS, TwilioRest, whisper_twiml
 from gateway.transcript import append_record
 from gateway.twilio.protocol import (
     CLOSE_GOING_AWAY,
@@ -54,6 +54,7 @@ from gateway.twilio.webhooks import (
 log = logging.getLogger(__name__)
 
 TOKEN_PARAMETER = "token"
+EARLY_ANSWERS_KEPT = 1000
 
 
 @dataclass
@@ -67,6 +68,8 @@ class GatewayState:
     stream_url: str
     personas: PersonaTable
     calls: set[Call] = field(default_factory=set)
+    # Answering-machine results that came before their call's stream started.
+    answered_early: dict[str, str] = field(default_factory=dict)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     draining: bool = False
     calls_idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -119,6 +122,9 @@ def create_app(
             web.post("/twilio/voice", voice_webhook),
             web.get("/twilio/media", media_stream),
             web.post("/twilio/status", status_webhook),
+            web.post("/twilio/amd", amd_webhook),
+            web.post("/twilio/recording", recording_webhook),
+            web.post("/twilio/whisper", whisper_webhook),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics_endpoint),
@@ -163,7 +169,8 @@ async def _checked_form(request: web.Request) -> dict[str, str] | None:
         state.metrics.rejected.labels(reason="bad_form").inc()
         log.warning("rejected %s: %s", request.path, error.reason)
         raise web.HTTPBadRequest(text=f"{error.reason}\n") from None
-    url = state.settings.public_url + request.path_qs
+    # As Twilio signed it: the URL it was given, query still encoded (path_qs decodes it).
+    url = state.settings.public_url + request.raw_path
     result = state.signatures.check(
         url,
         params,
@@ -238,6 +245,61 @@ async def status_webhook(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def amd_webhook(request: web.Request) -> web.Response:
+    """Twilio's asynchronous answering-machine detection result for an outbound call."""
+    state = request.app[STATE]
+    params = await _checked_form(request)
+    if params is None:
+        raise web.HTTPForbidden()
+    call_sid = params.get("CallSid", "")
+    answered_by = params.get("AnsweredBy", "unknown")
+    call = next((c for c in state.calls if c.start.call_sid == call_sid), None)
+    if call is not None:
+        call.answered_by(answered_by)
+    elif call_sid:  # its stream has not started (yet), or it is on another replica
+        state.answered_early[call_sid] = answered_by
+        while len(state.answered_early) > EARLY_ANSWERS_KEPT:
+            state.answered_early.pop(next(iter(state.answered_early)))
+        log.info("answered by %s before the stream started", answered_by)
+    return web.Response(status=204)
+
+
+async def recording_webhook(request: web.Request) -> web.Response:
+    """Twilio's recording status callback: the recording's SID and URL go in the transcript
+    (the gateway stores no audio itself)."""
+    params = await _checked_form(request)
+    if params is None:
+        raise web.HTTPForbidden()
+    directory = request.app[STATE].settings.transcript_dir
+    call_sid = params.get("CallSid", "")
+    status = params.get("RecordingStatus", "unknown")
+    if directory is not None and call_sid:
+        record = {
+            "type": "recording",
+            "status": status,
+            "recording_sid": params.get("RecordingSid"),
+            "url": params.get("RecordingUrl"),
+            "duration_s": params.get("RecordingDuration"),
+            "channels": params.get("RecordingChannels"),
+        }
+        try:
+            await asyncio.to_thread(append_record, directory, call_sid, record)
+        except OSError as exc:
+            log.warning("transcript recording not written: %s", exc)
+    log.info("recording %s", status, extra={"call_sid": call_sid})
+    return web.Response(status=204)
+
+
+async def whisper_webhook(request: web.Request) -> web.Response:
+    """What the person taking a warm transfer hears before the caller is connected: the
+    summary the model gave `transfer_call` (in the signed URL, so any replica can answer)."""
+    if await _checked_form(request) is None:
+        raise web.HTTPForbidden()
+    summary = request.query.get("summary", "")[:MAX_SUMMARY_CHARS]
+    language = request.query.get("language")
+    return web.Response(text=whisper_twiml(summary, language), content_type="text/xml")
+
+
 # -------------------------------------------------------------- media stream
 
 
@@ -293,6 +355,9 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
             raise StreamProtocolError(CLOSE_POLICY_VIOLATION, f"stream token {verdict.value}")
         try:
             call = calls.build(start, stream.send)
+            early = state.answered_early.pop(start.call_sid, None)
+            if early is not None:
+                call.answered_by(early)
             state.calls.add(call)
             try:
                 await call.run(stream.messages)

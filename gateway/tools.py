@@ -15,9 +15,11 @@ client; tests hand `TwilioRest` an HTTP client aimed at a local stand-in.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from google.genai import types
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 END_CALL: ToolName = "end_call"
 TRANSFER_CALL: ToolName = "transfer_call"
 REST_TIMEOUT_S = 10.0
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+MAX_SUMMARY_CHARS = 600  # what the person taking a transfer hears, at most (a URL carries it)
 
 
 class RestError(Exception):
@@ -82,7 +86,15 @@ def declarations(
                             type=types.Type.STRING,
                             enum=names,
                             description="Where to transfer the caller.",
-                        )
+                        ),
+                        "summary": types.Schema(
+                            type=types.Type.STRING,
+                            description=(
+                                "One or two sentences for the person who answers, heard "
+                                "before the caller is connected: who is calling and what "
+                                "they need, so the caller does not have to repeat it."
+                            ),
+                        ),
                     },
                     required=["destination"] if len(names) > 1 else None,
                 ),
@@ -93,16 +105,41 @@ def declarations(
     return (types.Tool(function_declarations=functions),)
 
 
-def dial_twiml(target: str) -> str:
-    """TwiML handing the call to a number or SIP address."""
+def dial_twiml(target: str, whisper_url: str = "") -> str:
+    """TwiML handing the call to a number or SIP address.
+
+    With `whisper_url` the person who answers first hears the TwiML served there (the
+    gateway's `/twilio/whisper`: the model's summary), then the caller is connected.
+    """
     response = VoiceResponse()
+    dial = Dial()
+    extra = {"url": whisper_url, "method": "POST"} if whisper_url else {}
     if target.lower().startswith("sip:"):
-        dial = Dial()
-        dial.sip(target)
-        response.append(dial)
+        dial.sip(target, **extra)
     else:
-        response.dial(target)
+        dial.number(target, **extra)
+    response.append(dial)
     return str(response)
+
+
+def whisper_twiml(summary: str, language: str | None) -> str:
+    """The whisper: the summary said to the person who answers (nothing if there is none)."""
+    response = VoiceResponse()
+    if summary.strip():
+        if language and _LANGUAGE.match(language):
+            response.say(summary, language=language)
+        else:
+            response.say(summary)
+    return str(response)
+
+
+def whisper_url(base: str, summary: str, language: str | None) -> str:
+    """The whisper TwiML's URL: the summary rides in it (Twilio signs the whole URL), so
+    whichever replica Twilio asks can answer."""
+    query = {"summary": summary[:MAX_SUMMARY_CHARS]}
+    if language:
+        query["language"] = language
+    return f"{base}?{urlencode(query)}"
 
 
 class TwilioRest:
@@ -131,6 +168,23 @@ class TwilioRest:
 
     async def redirect(self, account_sid: str, call_sid: str, twiml: str) -> None:
         await self._call(account_sid, call_sid, twiml=twiml)
+
+    async def record(self, account_sid: str, call_sid: str, status_callback: str) -> str:
+        """Start a dual-channel recording of the call; returns the recording's SID."""
+        try:
+            recording = await (
+                self.client(account_sid)
+                .calls(call_sid)
+                .recordings.create_async(
+                    recording_channels="dual",
+                    recording_status_callback=status_callback,
+                    recording_status_callback_method="POST",
+                    recording_status_callback_event=["completed", "absent"],
+                )
+            )
+        except (TwilioException, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise RestError(_rest_failure(exc)) from None
+        return str(recording.sid)
 
     async def create_call(self, account_sid: str, **params: Any) -> str:
         """Place a call; returns its SID."""
@@ -174,8 +228,30 @@ class ToolOutcome:
     ends_call: bool = False
 
 
+@dataclass(frozen=True)
+class CallControl:
+    """The REST requests the gateway makes about one call on its own (not for a tool)."""
+
+    rest: TwilioRest
+    account_sid: str
+    call_sid: str
+    public_url: str
+
+    async def hang_up(self) -> None:
+        await self.rest.hang_up(self.account_sid, self.call_sid)
+
+    async def record(self) -> str:
+        """Record both sides (dual channel); Twilio reports to /twilio/recording."""
+        callback = f"{self.public_url}/twilio/recording"
+        return await self.rest.record(self.account_sid, self.call_sid, callback)
+
+
 class CallTools:
-    """The tools of one call: checks the model's request, builds the REST action."""
+    """The tools of one call: checks the model's request, builds the REST action.
+
+    With `whisper_base` (PUBLIC_URL/twilio/whisper) a transfer with a summary is warm:
+    the person who answers hears the summary before the caller is connected.
+    """
 
     def __init__(
         self,
@@ -185,12 +261,16 @@ class CallTools:
         call_sid: str,
         tools: tuple[ToolName, ...],
         transfer_to: Mapping[str, str],
+        whisper_base: str = "",
+        language: str | None = None,
     ) -> None:
         self._rest = rest
         self._account_sid = account_sid
         self._call_sid = call_sid
         self._tools = tools
         self._transfer_to = dict(transfer_to)
+        self._whisper_base = whisper_base
+        self._language = language
         self._ending = False
 
     def prepare(self, call: ToolCall) -> ToolOutcome:
@@ -215,10 +295,14 @@ class CallTools:
             choices = ", ".join(sorted(self._transfer_to))
             return ToolOutcome({"error": f"unknown destination; choose one of: {choices}"})
         self._ending = True
-        twiml = dial_twiml(target)
+        summary = " ".join(str(call.args.get("summary") or "").split())
+        whisper = ""
+        if summary and self._whisper_base:
+            whisper = whisper_url(self._whisper_base, summary, self._language)
+        twiml = dial_twiml(target, whisper)
         return ToolOutcome(
             {"result": f"Transferring to {destination} once the caller has heard you."},
             action=lambda: self._rest.redirect(self._account_sid, self._call_sid, twiml),
-            description=f"transfer to {destination}",
+            description=f"transfer to {destination}" + (" with a summary" if whisper else ""),
             ends_call=True,
         )

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
+import tomllib
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from twilio.request_validator import RequestValidator
 
+from gateway.call import Call
 from gateway.call_factory import live_options
 from gateway.config import GREETING as GREETING_DEFAULT
 from gateway.config import ConfigError, Settings, load_settings
@@ -24,7 +29,7 @@ from gateway.live.events import ToolCall, Usage
 from gateway.live.session import LiveSession
 from gateway.outbound import place_call, run_call_command
 from gateway.personas import PersonaTable
-from gateway.server import CALLS
+from gateway.server import CALLS, STATE
 from gateway.testing.analysis import heard_replies
 from gateway.testing.harness import (
     AUTH_TOKEN,
@@ -68,7 +73,7 @@ def emulator_config(**overrides: Any) -> EmulatorConfig:
 
 @asynccontextmanager
 async def bed_with_rest(
-    config: EmulatorConfig, **settings: Any
+    config: EmulatorConfig, personas: dict[str, Any] | None = None, **settings: Any
 ) -> AsyncIterator[tuple[TestBed, TwilioRestStandIn, dict[str, SimulatedCall]]]:
     """A test bed whose REST requests go to a stand-in that, like Twilio, ends the media
     stream of a call it hangs up or redirects (for the calls in the returned dict)."""
@@ -86,7 +91,8 @@ async def bed_with_rest(
         rest.on_request = twilio_ends_stream
         client = TwilioRest(AUTH_TOKEN, http_client=rest.http_client())
         try:
-            async with test_bed(config, personas=PERSONAS, rest=client, **settings) as bed:
+            table = PERSONAS if personas is None else personas
+            async with test_bed(config, personas=table, rest=client, **settings) as bed:
                 yield bed, rest, calls
                 await asyncio.gather(*ended)
         finally:
@@ -215,6 +221,19 @@ def test_personas_inherit_the_top_level_and_a_number_picks_its_persona() -> None
         ('[personas.a]\ntools = ["transfer_call"]\n', "missing setting personas.a.transfer_to"),
         ('[personas.a]\nlanguage = "english please"\n', "invalid setting personas.a.language"),
         (
+            '[personas.a]\nsilence_timeout_s = 5\nsilence_prompt = " "\n',
+            "invalid setting personas.a.silence_prompt: must not be empty when "
+            "personas.a.silence_timeout_s is set",
+        ),
+        ('max_call_tokens = 900\nwrap_up = ""\n', "invalid setting WRAP_UP: must not be empty"),
+        ("[personas.a]\nwrap_up_at = 1.5\n", "invalid setting personas.a.wrap_up_at"),
+        ("[personas.a]\nmax_call_s = -1\n", "invalid setting personas.a.max_call_s"),
+        ("token_prices = { prompt_audio = -1.0 }\n", "invalid setting TOKEN_PRICES"),
+        (
+            "token_prices = { audio_in = 3.0 }\n",
+            "invalid setting TOKEN_PRICES: unknown token kind 'audio_in'",
+        ),
+        (
             '[personas.a]\nnumbers = ["+15550100011"]\n'
             '[personas.b]\nnumbers = ["+1 555 010 0011"]\n',
             "invalid setting personas.b.numbers: +15550100011 is already answered by personas.a",
@@ -250,6 +269,16 @@ def test_the_shipped_configuration_has_two_numbered_personas_and_a_default(
     # A fresh install greets like a phone system: the file and the code agree on it.
     assert table.default.greeting == GREETING_DEFAULT == Settings.model_fields["greeting"].default
     assert table.by_name["soporte"].greeting != GREETING_DEFAULT  # its own, in Spanish
+    # The file shows every new key at its default (a fresh install behaves as documented).
+    shipped = tomllib.loads((root / "config" / "gateway.toml").read_text())
+    for key in (
+        "record", "voicemail", "max_call_s", "max_call_tokens", "wrap_up_at", "wrap_up",
+        "silence_timeout_s", "silence_prompt", "silence_goodbye", "token_prices",
+    ):  # fmt: skip
+        assert shipped[key] == Settings.model_fields[key].default, key
+    dental = table.by_name["dental"]
+    assert dental.record and dental.voicemail and dental.silence_timeout_s == 8.0
+    assert dental.wrap_up == Settings.model_fields["wrap_up"].default  # inherited
 
 
 async def test_the_default_persona_greets_and_a_persona_can_turn_it_off() -> None:
@@ -466,6 +495,10 @@ async def test_outbound_call_asks_twilio_to_connect_the_callee_to_the_gateway() 
         "Method": "POST",
         "StatusCallback": PUBLIC_URL + "/twilio/status",
         "StatusCallbackMethod": "POST",
+        "MachineDetection": "DetectMessageEnd",
+        "AsyncAmd": "true",
+        "AsyncAmdStatusCallback": PUBLIC_URL + "/twilio/amd",
+        "AsyncAmdStatusCallbackMethod": "POST",
     }
     assert placed.sid.startswith("CA") and placed.persona == "sales"
 
@@ -532,3 +565,474 @@ async def test_the_live_session_reports_the_services_token_counts_by_modality() 
     assert usage.prompt_by_modality == (("audio", 0), ("text", 8))
     assert usage.response_by_modality == (("audio", 20),)
     assert (usage.prompt_tokens, usage.response_tokens, usage.total_tokens) == (8, 20, 28)
+
+
+PRICES = {"prompt_audio": 3.0, "prompt_text": 0.5, "response_audio": 12.0}
+
+
+def the_call(bed: TestBed) -> Call:
+    (call,) = bed.app[STATE].calls
+    return call
+
+
+def transcript_lines(directory: Path, call: SimulatedCall) -> list[dict[str, Any]]:
+    path = directory / f"{call.record.call_sid}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def scrape(bed: TestBed) -> str:
+    async with bed.http.get(bed.gateway_url + "/metrics") as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+async def test_a_calls_tokens_are_summed_into_its_log_line_transcript_and_metrics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.call")
+    directory = tmp_path / "transcripts"
+    async with test_bed(
+        emulator_config(), personas=PERSONAS, transcript_dir=directory, token_prices=PRICES
+    ) as bed:
+        call = await bed.caller(speed=SPEED).place_call(to=SALES)  # the persona greets
+        await keep_line_open(call, lambda: reply_done(bed, call, 1))
+        await call.speak_tone(400.0, 0.5)
+        await keep_line_open(call, lambda: reply_done(bed, call, 2))
+        await keep_line_open(call, lambda: the_call(bed).usage.turns == 2)
+        await call.hangup()
+        await keep_line_open(call, lambda: not bed.app[STATE].calls)
+        text = await scrape(bed)
+
+    (end,) = [line for line in transcript_lines(directory, call) if line["type"] == "end"]
+    usage = end["usage"]
+    kinds = usage["tokens_by_kind"]
+    # The emulator bills 20 audio tokens per reply and 4 text tokens per history entry at
+    # each turn: (greeting, reply 1) then (greeting, reply 1, utterance 1, reply 2).
+    assert usage["response_tokens"] == kinds["response_audio"] == 2 * 20
+    assert kinds["prompt_text"] == 4 * 2 + 4 * 4
+    assert kinds["prompt_audio"] == usage["prompt_tokens"] - 24 >= 0  # 32 per second heard
+    assert kinds["prompt_audio"] % 32 == 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["response_tokens"]
+    cost = sum(kinds[k] * PRICES.get(k, 0.0) for k in kinds) / 1e6
+    assert usage["cost_usd"] == pytest.approx(cost, abs=1e-6) and cost > 0
+    # The same figures in Prometheus, by persona (never by number or SID) ...
+    for kind, tokens in kinds.items():
+        side, modality = kind.split("_")
+        labels = {"persona": "sales", "kind": side, "modality": modality}
+        assert metric(text, "gateway_live_tokens_total", **labels) == tokens
+    assert metric(text, "gateway_live_cost_usd_total", persona="sales") == pytest.approx(cost)
+    assert call.record.call_sid not in text and SALES not in text
+    # ... and in the call-ended log line.
+    (ended,) = [r for r in caplog.records if r.getMessage().startswith("call ended")]
+    assert ended.getMessage().endswith(
+        f"{usage['total_tokens']} tokens ({usage['prompt_tokens']} prompt, "
+        f"{usage['response_tokens']} response), ${cost:.4f}"
+    )
+    assert ended.total_tokens == usage["total_tokens"]
+    assert ended.persona == "sales"
+
+
+# ------------------------------------------------------------------------ limits, silence
+
+WRAP_UP = "Time is up: say goodbye."
+
+
+def user_turns(bed: TestBed) -> list[str]:
+    """The text turns the model got (greeting, instructions, keys), in order."""
+    (session,) = bed.emulator.record.sessions.values()
+    return [
+        text for role, text in session.history_text if role == "user" and "utterance" not in text
+    ]
+
+
+def limited(**keys: Any) -> dict[str, Any]:
+    """The sales persona (it greets) with these keys, and no tools."""
+    return {"sales": {**PERSONAS["sales"], "tools": [], **keys}}
+
+
+async def test_at_the_duration_limit_the_model_wraps_up_and_the_call_ends_once_it_was_heard(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "transcripts"
+    persona = limited(max_call_s=10.0, wrap_up_at=0.25, wrap_up=WRAP_UP)
+    async with bed_with_rest(emulator_config(), persona, transcript_dir=directory) as (
+        bed,
+        rest,
+        calls,
+    ):
+        call = await bed.caller(speed=SPEED).place_call(to=SALES)
+        calls[call.record.call_sid] = call
+        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
+        await call.wait_closed(10)
+        text = await scrape(bed)
+
+    # At 2.5 s of 10 the model was told to wrap up; its goodbye (reply 2) was heard in full,
+    # and only then the REST hang-up, long before the limit itself.
+    assert user_turns(bed) == [GREETING, WRAP_UP]
+    assert heard_in_full(call, 2), heard_replies(call.record)
+    (update,) = rest.record.updates()
+    assert update.form == {"Status": "completed"}
+    assert update.at >= last_mark_echoed(call)
+    assert [name for _, name in call.record.marks_echoed] == ["reply-1", "reply-2"]
+    lines = transcript_lines(directory, call)
+    moves = [(x["type"], x.get("reason")) for x in lines if x["type"] in ("instruction", "hangup")]
+    assert moves == [("instruction", "max_duration"), ("hangup", "max_duration")]
+    assert lines[-1]["type"] == "end" and lines[-1]["ended_by"] == "max_duration"
+    assert metric(text, "gateway_hangups_total", persona="sales", reason="max_duration") == 1
+
+
+async def test_at_the_duration_limit_itself_the_call_ends_even_mid_reply() -> None:
+    persona = limited(max_call_s=3.0, wrap_up_at=0.5, wrap_up=WRAP_UP)
+    config = emulator_config(reply_s=30.0)  # the model never stops talking
+    async with bed_with_rest(config, persona) as (bed, rest, calls):
+        call = await bed.caller(speed=SPEED).place_call(to=SALES)
+        calls[call.record.call_sid] = call
+        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
+        await call.wait_closed(10)
+        text = await scrape(bed)
+
+    # The wrap-up waited for the model to finish its words, which it never did.
+    assert user_turns(bed) == [GREETING]
+    (update,) = rest.record.updates()
+    assert update.form == {"Status": "completed"}
+    assert not call.record.marks_echoed  # cut mid-reply: no reply was ever heard to its end
+    limit = {"persona": "sales", "reason": "max_duration_reached"}
+    assert metric(text, "gateway_hangups_total", **limit) == 1
+    assert metric(text, "gateway_hangups_total", persona="sales", reason="max_duration") == 0
+
+
+async def test_near_the_token_limit_the_model_wraps_up_and_the_call_ends_once_it_was_heard() -> (
+    None
+):
+    # The greeting's turn costs 28 tokens (8 prompt, 20 response): past 90 % of 30.
+    persona = limited(max_call_tokens=30, wrap_up=WRAP_UP)
+    async with bed_with_rest(emulator_config(), persona) as (bed, rest, calls):
+        call = await bed.caller(speed=SPEED).place_call(to=SALES)
+        calls[call.record.call_sid] = call
+        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
+        await call.wait_closed(10)
+        text = await scrape(bed)
+
+    assert user_turns(bed) == [GREETING, WRAP_UP]
+    # Asked as the greeting's turn ended, the wrap-up may follow it without a pause (one
+    # sound to the ear): both replies played to their marks, and only then the hang-up.
+    assert [name for _, name in call.record.marks_echoed] == ["reply-1", "reply-2"]
+    assert sum(r.duration_s for r in heard_replies(call.record)) > 2 * (REPLY_S - 0.1)
+    (update,) = rest.record.updates()
+    assert update.at >= last_mark_echoed(call)
+    assert metric(text, "gateway_hangups_total", persona="sales", reason="max_tokens") == 1
+
+
+CHECK_IN = "Are you still there?"
+GOODBYE = "Say goodbye to the silent caller."
+
+
+async def test_a_silent_caller_is_checked_on_then_the_call_ends_after_the_goodbye(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "transcripts"
+    persona = limited(silence_timeout_s=1.0, silence_prompt=CHECK_IN, silence_goodbye=GOODBYE)
+    async with bed_with_rest(emulator_config(), persona, transcript_dir=directory) as (
+        bed,
+        rest,
+        calls,
+    ):
+        call = await bed.caller(speed=SPEED).place_call(to=SALES)
+        calls[call.record.call_sid] = call
+        # The caller never says a word.
+        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
+        await call.wait_closed(10)
+        text = await scrape(bed)
+
+    assert user_turns(bed) == [GREETING, CHECK_IN, GOODBYE]
+    # Greeting, check-in, goodbye: each heard to its end before the next move.
+    assert [name for _, name in call.record.marks_echoed] == ["reply-1", "reply-2", "reply-3"]
+    assert all(heard_in_full(call, n) for n in (1, 2, 3)), heard_replies(call.record)
+    (update,) = rest.record.updates()
+    assert update.form == {"Status": "completed"}
+    assert update.at >= last_mark_echoed(call)
+    lines = transcript_lines(directory, call)
+    moves = [(x["type"], x.get("reason")) for x in lines if x["type"] in ("instruction", "hangup")]
+    assert moves == [
+        ("instruction", "silence_check_in"),
+        ("instruction", "silence"),
+        ("hangup", "silence"),
+    ]
+    assert metric(text, "gateway_hangups_total", persona="sales", reason="silence") == 1
+
+
+async def test_caller_speech_starts_the_silence_watch_over_and_without_it_nothing_is_said() -> None:
+    personas = {
+        **limited(silence_timeout_s=1.0, silence_prompt=CHECK_IN, silence_goodbye=GOODBYE),
+        "support": {**PERSONAS["support"], "greeting": GREETING},  # silence handling off
+    }
+    async with bed_with_rest(emulator_config(), personas) as (bed, rest, calls):
+        call = await bed.caller(speed=SPEED).place_call(to=SALES)
+        calls[call.record.call_sid] = call
+        await keep_line_open(call, lambda: reply_done(bed, call, 2))  # greeting, check-in
+        await call.speak_tone(400.0, 0.5)  # the caller answers: back to the first stage
+        await keep_line_open(call, lambda: reply_done(bed, call, 3))
+        await keep_line_open(call, lambda: reply_done(bed, call, 4))  # checked on again
+        await call.hangup()
+        checked = [t for r, t in only_session_history(bed) if r == "user"]
+
+        quiet = await bed.caller(speed=SPEED).place_call(to=SUPPORT)
+        await keep_line_open(quiet, lambda: heard_in_full(quiet, 1))
+        await quiet.silence(3.0)  # three times the other persona's timeout
+        await quiet.hangup()
+
+    assert checked == [GREETING, CHECK_IN, "caller utterance 1", CHECK_IN]
+    assert not rest.record.updates()
+    _, second = bed.emulator.record.sessions.values()
+    assert [text for role, text in second.history_text if role == "user"] == [GREETING]
+
+
+# ---------------------------------------------------------------- voicemail (outbound AMD)
+
+VOICEMAIL = "You reached voicemail: leave a short message and ask them to call back."
+CALLEE = "+15557654321"
+
+
+async def amd(
+    bed: TestBed, rest: TwilioRestStandIn, call_sid: str, answered_by: str, *, forged: bool = False
+) -> int:
+    """Twilio's asynchronous AMD callback for `call_sid`."""
+    params = {
+        "CallSid": call_sid,
+        "AccountSid": "AC" + "1" * 32,
+        "AnsweredBy": answered_by,
+        "MachineDetectionDuration": "4120",
+    }
+    status, _ = await rest.callback(
+        bed.http, bed.gateway_url, PUBLIC_URL, "/twilio/amd", params, forged=forged
+    )
+    return status
+
+
+async def outbound(bed: TestBed, call_sid: str | None = None) -> SimulatedCall:
+    """What Twilio does when the callee of `python -m gateway call` answers."""
+    return await bed.caller(speed=SPEED).place_call(
+        call_sid=call_sid, from_=SALES, to=CALLEE, extra_params={"Direction": "outbound-api"}
+    )
+
+
+async def test_a_machine_gets_the_voicemail_message_then_the_call_ends_once_it_was_heard(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "transcripts"
+    persona = limited(voicemail=VOICEMAIL)
+    async with bed_with_rest(emulator_config(), persona, transcript_dir=directory) as (
+        bed,
+        rest,
+        calls,
+    ):
+        call = await outbound(bed)
+        calls[call.record.call_sid] = call
+        assert call.record.custom_parameters["persona"] == "sales"
+        # The bot greets (to the machine); then the machine's own greeting ends (beep).
+        await keep_line_open(call, lambda: reply_done(bed, call, 1))
+        assert await amd(bed, rest, call.record.call_sid, "machine_end_beep", forged=True) == 403
+        assert await amd(bed, rest, call.record.call_sid, "machine_end_beep") == 204
+        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
+        await call.wait_closed(10)
+        text = await scrape(bed)
+
+    assert user_turns(bed) == [GREETING, VOICEMAIL]
+    assert call.record.clears, "whatever still played at the beep was cleared"
+    assert heard_in_full(call, 2), heard_replies(call.record)
+    assert [name for _, name in call.record.marks_echoed] == ["reply-1", "reply-2"]
+    (update,) = rest.record.updates()
+    assert update.form == {"Status": "completed"} and update.at >= last_mark_echoed(call)
+    lines = transcript_lines(directory, call)
+    answered = [x for x in lines if x["type"] == "answered_by"]
+    assert [(x["answered_by"], x["result"]) for x in answered] == [("machine_end_beep", "machine")]
+    moves = [(x["type"], x.get("reason")) for x in lines if x["type"] in ("instruction", "hangup")]
+    assert moves == [("instruction", "voicemail"), ("hangup", "voicemail")]
+    assert metric(text, "gateway_answered_by_total", persona="sales", answered_by="machine") == 1
+    assert metric(text, "gateway_requests_rejected_total", reason="signature_invalid") == 1
+
+
+@pytest.mark.parametrize(
+    ("answered_by", "voicemail", "ends"),
+    [
+        ("machine_end_silence", "", True),  # no voicemail message: the call just ends
+        ("fax", VOICEMAIL, True),
+        ("human", VOICEMAIL, False),
+        ("unknown", VOICEMAIL, False),
+    ],
+)
+async def test_each_answering_machine_outcome(answered_by: str, voicemail: str, ends: bool) -> None:
+    persona = limited(voicemail=voicemail)
+    async with bed_with_rest(emulator_config(), persona) as (bed, rest, calls):
+        call = await outbound(bed)
+        calls[call.record.call_sid] = call
+        await keep_line_open(call, lambda: reply_done(bed, call, 1))
+        assert await amd(bed, rest, call.record.call_sid, answered_by) == 204
+        if ends:
+            await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
+            await call.wait_closed(10)
+        else:  # a person: the call goes on as usual
+            await call.speak_tone(400.0, 0.5)
+            await keep_line_open(call, lambda: reply_done(bed, call, 2))
+            await call.hangup()
+        text = await scrape(bed)
+
+    assert user_turns(bed) == [GREETING]  # no voicemail message asked for
+    assert [u.form for u in rest.record.updates()] == ([{"Status": "completed"}] if ends else [])
+    kind = answered_by.split("_")[0]
+    assert metric(text, "gateway_answered_by_total", persona="sales", answered_by=kind) == 1
+    hung_up = metric(text, "gateway_hangups_total", persona="sales", reason=kind)
+    assert hung_up == (1 if ends else 0)
+
+
+async def test_an_answering_machine_result_before_the_stream_starts_is_kept_for_it() -> None:
+    persona = limited(voicemail="")
+    async with bed_with_rest(emulator_config(), persona) as (bed, rest, calls):
+        sid = "CA" + "7" * 32
+        assert await amd(bed, rest, sid, "machine_end_other") == 204
+        call = await outbound(bed, sid)
+        calls[sid] = call
+        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
+        await call.wait_closed(10)
+
+    (update,) = rest.record.updates()
+    assert update.call_sid == sid and update.form == {"Status": "completed"}
+
+
+# ------------------------------------------------------------------ warm transfer, recording
+
+SUMMARY = "Ann Lee wants to move her Tuesday cleaning to Friday & asks about the bill."
+
+
+async def test_warm_transfer_whispers_the_models_summary_to_the_person_who_answers() -> None:
+    config = emulator_config(
+        tool_call_on_text={"key 0": ("transfer_call", {"destination": "desk", "summary": SUMMARY})}
+    )
+    async with bed_with_rest(config) as (bed, rest, calls):
+        call = await bed.caller(speed=SPEED).place_call(to=SALES)
+        calls[call.record.call_sid] = call
+        await keep_line_open(call, lambda: reply_done(bed, call, 1))
+        await call.send_dtmf("0")
+        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
+        await call.wait_closed(10)
+
+        (update,) = rest.record.updates()
+        assert update.at >= last_mark_echoed(call) and heard_in_full(call, 2)
+        dial = ET.fromstring(update.form["Twiml"]).find("Dial")
+        assert dial is not None
+        (number,) = list(dial)
+        assert number.tag == "Number" and number.text == "+15550100099"
+        assert number.get("method") == "POST"
+        whisper = number.get("url", "")
+        assert whisper.startswith(PUBLIC_URL + "/twilio/whisper?")
+        # Twilio asks for the whisper when the desk picks up (the child call's webhook).
+        params = {
+            "CallSid": "CA" + "9" * 32,
+            "ParentCallSid": call.record.call_sid,
+            "AccountSid": call.record.account_sid,
+            "To": "+15550100099",
+            "Direction": "outbound-dial",
+            "CallStatus": "in-progress",
+        }
+        path = whisper.removeprefix(PUBLIC_URL)
+        status, twiml = await rest.callback(bed.http, bed.gateway_url, PUBLIC_URL, path, params)
+        forged, _ = await rest.callback(
+            bed.http, bed.gateway_url, PUBLIC_URL, path, params, forged=True
+        )
+        tampered = path.replace("Friday", "Monday")
+        signature = RequestValidator(AUTH_TOKEN).compute_signature(PUBLIC_URL + path, params)
+        async with bed.http.post(
+            bed.gateway_url + tampered, data=params, headers={"X-Twilio-Signature": signature}
+        ) as resp:
+            changed = resp.status
+
+    assert status == 200
+    say = ET.fromstring(twiml).find("Say")
+    assert say is not None and say.text == SUMMARY and say.get("language") == "en-US"
+    assert forged == 403 and changed == 403  # signed by Twilio, summary and all
+    (tool,) = setup_of(bed)["tools"]
+    transfer = tool["functionDeclarations"][1]
+    assert set(transfer["parameters"]["properties"]) == {"destination", "summary"}
+
+
+async def test_a_transfer_without_a_summary_is_a_plain_dial() -> None:
+    config = emulator_config(
+        tool_call_on_text={"key 0": ("transfer_call", {"destination": "desk"})}
+    )
+    async with bed_with_rest(config) as (bed, rest, calls):
+        call = await bed.caller(speed=SPEED).place_call(to=SALES)
+        calls[call.record.call_sid] = call
+        await keep_line_open(call, lambda: reply_done(bed, call, 1))
+        await call.send_dtmf("0")
+        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
+        await call.wait_closed(10)
+
+    (update,) = rest.record.updates()
+    assert update.form["Twiml"].endswith(
+        "<Response><Dial><Number>+15550100099</Number></Dial></Response>"
+    )
+
+
+async def test_a_recorded_persona_asks_twilio_for_a_dual_channel_recording_and_keeps_its_url(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "transcripts"
+    async with bed_with_rest(emulator_config(), limited(record=True), transcript_dir=directory) as (
+        bed,
+        rest,
+        calls,
+    ):
+        call = await bed.caller(speed=SPEED).place_call(to=SALES)
+        calls[call.record.call_sid] = call
+        await keep_line_open(call, lambda: bool(rest.record.recordings()))
+        await keep_line_open(call, lambda: reply_done(bed, call, 1))
+        await call.hangup()
+        (recording,) = rest.record.recordings()
+        sid = call.record.call_sid
+        account = call.record.account_sid
+        callback = {
+            "AccountSid": account,
+            "CallSid": sid,
+            "RecordingSid": rest.recording_sids[0],
+            "RecordingUrl": f"https://api.twilio.com/2010-04-01/Accounts/{account}/Recordings/"
+            + rest.recording_sids[0],
+            "RecordingStatus": "completed",
+            "RecordingDuration": "4",
+            "RecordingChannels": "2",
+            "RecordingSource": "StartCallRecordingAPI",
+        }
+        status, _ = await rest.callback(
+            bed.http, bed.gateway_url, PUBLIC_URL, "/twilio/recording", callback
+        )
+        forged, _ = await rest.callback(
+            bed.http, bed.gateway_url, PUBLIC_URL, "/twilio/recording", callback, forged=True
+        )
+        # A persona without `record` is not recorded.
+        other = await bed.caller(speed=SPEED).place_call(to=SUPPORT)
+        await other.speak_tone(400.0, 0.5)
+        await keep_line_open(other, lambda: heard_in_full(other, 1))
+        await other.hangup()
+
+    assert recording.path == f"/2010-04-01/Accounts/{account}/Calls/{sid}/Recordings.json"
+    assert recording.user == account
+    assert recording.form["RecordingChannels"] == "dual"
+    assert recording.form["RecordingStatusCallback"] == PUBLIC_URL + "/twilio/recording"
+    assert recording.form["RecordingStatusCallbackMethod"] == "POST"
+    events = [v for k, v in recording.fields if k == "RecordingStatusCallbackEvent"]
+    assert events == ["completed", "absent"]
+    assert (status, forged) == (204, 403)
+    assert len(rest.record.recordings()) == 1
+    lines = transcript_lines(directory, call)
+    kept = [x for x in lines if x["type"] == "recording"]
+    assert [x["status"] for x in kept] == ["started", "completed"]  # one line per callback
+    assert kept[0]["recording_sid"] == kept[1]["recording_sid"] == rest.recording_sids[0]
+    assert kept[1]["url"] == callback["RecordingUrl"] and kept[1]["channels"] == "2"
+    assert not list(directory.glob("*.wav")) and not list(directory.glob("*.mp3"))

@@ -53,6 +53,12 @@ if TYPE_CHECKING:
 SPEED = 2.0
 VOICE_URL = PUBLIC_URL + "/twilio/voice"
 STATUS_URL = PUBLIC_URL + "/twilio/status"
+# Twilio's other callbacks: answering-machine detection, recording status, whisper TwiML.
+CALLBACK_URLS = (
+    PUBLIC_URL + "/twilio/amd",
+    PUBLIC_URL + "/twilio/recording",
+    PUBLIC_URL + "/twilio/whisper?summary=Ann+wants+to+move+her+appointment.&language=en-US",
+)
 STREAM_URL = PUBLIC_URL.replace("https://", "wss://") + "/twilio/media"
 SIGNER = RequestValidator(AUTH_TOKEN)
 ACCOUNT_SID = "AC" + "0" * 32
@@ -268,7 +274,8 @@ async def test_webhooks_refuse_unsigned_badly_and_otherwise_signed(logs: LogCapt
     async with test_bed(emulator_config()) as bed, client_session() as http:
         params = voice_params(new_sid("CA"))
         other = RequestValidator("another-auth-token-0123456789abcd")
-        for url in (VOICE_URL, STATUS_URL):
+        urls = (VOICE_URL, STATUS_URL, *CALLBACK_URLS)
+        for url in urls:
             good = SIGNER.compute_signature(url, params)
             host_url = bed.gateway_url + url.removeprefix(PUBLIC_URL)
             forged = {
@@ -295,10 +302,11 @@ async def test_webhooks_refuse_unsigned_badly_and_otherwise_signed(logs: LogCapt
             status, _ = await post_webhook(http, bed, url, params, {"X-Twilio-Signature": good})
             assert status in (200, 204), url
         sample = bed.metrics.registry.get_sample_value
-        assert sample("gateway_requests_rejected_total", {"reason": "signature_missing"}) == 4
-        assert sample("gateway_requests_rejected_total", {"reason": "signature_invalid"}) == 12
+        missing = sample("gateway_requests_rejected_total", {"reason": "signature_missing"})
+        invalid = sample("gateway_requests_rejected_total", {"reason": "signature_invalid"})
+        assert (missing, invalid) == (2 * len(urls), 6 * len(urls))
         warned = logs.messages("gateway.server", "rejected /twilio/")
-        assert len(warned) == 16 and all(m.endswith(" signature") for m in warned)
+        assert len(warned) == 8 * len(urls) and all(m.endswith(" signature") for m in warned)
         assert bed.emulator.record.connections == []
         logs.assert_no_traceback_spam()
 

@@ -1,13 +1,16 @@
 """A local stand-in for the Twilio REST API (the Calls resource), for tests and the demo.
 
 It answers what the gateway asks of Twilio -- create a call, update a call (hang up,
-redirect to new TwiML) -- records every request, and checks Basic auth like Twilio does.
+redirect to new TwiML), start a call's recording -- records every request, and checks
+Basic auth like Twilio does.
 `http_client()` gives a twilio `AsyncHttpClient` that sends every request of the real
 twilio `Client` here instead of to api.twilio.com: only the scheme and host change, so the
 path, form and auth are exactly what the library would send to Twilio.
 
 ``on_request`` lets a test play Twilio's part after a request (e.g. end the simulated
-call's media stream when the call is hung up or redirected).
+call's media stream when the call is hung up or redirected), and ``callback()`` sends the
+gateway a webhook signed as Twilio signs it (answering-machine detection, recording status,
+the whisper TwiML of a warm transfer).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 from aiohttp import BasicAuth, web
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response
+from twilio.request_validator import RequestValidator
 
 API_VERSION = "2010-04-01"
 
@@ -40,6 +45,7 @@ class RestRequest:
     form: dict[str, str]  # the first value of each field
     user: str  # the Basic auth user (the account SID)
     fields: tuple[tuple[str, str], ...] = ()  # every field, repeated ones included
+    resource: str = "calls"  # "calls" (create, update) or "recordings" (of call_sid)
 
 
 @dataclass
@@ -51,11 +57,17 @@ class RestRecord:
         return [
             r
             for r in self.requests
-            if r.call_sid is not None and (call_sid is None or r.call_sid == call_sid)
+            if r.call_sid is not None
+            and r.resource == "calls"
+            and (call_sid is None or r.call_sid == call_sid)
         ]
 
     def creates(self) -> list[RestRequest]:
         return [r for r in self.requests if r.call_sid is None]
+
+    def recordings(self) -> list[RestRequest]:
+        """Recordings started (POST .../Calls/{sid}/Recordings.json)."""
+        return [r for r in self.requests if r.resource == "recordings"]
 
 
 OnRequest = Callable[[RestRequest], Awaitable[None]]
@@ -70,6 +82,7 @@ class TwilioRestStandIn:
         self.base_url = ""
         self.on_request: OnRequest | None = None
         self.fail_status: int | None = None  # answer every request with this error
+        self.recording_sids: list[str] = []  # of the recordings started, in order
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Event()
 
@@ -90,6 +103,9 @@ class TwilioRestStandIn:
         app.router.add_post(f"/{API_VERSION}/Accounts/{{account}}/Calls.json", self._create)
         app.router.add_post(
             f"/{API_VERSION}/Accounts/{{account}}/Calls/{{call}}.json", self._update
+        )
+        app.router.add_post(
+            f"/{API_VERSION}/Accounts/{{account}}/Calls/{{call}}/Recordings.json", self._record
         )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -118,8 +134,30 @@ class TwilioRestStandIn:
 
     # ---------------------------------------------------------------- handlers
 
+    async def callback(
+        self,
+        http: aiohttp.ClientSession,
+        gateway_url: str,
+        public_url: str,
+        path: str,
+        params: dict[str, str],
+        *,
+        forged: bool = False,
+    ) -> tuple[int, str]:
+        """POST a webhook to the gateway as Twilio does: form `params`, signed over
+        `public_url + path` (path may carry a query) with the auth token, or with a wrong
+        signature when `forged`. Returns the status and the body."""
+        assert self.auth_token is not None, "signing needs the auth token"
+        signature = RequestValidator(self.auth_token).compute_signature(public_url + path, params)
+        if forged:
+            signature = signature[:-4] + ("AAAA" if not signature.endswith("AAAA") else "BBBB")
+        async with http.post(
+            gateway_url + path, data=params, headers={"X-Twilio-Signature": signature}
+        ) as resp:
+            return resp.status, await resp.text()
+
     async def _receive(
-        self, request: web.Request, call_sid: str | None
+        self, request: web.Request, call_sid: str | None, resource: str = "calls"
     ) -> RestRequest | web.Response:
         """Record the request; an error response if Twilio would refuse it."""
         account = request.match_info["account"]
@@ -141,6 +179,7 @@ class TwilioRestStandIn:
             form={k: v for k, v in reversed(list(form.items())) if isinstance(v, str)},
             user=user,
             fields=tuple((k, v) for k, v in form.items() if isinstance(v, str)),
+            resource=resource,
         )
         self.record.requests.append(received)
         self._changed.set()
@@ -171,6 +210,26 @@ class TwilioRestStandIn:
             return received
         status = received.form.get("Status", "in-progress")
         return web.json_response(_call_json(received.account_sid, call_sid, status, received.form))
+
+    async def _record(self, request: web.Request) -> web.Response:
+        call_sid = request.match_info["call"]
+        received = await self._receive(request, call_sid, "recordings")
+        if isinstance(received, web.Response):
+            return received
+        account = received.account_sid
+        sid = "RE" + secrets.token_hex(16)
+        body = {
+            "sid": sid,
+            "account_sid": account,
+            "call_sid": call_sid,
+            "status": "in-progress",
+            "channels": 2 if received.form.get("RecordingChannels") == "dual" else 1,
+            "source": "StartCallRecordingAPI",
+            "api_version": API_VERSION,
+            "uri": f"/{API_VERSION}/Accounts/{account}/Calls/{call_sid}/Recordings/{sid}.json",
+        }
+        self.recording_sids.append(sid)
+        return web.json_response(body, status=201)
 
 
 def _call_json(account: str, sid: str, status: str, form: dict[str, str]) -> dict[str, Any]:

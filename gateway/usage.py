@@ -1,0 +1,74 @@
+"""What a call cost: the Live API's token counts summed per call, and their price.
+
+The service reports `usageMetadata` for each model turn (`gateway.live.events.Usage`):
+prompt tokens (what the model read: the caller's audio, text turns, the context it kept)
+and response tokens (what it said), each broken down by modality. A call adds them up;
+with `TOKEN_PRICES` set (USD per million tokens, by `prompt_audio`, `response_text`, ...)
+it also prices them. Tokens the service reports without a breakdown count as `text`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gateway.live.events import Usage
+
+MODALITIES = frozenset({"audio", "text", "image", "video", "document"})
+
+
+def _modality(name: str) -> str:
+    return name if name in MODALITIES else "text"
+
+
+@dataclass
+class CallUsage:
+    """Tokens of one call so far."""
+
+    prompt_tokens: int = 0
+    response_tokens: int = 0
+    total_tokens: int = 0
+    turns: int = 0  # usage reports received
+    by_kind: dict[str, int] = field(default_factory=dict)  # "prompt_audio" -> tokens
+
+    def add(self, usage: Usage) -> dict[str, int]:
+        """Count one report; returns its tokens by kind (for the metrics)."""
+        self.turns += 1
+        self.prompt_tokens += usage.prompt_tokens
+        self.response_tokens += usage.response_tokens
+        self.total_tokens += usage.total_tokens
+        kinds: dict[str, int] = {}
+        for side, total, details in (
+            ("prompt", usage.prompt_tokens, usage.prompt_by_modality),
+            ("response", usage.response_tokens, usage.response_by_modality),
+        ):
+            itemised = 0
+            for modality, tokens in details:
+                key = f"{side}_{_modality(modality)}"
+                kinds[key] = kinds.get(key, 0) + tokens
+                itemised += tokens
+            if total > itemised:  # no breakdown, or a partial one
+                key = f"{side}_text"
+                kinds[key] = kinds.get(key, 0) + total - itemised
+        for key, tokens in kinds.items():
+            self.by_kind[key] = self.by_kind.get(key, 0) + tokens
+        return kinds
+
+    def cost_usd(self, prices: Mapping[str, float]) -> float | None:
+        """The price of the tokens so far; None without prices."""
+        if not prices:
+            return None
+        return sum(tokens * prices.get(kind, 0.0) for kind, tokens in self.by_kind.items()) / 1e6
+
+    def summary(self, prices: Mapping[str, float]) -> dict[str, object]:
+        """For the transcript's `end` line."""
+        out: dict[str, object] = {
+            "prompt_tokens": self.prompt_tokens,
+            "response_tokens": self.response_tokens,
+            "total_tokens": self.total_tokens,
+            "tokens_by_kind": dict(sorted(self.by_kind.items())),
+        }
+        cost = self.cost_usd(prices)
+        if cost is not None:
+            out["cost_usd"] = round(cost, 6)
+        return out

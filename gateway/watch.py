@@ -1,0 +1,108 @@
+"""The gateway's own moves in a call: checking on a silent caller, wrapping up at a limit.
+
+Bookkeeping only (no I/O, no clock of its own); the call feeds it what happens and asks
+what is due:
+
+* **Silence** (`silence_timeout_s`, 0 = off): when the caller says nothing for that long
+  after the bot finished speaking (its last reply heard to the end), the model is asked to
+  check in (`silence_prompt`); after a second such silence it says goodbye
+  (`silence_goodbye`) and the call ends once that was heard. Caller speech starts over.
+* **Duration** (`max_call_s`, 0 = off): at `wrap_up_at` of it the model is asked to wrap
+  up (`wrap_up`) and the call ends once its goodbye was heard; at the limit itself the
+  call ends whatever is happening.
+* **Tokens** (`max_call_tokens`, 0 = off): the same wrap-up once the call's tokens reach
+  `wrap_up_at` of it. The service counts tokens at the end of each model turn, so the call
+  can pass the limit by the goodbye's turn.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from gateway.personas import Persona
+
+
+class Move(StrEnum):
+    """What the watch asks the call to do; the value names the reason (a metric label)."""
+
+    CHECK_IN = "silence_check_in"  # ask the model to check on the caller
+    SILENCE = "silence"  # goodbye, then end
+    WRAP_UP_DURATION = "max_duration"  # wrap up, then end
+    WRAP_UP_TOKENS = "max_tokens"  # wrap up, then end
+    LIMIT = "max_duration_reached"  # end now
+
+
+class CallWatch:
+    """When a call's silence and limit moves are due."""
+
+    def __init__(self, persona: Persona, started_at: float) -> None:
+        self._silence_s = persona.silence_timeout_s
+        self._max_s = persona.max_call_s
+        self._max_tokens = persona.max_call_tokens
+        self._wrap_up_at = persona.wrap_up_at
+        self._started_at = started_at
+        self._caller_spoke_at = started_at
+        self._bot_quiet_since: float | None = started_at
+        self._check_ins = 0  # check-ins since the caller last spoke
+        self._wrapped_up = False
+        self._limit_hit = False
+        self.ending = False  # the call is ending: no more silence or wrap-up moves
+
+    @property
+    def timed(self) -> bool:
+        """Whether anything here depends on time (else `due` never has a move)."""
+        return bool(self._silence_s or self._max_s)
+
+    @property
+    def listens(self) -> bool:
+        """Whether the caller's speech matters (silence handling is on)."""
+        return bool(self._silence_s)
+
+    def caller_spoke(self, at: float) -> None:
+        self._caller_spoke_at = at
+        self._check_ins = 0
+
+    def bot_speaking(self) -> None:
+        self._bot_quiet_since = None
+
+    def bot_quiet(self, at: float) -> None:
+        """The caller has heard everything the bot said (its marks came back)."""
+        if self._bot_quiet_since is None:
+            self._bot_quiet_since = at
+
+    def tokens(self, total: int) -> Move | None:
+        """The wrap-up, once, when the call's tokens reach their share of the limit."""
+        if not self._max_tokens or self._wrapped_up or self.ending:
+            return None
+        if total >= self._wrap_up_at * self._max_tokens:
+            self._wrapped_up = True
+            return Move.WRAP_UP_TOKENS
+        return None
+
+    def due(self, now: float) -> tuple[Move | None, float | None]:
+        """The move due at `now` (at most one), else None and when to ask again (None:
+        not before the call reports something)."""
+        wake: list[float] = []
+        if self._max_s and not self._limit_hit:
+            limit = self._started_at + self._max_s
+            if now >= limit:
+                self._limit_hit = True
+                return Move.LIMIT, None
+            wake.append(limit)
+            wrap = self._started_at + self._wrap_up_at * self._max_s
+            if not self._wrapped_up and not self.ending:
+                if now >= wrap:
+                    self._wrapped_up = True
+                    return Move.WRAP_UP_DURATION, None
+                wake.append(wrap)
+        if self._silence_s and not self.ending and self._bot_quiet_since is not None:
+            since = max(self._bot_quiet_since, self._caller_spoke_at)
+            if now >= since + self._silence_s:
+                if self._check_ins == 0:
+                    self._check_ins = 1
+                    self._bot_quiet_since = now  # again from here, if the model says nothing
+                    return Move.CHECK_IN, None
+                self.ending = True
+                return Move.SILENCE, None
+            wake.append(since + self._silence_s)
+        return None, min(wake) if wake else None
