@@ -50,6 +50,10 @@ WINDOW_S = 0.02  # the emulator's VAD window
 LATENCY = "gateway_added_latency_seconds"
 DIRECTIONS = ("caller_to_model", "model_to_caller")
 MIB = 1024 * 1024
+# Past this share of all cores busy (every process, the bench's and others'), the processes
+# queue for CPU: the bridge that falls behind does less work per call-minute, so the ratio of
+# the two bridges' CPU no longer compares like with like (the table says so).
+SATURATED = 0.70
 # `python -m gateway` on a given event loop, for comparing loops (--gateway-loop).
 LOOP_WRAPPERS = {
     "asyncio": "import runpy, sys; sys.modules['uvloop'] = None; "
@@ -105,16 +109,22 @@ class Proc:
 
 
 async def spawn(
-    name: str, args: Sequence[str], env: dict[str, str], logs: Path, nice: int = 0
+    name: str,
+    args: Sequence[str],
+    env: dict[str, str],
+    logs: Path,
+    nice: int = 0,
+    cwd: Path = ROOT,
 ) -> Proc:
-    """Start ``python args...`` in the project root; ``nice`` < 0 favours it over other load
-    on a shared machine (so that another job's bursts do not starve the measured processes)."""
+    """Start ``python args...`` in ``cwd`` (the project root); ``nice`` < 0 favours it over
+    other load on a shared machine (so that another job's bursts do not starve the measured
+    processes)."""
     log_path = logs / f"{name}.log"
     with _append(log_path) as log:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             *args,
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **env},
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -172,6 +182,7 @@ class Window:
     seconds: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)  # process name -> CPU seconds
     busy: float = 0.0  # machine-wide, fraction of all cores
+    others: float = 0.0  # of which not the bench's processes (other jobs on a shared machine)
     latency: dict[str, Histogram] = field(default_factory=dict)
     rss: int = 0
 
@@ -193,6 +204,10 @@ class Run:
     @property
     def calls_per_core(self) -> float:
         return 60 / self.cpu_per_call_minute
+
+    @property
+    def saturated(self) -> bool:
+        return self.window.busy > SATURATED
 
     @property
     def rss_per_call_mib(self) -> float:
@@ -253,11 +268,14 @@ class Bench:
 
     async def start_gateway(self, impl: str) -> tuple[Proc, str]:
         port = free_port()
-        module = "gateway" if impl == "gateway" else "bench.naive_gateway"
+        module = "bench.naive_gateway" if impl == "naive" else "gateway"
         argv = ["-m", module]
-        if impl == "gateway" and self.args.gateway_loop != "auto":
+        if impl != "naive" and self.args.gateway_loop != "auto":
             argv = ["-c", LOOP_WRAPPERS[self.args.gateway_loop]]
-        proc = await spawn(impl, argv, self.gateway_env(port), self.logs, self.args.nice)
+        # "before": the gateway of another checkout (--baseline), run with this one's Python.
+        cwd = Path(self.args.baseline) if impl == "before" else ROOT
+        env = self.gateway_env(port)
+        proc = await spawn(impl, argv, env, self.logs, self.args.nice, cwd=cwd)
         url = f"http://127.0.0.1:{port}"
         await wait_healthy(self.http, url, proc)
         return proc, url
@@ -315,7 +333,7 @@ class Bench:
                     t0 = time.monotonic()
                     start = {k: cpu_seconds(p) for k, p in pids.items()}
                     busy0, total0 = machine_busy()
-                    if impl == "gateway":
+                    if impl != "naive":
                         start_hist = await self.scrape(url)
                         profiler = await self.profile(gateway.pid, calls, seconds)
                     if during is not None:
@@ -325,8 +343,10 @@ class Bench:
                     window.cpu = {k: cpu_seconds(p) - start[k] for k, p in pids.items()}
                     busy1, total1 = machine_busy()
                     window.busy = (busy1 - busy0) / max(total1 - total0, 1)
+                    ours = sum(window.cpu.values()) / window.seconds / (os.cpu_count() or 1)
+                    window.others = max(0.0, window.busy - ours)
                     window.rss = rss_bytes(gateway.pid)
-                    if impl == "gateway":
+                    if impl != "naive":
                         end_hist = await self.scrape(url)
                         window.latency = {
                             d: end_hist[d].minus(start_hist[d]) for d in DIRECTIONS if d in end_hist
@@ -514,10 +534,14 @@ def table(runs: list[Run], args: argparse.Namespace) -> list[str]:
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     naive = {r.calls: r for r in runs if r.impl == "naive"}
+    saturated = False
     for r in runs:
         ratio = "-"
-        if r.impl == "gateway" and r.calls in naive:
+        if r.impl != "naive" and r.calls in naive:
             ratio = f"{naive[r.calls].cpu_per_call_minute / r.cpu_per_call_minute:.2f}× less"
+            if r.saturated or naive[r.calls].saturated:
+                ratio = f"({ratio}) saturated"
+        saturated = saturated or r.saturated
         lat = []
         for d in DIRECTIONS:
             h = r.window.latency.get(d)
@@ -531,14 +555,28 @@ def table(runs: list[Run], args: argparse.Namespace) -> list[str]:
             f"| {r.calls_per_core:.0f} "
             f"| {ratio} | {lat[0]} | {lat[1]} "
             f"| {ms(percentile(gaps, 0.5))} / {ms(percentile(gaps, 0.99))} "
-            f"| {r.rss_per_call_mib:.2f} | {ok}/{total} | {100 * r.window.busy:.0f}% |"
+            f"| {r.rss_per_call_mib:.2f} | {ok}/{total} | {busy(r)} |"
         )
+    if saturated:
+        lines += [
+            "",
+            f"saturated: the machine was over {100 * SATURATED:.0f}% busy in that window (all "
+            "processes): bridges queue for CPU and fall behind, so their CPU ratio means nothing.",
+        ]
     return lines
+
+
+def busy(r: Run) -> str:
+    """Machine busy in the window, with the share of other jobs (a shared machine)."""
+    flag = " saturated" if r.saturated else ""
+    return f"{100 * r.window.busy:.0f}% (others {100 * r.window.others:.0f}%){flag}"
 
 
 def label(impl: str, args: argparse.Namespace) -> str:
     """The row's name, with the settings it ran with (--gateway-env)."""
     settings = [kv for kv in args.gateway_env if kv.startswith("NAIVE_") == (impl == "naive")]
+    if impl == "before":
+        impl, settings = "gateway", [f"before: {args.baseline}", *settings]
     return f"{impl} ({', '.join(settings)})" if settings else impl
 
 
@@ -568,6 +606,7 @@ def write_json(path: Path, runs: list[Run], gaps: list[ResetGap], speeds: dict[s
                 "rss_per_call_mib": r.rss_per_call_mib,
                 "heard_ok": r.heard_ok,
                 "busy": r.window.busy,
+                "others": r.window.others,
                 "latency_ms": {
                     d: [1000 * h.quantile(0.5), 1000 * h.quantile(0.99)]
                     for d, h in r.window.latency.items()
@@ -615,6 +654,8 @@ async def main(args: argparse.Namespace) -> int:
                 bench = Bench(args, emulator, info, http, logs)
                 runs: list[Run] = []
                 impls = ["gateway"] if args.no_naive else ["gateway", "naive"]
+                if args.baseline:
+                    impls.insert(1, "before")
                 for n in args.calls:
                     for impl in impls:
                         log(f"{impl}: {n} calls for {args.seconds:.0f} s ...")
@@ -635,8 +676,8 @@ async def main(args: argparse.Namespace) -> int:
 
     out = [f"machine: {machine()}", f"command: {' '.join(['python -m bench', *sys.argv[1:]])}", ""]
     out += table(runs, args)
-    out += [""]
-    out += reset_table(gaps)
+    if gaps:
+        out += ["", *reset_table(gaps)]
     out += ["", "| transcoding | × real time per core |", "|---|---|"]
     out += [f"| {name} | {speed:.0f} |" for name, speed in speeds.items()]
     print("\n".join(out))
@@ -662,6 +703,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--response-delay-s", type=float, default=0.2)
     parser.add_argument("--transcode-seconds", type=int, default=60)
     parser.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    parser.add_argument(
+        "--baseline",
+        default="",
+        metavar="DIR",
+        help="also run the gateway of another checkout (e.g. git archive of the commit before "
+        "a change), on the same calls in the same run: before/after from one run",
+    )
     parser.add_argument(
         "--gateway-loop",
         choices=("auto", *LOOP_WRAPPERS),
@@ -693,6 +741,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reset_seconds = min(args.reset_seconds, 8.0)
         args.transcode_seconds = 2
     args.calls = [int(n) for n in str(args.calls).split(",") if n.strip()]
+    if args.baseline:
+        args.baseline = str(Path(args.baseline).resolve())
     return args
 
 

@@ -55,7 +55,7 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
     rows = [line for line in text.splitlines() if line.startswith("| 2 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["gateway", "naive"]
     gateway = [cell.strip() for cell in rows[0].split("|")[1:-1]]
-    assert gateway[4].endswith("× less")  # the ratio to the naive baseline
+    assert "× less" in gateway[4]  # the ratio to the naive baseline (flagged when saturated)
     assert all(cell not in ("", "nan") for cell in gateway)
     assert gateway[5] != "-" and gateway[6] != "-"  # the gateway's own latency histograms
     assert gateway[9] == "2/2", text  # both calls heard every reply
