@@ -2,11 +2,20 @@
 
 Labels are low-cardinality by design: causes, outcomes, reasons and
 directions, never a CallSid, StreamSid or phone number.
+
+The three families touched for every 20 ms frame (caller frames, model audio seconds, added
+latency) are plain numbers added to on the event loop's thread and read when /metrics is
+scraped (on that same thread): prometheus_client's own Counter.inc and Histogram.observe take
+a lock each time (0.6 and 2.2 us here, ~2% of the gateway's CPU at 100 calls, python -m bench),
+against 0.1 and 0.2 us. They are exported under the same names, types and buckets.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,6 +26,12 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+# The bucket bounds as prometheus_client spells them ("0.00025", "1.0", "+Inf").
+_go_float = cast(Callable[[float], str], floatToGoString)
 
 # Fine below 50 ms, so p50 / p99 of the added latency can be read off them (python -m bench).
 LATENCY_BUCKETS = (
@@ -24,6 +39,75 @@ LATENCY_BUCKETS = (
     0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
 GAP_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class LoopCounter:
+    """A counter for the per-frame paths: no lock, so only the event loop's thread adds."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LoopHistogram:
+    """A histogram for the per-frame paths: no lock, so only the event loop's thread observes."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # bucket i: value <= bounds[i]
+        self.sum += value
+
+
+class LoopHistogramFamily:
+    """A labelled family of `LoopHistogram`s, with prometheus_client's ``labels`` call."""
+
+    def __init__(self, label: str, bounds: Sequence[float]) -> None:
+        self.label = label
+        self.bounds = tuple(bounds)
+        self.le = [_go_float(b) for b in (*self.bounds, float("inf"))]
+        self.children: dict[str, LoopHistogram] = {}
+
+    def labels(self, **value: str) -> LoopHistogram:
+        (key,) = value.values()
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = LoopHistogram(self.bounds)
+        return child
+
+
+class _LoopCollector(Collector):
+    """Exports the loop-only counters and histograms at scrape time."""
+
+    def __init__(
+        self,
+        counters: dict[str, tuple[str, LoopCounter]],
+        histograms: dict[str, tuple[str, LoopHistogramFamily]],
+    ) -> None:
+        self._counters = counters
+        self._histograms = histograms
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (doc, counter) in self._counters.items():
+            yield CounterMetricFamily(name, doc, value=counter.value)
+        for name, (doc, family) in self._histograms.items():
+            metric = HistogramMetricFamily(name, doc, labels=[family.label])
+            for key, child in sorted(family.children.items()):
+                cumulative, buckets = 0, []
+                for le, count in zip(family.le, child.counts, strict=True):
+                    cumulative += count
+                    buckets.append((le, float(cumulative)))
+                metric.add_metric([key], buckets, child.sum)
+            yield metric
 
 
 @dataclass
@@ -71,18 +155,14 @@ class Metrics:
             buckets=GAP_BUCKETS,
             registry=r,
         )
-        self.caller_frames = Counter(
-            "gateway_caller_audio_frames", "Caller audio frames received", registry=r
-        )
+        self.caller_frames = LoopCounter()
         self.caller_audio_dropped = Counter(
             "gateway_caller_audio_dropped_seconds",
             "Caller audio that could not be delivered to the model, by reason",
             ["reason"],
             registry=r,
         )
-        self.model_audio = Counter(
-            "gateway_model_audio_seconds", "Model audio sent to callers", registry=r
-        )
+        self.model_audio = LoopCounter()
         self.barge_ins = Counter("gateway_barge_ins", "Caller interrupted the model", registry=r)
         self.rejected = Counter(
             "gateway_requests_rejected", "Requests refused, by reason", ["reason"], registry=r
@@ -96,13 +176,18 @@ class Metrics:
         self.live_errors = Counter(
             "gateway_live_errors", "Live sessions that failed, by reason", ["reason"], registry=r
         )
-        self.added_latency = Histogram(
-            "gateway_added_latency_seconds",
-            "Time audio spends inside the gateway, by direction",
-            ["direction"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.added_latency = LoopHistogramFamily("direction", LATENCY_BUCKETS)
+        counters = {
+            "gateway_caller_audio_frames": ("Caller audio frames received", self.caller_frames),
+            "gateway_model_audio_seconds": ("Model audio sent to callers", self.model_audio),
+        }
+        histograms = {
+            "gateway_added_latency_seconds": (
+                "Time audio spends inside the gateway, by direction",
+                self.added_latency,
+            )
+        }
+        r.register(_LoopCollector(counters, histograms))
 
         # Features (per persona: a persona is a configured name, never a number or SID).
         self.tokens = Counter(
