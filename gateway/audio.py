@@ -107,6 +107,13 @@ class PolyphaseResampler:
     group delay is trimmed at the start and drained by ``flush``), so over a stream the output
     count is exactly ceil(inputs * out_rate / in_rate), and what is held inside is just the
     group delay (``latency_samples``).
+
+    Doubling the rate with the cutoff at the old Nyquist (8 -> 16 kHz, cutoff 4 kHz) makes a
+    half-band filter: one of its two polyphase branches is a single tap of exactly 1, i.e. the
+    input samples themselves, delayed. Then (``fast``, the default) only the other branch is
+    computed, in one correlation over the frame, and the copied samples need no rounding: half
+    the arithmetic and a third of the numpy calls of the general path (``fast=False``, which
+    the tests check gives the same samples).
     """
 
     def __init__(
@@ -116,6 +123,8 @@ class PolyphaseResampler:
         passband_hz: float,
         stopband_hz: float,
         atten_db: float = 80.0,
+        *,
+        fast: bool = True,
     ) -> None:
         g = math.gcd(in_rate, out_rate)
         self.up, self.down = out_rate // g, in_rate // g
@@ -128,7 +137,10 @@ class PolyphaseResampler:
         step = 2 * self.down
         num_taps = step * math.ceil((estimate - 1) / step) + 1
         h = _kaiser_lowpass(num_taps, (passband_hz + stopband_hz) / 2, high_rate, atten_db)
-        h *= self.up  # zero-stuffing by ``up`` divides the level by ``up``
+        # Zero-stuffing by ``up`` divides the level by ``up``; each branch gets unity DC gain,
+        # so a constant input comes out constant (no image at half the output rate).
+        for p in range(self.up):
+            h[p :: self.up] /= h[p :: self.up].sum()
         # Taps on a 2^-k grid, at most 2^30 steps: every product with an int16 sample and every
         # partial sum is then exact in float64, so each output is bit-identical whatever the
         # summation order (BLAS kernels vary with the matrix shape, i.e. with the chunking).
@@ -147,21 +159,52 @@ class PolyphaseResampler:
         self.num_taps = num_taps
         self.latency_samples = (num_taps - 1) // 2 // self.down
         self.latency_ms = 1000.0 * self.latency_samples / out_rate
+        self._halfband = fast and self._find_halfband()
         self.reset()
+
+    def _find_halfband(self) -> bool:
+        """Set up the half-band path if this filter is one (see the class docstring)."""
+        if (self.up, self.down) != (2, 1):
+            return False
+        copied, computed = self._branches
+        (ones,) = np.nonzero(copied)
+        if len(ones) != 1 or copied[ones[0]] != 1.0:
+            return False
+        (nonzero,) = np.nonzero(computed)
+        lo, hi = int(nonzero[0]), int(nonzero[-1])
+        self._copy_at = int(ones[0])  # output 2p is input window p's sample at this index
+        self._odd_at = lo  # output 2p + 1 correlates window p from here with these taps
+        self._odd_taps: FloatArray = computed[lo : hi + 1].copy()
+        return True
 
     def reset(self) -> None:
         """Forget all input: the next sample starts a fresh stream."""
         self._hist: FloatArray = np.zeros(self._taps - 1)
+        self._held = bytes(2 * (self._taps - 1))  # the same, as PCM16 (half-band path)
         self._n_in = 0
         self._n_out = 0  # untrimmed outputs computed so far
         self._trim = self.latency_samples
 
     def process(self, samples: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
         """Feed input samples; return every output sample that is now fully determined."""
-        y = self._filter(samples)
+        if self._halfband:
+            return self._trimmed(self._halfband_filter(samples.astype(_PCM16).tobytes()))
+        return self._trimmed(_to_int16(self._filter(samples)))
+
+    def process_pcm(self, pcm: bytes) -> bytes:
+        """``process`` on PCM16 LE bytes (an even count), straight from and to the wire."""
+        if self._halfband:
+            return self._trimmed(self._halfband_filter(pcm)).tobytes()
+        samples = np.frombuffer(pcm, _PCM16).astype(np.int16, copy=False)
+        return self.process(samples).astype(_PCM16, copy=False).tobytes()
+
+    def _trimmed(self, y: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
+        """Drop the group delay from the start of the stream (once, across chunks)."""
+        if not self._trim:
+            return y
         cut = min(self._trim, len(y))
         self._trim -= cut
-        return _to_int16(y[cut:])
+        return y[cut:]
 
     def flush(self) -> npt.NDArray[np.int16]:
         """Drain the group delay with silence, return the tail, and reset for a new stream."""
@@ -169,11 +212,40 @@ class PolyphaseResampler:
             self.reset()
             return np.zeros(0, np.int16)
         wanted = -(-self._n_in * self.up // self.down) + self.latency_samples - self._n_out
-        zeros = -(-(self._n_out + wanted) * self.down // self.up) - self._n_in
-        y = self._filter(np.zeros(max(zeros, 0)))[:wanted]
+        zeros = max(-(-(self._n_out + wanted) * self.down // self.up) - self._n_in, 0)
+        if self._halfband:
+            tail = self._halfband_filter(bytes(2 * zeros))
+        else:
+            tail = _to_int16(self._filter(np.zeros(zeros)))
+        y = tail[:wanted]
         y = y[min(self._trim, len(y)) :]
         self.reset()
-        return _to_int16(y)
+        return y
+
+    def _halfband_filter(self, pcm: bytes) -> npt.NDArray[np.int16]:
+        """Two outputs per input sample: the sample itself (delayed), then the interpolated one.
+
+        The window of input p is the held samples and the new ones, from p on; the same
+        windows, products and (exact, see the tap grid) sums as ``_filter``.
+        """
+        n = len(pcm) // 2
+        if not n:
+            return np.zeros(0, _PCM16)
+        data = self._held + pcm
+        self._held = data[len(data) - len(self._held) :]
+        x = np.frombuffer(data, _PCM16)
+        y = np.empty(2 * n, _PCM16)
+        y[0::2] = x[self._copy_at : self._copy_at + n]
+        taps = self._odd_taps
+        window = x[self._odd_at : self._odd_at + n + len(taps) - 1].astype(np.float64)
+        odd: FloatArray = np.correlate(window, taps)  # twice as fast on float64 as on int16
+        np.rint(odd, out=odd)
+        np.minimum(odd, 32767.0, out=odd)
+        np.maximum(odd, -32768.0, out=odd)
+        y[1::2] = odd
+        self._n_in += n
+        self._n_out += 2 * n
+        return y
 
     def _filter(self, x: npt.NDArray[np.int16] | FloatArray) -> FloatArray:
         n_prev = self._n_in
@@ -214,9 +286,12 @@ def _to_int16(y: FloatArray) -> npt.NDArray[np.int16]:
     return y.astype(np.int16)
 
 
-def caller_resampler() -> PolyphaseResampler:
-    """8 kHz -> 16 kHz: images of the 0-3.4 kHz telephone band start at 4.6 kHz."""
-    return PolyphaseResampler(TWILIO_RATE, MODEL_INPUT_RATE, passband_hz=3400, stopband_hz=4600)
+def caller_resampler(*, fast: bool = True) -> PolyphaseResampler:
+    """8 kHz -> 16 kHz: images of the 0-3.4 kHz telephone band start at 4.6 kHz (a half-band
+    filter: ``fast`` computes only the interpolated half, see PolyphaseResampler)."""
+    return PolyphaseResampler(
+        TWILIO_RATE, MODEL_INPUT_RATE, passband_hz=3400, stopband_hz=4600, fast=fast
+    )
 
 
 def model_resampler() -> PolyphaseResampler:
@@ -233,8 +308,7 @@ class CallerToModel:
 
     def convert(self, ulaw: bytes) -> bytes:
         """Return the PCM that is ready; the last ``latency_ms`` stay inside until more comes."""
-        pcm = np.frombuffer(ulaw_to_pcm16(ulaw), _PCM16)
-        return self._resampler.process(pcm).astype(_PCM16, copy=False).tobytes()
+        return self._resampler.process_pcm(ulaw_to_pcm16(ulaw))
 
     def flush(self) -> bytes:
         """End of the caller's audio: return the held tail and start afresh."""

@@ -233,6 +233,21 @@ def test_chunked_equals_one_shot_caller() -> None:
     assert run_caller(CALLER_TONE, random_sizes(1, 1, 400)) == one_shot
 
 
+def test_caller_half_band_path_gives_the_general_paths_samples() -> None:
+    # The fast path computes one branch and copies the other; the general path computes both.
+    fast, general = caller_resampler(), caller_resampler(fast=False)
+    assert fast._halfband and not general._halfband
+    rng = np.random.default_rng(7)
+    loud = rng.integers(-32768, 32768, 8000).astype(np.int16)  # full scale: overshoot saturates
+    loud[::2] = 32767  # the worst case for the interpolated samples
+    for x in (pcm(tone(700, TWILIO_RATE, 1.0, 16384)), loud):
+        sizes = np.cumsum(random_sizes(5, 1, 400, 60))
+        chunked = np.concatenate([fast.process(c) for c in np.split(x, sizes)] + [fast.flush()])
+        one = np.concatenate([general.process(x), general.flush()])
+        assert np.array_equal(chunked, one)
+        assert len(one) == 2 * len(x)
+
+
 def test_chunked_equals_one_shot_model_with_odd_byte_boundaries() -> None:
     data = MODEL_MIX.tobytes()
     one_shot = run_model(data, [len(data)])
