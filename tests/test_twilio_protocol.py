@@ -227,6 +227,11 @@ def test_wrong_media_format_is_unsupported_data(fmt: dict[str, Any]) -> None:
         "null",
         "[" * 60_000,
         "1" * 5000,
+        # Where orjson is stricter than the stdlib: invalid JSON all the same.
+        '{"event": NaN}',
+        '{"event": "media", "x": Infinity}',
+        '{"event": "\\ud800"}',
+        '{"event": "start", "sequenceNumber": 123456789012345678901234567890}',
     ],
 )
 def test_bad_json_is_a_policy_violation(text: str) -> None:

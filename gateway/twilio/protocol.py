@@ -1,8 +1,11 @@
 """Twilio Media Streams protocol (bidirectional ``<Connect><Stream>``), as pure code.
 
-Inbound text frames are parsed with one ``json.loads`` each and checked by hand into
+Inbound text frames are parsed with one ``orjson.loads`` each and checked by hand into
 slotted frozen dataclasses: this is the hot path (about 50 media frames per second per
-call, hundreds of calls), so no schema library is involved.
+call, hundreds of calls), so no schema library is involved. orjson parses a media frame in
+about a quarter of the stdlib's time (1.4 vs 6 us here; python -m bench measures the gain)
+and is stricter where they differ: NaN/Infinity, lone surrogates, integers past 64 bits and
+nesting past 1024 levels are invalid JSON.
 
 Everything Twilio sends is untrusted until checked. Any deviation raises
 :class:`StreamProtocolError` carrying the WebSocket close code to use and a short reason
@@ -19,6 +22,8 @@ import binascii
 import json
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+import orjson
 
 __all__ = [
     "CLOSE_GOING_AWAY",
@@ -249,8 +254,8 @@ class StreamParser:
         ):
             raise StreamProtocolError(CLOSE_MESSAGE_TOO_BIG, "message too big")
         try:
-            msg = json.loads(text)
-        except (ValueError, RecursionError):
+            msg = orjson.loads(text)
+        except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
             raise _policy("invalid JSON") from None
         if not isinstance(msg, dict):
             raise _policy("message is not a JSON object")
@@ -395,7 +400,7 @@ def _event_name(msg: dict[str, Any]) -> str:
 def _sid_json(stream_sid: str) -> str:
     if not stream_sid:
         raise ValueError("stream_sid must be non-empty")
-    return json.dumps(stream_sid)
+    return orjson.dumps(stream_sid).decode()
 
 
 def media_message(stream_sid: str, ulaw: bytes) -> str:
