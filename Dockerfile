@@ -27,7 +27,7 @@ COPY gateway ./gateway
 # (-I: import the installed package, not ./gateway.)
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/dist . \
     && /opt/venv/bin/pip install --no-deps /tmp/dist/gateway-*.whl \
-    && /opt/venv/bin/python -I -c "import gateway.__main__, gateway.outbound, audioop, orjson"
+    && /opt/venv/bin/python -I -c "import gateway.__main__, gateway.outbound, audioop, orjson, uvloop"
 
 
 FROM python:3.13-slim
