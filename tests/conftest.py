@@ -2,17 +2,21 @@
 
 What a test needs from the gateway's side (emulator, gateway, simulated callers) is the test
 bed, `gateway.testing`; what is here is about the tests themselves: the environment they
-run in, tasks they leave behind, waiting for a condition.
+run in, what was logged, tasks they leave behind, waiting for a condition.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from gateway.logs import LIBRARY_LEVELS, quiet_libraries
 
 Eventually = Callable[..., Awaitable[None]]
 
@@ -66,3 +70,81 @@ async def _eventually(predicate: Callable[[], object], limit_s: float = 10.0) ->
 @pytest.fixture(scope="session")  # no state: module-scoped fixtures may use it too
 def eventually() -> Eventually:
     return _eventually
+
+
+class LogCapture(logging.Handler):
+    """Every record logged while a test runs, and the checks the tests make on them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def texts(self) -> list[str]:
+        """Each record as everything it carries: message, extra fields, traceback."""
+        out = []
+        plain = logging.Formatter()
+        for record in self.records:
+            extras = {k: v for k, v in record.__dict__.items() if k not in {"msg", "args"}}
+            text = record.getMessage() + " " + repr(extras)
+            if record.exc_info:
+                text += plain.formatException(record.exc_info)
+            out.append(text)
+        return out
+
+    def messages(self, logger: str, prefix: str) -> list[str]:
+        """What `logger` logged that starts with `prefix`."""
+        return [
+            r.getMessage()
+            for r in self.records
+            if r.name == logger and r.getMessage().startswith(prefix)
+        ]
+
+    def warnings(self, prefix: str) -> list[str]:
+        """Warnings, from any logger, that start with `prefix`."""
+        return [
+            r.getMessage()
+            for r in self.records
+            if r.levelno == logging.WARNING and r.getMessage().startswith(prefix)
+        ]
+
+    def at_least(self, level: int) -> list[str]:
+        return [f"{r.name}: {r.getMessage()}" for r in self.records if r.levelno >= level]
+
+    def assert_quiet(self) -> None:
+        """Nothing at ERROR and no traceback: bad peers are warnings."""
+        assert self.at_least(logging.ERROR) == []
+        assert [r.getMessage() for r in self.records if r.exc_info] == []
+
+    def assert_no_traceback_spam(self) -> None:
+        gc.collect()  # "Task exception was never retrieved" is logged on collection
+        noisy = [
+            f"{r.name}: {r.getMessage()}"
+            for r in self.records
+            if r.exc_info
+            or r.levelno >= logging.ERROR
+            or "Error handling request" in r.getMessage()
+            or "never retrieved" in r.getMessage()
+        ]
+        assert noisy == []
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    """Every record at DEBUG from every logger, with the library levels production sets."""
+    root = logging.getLogger()
+    saved_root = root.level
+    saved = {name: logging.getLogger(name).level for name in LIBRARY_LEVELS}
+    capture = LogCapture()
+    root.addHandler(capture)
+    root.setLevel(logging.DEBUG)
+    quiet_libraries()
+    try:
+        yield capture
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(saved_root)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)

@@ -7,85 +7,26 @@ call, placed by the Twilio simulator against the Live emulator, still completes.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import secrets
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
 from twilio.request_validator import RequestValidator
 
-from gateway.logs import LIBRARY_LEVELS, quiet_libraries
-from gateway.testing.analysis import await_reply, heard_replies
+from gateway.testing.analysis import heard_replies
 from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, quick_emulator, test_bed
+from gateway.testing.peers import ACCOUNT_SID, closed_with, new_sid, say_and_hear, voice_params
 from gateway.testing.twilio_sim import CallRejected, SimulatedCall, TwilioCallerSimulator
+
+if TYPE_CHECKING:
+    from conftest import LogCapture
 
 SPEED = 2.0
 VOICE_URL = PUBLIC_URL + "/twilio/voice"
 STREAM_URL = PUBLIC_URL.replace("https://", "wss://") + "/twilio/media"
 SIGNER = RequestValidator(AUTH_TOKEN)
-ACCOUNT_SID = "AC" + "0" * 32
-
-
-def new_sid(prefix: str) -> str:
-    return prefix + secrets.token_hex(16)
-
-
-class Records(logging.Handler):
-    """Every record the gateway and aiohttp log, at the levels production sets."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def at_least(self, level: int) -> list[str]:
-        return [f"{r.name}: {r.getMessage()}" for r in self.records if r.levelno >= level]
-
-    def warnings(self, prefix: str) -> list[str]:
-        return [
-            r.getMessage()
-            for r in self.records
-            if r.levelno == logging.WARNING and r.getMessage().startswith(prefix)
-        ]
-
-    def assert_quiet(self) -> None:
-        """Nothing at ERROR and no traceback: bad peers are warnings."""
-        assert self.at_least(logging.ERROR) == []
-        assert [r.getMessage() for r in self.records if r.exc_info] == []
-
-
-@pytest.fixture
-def logs() -> Iterator[Records]:
-    root = logging.getLogger()
-    saved = root.level, {name: logging.getLogger(name).level for name in LIBRARY_LEVELS}
-    handler = Records()
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    quiet_libraries()
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(saved[0])
-        for name, level in saved[1].items():
-            logging.getLogger(name).setLevel(level)
-
-
-def voice_params(call_sid: str, account_sid: str = ACCOUNT_SID) -> dict[str, str]:
-    return {
-        "AccountSid": account_sid,
-        "CallSid": call_sid,
-        "CallStatus": "ringing",
-        "From": "+15005550006",
-        "To": "+15005550001",
-    }
 
 
 async def post_voice(bed: TestBed, params: dict[str, str]) -> tuple[int, str]:
@@ -132,23 +73,6 @@ def start_message(call_sid: str, parameters: dict[str, str], account_sid: str = 
     )
 
 
-async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str]:
-    """Read until the gateway closes: (close code, close reason)."""
-    async with asyncio.timeout(15):
-        while True:
-            msg = await ws.receive()
-            if msg.type is WSMsgType.CLOSE:
-                return ws.close_code, msg.extra or ""
-            if msg.type in (WSMsgType.CLOSED, WSMsgType.CLOSING, WSMsgType.ERROR):
-                return ws.close_code, ""
-
-
-async def converse(call: SimulatedCall, n: int, freq: float = 340.0) -> None:
-    """Say something and keep the line open (as Twilio does) until reply n was heard."""
-    await call.speak_tone(freq, 0.6)
-    await await_reply(call, n, min_s=0.7, limit_s=15)
-
-
 def assert_completed(call: SimulatedCall, replies: int) -> None:
     assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.7] == list(
         range(1, replies + 1)
@@ -170,7 +94,7 @@ BAD_BODIES = {
 }
 
 
-async def test_undecodable_webhook_bodies_are_client_errors(logs: Records) -> None:
+async def test_undecodable_webhook_bodies_are_client_errors(logs: LogCapture) -> None:
     async with test_bed(quick_emulator(SPEED)) as bed:
         call = await bed.caller(speed=SPEED).place_call()
         for path in ("/twilio/voice", "/twilio/status"):
@@ -183,7 +107,7 @@ async def test_undecodable_webhook_bodies_are_client_errors(logs: Records) -> No
                 async with bed.http.post(url, data=body, headers=headers) as resp:
                     assert resp.status == 400, (path, case, resp.status)
                     assert "Stream" not in await resp.text()
-        await converse(call, 1)
+        await say_and_hear(call, 1)
         await call.hangup()
 
         assert_completed(call, 1)
@@ -203,16 +127,16 @@ async def test_undecodable_webhook_bodies_are_client_errors(logs: Records) -> No
 # ------------------------------------------------------------ one call, one stream
 
 
-async def test_replayed_webhooks_open_no_second_stream(logs: Records) -> None:
+async def test_replayed_webhooks_open_no_second_stream(logs: LogCapture) -> None:
     async with test_bed(quick_emulator(SPEED)) as bed:
         caller = bed.caller(speed=SPEED)
         good = await caller.place_call()
-        await converse(good, 1)
+        await say_and_hear(good, 1)
         # Replaying the genuine call's signed webhook, during the call and after it: busy,
         # and no token to open a stream with.
         params = voice_params(good.record.call_sid, good.record.account_sid)
         during = [await post_voice(bed, params) for _ in range(5)]
-        await converse(good, 2, freq=380.0)
+        await say_and_hear(good, 2, freq=380.0)
         await good.hangup()
         after = [await post_voice(bed, params) for _ in range(3)]
         for status, twiml in during + after:
@@ -249,7 +173,7 @@ async def test_replayed_webhooks_open_no_second_stream(logs: Records) -> None:
         logs.assert_quiet()
 
 
-async def test_token_binds_the_account_and_the_persona(logs: Records) -> None:
+async def test_token_binds_the_account_and_the_persona(logs: LogCapture) -> None:
     async with test_bed(quick_emulator(SPEED), twilio_account_sid=ACCOUNT_SID) as bed:
         caller = TwilioCallerSimulator(
             bed.http, bed.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=SPEED, account_sid=ACCOUNT_SID
@@ -273,7 +197,7 @@ async def test_token_binds_the_account_and_the_persona(logs: Records) -> None:
             assert await closed_with(ws) == (1008, f"stream token {verdict}")
         ws = await open_stream(bed)
         await ws.send_str(start_message(call_sid, parameters))
-        await converse(good, 1)
+        await say_and_hear(good, 1)
         assert not ws.closed
         await ws.close()
         await good.hangup()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import gc
 import io
 import json
 import logging
@@ -20,7 +19,7 @@ import secrets
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,11 +29,11 @@ from aiohttp import WSMsgType, web
 from google import genai
 from twilio.request_validator import RequestValidator
 
-from gateway.logs import LIBRARY_LEVELS, JsonFormatter, quiet_libraries, register_secret
+from gateway.logs import JsonFormatter, register_secret
 from gateway.metrics import Metrics
 from gateway.personas import PersonaTable
 from gateway.server import STATE, create_app
-from gateway.testing.analysis import await_reply, heard_replies
+from gateway.testing.analysis import heard_replies
 from gateway.testing.harness import (
     AUTH_TOKEN,
     PUBLIC_URL,
@@ -44,11 +43,12 @@ from gateway.testing.harness import (
     test_bed,
 )
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
-from gateway.testing.twilio_sim import SimulatedCall, TwilioCallerSimulator
+from gateway.testing.peers import ACCOUNT_SID, closed_with, new_sid, say_and_hear, voice_params
+from gateway.testing.twilio_sim import TwilioCallerSimulator
 from gateway.twilio.webhooks import StreamTokens
 
 if TYPE_CHECKING:
-    from conftest import Eventually, NewTasks
+    from conftest import Eventually, LogCapture, NewTasks
 
 SPEED = 2.0
 VOICE_URL = PUBLIC_URL + "/twilio/voice"
@@ -61,85 +61,12 @@ CALLBACK_URLS = (
 )
 STREAM_URL = PUBLIC_URL.replace("https://", "wss://") + "/twilio/media"
 SIGNER = RequestValidator(AUTH_TOKEN)
-ACCOUNT_SID = "AC" + "0" * 32
 
 
 def emulator_config(**overrides: object) -> EmulatorConfig:
     # A key that cannot turn up in a log line by accident.
     api_key = "AIza-test-" + secrets.token_urlsafe(24)
     return quick_emulator(**{"speed": SPEED, "api_key": api_key, **overrides})
-
-
-def new_sid(prefix: str) -> str:
-    return prefix + secrets.token_hex(16)
-
-
-# ---------------------------------------------------------------------- logs
-
-
-@dataclass
-class LogCapture:
-    records: list[logging.LogRecord]
-
-    def texts(self) -> list[str]:
-        """Each record as everything it carries: message, extra fields, traceback."""
-        out = []
-        plain = logging.Formatter()
-        for record in self.records:
-            extras = {k: v for k, v in record.__dict__.items() if k not in {"msg", "args"}}
-            text = record.getMessage() + " " + repr(extras)
-            if record.exc_info:
-                text += plain.formatException(record.exc_info)
-            out.append(text)
-        return out
-
-    def messages(self, logger: str, prefix: str) -> list[str]:
-        return [
-            r.getMessage()
-            for r in self.records
-            if r.name == logger and r.getMessage().startswith(prefix)
-        ]
-
-    def assert_no_traceback_spam(self) -> None:
-        gc.collect()  # "Task exception was never retrieved" is logged on collection
-        noisy = [
-            f"{r.name}: {r.getMessage()}"
-            for r in self.records
-            if r.exc_info
-            or r.levelno >= logging.ERROR
-            or "Error handling request" in r.getMessage()
-            or "never retrieved" in r.getMessage()
-        ]
-        assert noisy == []
-
-
-class _ListHandler(logging.Handler):
-    def __init__(self, sink: list[logging.LogRecord]) -> None:
-        super().__init__(logging.DEBUG)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.sink.append(record)
-
-
-@pytest.fixture
-def logs() -> Iterator[LogCapture]:
-    """Every record at DEBUG from every logger, with the library levels production sets."""
-    root = logging.getLogger()
-    saved_root = root.level
-    saved = {name: logging.getLogger(name).level for name in LIBRARY_LEVELS}
-    records: list[logging.LogRecord] = []
-    handler = _ListHandler(records)
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    quiet_libraries()
-    try:
-        yield LogCapture(records)
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(saved_root)
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
 
 
 def assert_no_secret(texts: list[str], secret_values: list[str]) -> None:
@@ -161,16 +88,6 @@ async def post_webhook(
     path = url.removeprefix(PUBLIC_URL)
     async with http.post(bed.gateway_url + path, data=params, headers=headers) as resp:
         return resp.status, await resp.text()
-
-
-def voice_params(call_sid: str) -> dict[str, str]:
-    return {
-        "AccountSid": ACCOUNT_SID,
-        "CallSid": call_sid,
-        "CallStatus": "ringing",
-        "From": "+15005550006",
-        "To": "+15005550001",
-    }
 
 
 async def issue_token(http: aiohttp.ClientSession, bed: TestBed, call_sid: str) -> str:
@@ -242,23 +159,6 @@ def media_message(
             },
         }
     )
-
-
-async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str]:
-    """Read until the gateway closes: (close code, close reason)."""
-    async with asyncio.timeout(15):
-        while True:
-            msg = await ws.receive()
-            if msg.type is WSMsgType.CLOSE:
-                return ws.close_code, msg.extra or ""
-            if msg.type in (WSMsgType.CLOSED, WSMsgType.CLOSING, WSMsgType.ERROR):
-                return ws.close_code, ""
-
-
-async def converse(call: SimulatedCall, n: int, freq: float = 340.0) -> None:
-    """Say something and keep the line open (as Twilio does) until reply n was heard."""
-    await call.speak_tone(freq, 0.6)
-    await await_reply(call, n, min_s=0.7, limit_s=15)
 
 
 @contextlib.asynccontextmanager
@@ -379,7 +279,7 @@ async def test_genuine_stream_accepted_and_the_same_parameters_refused_after() -
     async with test_bed(emulator_config()) as bed, client_session() as http:
         caller = TwilioCallerSimulator(http, bed.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=SPEED)
         call = await caller.place_call()
-        await converse(call, 1)
+        await say_and_hear(call, 1)
         token = call.record.custom_parameters["token"]
         replay = start_message(
             call.record.call_sid,
@@ -501,13 +401,13 @@ async def test_good_call_unharmed_beside_thirty_hostile_streams(
             kinds = [kind for kind in HOSTILE for _ in range(3)]
             assert len(kinds) == 30
             crowd = asyncio.gather(*(HOSTILE[kind][0](http, bed, tokens) for kind in kinds))
-            await converse(call, 1)
+            await say_and_hear(call, 1)
             results = await crowd
             async with http.get(bed.gateway_url + "/healthz") as resp:
                 assert resp.status == 200
             async with http.get(bed.gateway_url + "/readyz") as resp:
                 assert resp.status == 200
-            await converse(call, 2, freq=380.0)
+            await say_and_hear(call, 2, freq=380.0)
             await call.hangup()
             tokens.append(call.record.custom_parameters["token"])
             async with http.get(bed.gateway_url + "/metrics") as resp:
@@ -751,10 +651,10 @@ async def test_garbage_from_live_ends_that_call_only(logs: LogCapture) -> None:
                     http, gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=SPEED
                 )
                 good = await caller.place_call()
-                await converse(good, 1)
+                await say_and_hear(good, 1)
                 rogue.garbage = True
                 bad = await caller.place_call()
-                await asyncio.gather(converse(good, 2, freq=380.0), bad.wait_closed(timeout=15))
+                await asyncio.gather(say_and_hear(good, 2, freq=380.0), bad.wait_closed(timeout=15))
                 await good.hangup()
                 await bad.hangup()
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,12 +128,21 @@ async def await_reply(
     step_s: float = 0.1,
 ) -> None:
     """Keep the line open (silence, as Twilio streams it) until the caller has heard at least
-    `min_s` of reply `n`; TimeoutError, naming what was heard, after `limit_s`."""
+    `min_s` of reply `n`; TimeoutError, naming what was heard, after `limit_s`.
+
+    The simulator counts a chunk as heard when it starts playing and cuts it short if the
+    call ends first, so this also waits for the chunk playing to end: a hang-up right after
+    takes nothing away from what was counted here.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
     while not any(r.n == n and r.duration_s > min_s for r in heard_replies(call.record)):
         if loop.time() > deadline or call.closed:
             raise TimeoutError(f"reply {n} not heard; heard {heard_replies(call.record)}")
+        await call.silence(step_s)
+    last = call.record.heard[-1]
+    played = last.at + len(last.ulaw) / (RATE * call.record.speed)
+    while time.monotonic() < played and not call.closed:  # the simulator's clock
         await call.silence(step_s)
 
 
