@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +20,9 @@ from google.genai import errors, types
 from websockets.asyncio.client import connect as ws_connect
 
 from gateway.testing.live_emulator import (
+    CLOSE_REASONS,
+    REASON_CANCELLED,
+    REASON_DEADLINE,
     EmulatorConfig,
     LiveEmulator,
     format_duration,
@@ -45,6 +50,11 @@ async def emulator_factory(tls: TestTLS) -> AsyncIterator[Factory]:
     async def make(**knobs: Any) -> LiveEmulator:
         knobs.setdefault("reply_s", 0.4)
         knobs.setdefault("response_delay_s", 0.05)
+        # Instant setups, forking resumes, a handle a second: what each test below relies
+        # on unless it sets the knob it is about.
+        knobs.setdefault("setup_latency", (0.0, 0.0))
+        knobs.setdefault("concurrent_resume", "fork")
+        knobs.setdefault("handle_interval", 1.0)
         emu = LiveEmulator(EmulatorConfig(**knobs), tls)
         await emu.start()
         started.append(emu)
@@ -292,7 +302,7 @@ async def test_resumed_state_is_the_handle_snapshot(
 
 
 async def test_concurrent_resume_can_be_rejected(emulator_factory: Factory, tls: TestTLS) -> None:
-    emu = await emulator_factory(handle_interval=0.05, reject_concurrent_resume=True)
+    emu = await emulator_factory(handle_interval=0.05, concurrent_resume="refuse")
     client = make_client(emu, tls)
     async with client.aio.live.connect(model=MODEL, config=live_config()) as old:
         msgs = await Reader(old).until(new_handle)
@@ -495,6 +505,355 @@ async def test_stop_closes_everything_and_leaks_no_task(tls: TestTLS) -> None:
     ]
     assert leftovers == []
     assert all(c.closed_at is not None for c in emu.record.connections)
+
+
+# --- behaviour knobs (see the emulator's module docstring for what each default rests on) ----
+
+
+def quiet(seconds: float, seed: int) -> bytes:
+    """Noise below the VAD: the session holds it, it is never an utterance."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(-50, 50, int(16000 * seconds), dtype="<i2").tobytes()
+
+
+async def next_handle(reader: Reader) -> str:
+    msgs = await reader.until(new_handle)
+    update = msgs[-1].session_resumption_update
+    assert update is not None and update.new_handle
+    return update.new_handle
+
+
+def chunks(pcm: bytes) -> int:
+    """Messages send_pcm writes for ``pcm``."""
+    return -(-len(pcm) // 640)
+
+
+async def test_setup_latency_is_drawn_per_connection(
+    emulator_factory: Factory, tls: TestTLS
+) -> None:
+    assert EmulatorConfig().setup_latency == (0.2, 0.6)  # the default: hundreds of ms
+    emu = await emulator_factory(setup_latency=(0.1, 0.3), seed=3)
+    client = make_client(emu, tls)
+    for _ in range(4):
+        async with client.aio.live.connect(model=MODEL, config=live_config()):
+            pass
+    latencies = [c.setup_latency for c in emu.record.connections]
+    assert all(0.1 <= x <= 0.3 for x in latencies) and len(set(latencies)) == 4
+    for c in emu.record.connections:
+        assert c.setup_completed_at is not None
+        assert c.setup_completed_at - c.opened_at >= c.setup_latency
+
+
+@pytest.mark.parametrize(("code", "seen"), [(None, 1006), (1011, 1011), (1007, 1007)])
+async def test_cut_during_a_setup(
+    emulator_factory: Factory, tls: TestTLS, code: int | None, seen: int
+) -> None:
+    emu = await emulator_factory(setup_latency=(5.0, 5.0))
+    client = make_client(emu, tls)
+
+    async def connect() -> None:
+        async with client.aio.live.connect(model=MODEL, config=live_config()):
+            pass
+
+    task = asyncio.create_task(connect())
+    await wait_until(lambda: bool(emu.record.connections and emu.record.connections[0].setup))
+    [cid] = emu.in_setup()
+    await emu.cut(cid, code=code)
+    with pytest.raises(errors.APIError) as caught:
+        await task
+    assert caught.value.code == seen
+    [conn] = emu.record.connections
+    assert conn.setup_completed_at is None and conn.close_code == seen
+    assert emu.record.sessions == {}
+
+
+async def test_refuse_next_connections(emulator_factory: Factory, tls: TestTLS) -> None:
+    emu = await emulator_factory()
+    client = make_client(emu, tls)
+    emu.refuse_next(2, how="http")
+    emu.refuse_next(1, how=1011)
+    emu.refuse_next(1, how="reset")
+    for _ in range(2):
+        with pytest.raises(websockets.InvalidStatus) as http_refusal:
+            async with client.aio.live.connect(model=MODEL, config=live_config()):
+                pass
+        assert http_refusal.value.response.status_code == 503
+    for code in (1011, 1006):
+        with pytest.raises(errors.APIError) as caught:
+            async with client.aio.live.connect(model=MODEL, config=live_config()):
+                pass
+        assert caught.value.code == code
+    async with client.aio.live.connect(model=MODEL, config=live_config()):
+        pass  # the fifth is accepted
+    assert [c.refused for c in emu.record.connections] == [True] * 4 + [False]
+    assert [c.close_code for c in emu.record.connections] == [503, 503, 1011, 1006, None]
+
+
+@pytest.mark.parametrize("code", [1000, 1007, 1008, 1011])
+async def test_cut_with_a_close_code(emulator_factory: Factory, tls: TestTLS, code: int) -> None:
+    emu = await emulator_factory()
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        [cid] = emu.open_connections()
+        await emu.cut(cid, code=code)
+        with pytest.raises(errors.APIError) as caught:
+            await Reader(session).until(lambda m: False)
+    assert caught.value.code == code and CLOSE_REASONS[code] in str(caught.value)
+    assert (emu.record.connections[0].close_kind, emu.record.connections[0].close_code) == (
+        "cut",
+        code,
+    )
+    # The same from the connection's own timer: abrupt_after with a close code.
+    emu.config.abrupt_after, emu.config.abrupt_kinds = 0.1, (code,)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        with pytest.raises(errors.APIError) as caught:
+            await Reader(session).until(lambda m: False)
+    assert caught.value.code == code
+    assert emu.record.connections[1].close_kind == "abrupt"
+
+
+@pytest.mark.parametrize(("code", "reason"), [(1011, REASON_DEADLINE), (1000, REASON_CANCELLED)])
+async def test_goaway_lead_longer_than_what_is_left(
+    emulator_factory: Factory, tls: TestTLS, code: int, reason: str
+) -> None:
+    """A lead of 50 s on a connection with less than that left (here less than one setup):
+    the goAway comes at once, announcing what is left; then the close with its code."""
+    assert EmulatorConfig().goaway_lead == 50.0
+    emu = await emulator_factory(
+        lifetime=0.5, goaway_lead=50.0, goaway_close_code=code, setup_latency=(0.2, 0.2)
+    )
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        reader = Reader(session)
+        msgs = await reader.until(lambda m: m.go_away is not None)
+        assert msgs[-1].go_away is not None and msgs[-1].go_away.time_left is not None
+        assert 0 <= float(msgs[-1].go_away.time_left[:-1]) <= 0.3
+        with pytest.raises(errors.APIError) as caught:
+            await reader.until(lambda m: False)
+    assert caught.value.code == code and reason in str(caught.value)
+    assert emu.record.connections[0].close_kind == "goaway"
+
+
+async def test_go_away_now(emulator_factory: Factory, tls: TestTLS) -> None:
+    emu = await emulator_factory()
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        [cid] = emu.open_connections()
+        assert emu.go_away(cid, 0.3, code=1000)
+        reader = Reader(session)
+        msgs = await reader.until(lambda m: m.go_away is not None)
+        assert msgs[-1].go_away is not None and msgs[-1].go_away.time_left == "0.3s"
+        with pytest.raises(errors.APIError) as caught:
+            await reader.until(lambda m: False)
+    assert caught.value.code == 1000
+    assert not emu.go_away(cid, 1.0)  # no longer open
+
+
+async def test_takeover_moves_the_session_to_the_newer_connection(
+    emulator_factory: Factory, tls: TestTLS
+) -> None:
+    emu = await emulator_factory(concurrent_resume="takeover", handle_interval=0.05, reply_s=3.0)
+    client = make_client(emu, tls)
+    ignored, kept = quiet(0.2, 1), quiet(0.2, 2)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as old:
+        old_reader = Reader(old)
+        handle = await next_handle(old_reader)
+        sid = emu.record.connections[0].session_id
+        await send_pcm(old, UTTERANCE)
+        await old_reader.until(lambda m: m.data is not None)  # its reply has begun
+        async with client.aio.live.connect(model=MODEL, config=live_config(handle)) as new:
+            old_rec, new_rec = emu.record.connections
+            assert old_rec.superseded_by == new_rec.id
+            # The older connection's reply stopped, without a turnComplete; its next
+            # handle describes the newer connection's state, which is not generating.
+            msgs = await old_reader.until(new_handle)
+            assert not any(turn_complete(m) for m in msgs)
+            assert [e[2] for e in emu.record.events if e[1] == "reply_cut"] == ["conn=1 n=1"]
+            await send_pcm(old, ignored)  # dropped: the session is elsewhere
+            await wait_until(lambda: old_rec.dropped_audio_bytes == len(ignored))
+            await send_pcm(new, kept)
+            await wait_until(lambda: new_rec.audio_bytes_received == len(kept))
+            processed_at = time.monotonic()
+            while True:
+                later = await next_handle(old_reader)
+                if emu.record.handles_issued[later][1] > processed_at:
+                    break
+        assert old_rec.dropped_messages == chunks(ignored)
+        assert bytes(emu.record.sessions[sid].audio) == kept
+        async with client.aio.live.connect(model=MODEL, config=live_config(later)):
+            # resumed from the older connection's handle: the newer one's lineage
+            assert bytes(emu.record.sessions[sid].audio) == kept
+    assert emu.record.sessions[sid].connection_ids == [1, 2, 3]
+
+
+async def test_handle_cadence_is_jittered(emulator_factory: Factory, tls: TestTLS) -> None:
+    assert EmulatorConfig(handle_interval=(0.2, 5.0)).handle_interval == (0.2, 5.0)
+    emu = await emulator_factory(handle_interval=(0.05, 0.2), seed=5)
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        reader = Reader(session)
+        handles = [await next_handle(reader) for _ in range(8)]
+    times = [emu.record.handles_issued[h][1] for h in handles]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(g >= 0.05 for g in gaps), gaps
+    assert len({round(g, 3) for g in gaps}) > 1, gaps  # not one fixed interval
+
+
+async def test_no_handle_between_a_tool_call_and_its_response(
+    emulator_factory: Factory, tls: TestTLS
+) -> None:
+    emu = await emulator_factory(
+        handle_interval=0.05, tool_call_on_text={"weather": ("get_weather", {"city": "Oslo"})}
+    )
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        reader = Reader(session)
+        await session.send_client_content(
+            turns=types.Content(role="user", parts=[types.Part(text="the weather?")])
+        )
+        msgs = await reader.until(lambda m: m.tool_call is not None)
+        assert msgs[-1].tool_call is not None and msgs[-1].tool_call.function_calls
+        call = msgs[-1].tool_call.function_calls[0]
+        await reader.until(turn_complete)
+        updates: list[types.LiveServerSessionResumptionUpdate] = []
+        while len(updates) < 4:  # the reply is over, the call is not answered yet
+            msg = await reader.next()
+            if msg.session_resumption_update is not None:
+                updates.append(msg.session_resumption_update)
+        assert all(not u.resumable and not u.new_handle for u in updates), updates
+        await session.send_tool_response(
+            function_responses=[
+                types.FunctionResponse(id=call.id, name=call.name, response={"temp": 3})
+            ]
+        )
+        await next_handle(reader)
+
+
+async def test_input_in_flight_is_not_in_a_handle(emulator_factory: Factory, tls: TestTLS) -> None:
+    delay = 1.0
+    emu = await emulator_factory(input_delay=delay, handle_interval=0.05)
+    client = make_client(emu, tls)
+    audio = quiet(0.1, 3)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        reader = Reader(session)
+        await next_handle(reader)
+        sent_at = time.monotonic()
+        await send_pcm(session, audio)
+        rec = emu.record.connections[0]
+        sid = rec.session_id
+        await wait_until(lambda: rec.messages_received == chunks(audio))
+        # A handle issued less than the delay after the audio was sent cannot hold it.
+        early = ""
+        while not early:
+            handle = await next_handle(reader)
+            issued = emu.record.handles_issued[handle][1]
+            assert issued < sent_at + delay, "no handle while the audio was in flight"
+            early = handle if issued > sent_at else ""
+        await wait_until(lambda: rec.audio_bytes_received == len(audio))
+        processed_at = time.monotonic()
+        while True:
+            late = await next_handle(reader)
+            if emu.record.handles_issued[late][1] > processed_at:
+                break
+        async with client.aio.live.connect(model=MODEL, config=live_config(early)):
+            assert bytes(emu.record.sessions[sid].audio) == b""
+        async with client.aio.live.connect(model=MODEL, config=live_config(late)):
+            assert bytes(emu.record.sessions[sid].audio) == audio
+
+
+async def test_input_in_flight_at_a_close(emulator_factory: Factory, tls: TestTLS) -> None:
+    """The client's close follows its input: that still arrives. A cut by the service loses
+    what was still in flight, and the record says how much."""
+    emu = await emulator_factory(input_delay=1.0)
+    client = make_client(emu, tls)
+    audio = quiet(0.1, 4)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        await send_pcm(session, audio)
+        first = emu.record.connections[0]
+        await wait_until(lambda: first.messages_received == chunks(audio))
+    await wait_until(lambda: first.closed_at is not None)
+    assert bytes(emu.record.sessions[first.session_id].audio) == audio
+    assert first.in_flight_lost_bytes == 0
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        await send_pcm(session, audio)
+        second = emu.record.connections[1]
+        await wait_until(lambda: second.messages_received == chunks(audio))
+        await emu.cut(second.id)
+    await wait_until(lambda: second.closed_at is not None)
+    assert bytes(emu.record.sessions[second.session_id].audio) == b""
+    assert second.in_flight_lost_bytes == len(audio)
+
+
+@pytest.mark.parametrize(
+    ("input_delay", "pong_delay", "least"), [(0.3, (0.0, 0.0), 0.3), (0.0, (0.4, 0.6), 0.4)]
+)
+async def test_pings_are_answered_after_the_delay(
+    emulator_factory: Factory,
+    tls: TestTLS,
+    input_delay: float,
+    pong_delay: tuple[float, float],
+    least: float,
+) -> None:
+    emu = await emulator_factory(input_delay=input_delay, pong_delay=pong_delay)
+    url = emu.base_url.replace("https", "wss") + PATH
+    headers = {"x-goog-api-key": "test-key"}
+    async with ws_connect(url, ssl=tls.client_ssl, additional_headers=headers) as ws:
+        await ws.send(json.dumps({"setup": {"model": "models/x"}}))
+        assert "setupComplete" in json.loads(await ws.recv())
+        waiters = [await ws.ping(f"p{i}") for i in range(3)]
+        latencies = [await w for w in waiters]
+    assert all(rtt >= least for rtt in latencies), latencies
+
+
+@pytest.mark.parametrize("mode", ["repeat", "wait"])
+async def test_after_a_reply_was_cut_off(
+    emulator_factory: Factory, tls: TestTLS, mode: str
+) -> None:
+    """Resumed from a handle issued before a reply that was then cut off, with the caller's
+    audio since the handle replayed: the model says the reply again, or holds the utterance
+    as answered and waits for new input."""
+    emu = await emulator_factory(after_cut_reply=mode, handle_interval=0.05, reply_s=3.0)
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as old:
+        reader = Reader(old)
+        handle = await next_handle(reader)
+        sid = emu.record.connections[0].session_id
+        await send_pcm(old, UTTERANCE)
+        await reader.until(lambda m: m.data is not None)  # the reply has begun ...
+        await emu.cut(emu.record.connections[0].id)  # ... and is cut off
+        with pytest.raises(errors.APIError):
+            await reader.until(lambda m: False)
+    emu.config.reply_s = 0.4
+    async with client.aio.live.connect(model=MODEL, config=live_config(handle)) as new:
+        reader = Reader(new)
+        await send_pcm(new, UTTERANCE)  # replayed
+        session = emu.record.sessions[sid]
+        if mode == "wait":
+            await wait_until(lambda: session.withheld == [1])
+            await new.send_client_content(
+                turns=types.Content(role="user", parts=[types.Part(text="Go on.")])
+            )
+        msgs = await reader.until(turn_complete)
+    audio = reply_audio(msgs)
+    assert len(audio) == round(0.4 * 24000) * 2  # one reply, said once
+    assert abs(dominant_freq(audio) - reply_freq(1)) < 5
+    expected = ["audio"] if mode == "repeat" else ["text"]
+    assert [t.trigger for t in session.turns] == expected
+    assert session.withheld == ([] if mode == "repeat" else [1])
+
+
+@pytest.mark.parametrize("compress", [False, True])
+async def test_permessage_deflate_knob(
+    emulator_factory: Factory, tls: TestTLS, compress: bool
+) -> None:
+    """The SDK's websockets client offers permessage-deflate; the emulator takes it or not."""
+    emu = await emulator_factory(compress=compress)
+    client = make_client(emu, tls)
+    async with client.aio.live.connect(model=MODEL, config=live_config()) as session:
+        await send_pcm(session, UTTERANCE)
+        msgs = await Reader(session).until(turn_complete)
+    assert abs(dominant_freq(reply_audio(msgs)) - reply_freq(1)) < 5
+    assert emu.record.connections[0].compressed is compress
 
 
 def test_tls_material(tmp_path: Path) -> None:

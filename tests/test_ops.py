@@ -173,7 +173,9 @@ async def _run_scripted_call(eventually: Eventually) -> ScriptedCall:
     root.setLevel(logging.INFO)
     try:
         # goAway 2.5 s into each connection: the call outlives its first connection.
-        async with test_bed(emulator_config(lifetime=4.0, goaway_lead=1.5)) as bed:
+        config = emulator_config(lifetime=4.0, goaway_lead=1.5)
+        config.concurrent_resume = "fork"  # make before break: the goAway switch's log line
+        async with test_bed(config) as bed:
             record = await _scripted_call(bed)
             await eventually(lambda: not bed.app[STATE].sockets)
             async with bed.http.get(bed.gateway_url + "/metrics") as resp:

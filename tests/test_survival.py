@@ -175,7 +175,7 @@ async def converse_from(call: SimulatedCall, n: int) -> None:
 async def test_goaway_when_the_service_refuses_a_second_connection() -> None:
     """Some deployments refuse to resume while the old connection is open: break, then make."""
     turns = 6
-    config = survival_config(lifetime=1.8, goaway_lead=0.9, reject_concurrent_resume=True)
+    config = survival_config(lifetime=1.8, goaway_lead=0.9, concurrent_resume="refuse")
     async with test_bed(config) as bed:
         call = await bed.caller(speed=SPEED).place_call()
         await converse(call, turns)

@@ -32,8 +32,15 @@ AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 
 
 def quick_emulator(speed: float = 2.0, **overrides: object) -> EmulatorConfig:
-    """Emulator knobs for short test calls: brief replies and pauses, time compressed."""
+    """Emulator knobs for short test calls: brief replies and pauses, time compressed.
+
+    Setups are answered at once and a resume beside an open connection forks the session
+    (not the emulator's defaults, which follow what the real service is reported to do):
+    the tests written against that behaviour keep it; the survival corners set their own.
+    """
     config = EmulatorConfig()
+    config.setup_latency = (0.0, 0.0)
+    config.concurrent_resume = "fork"
     config.reply_s = 0.8
     config.end_of_speech_s = 0.4
     config.response_delay_s = 0.1

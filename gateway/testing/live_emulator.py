@@ -30,33 +30,104 @@ Wire protocol, as checked against google-genai 3.6 (``live.py``, ``_api_client.p
   With ``EmulatorConfig.refuse_with_http`` an outage is an HTTP 503 at the handshake instead;
   the SDK does not wrap that: ``websockets.exceptions.InvalidStatus`` escapes ``connect()``.
 * Connection lifetime: ``goAway{timeLeft:"9.5s"}`` (protobuf Duration string) at
-  ``lifetime - goaway_lead``, then close **1011 "Deadline expired before operation could
-  complete."** at ``lifetime`` -- what the real service was seen doing at its ~10 min cut.
-  ``session.receive()`` then raises ``APIError`` with code 1011.
+  ``lifetime - goaway_lead`` (at once, announcing what is left, when the lead is longer than
+  that), then a close at ``lifetime`` with ``goaway_close_code``: **1011 "Deadline expired
+  before operation could complete."** or 1000 "The operation was cancelled.".
+  ``session.receive()`` then raises ``APIError`` with that code. :meth:`LiveEmulator.go_away`
+  announces the end of one connection now.
 * Session limit (no ``contextWindowCompression`` in the session's first setup): the session
   ends ``session_limit`` s after it was created, across resumptions, with close 1011
   "Session time limit exceeded." and no goAway; its handles stop working.
-* Abrupt cut (``abrupt_after``, :meth:`cut`): SO_LINGER 0 + ``transport.abort()`` -- a TCP RST,
-  no close frame. The SDK's ``receive()`` raises ``APIError`` code 1006 ("abnormal closure");
-  a send raises ``websockets.exceptions.ConnectionClosedError``.
+* Cuts at any moment, also during a setup (:meth:`LiveEmulator.cut`, or per connection
+  ``abrupt_after`` + U(0, ``abrupt_jitter``) with a kind drawn from ``abrupt_kinds``): a TCP
+  reset (SO_LINGER 0 + ``transport.abort()``, no close frame: the SDK's ``receive()`` raises
+  ``APIError`` 1006, a send ``websockets.exceptions.ConnectionClosedError``) or a close frame
+  with a code (:data:`CLOSE_REASONS`: 1000, 1007, 1008, 1011, each with a reason reported for
+  it). :meth:`LiveEmulator.refuse_next` refuses the next N connections: HTTP 503 at the
+  handshake, a reset during the setup, or a close code after it.
 * Server frames are camelCase JSON sent as binary frames; ``setupComplete`` is ``{}`` (the
   Developer API does not send a session id).
 
 Resumption: when the setup carries ``sessionResumption``, a ``sessionResumptionUpdate`` goes
 out every ``handle_interval`` and after every model turn: ``{newHandle, resumable:true}``,
-or ``{resumable:false}`` while a reply is being generated. A handle is a snapshot of what the
-model holds (audio, turns, text history, session start, compression); resuming replaces the
-session's state by that snapshot, so audio the old connection received after the handle is
-lost. Several connections of one session may be open at once (make before break), each with
-its own state; :class:`SessionRecord` shows the lineage of the latest resumption.
-``reject_concurrent_resume`` makes a resume fail with 1011 while another connection of the
-session is open, which one public report (sip-to-ai#14) says the real service does.
+or ``{resumable:false}`` while a reply is being generated or a ``toolCall`` waits for its
+``toolResponse``. A handle is a snapshot of what the model holds (audio, turns, text history,
+listening state, session start, compression) -- of the input the service had *processed* when
+it issued it: with ``input_delay``, input still in flight is not in it. Resuming replaces the
+session's state by that snapshot, so input the old connection delivered after the handle is
+not in the new lineage. :class:`SessionRecord` shows the lineage of the latest resumption.
+
+Behaviour knobs, and what each default rests on (sources: /work/shared/live-service-notes.md
+and the public threads named there; nobody here can call the real service, so where the record
+is thin every reading can be played):
+
+==========================  ==================  ==============================================
+knob                        default             rests on
+==========================  ==================  ==============================================
+``setup_latency``           U(0.2, 0.6) s       The SDK's ``connect()`` waits for
+                                                ``setupComplete``; setups take hundreds of ms
+                                                in practice (a resume reconnect "~300ms",
+                                                pipecat#4403). Instant answers are an
+                                                emulator artefact.
+``concurrent_resume``       ``"refuse"``        The only public report (aicc2025/sip-to-ai
+                                                PR #14, "verified against the live API"):
+                                                a resume while an earlier socket of the
+                                                session is open is rejected with 1011. No
+                                                source says one is accepted; ``"fork"``
+                                                (each connection its own state) and
+                                                ``"takeover"`` (the newer owns the session
+                                                from its accepted setup on; the older's
+                                                input is dropped and counted, its reply
+                                                stops, its later handles describe the
+                                                newer's state) play the unknown case.
+``handle_interval``         U(0.2, 1.0) s       Undocumented; the independent stand-in of
+                                                issue 12, built from reports, issues them
+                                                every few hundred ms. 0.2 s to 5 s are all
+                                                plausible (a value or a (min, max) range).
+``input_delay``             0 s                 One-way network delay of client messages
+                                                (and pings): in flight meanwhile, so not in
+                                                a handle. The Gemini API cannot say what a
+                                                handle covers (``lastConsumedClientMessage
+                                                Index`` needs ``transparent``, Vertex only).
+``pong_delay``              0 s                 Extra pong delay, in order. sip-to-ai PR #14
+                                                measured Gemini pongs at 8-30 s: a ping's
+                                                round trip need not measure the network.
+``goaway_lead``             50 s                ``goAway{timeLeft:"50s"}`` on the Gemini API
+                                                (kizuna-ai-lab/sokuji#179); ~30 s on Vertex
+                                                (third-party), ~60 s (Firebase docs).
+``goaway_close_code``       1011                sokuji#179: 1011 "Deadline expired before
+                                                operation could complete."; on Vertex 1000
+                                                "The operation was cancelled."
+                                                (pipecat#3112).
+``after_cut_reply``         ``"repeat"``        Unknown. Resumed from a handle issued before a
+                                                reply that was cut off, with the caller's
+                                                audio replayed: ``"repeat"`` says the reply
+                                                again; ``"wait"`` holds that utterance as
+                                                answered and waits for new speech or text.
+``compress``                ``False``           The SDK's websockets client offers
+                                                permessage-deflate; whether the real endpoint
+                                                accepts it is not known here (under
+                                                investigation). False keeps the emulator's
+                                                behaviour until then.
+``lifetime``                600 s               About 10 minutes per connection (many
+                                                reports, e.g. pipecat#3112).
+``session_limit``           900 s               Audio-only sessions without compression end
+                                                at 15 minutes (Live API docs, via sokuji#179).
+``handle_ttl``              7200 s              2 h on the Gemini API (24 h on Vertex).
+==========================  ==================  ==============================================
+
+Close reasons (:data:`CLOSE_REASONS`): 1000 "The operation was cancelled." (pipecat#3112),
+1007 "Request contains an invalid argument." (pipecat#4403), 1008 "The operation was
+aborted." (autonomous-os#238, through a proxy), 1011 "The service is currently unavailable.".
+
+:func:`gateway.testing.harness.quick_emulator` keeps instant setups and forking resumes for
+the tests written against them.
 
 The "model": an energy VAD on the 16 kHz input (20 ms windows, audio time). After
 ``min_speech_s`` of speech and ``end_of_speech_s`` of silence it replies with a sine of
 ``reply_freq(n)`` Hz, n = model turns the session's state holds + 1. Speech during a reply
-interrupts it. Config knobs are read when used: timers when a connection opens, VAD and reply
-settings on each use.
+interrupts it. Config knobs are read when used: timers, the setup latency and
+``input_delay`` when a connection opens, VAD and reply settings on each use.
 """
 
 from __future__ import annotations
@@ -75,6 +146,7 @@ import secrets
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -102,6 +174,18 @@ REASON_UNAVAILABLE = "The service is currently unavailable."
 REASON_DEADLINE = "Deadline expired before operation could complete."
 REASON_SESSION_LIMIT = "Session time limit exceeded."
 REASON_SHUTDOWN = "Server is shutting down."
+REASON_CANCELLED = "The operation was cancelled."  # 1000, Vertex (pipecat#3112)
+REASON_INVALID = "Request contains an invalid argument."  # 1007 (pipecat#4403)
+REASON_ABORTED = "The operation was aborted."  # 1008 (autonomous-os#238)
+# The reason a cut with a given close code carries.
+CLOSE_REASONS = {
+    1000: REASON_CANCELLED,
+    1007: REASON_INVALID,
+    1008: REASON_ABORTED,
+    1011: REASON_UNAVAILABLE,
+}
+# The reason of the close that ends a connection after its goAway.
+GOAWAY_REASONS = {1011: REASON_DEADLINE, 1000: REASON_CANCELLED}
 
 _PATH = re.compile(
     r"^/ws/google\.ai\.generativelanguage\.(v1|v1beta|v1alpha)\.GenerativeService\."
@@ -123,15 +207,34 @@ def format_duration(seconds: float) -> str:
     return f"{text}s"
 
 
+ConcurrentResume = Literal["fork", "takeover", "refuse"]
+AfterCutReply = Literal["repeat", "wait"]
+# How a connection ends when the emulator cuts it: a TCP reset, or a close frame with a code.
+CutKind = Literal["reset"] | int
+# How a connection is refused (refuse_next): HTTP 503 at the handshake, a TCP reset during
+# the setup, or a close frame with a code after reading the setup.
+RefusalKind = Literal["http", "reset"] | int
+
+
 @dataclass
 class EmulatorConfig:
-    """Knobs; mutable while the emulator runs (see the module docstring for when each is read)."""
+    """Knobs; mutable while the emulator runs (see the module docstring for when each is read
+    and what each default rests on). Times are wall-clock seconds; ``speed`` compresses only
+    the model's own pauses and replies."""
 
     lifetime: float = 600.0
-    goaway_lead: float = 10.0
+    lifetime_jitter: float = 0.0  # each connection lives lifetime + U(0, jitter)
+    goaway_lead: float = 50.0
+    goaway_close_code: int = 1011  # the cut after a goAway: 1011 (Gemini API) or 1000 (Vertex)
     session_limit: float = 900.0
-    handle_interval: float = 1.0
+    setup_latency: tuple[float, float] = (0.2, 0.6)  # per connection, U(min, max)
+    handle_interval: float | tuple[float, float] = (0.2, 1.0)  # a value or U(min, max) each
     handle_ttl: float = 7200.0
+    concurrent_resume: ConcurrentResume = "refuse"
+    after_cut_reply: AfterCutReply = "repeat"
+    input_delay: float = 0.0  # one-way network delay of client -> service messages (and pings)
+    pong_delay: tuple[float, float] = (0.0, 0.0)  # extra U(min, max) before a pong, in order
+    compress: bool = False  # accept the client's permessage-deflate offer
     vad_threshold_db: float = -40.0
     end_of_speech_s: float = 0.5
     min_speech_s: float = 0.1
@@ -143,9 +246,9 @@ class EmulatorConfig:
     api_key: str = "test-key"
     abrupt_after: float | None = None
     abrupt_jitter: float = 0.0
+    abrupt_kinds: tuple[CutKind, ...] = ("reset",)  # one drawn per connection
     seed: int = 0
     refuse_with_http: bool = False  # outage as HTTP 503 instead of close 1011
-    reject_concurrent_resume: bool = False
     record_audio: bool = True  # keep held audio bytes (off for long benchmarks: memory)
     setup_timeout: float = 10.0
     close_timeout: float = 2.0
@@ -164,6 +267,8 @@ class TurnRecord:
     finished_at: float | None
     interrupted: bool
     freq_hz: float
+    utterance: int = 0  # the caller utterance it answers (0: a text turn)
+    cut: bool = False  # its connection ended (or was taken over) while it was being said
 
 
 @dataclass
@@ -225,7 +330,16 @@ class ConnectionRecord:
     resumed_from: str | None
     refused: bool
     close_code: int | None = None
-    audio_bytes_received: int = 0
+    audio_bytes_received: int = 0  # caller audio the session processed from this connection
+    messages_received: int = 0  # client frames read after the setup (in flight or processed)
+    setup_latency: float = 0.0  # drawn for this connection
+    setup_completed_at: float | None = None
+    compressed: bool = False  # permessage-deflate negotiated
+    superseded_by: int | None = None  # takeover: the connection that took the session over
+    dropped_messages: int = 0  # takeover: client messages ignored once superseded
+    dropped_audio_bytes: int = 0  # takeover: caller audio among them
+    in_flight_lost_bytes: int = 0  # input_delay: caller audio still in flight at the server's
+    # close or cut (never processed)
 
 
 @dataclass
@@ -238,6 +352,10 @@ class SessionRecord:
     connection_ids: list[int]
     state: SessionState
     ended_at: float | None = None
+    # Utterances (numbers in the lineage) whose reply was cut off by the end of its
+    # connection; with after_cut_reply="wait" a resumed lineage treats them as answered.
+    cut_replies: set[int] = field(default_factory=set)
+    withheld: list[int] = field(default_factory=list)  # utterances left unanswered ("wait")
 
     @property
     def audio(self) -> bytearray:
@@ -348,6 +466,25 @@ def _dumps(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode()
 
 
+def _audio_bytes(msg: dict[str, Any]) -> int:
+    """Bytes of audio a (normalized) client message carries; 0 if it is not realtime audio."""
+    rt = msg.get("realtimeInput")
+    if not isinstance(rt, dict):
+        return 0
+    blobs = [rt.get("audio"), *(rt.get("mediaChunks") or [])]
+    total = 0
+    for blob in blobs:
+        if isinstance(blob, dict) and _audio_rate(blob.get("mimeType")) is not None:
+            with contextlib.suppress(_Refused):
+                total += len(_b64decode(blob.get("data", "")))
+    return total
+
+
+def _uniform(rng: random.Random, bounds: tuple[float, float]) -> float:
+    lo, hi = bounds
+    return rng.uniform(lo, hi) if hi > lo else max(lo, 0.0)
+
+
 class _Connection:
     """One WebSocket: its timers, VAD and reply task; owns every task it starts."""
 
@@ -370,13 +507,24 @@ class _Connection:
         self.tasks: set[asyncio.Task[None]] = set()
         self.reply_task: asyncio.Task[None] | None = None
         self.next_tool_call: tuple[str, dict[str, Any]] | None = None
+        self.pending_tool_calls: set[str] = set()  # toolCall ids not answered yet
         self.turn: TurnRecord | None = None
         self.closing = False
         self.close_task: asyncio.Task[Any] | None = None
+        self.setup_done = False
+        self.superseded_by: _Connection | None = None  # takeover
         self._pending = b""
         self._voiced = 0  # voiced windows in the current utterance
         self._silent = 0  # silent windows since the last voiced one
         self._speech_confirmed = False
+        # input_delay: client messages in flight, (due, data); None marks the client's close
+        self._inbox: deque[tuple[float, str | bytes | None]] = deque()
+        self._inbox_wake = asyncio.Event()
+        self._processor: asyncio.Task[None] | None = None
+        self._pongs: deque[tuple[float, bytes]] = deque()
+        self._pong_wake = asyncio.Event()
+        self._ponger: asyncio.Task[None] | None = None
+        self._last_pong_at = 0.0
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -423,6 +571,13 @@ class _Connection:
         self.emu.record.event("close", f"conn={self.rec.id} kind={kind} tcp reset")
         self.reset_transport()
 
+    def cut(self, how: CutKind, kind: str) -> None:
+        """End the connection now: a TCP reset, or a close frame with code ``how``."""
+        if how == "reset":
+            self.abort(kind)
+        else:
+            self.request_close(how, CLOSE_REASONS.get(how, REASON_UNAVAILABLE), kind)
+
     def reset_transport(self) -> None:
         """SO_LINGER 0 then abort: the kernel sends RST instead of FIN."""
         transport = self.transport
@@ -434,6 +589,14 @@ class _Connection:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
 
+    def end(self) -> None:
+        """The connection is over: a reply still being said was cut off; input still in
+        flight never reached the service."""
+        self._stop_reply()
+        while self._inbox:
+            _, data = self._inbox.popleft()
+            self._lose(data)
+
     async def shutdown_tasks(self) -> None:
         current = asyncio.current_task()
         tasks = [t for t in self.tasks if t is not current]
@@ -444,15 +607,13 @@ class _Connection:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def run(self, api_key: str | None, refused: bool) -> None:
+    async def run(self, api_key: str | None, refusal: RefusalKind | None) -> None:
         cfg = self.emu.config
-        try:
-            first = await self.ws.receive(timeout=cfg.setup_timeout)
-        except TimeoutError:
-            raise _Refused(1008, "No setup message received.", "error") from None
-        if first.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+        first = await self._first_message()
+        if first is None:
             self.rec.close_kind = self.rec.close_kind or "client"
             return
+        received_at = time.monotonic()
         with contextlib.suppress(ValueError, UnicodeDecodeError):  # recorded even if refused
             raw = json.loads(first.data)
             raw_setup = raw.get("setup") if isinstance(raw, dict) else None
@@ -462,23 +623,124 @@ class _Connection:
             raise _Refused(1008, REASON_NO_KEY, "refused")
         if api_key != cfg.api_key:
             raise _Refused(1007, REASON_BAD_KEY, "refused")
-        if refused:
-            raise _Refused(1011, REASON_UNAVAILABLE, "refused")
+        if refusal == "reset":  # the line drops while the service works on the setup
+            self.abort("refused")
+            return
+        if isinstance(refusal, int):
+            raise _Refused(refusal, CLOSE_REASONS.get(refusal, REASON_UNAVAILABLE), "refused")
         message = self._parse(first.data)
         if "setup" not in message:
             raise _Refused(1008, "The first message must be 'setup'.", "error")
+        # The setup reaches the service input_delay after it was sent; answering takes a while.
+        self.rec.setup_latency = _uniform(self.emu._rng, cfg.setup_latency)
+        wait = received_at + cfg.input_delay + self.rec.setup_latency - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if self.closing:  # cut during the setup
+            return
         self._setup(message["setup"])
         await self.send({"setupComplete": {}})
+        self.setup_done = True
+        self.rec.setup_completed_at = time.monotonic()
         self._start_timers()
+        await self._read_loop(cfg.input_delay)
+
+    async def _first_message(self) -> Any:
+        """The first data frame (the setup), answering pings meanwhile; None if the client
+        closed first."""
+        deadline = time.monotonic() + self.emu.config.setup_timeout
+        while True:
+            try:
+                msg = await self.ws.receive(timeout=max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                raise _Refused(1008, "No setup message received.", "error") from None
+            if msg.type == WSMsgType.PING:
+                self._ping(msg.data)
+            elif msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                return msg
+            elif msg.type != WSMsgType.PONG:
+                return None
+
+    async def _read_loop(self, delay: float) -> None:
+        """Client messages until the connection ends; with a delay, each is processed that
+        long after it arrived, in order (it is "in flight" meanwhile)."""
+        if delay > 0:
+            self._processor = self.spawn(self._process_inbox())
         async for msg in self.ws:
+            if msg.type == WSMsgType.PING:
+                self._ping(msg.data)
+                continue
+            if msg.type == WSMsgType.PONG:
+                continue
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 break
-            await self._on_message(self._parse(msg.data))
+            self.rec.messages_received += 1
+            if self._processor is not None:
+                self._inbox.append((time.monotonic() + delay, msg.data))
+                self._inbox_wake.set()
+            else:
+                await self._on_input(msg.data)
             if self.closing:
                 break
+        processor = self._processor
+        if not self.closing and processor is not None:
+            # The client closed: what it sent before its close still reaches the service.
+            self._inbox.append((time.monotonic() + delay, None))
+            self._inbox_wake.set()
+            await asyncio.wait({processor}, timeout=delay + self.emu.config.close_timeout)
         if not self.closing:
             self.rec.close_kind = "client"
             self.closing = True
+
+    async def _process_inbox(self) -> None:
+        while True:
+            if not self._inbox:
+                self._inbox_wake.clear()
+                await self._inbox_wake.wait()
+                continue
+            due, data = self._inbox[0]
+            if due > time.monotonic():
+                await asyncio.sleep(due - time.monotonic())
+            self._inbox.popleft()
+            if data is None:
+                return
+            if self.closing:
+                self._lose(data)
+                continue
+            try:
+                await self._on_input(data)
+            except _Refused as exc:
+                self.request_close(exc.code, exc.reason, exc.kind)
+
+    def _lose(self, data: str | bytes | None) -> None:
+        if data is None:
+            return
+        with contextlib.suppress(_Refused):
+            self.rec.in_flight_lost_bytes += _audio_bytes(self._parse(data))
+
+    def _ping(self, data: bytes) -> None:
+        """Pong after the same one-way delay as input (plus pong_delay), in order."""
+        cfg = self.emu.config
+        at = time.monotonic() + cfg.input_delay + _uniform(self.emu._rng, cfg.pong_delay)
+        at = max(at, self._last_pong_at)
+        self._last_pong_at = at
+        self._pongs.append((at, data))
+        self._pong_wake.set()
+        if self._ponger is None:
+            self._ponger = self.spawn(self._pong_loop())
+
+    async def _pong_loop(self) -> None:
+        while True:
+            if not self._pongs:
+                self._pong_wake.clear()
+                await self._pong_wake.wait()
+                continue
+            at, data = self._pongs.popleft()
+            if at > time.monotonic():
+                await asyncio.sleep(at - time.monotonic())
+            if not self.closing and not self.ws.closed:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.ws.pong(data)
 
     def _parse(self, data: str | bytes) -> dict[str, Any]:
         try:
@@ -503,6 +765,7 @@ class _Connection:
         self.in_tx = setup.get("inputAudioTranscription") is not None
         self.out_tx = setup.get("outputAudioTranscription") is not None
         handle = setup.get("sessionResumption", {}).get("handle") if self.resumption else None
+        others: list[_Connection] = []
         if handle:
             snap = emu._snapshots.get(handle)
             session = emu.record.sessions.get(snap.state.session_id) if snap else None
@@ -513,10 +776,16 @@ class _Connection:
                 or session.ended_at is not None
             ):
                 raise _Refused(1008, REASON_BAD_HANDLE, "bad_handle")
-            if emu.config.reject_concurrent_resume and any(
-                c.session is session for c in emu._conns.values() if not c.closing
-            ):
+            mode = emu.config.concurrent_resume
+            others = [
+                c
+                for c in emu._conns.values()
+                if c is not self and c.session is session and not c.closing
+            ]
+            if others and mode == "refuse":
                 raise _Refused(1011, REASON_UNAVAILABLE, "refused")
+            if mode != "takeover":
+                others = []
             self.state = snap.restore()
             self._voiced, self._silent, self._speech_confirmed, self._pending = snap.vad
             session.state = self.state
@@ -534,26 +803,53 @@ class _Connection:
         emu.record.event(
             "setup", f"conn={self.rec.id} session={self.state.session_id} resumed={bool(handle)}"
         )
+        for older in others:
+            if older.superseded_by is None:
+                older.supersede(self)
+
+    def supersede(self, newer: _Connection) -> None:
+        """Takeover: ``newer`` owns the session from now on; this one's input is ignored, its
+        reply stops and its handles describe the newer one's state."""
+        self.superseded_by = newer
+        self.rec.superseded_by = newer.rec.id
+        self.emu.record.event("takeover", f"conn={self.rec.id} by={newer.rec.id}")
+        self._stop_reply()
+
+    def _owner(self) -> _Connection:
+        conn = self
+        while conn.superseded_by is not None:
+            conn = conn.superseded_by
+        return conn
 
     def _start_timers(self) -> None:
         cfg = self.emu.config
+        rng = self.emu._rng
         assert self.state is not None
         opened = self.rec.opened_at
-        self.spawn(self._lifetime(opened + cfg.lifetime - cfg.goaway_lead, opened + cfg.lifetime))
+        life = cfg.lifetime + (rng.uniform(0.0, cfg.lifetime_jitter) if cfg.lifetime_jitter else 0)
+        # A lead longer than what is left: the goAway goes out at once with the time left.
+        self.spawn(self._lifetime(opened + life - cfg.goaway_lead, opened + life))
         if not self.state.compression:
             self.spawn(self._session_limit(self.state.created_at + cfg.session_limit))
         if self.resumption:
             self.spawn(self._handle_ticks())
         if cfg.abrupt_after is not None:
-            jitter = self.emu._rng.uniform(0.0, cfg.abrupt_jitter) if cfg.abrupt_jitter else 0.0
-            self.spawn(self._abrupt(opened + cfg.abrupt_after + jitter))
+            jitter = rng.uniform(0.0, cfg.abrupt_jitter) if cfg.abrupt_jitter else 0.0
+            how = rng.choice(cfg.abrupt_kinds) if cfg.abrupt_kinds else "reset"
+            self.spawn(self._abrupt(opened + cfg.abrupt_after + jitter, how))
 
     async def _lifetime(self, goaway_at: float, end_at: float) -> None:
         await asyncio.sleep(max(0.0, goaway_at - time.monotonic()))
+        await self.announce(end_at - time.monotonic(), None)
+
+    async def announce(self, time_left: float, code: int | None) -> None:
+        """goAway{timeLeft}, then the close (code: goaway_close_code when None)."""
+        end_at = time.monotonic() + max(0.0, time_left)
         self.emu.record.event("goaway", f"conn={self.rec.id}")
-        await self.send({"goAway": {"timeLeft": format_duration(end_at - time.monotonic())}})
+        await self.send({"goAway": {"timeLeft": format_duration(time_left)}})
         await asyncio.sleep(max(0.0, end_at - time.monotonic()))
-        self.request_close(1011, REASON_DEADLINE, "goaway")
+        code = self.emu.config.goaway_close_code if code is None else code
+        self.request_close(code, GOAWAY_REASONS.get(code, REASON_DEADLINE), "goaway")
 
     async def _session_limit(self, end_at: float) -> None:
         await asyncio.sleep(max(0.0, end_at - time.monotonic()))
@@ -561,22 +857,29 @@ class _Connection:
             self.session.ended_at = time.monotonic()
         self.request_close(1011, REASON_SESSION_LIMIT, "session_limit")
 
-    async def _abrupt(self, at: float) -> None:
+    async def _abrupt(self, at: float, how: CutKind) -> None:
         await asyncio.sleep(max(0.0, at - time.monotonic()))
-        self.abort("abrupt")
+        self.cut(how, "abrupt")
+
+    def _handle_interval(self) -> float:
+        interval = self.emu.config.handle_interval
+        if isinstance(interval, tuple):
+            return _uniform(self.emu._rng, interval)
+        return interval
 
     async def _handle_ticks(self) -> None:
         while True:
-            await asyncio.sleep(max(0.01, self.emu.config.handle_interval))
+            await asyncio.sleep(max(0.01, self._handle_interval()))
             await self._resumption_update()
 
     async def _resumption_update(self) -> None:
         if self.closing:
             return
-        if self.reply_task is not None:
+        src = self._owner()  # takeover: the state the session holds now
+        if src.reply_task is not None or src.pending_tool_calls:
             await self.send({"sessionResumptionUpdate": {"resumable": False}})
             return
-        st = self.state
+        st = src.state
         assert st is not None
         handle = secrets.token_urlsafe(18)
         now = time.monotonic()
@@ -590,12 +893,20 @@ class _Connection:
                 st.model_turns,
                 st.utterances,
                 now,
-                (self._voiced, self._silent, self._speech_confirmed, self._pending),
+                (src._voiced, src._silent, src._speech_confirmed, src._pending),
             ),
         )
         await self.send({"sessionResumptionUpdate": {"newHandle": handle, "resumable": True}})
 
     # --- client messages ------------------------------------------------------------------
+
+    async def _on_input(self, data: str | bytes) -> None:
+        msg = self._parse(data)
+        if self.superseded_by is not None:  # takeover: the session is elsewhere now
+            self.rec.dropped_messages += 1
+            self.rec.dropped_audio_bytes += _audio_bytes(msg)
+            return
+        await self._on_message(msg)
 
     async def _on_message(self, msg: dict[str, Any]) -> None:
         if "setup" in msg:
@@ -605,8 +916,15 @@ class _Connection:
         if "clientContent" in msg:
             await self._on_client_content(msg["clientContent"])
         if "toolResponse" in msg:
-            body = json.dumps(msg["toolResponse"], sort_keys=True)[:500]
-            self.emu.record.event("tool_response", f"conn={self.rec.id} {body}")
+            body = msg["toolResponse"]
+            text = json.dumps(body, sort_keys=True)[:500]
+            self.emu.record.event("tool_response", f"conn={self.rec.id} {text}")
+            responses = body.get("functionResponses") if isinstance(body, dict) else None
+            ids = {r.get("id") for r in responses or [] if isinstance(r, dict)} - {None}
+            if ids:
+                self.pending_tool_calls -= ids
+            else:
+                self.pending_tool_calls.clear()
         if "contextUpdate" in msg:
             self.emu.record.event("context_update", f"conn={self.rec.id}")
 
@@ -711,24 +1029,51 @@ class _Connection:
         self._voiced = self._silent = 0
         self._speech_confirmed = False
         st.utterances += 1
-        text = f"caller utterance {st.utterances}"
+        utterance = st.utterances
+        text = f"caller utterance {utterance}"
         st.history_text.append(("user", text))
         if self.in_tx:
             await self.send({"serverContent": {"inputTranscription": {"text": text}}})
-        await self._start_reply("audio")
+        session = self.session
+        if (
+            self.emu.config.after_cut_reply == "wait"
+            and session is not None
+            and self.rec.resumed_from is not None
+            and utterance in session.cut_replies
+        ):
+            # The model holds this utterance as answered already: it waits for new input.
+            session.cut_replies.discard(utterance)
+            session.withheld.append(utterance)
+            self.emu.record.event("withheld", f"conn={self.rec.id} utterance={utterance}")
+            return
+        await self._start_reply("audio", utterance)
 
     # --- replies --------------------------------------------------------------------------
 
-    async def _start_reply(self, trigger: Literal["audio", "text"]) -> None:
+    async def _start_reply(self, trigger: Literal["audio", "text"], utterance: int = 0) -> None:
         if self.reply_task is not None:
             await self._interrupt()
         st = self.state
         assert st is not None
         n = st.model_turns + 1
-        self.turn = TurnRecord(n, trigger, time.monotonic(), None, False, reply_freq(n))
+        self.turn = TurnRecord(
+            n, trigger, time.monotonic(), None, False, reply_freq(n), utterance=utterance
+        )
         st.turns.append(self.turn)
         self.emu.record.event("turn", f"conn={self.rec.id} n={n} trigger={trigger}")
         self.reply_task = self.spawn(self._reply(self.turn))
+
+    def _stop_reply(self) -> None:
+        """The reply being said is cut off (its connection ends or was taken over)."""
+        task, turn = self.reply_task, self.turn
+        if task is None or turn is None:
+            return
+        task.cancel()
+        self.reply_task = self.turn = None
+        turn.cut = True
+        if turn.utterance and self.session is not None:
+            self.session.cut_replies.add(turn.utterance)
+        self.emu.record.event("reply_cut", f"conn={self.rec.id} n={turn.index}")
 
     async def _interrupt(self) -> None:
         task, turn, st = self.reply_task, self.turn, self.state
@@ -763,7 +1108,9 @@ class _Connection:
                 await self.send({"serverContent": {"outputTranscription": text}})
             if i == 0 and tool_call is not None:
                 name, args = tool_call
-                call = {"id": f"call-{turn.index}", "name": name, "args": args}
+                call_id = f"call-{turn.index}"
+                call = {"id": call_id, "name": name, "args": args}
+                self.pending_tool_calls.add(call_id)
                 await self.send({"toolCall": {"functionCalls": [call]}})
                 self.emu.record.event("tool_call", f"conn={self.rec.id} n={turn.index} {name}")
         await self.send({"serverContent": {"generationComplete": True}})
@@ -806,6 +1153,7 @@ class LiveEmulator:
         self._snapshots: dict[str, _Snapshot] = {}
         self._next_id = 0
         self._refuse_until: float | None = None
+        self._refusals: deque[RefusalKind] = deque()
         self._rng = random.Random(config.seed)
 
     async def __aenter__(self) -> LiveEmulator:
@@ -850,23 +1198,49 @@ class LiveEmulator:
         """Refuse new connections until monotonic time ``until`` (None: accept again)."""
         self._refuse_until = until
 
-    async def cut_all(self, abrupt: bool = True) -> None:
-        for cid in list(self._conns):
-            await self.cut(cid, abrupt)
+    def refuse_next(self, n: int, how: RefusalKind = "http") -> None:
+        """Refuse the next ``n`` connections: ``"http"`` (503 at the handshake), ``"reset"``
+        (a TCP reset once the setup was read) or a close code after the setup (1011: the
+        service is unavailable). Queued behind refusals already ordered."""
+        self._refusals.extend([how] * n)
 
-    async def cut(self, connection_id: int, abrupt: bool = True) -> None:
-        """Abrupt: TCP reset. Otherwise goAway{timeLeft:"0s"} then close 1011."""
+    async def cut_all(self, abrupt: bool = True, *, code: int | None = None) -> None:
+        for cid in list(self._conns):
+            await self.cut(cid, abrupt, code=code)
+
+    async def cut(
+        self, connection_id: int, abrupt: bool = True, *, code: int | None = None
+    ) -> None:
+        """End a connection now, also during its setup. ``code``: a close frame with that
+        code (1000, 1007, 1008, 1011: see CLOSE_REASONS), no goAway. Else abrupt: a TCP
+        reset; not abrupt: goAway{timeLeft:"0s"} then close 1011."""
         conn = self._conns.get(connection_id)
         if conn is None or conn.closing:
             return
-        if abrupt:
+        if code is not None:
+            conn.cut(code, "cut")
+        elif abrupt:
             conn.abort("abrupt")
-            return
-        await conn.send({"goAway": {"timeLeft": "0s"}})
-        conn.request_close(1011, REASON_UNAVAILABLE, "cut")
+        else:
+            await conn.send({"goAway": {"timeLeft": "0s"}})
+            conn.request_close(1011, REASON_UNAVAILABLE, "cut")
+
+    def go_away(self, connection_id: int, time_left: float, code: int | None = None) -> bool:
+        """Announce the end of a connection now: goAway{timeLeft}, then the close after
+        ``time_left`` (``code``, else ``goaway_close_code``). False if it is not open."""
+        conn = self._conns.get(connection_id)
+        if conn is None or conn.closing or not conn.setup_done:
+            return False
+        conn.spawn(conn.announce(time_left, code))
+        return True
 
     def open_connections(self) -> list[int]:
+        """Connections not closing, including those whose setup is not answered yet."""
         return [cid for cid, c in self._conns.items() if not c.closing]
+
+    def in_setup(self) -> list[int]:
+        """Open connections whose setup was not answered yet (setupComplete not sent)."""
+        return [cid for cid, c in self._conns.items() if not c.closing and not c.setup_done]
 
     def _refusing(self) -> bool:
         until = self._refuse_until
@@ -888,7 +1262,12 @@ class LiveEmulator:
         match = _PATH.match(request.path)
         if match is None:
             return web.Response(status=404, text="Not found")
-        refused = self._refusing()
+        refusal: RefusalKind | None = None
+        if self._refusals:
+            refusal = self._refusals.popleft()
+        elif self._refusing():
+            refusal = "http" if self.config.refuse_with_http else 1011
+        refused = refusal is not None
         self._next_id += 1
         rec = ConnectionRecord(
             id=self._next_id,
@@ -901,7 +1280,7 @@ class LiveEmulator:
             refused=refused,
         )
         self.record.connections.append(rec)
-        if refused and self.config.refuse_with_http:
+        if refusal == "http":
             rec.closed_at, rec.close_kind, rec.close_code = time.monotonic(), "refused", 503
             self.record.event("refused", f"conn={rec.id} http 503")
             return web.Response(status=503, text=REASON_UNAVAILABLE)
@@ -913,14 +1292,18 @@ class LiveEmulator:
             or (auth[len("Token ") :] if auth.startswith("Token ") else None)
         )
         ws = web.WebSocketResponse(
-            compress=False, max_msg_size=16 * 1024 * 1024, timeout=self.config.close_timeout
+            compress=self.config.compress,
+            autoping=False,  # pongs go out after input_delay, in order (_Connection._ping)
+            max_msg_size=16 * 1024 * 1024,
+            timeout=self.config.close_timeout,
         )
         await ws.prepare(request)
+        rec.compressed = bool(ws.compress)
         conn = _Connection(self, ws, request.transport, rec)
         self._conns[rec.id] = conn
         self.record.event("open", f"conn={rec.id} version={match.group(1)}")
         try:
-            await conn.run(api_key, refused)
+            await conn.run(api_key, refusal)
         except _Refused as exc:
             if exc.kind == "refused" and refused:
                 rec.close_kind = "refused"
@@ -932,6 +1315,7 @@ class LiveEmulator:
             log.exception("emulator connection %d failed", rec.id)
             conn.request_close(1011, f"Internal error encountered: {type(exc).__name__}", "error")
         finally:
+            conn.end()
             await conn.shutdown_tasks()
             if conn.close_task is not None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -942,10 +1326,15 @@ class LiveEmulator:
 
 
 __all__ = [
+    "CLOSE_REASONS",
+    "AfterCutReply",
+    "ConcurrentResume",
     "ConnectionRecord",
+    "CutKind",
     "EmulatorConfig",
     "EmulatorRecord",
     "LiveEmulator",
+    "RefusalKind",
     "SessionRecord",
     "SessionState",
     "TurnRecord",
