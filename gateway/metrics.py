@@ -121,6 +121,13 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self.calls_active = Gauge("gateway_calls_active", "Calls in progress", registry=r)
+        # Read at each scrape from the app's state (the server sets their functions).
+        self.ready = Gauge(
+            "gateway_ready",
+            "1 while /readyz answers 200, else 0 (draining, at MAX_CALLS)",
+            registry=r,
+        )
+        self.draining = Gauge("gateway_draining", "1 once the replica drains (SIGTERM)", registry=r)
         self.calls = Counter("gateway_calls", "Calls ended, by outcome", ["outcome"], registry=r)
         self.call_duration = Histogram(
             "gateway_call_duration_seconds",

@@ -117,6 +117,9 @@ def create_app(
         personas=personas,
     )
     app[STATE].calls_idle.set()
+    state = app[STATE]
+    metrics.ready.set_function(lambda: float(not (state.draining or state.at_capacity())))
+    metrics.draining.set_function(lambda: float(state.draining))
     app.add_routes(
         [
             web.post("/twilio/voice", voice_webhook),
