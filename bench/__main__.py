@@ -44,6 +44,7 @@ import aiohttp
 
 from bench.common import AUTH_TOKEN, PUBLIC_URL, Histogram, cpu_seconds, histograms, rss_bytes
 from bench.common import run as run_loop
+from gateway.testing.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW_S = 0.02  # the emulator's VAD window
@@ -137,15 +138,6 @@ async def spawn(
 
 def _append(path: Path) -> BinaryIO:
     return open(path, "ab")  # closed by the caller's with
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def wait_healthy(http: aiohttp.ClientSession, url: str, proc: Proc) -> None:

@@ -163,8 +163,9 @@ def _clients(
 # ------------------------------------------------------------------ webhooks
 
 
-async def _checked_form(request: web.Request) -> dict[str, str] | None:
-    """The form parameters if Twilio's signature over them holds, else None."""
+async def _checked_form(request: web.Request) -> dict[str, str]:
+    """The form parameters if Twilio's signature over them holds; else 403 (or 400 for a
+    body that is not a form)."""
     state = request.app[STATE]
     try:
         params = parse_form(await request.read(), request.content_type, request.charset)
@@ -184,7 +185,7 @@ async def _checked_form(request: web.Request) -> dict[str, str] | None:
         reason = f"signature_{result.value}"
         state.metrics.rejected.labels(reason=reason).inc()
         log.warning("rejected %s: %s signature", request.path, result.value)
-        return None
+        raise web.HTTPForbidden()
     return params
 
 
@@ -192,8 +193,6 @@ async def voice_webhook(request: web.Request) -> web.Response:
     """Answer an incoming call with <Connect><Stream>, or busy when we cannot take it."""
     state = request.app[STATE]
     params = await _checked_form(request)
-    if params is None:
-        raise web.HTTPForbidden()
     call_sid = params.get("CallSid", "")
     if not call_sid:
         state.metrics.rejected.labels(reason="no_call_sid").inc()
@@ -225,8 +224,6 @@ async def voice_webhook(request: web.Request) -> web.Response:
 async def status_webhook(request: web.Request) -> web.Response:
     """Twilio's call status callback: logged, so an operator sees how calls ended."""
     params = await _checked_form(request)
-    if params is None:
-        raise web.HTTPForbidden()
     directory = request.app[STATE].settings.transcript_dir
     call_sid = params.get("CallSid", "")
     if directory is not None and call_sid:
@@ -252,8 +249,6 @@ async def amd_webhook(request: web.Request) -> web.Response:
     """Twilio's asynchronous answering-machine detection result for an outbound call."""
     state = request.app[STATE]
     params = await _checked_form(request)
-    if params is None:
-        raise web.HTTPForbidden()
     call_sid = params.get("CallSid", "")
     answered_by = params.get("AnsweredBy", "unknown")
     call = next((c for c in state.calls if c.start.call_sid == call_sid), None)
@@ -271,8 +266,6 @@ async def recording_webhook(request: web.Request) -> web.Response:
     """Twilio's recording status callback: the recording's SID and URL go in the transcript
     (the gateway stores no audio itself)."""
     params = await _checked_form(request)
-    if params is None:
-        raise web.HTTPForbidden()
     directory = request.app[STATE].settings.transcript_dir
     call_sid = params.get("CallSid", "")
     status = params.get("RecordingStatus", "unknown")
@@ -296,8 +289,7 @@ async def recording_webhook(request: web.Request) -> web.Response:
 async def whisper_webhook(request: web.Request) -> web.Response:
     """What the person taking a warm transfer hears before the caller is connected: the
     summary the model gave `transfer_call` (in the signed URL, so any replica can answer)."""
-    if await _checked_form(request) is None:
-        raise web.HTTPForbidden()
+    await _checked_form(request)
     summary = request.query.get("summary", "")[:MAX_SUMMARY_CHARS]
     language = request.query.get("language")
     return web.Response(text=whisper_twiml(summary, language), content_type="text/xml")

@@ -34,6 +34,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from gateway.config import LiveSettings, Settings
+from gateway.testing.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -771,13 +772,6 @@ def test_marker_environment_is_the_image() -> None:
 
 
 # ---------------------------------------------------------------- the app under this config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_app_boots_with_the_example_env_and_drains_on_sigterm(tmp_path: Path) -> None:

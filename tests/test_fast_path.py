@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from gateway.testing.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # What python -m bench's best configuration runs with (README, Benchmark).
@@ -50,13 +51,6 @@ def test_the_fast_path_is_locked_as_a_runtime_dependency() -> None:
     assert "--require-hashes -r requirements.lock" in dockerfile
     check = next(line for line in dockerfile.splitlines() if "python -I -c" in line)
     assert all(package in check for package in FAST_PATH)  # the build imports them
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_the_gateway_logs_its_event_loop_at_start(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ call, placed by the Twilio simulator against the Live emulator, still completes.
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,14 @@ from twilio.request_validator import RequestValidator
 
 from gateway.testing.analysis import heard_replies
 from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, quick_emulator, test_bed
-from gateway.testing.peers import ACCOUNT_SID, closed_with, new_sid, say_and_hear, voice_params
+from gateway.testing.peers import (
+    ACCOUNT_SID,
+    closed_with,
+    new_sid,
+    say_and_hear,
+    start_message,
+    voice_params,
+)
 from gateway.testing.twilio_sim import CallRejected, SimulatedCall, TwilioCallerSimulator
 
 if TYPE_CHECKING:
@@ -51,25 +57,6 @@ async def open_stream(bed: TestBed) -> aiohttp.ClientWebSocketResponse:
     signature = SIGNER.compute_signature(STREAM_URL, {})
     return await bed.http.ws_connect(
         bed.gateway_url + "/twilio/media", headers={"X-Twilio-Signature": signature}
-    )
-
-
-def start_message(call_sid: str, parameters: dict[str, str], account_sid: str = ACCOUNT_SID) -> str:
-    stream_sid = new_sid("MZ")
-    return json.dumps(
-        {
-            "event": "start",
-            "sequenceNumber": "1",
-            "streamSid": stream_sid,
-            "start": {
-                "accountSid": account_sid,
-                "streamSid": stream_sid,
-                "callSid": call_sid,
-                "tracks": ["inbound"],
-                "customParameters": parameters,
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            },
-        }
     )
 
 

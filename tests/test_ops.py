@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,14 @@ from twilio.request_validator import RequestValidator
 from gateway.logs import JsonFormatter, call_filter
 from gateway.server import STATE, start_draining
 from gateway.testing.analysis import heard_replies
-from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, quick_emulator, test_bed
+from gateway.testing.harness import (
+    AUTH_TOKEN,
+    PUBLIC_URL,
+    TestBed,
+    free_port,
+    quick_emulator,
+    test_bed,
+)
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.tls import make_tls
 from gateway.testing.twilio_sim import (
@@ -280,13 +286,6 @@ def test_a_call_leaves_a_few_log_lines_each_with_the_call(scripted_call: Scripte
 
 
 # ------------------------------------------------------------ configuration at start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def base_env(**values: str) -> dict[str, str]:

@@ -33,6 +33,7 @@ from gateway.logs import JsonFormatter, register_secret
 from gateway.metrics import Metrics
 from gateway.personas import PersonaTable
 from gateway.server import STATE, create_app
+from gateway.testing import peers
 from gateway.testing.analysis import heard_replies
 from gateway.testing.harness import (
     AUTH_TOKEN,
@@ -121,24 +122,14 @@ def start_message(
     persona: str = "default",
     account_sid: str = ACCOUNT_SID,
 ) -> str:
-    return json.dumps(
-        {
-            "event": "start",
-            "sequenceNumber": "1",
-            "streamSid": stream_sid,
-            "start": {
-                "accountSid": account_sid,
-                "streamSid": stream_sid,
-                "callSid": call_sid,
-                "tracks": ["inbound"],
-                "customParameters": {} if token is None else {"token": token, "persona": persona},
-                "mediaFormat": {
-                    "encoding": media_format[0],
-                    "sampleRate": media_format[1],
-                    "channels": 1,
-                },
-            },
-        }
+    """A `start` carrying `token` (and the persona it was issued for), or no parameters."""
+    parameters = {} if token is None else {"token": token, "persona": persona}
+    return peers.start_message(
+        call_sid,
+        parameters,
+        stream_sid=stream_sid,
+        account_sid=account_sid,
+        media_format=media_format,
     )
 
 

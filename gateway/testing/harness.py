@@ -8,6 +8,7 @@ SSL_CERT_FILE, which the google-genai SDK reads when the client is created.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -51,6 +52,14 @@ def quick_emulator(speed: float = 2.0, **overrides: object) -> EmulatorConfig:
             raise AttributeError(f"EmulatorConfig has no knob {key!r}")
         setattr(config, key, value)
     return config
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a process to serve on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 @contextmanager

@@ -7,7 +7,9 @@ stream messages itself, with these.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import WSMsgType
@@ -32,6 +34,38 @@ def voice_params(call_sid: str, account_sid: str = ACCOUNT_SID) -> dict[str, str
         "From": "+15005550006",
         "To": "+15005550001",
     }
+
+
+def start_message(
+    call_sid: str,
+    parameters: Mapping[str, str],
+    *,
+    stream_sid: str | None = None,
+    account_sid: str = ACCOUNT_SID,
+    media_format: tuple[str, int] = ("audio/x-mulaw", 8000),
+) -> str:
+    """A media stream's `start`, carrying `parameters` (the TwiML's `<Parameter>`s); a new
+    StreamSid unless one is given."""
+    stream_sid = stream_sid or new_sid("MZ")
+    return json.dumps(
+        {
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": stream_sid,
+            "start": {
+                "accountSid": account_sid,
+                "streamSid": stream_sid,
+                "callSid": call_sid,
+                "tracks": ["inbound"],
+                "customParameters": dict(parameters),
+                "mediaFormat": {
+                    "encoding": media_format[0],
+                    "sampleRate": media_format[1],
+                    "channels": 1,
+                },
+            },
+        }
+    )
 
 
 async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str]:
