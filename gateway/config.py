@@ -214,6 +214,10 @@ class Settings(BaseSettings):
     # Caller audio sent to the model in pieces of this many ms (20: every Twilio frame as it
     # comes). 40 costs ~15% less CPU and adds up to 20 ms to half the audio (python -m bench).
     caller_audio_batch_ms: int = Field(default=20, ge=20, le=100, multiple_of=20)
+    # Offer permessage-deflate to the Live endpoint. Off: where the endpoint accepts it, every
+    # caller audio message is deflated, ~0.1 ms of CPU each for ~30% fewer bytes of speech
+    # (README, Benchmark): worth it only where upstream bytes cost more than CPU.
+    live_deflate: bool = False
 
     stream_token_ttl_s: float = Field(default=60.0, gt=0)
     # A call's CallSid is remembered this long after its stream ended: a replayed voice

@@ -17,9 +17,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from google import genai
+from google.genai import types
 
 from gateway.call import Call
 from gateway.call_factory import PERSONA_PARAMETER, CallFactory
@@ -146,7 +148,9 @@ def _clients(
     async def clients(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
         settings = state.settings
-        live = client or genai.Client(api_key=settings.gemini_api_key.get_secret_value())
+        live = client or genai.Client(
+            api_key=settings.gemini_api_key.get_secret_value(), http_options=live_http(settings)
+        )
         twilio = rest or TwilioRest(settings.twilio_auth_token.get_secret_value())
         app[CALLS] = CallFactory(settings, state.personas, live, twilio, state.metrics)
         try:
@@ -158,6 +162,17 @@ def _clients(
                 await live.aio.aclose()
 
     return clients
+
+
+def live_http(settings: Settings) -> types.HttpOptions:
+    """The Live client's transport: permessage-deflate offered only with LIVE_DEFLATE.
+
+    websockets' connect offers it unless told ``compression=None``; the SDK (google-genai
+    1.23 on) passes ``async_client_args`` that websockets' connect takes on to it, and its
+    HTTP clients drop them.
+    """
+    args: dict[str, Any] = {} if settings.live_deflate else {"compression": None}
+    return types.HttpOptions(async_client_args=args)
 
 
 # ------------------------------------------------------------------ webhooks

@@ -1,5 +1,6 @@
 """The image runs the benchmark's fast path: what it needs is locked (hashed) as a runtime
-dependency, and the gateway says at start which event loop it serves on."""
+dependency, and the gateway says at start which event loop it serves on; the Live client
+offers permessage-deflate only when told to (LIVE_DEFLATE)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import threading
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from gateway.testing.harness import free_port
+from gateway.testing.analysis import await_reply, heard_replies
+from gateway.testing.harness import TestBed, free_port, quick_emulator, test_bed
 
 ROOT = Path(__file__).resolve().parent.parent
 # What python -m bench's best configuration runs with (README, Benchmark).
@@ -94,3 +97,30 @@ def test_the_gateway_logs_its_event_loop_at_start(tmp_path: Path) -> None:
     loop = next((m for m in messages if m.startswith("event loop:")), None)
     assert loop is not None, (messages, rest)
     assert loop.startswith("event loop: uvloop "), loop  # installed here, as in the image
+
+
+# --- permessage-deflate: offered to the Live endpoint only when LIVE_DEFLATE says so --------
+
+
+async def call_once(bed: TestBed) -> None:
+    call = await bed.caller(speed=2.0).place_call()
+    await call.speak_tone(350.0, 0.5)
+    await await_reply(call, 1, min_s=0.5)
+    await call.hangup()
+    assert [r.n for r in heard_replies(call.record)] == [1]
+
+
+@pytest.mark.parametrize("offer", [False, True])
+async def test_deflate_is_offered_only_when_set(offer: bool) -> None:
+    # The emulator accepts deflate when offered: so what is negotiated is what was offered.
+    async with test_bed(quick_emulator(compress=True), live_deflate=offer) as bed:
+        await call_once(bed)
+        [connection] = bed.emulator.record.connections
+        assert connection.compressed is offer
+
+
+async def test_a_refusing_endpoint_gets_plain_frames_either_way() -> None:
+    async with test_bed(quick_emulator(compress=False), live_deflate=True) as bed:
+        await call_once(bed)
+        [connection] = bed.emulator.record.connections
+        assert connection.compressed is False
