@@ -264,10 +264,15 @@ class Bench:
         argv = ["-m", module]
         if impl != "naive" and self.args.gateway_loop != "auto":
             argv = ["-c", LOOP_WRAPPERS[self.args.gateway_loop]]
-        # "before": the gateway of another checkout (--baseline), run with this one's Python.
-        cwd = Path(self.args.baseline) if impl == "before" else ROOT
+        # "before:i": the gateway of another checkout (--baseline), with this one's Python;
+        # "variant:i": this gateway with more settings (--variant).
+        kind, _, index = impl.partition(":")
+        cwd = Path(self.args.baseline[int(index)]) if kind == "before" else ROOT
         env = self.gateway_env(port)
-        proc = await spawn(impl, argv, env, self.logs, self.args.nice, cwd=cwd)
+        if kind == "variant":
+            env |= variant_env(self.args.variant[int(index)])
+        name = impl.replace(":", "-")
+        proc = await spawn(name, argv, env, self.logs, self.args.nice, cwd=cwd)
         url = f"http://127.0.0.1:{port}"
         await wait_healthy(self.http, url, proc)
         return proc, url
@@ -517,80 +522,22 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}"
 
 
-def table(runs: list[Run], args: argparse.Namespace) -> list[str]:
+def result(
+    runs: list[Run],
+    gaps: list[ResetGap],
+    speeds: dict[str, float],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Everything the tables show, as plain data (--json writes it; bench.readme_tables
+    prints the same tables from it)."""
     pause = model_pause(args)
-    header = (
-        "| calls | gateway | CPU core-s / call-min | calls / core | vs naive "
-        "| added ms caller→model p50 / p99 | added ms model→caller p50 / p99 "
-        "| turn gap ms p50 / p99 | RSS MiB / call | heard every reply | machine busy |"
-    )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    naive = {r.calls: r for r in runs if r.impl == "naive"}
-    saturated = False
+    rows = []
     for r in runs:
-        ratio = "-"
-        if r.impl != "naive" and r.calls in naive:
-            ratio = f"{naive[r.calls].cpu_per_call_minute / r.cpu_per_call_minute:.2f}× less"
-            if r.saturated or naive[r.calls].saturated:
-                ratio = f"({ratio}) saturated"
-        saturated = saturated or r.saturated
-        lat = []
-        for d in DIRECTIONS:
-            h = r.window.latency.get(d)
-            lat.append(
-                f"{ms(1000 * h.quantile(0.5))} / {ms(1000 * h.quantile(0.99))}" if h else "-"
-            )
-        gaps = [1000 * (d - pause) for d in r.turn_delays()]
-        ok, total = r.heard_ok
-        lines.append(
-            f"| {r.calls} | {label(r.impl, args)} | {r.cpu_per_call_minute:.3f} "
-            f"| {r.calls_per_core:.0f} "
-            f"| {ratio} | {lat[0]} | {lat[1]} "
-            f"| {ms(percentile(gaps, 0.5))} / {ms(percentile(gaps, 0.99))} "
-            f"| {r.rss_per_call_mib:.2f} | {ok}/{total} | {busy(r)} |"
-        )
-    if saturated:
-        lines += [
-            "",
-            f"saturated: the machine was over {100 * SATURATED:.0f}% busy in that window (all "
-            "processes): bridges queue for CPU and fall behind, so their CPU ratio means nothing.",
-        ]
-    return lines
-
-
-def busy(r: Run) -> str:
-    """Machine busy in the window, with the share of other jobs (a shared machine)."""
-    flag = " saturated" if r.saturated else ""
-    return f"{100 * r.window.busy:.0f}% (others {100 * r.window.others:.0f}%){flag}"
-
-
-def label(impl: str, args: argparse.Namespace) -> str:
-    """The row's name, with the settings it ran with (--gateway-env)."""
-    settings = [kv for kv in args.gateway_env if kv.startswith("NAIVE_") == (impl == "naive")]
-    if impl == "before":
-        impl, settings = "gateway", [f"before: {args.baseline}", *settings]
-    return f"{impl} ({', '.join(settings)})" if settings else impl
-
-
-def reset_table(gaps: list[ResetGap]) -> list[str]:
-    lines = [
-        "| reset | calls | connections reset | caller's gap ms median | worst | baseline turn ms |",
-        "|---|---|---|---|---|---|",
-    ]
-    for g in gaps:
-        lines.append(
-            f"| {g.kind} | {g.calls} | {g.connections} | {ms(g.median)} | {ms(g.worst)} "
-            f"| {ms(g.baseline_ms)} |"
-        )
-    return lines
-
-
-def write_json(path: Path, runs: list[Run], gaps: list[ResetGap], speeds: dict[str, float]) -> None:
-    """The results in machine-readable form."""
-    data = {
-        "runs": [
+        gaps_ms = [1000 * (d - pause) for d in r.turn_delays()]
+        rows.append(
             {
                 "impl": r.impl,
+                "label": label(r.impl, args),
                 "calls": r.calls,
                 "cpu_per_call_minute": r.cpu_per_call_minute,
                 "cpu": r.window.cpu,
@@ -603,16 +550,112 @@ def write_json(path: Path, runs: list[Run], gaps: list[ResetGap], speeds: dict[s
                     d: [1000 * h.quantile(0.5), 1000 * h.quantile(0.99)]
                     for d, h in r.window.latency.items()
                 },
+                "turn_gap_ms": [percentile(gaps_ms, 0.5), percentile(gaps_ms, 0.99)],
                 "turn_delays": r.turn_delays(),
             }
-            for r in runs
-        ],
+        )
+    return {
+        "machine": machine(),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "saturated_above": SATURATED,
+        "runs": rows,
         "resets": [
-            {"kind": g.kind, "gaps_ms": g.gaps_ms, "baseline_ms": g.baseline_ms} for g in gaps
+            {
+                "kind": g.kind,
+                "calls": g.calls,
+                "connections": g.connections,
+                "median_ms": g.median,
+                "worst_ms": g.worst,
+                "gaps_ms": g.gaps_ms,
+                "baseline_ms": g.baseline_ms,
+            }
+            for g in gaps
         ],
         "transcoding": speeds,
     }
-    path.write_text(json.dumps(data, indent=1))
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    """The tables, in markdown, from `result` (or its JSON)."""
+    out = [f"machine: {data['machine']}", f"command: {data['command']}", ""]
+    out += table(data["runs"], data["saturated_above"])
+    if data["resets"]:
+        out += ["", *reset_table(data["resets"])]
+    out += ["", "| transcoding | × real time per core |", "|---|---|"]
+    out += [f"| {name} | {speed:.0f} |" for name, speed in data["transcoding"].items()]
+    return out
+
+
+def table(runs: list[dict[str, Any]], saturated_above: float) -> list[str]:
+    header = (
+        "| calls | gateway | CPU core-s / call-min | calls / core | vs naive "
+        "| added ms caller→model p50 / p99 | added ms model→caller p50 / p99 "
+        "| turn gap ms p50 / p99 | RSS MiB / call | heard every reply | machine busy |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    naive = {r["calls"]: r for r in runs if r["impl"] == "naive"}
+    any_saturated = False
+    for r in runs:
+        cpu = r["cpu_per_call_minute"]
+        saturated = r["busy"] > saturated_above
+        ratio = "-"
+        if r["impl"] != "naive" and r["calls"] in naive:
+            base = naive[r["calls"]]
+            ratio = f"{base['cpu_per_call_minute'] / cpu:.2f}× less"
+            if saturated or base["busy"] > saturated_above:
+                ratio = f"({ratio}) saturated"
+        any_saturated = any_saturated or saturated
+        lat = []
+        for d in DIRECTIONS:
+            p50_p99 = r["latency_ms"].get(d)
+            lat.append(f"{ms(p50_p99[0])} / {ms(p50_p99[1])}" if p50_p99 else "-")
+        gap50, gap99 = r["turn_gap_ms"]
+        ok, total = r["heard_ok"]
+        flag = " saturated" if saturated else ""
+        busy = f"{100 * r['busy']:.0f}% (others {100 * r['others']:.0f}%){flag}"
+        lines.append(
+            f"| {r['calls']} | {r['label']} | {cpu:.3f} | {60 / cpu:.0f} "
+            f"| {ratio} | {lat[0]} | {lat[1]} | {ms(gap50)} / {ms(gap99)} "
+            f"| {r['rss_per_call_mib']:.2f} | {ok}/{total} | {busy} |"
+        )
+    if any_saturated:
+        lines += [
+            "",
+            f"saturated: the machine was over {100 * saturated_above:.0f}% busy in that window "
+            "(all processes): bridges queue for CPU and fall behind, so their CPU ratio means "
+            "nothing.",
+        ]
+    return lines
+
+
+def variant_env(spec: str) -> dict[str, str]:
+    """``NAME=VALUE,NAME=VALUE`` (a --variant) as environment variables."""
+    return dict(kv.strip().split("=", 1) for kv in spec.split(",") if kv.strip())
+
+
+def label(impl: str, args: argparse.Namespace) -> str:
+    """The row's name, with the settings it ran with (--gateway-env, --variant, --baseline)."""
+    settings = [kv for kv in args.gateway_env if kv.startswith("NAIVE_") == (impl == "naive")]
+    kind, _, index = impl.partition(":")
+    if kind == "before":
+        impl, settings = "gateway", [f"before: {args.baseline[int(index)]}", *settings]
+    elif kind == "variant":
+        extra = [f"{k}={v}" for k, v in variant_env(args.variant[int(index)]).items()]
+        impl, settings = "gateway", [*settings, *extra]
+    return f"{impl} ({', '.join(settings)})" if settings else impl
+
+
+def reset_table(gaps: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| reset | calls | connections reset | caller's gap ms median | worst | baseline turn ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g in gaps:
+        lines.append(
+            f"| {g['kind']} | {g['calls']} | {g['connections']} | {ms(g['median_ms'])} "
+            f"| {ms(g['worst_ms'])} | {ms(g['baseline_ms'])} |"
+        )
+    return lines
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -635,6 +678,7 @@ async def main(args: argparse.Namespace) -> int:
                 str(args.end_of_speech_s),
                 "--response-delay-s",
                 str(args.response_delay_s),
+                *(["--deflate"] if args.emulator_deflate else []),
             ],
             {},
             logs,
@@ -645,9 +689,11 @@ async def main(args: argparse.Namespace) -> int:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
                 bench = Bench(args, emulator, info, http, logs)
                 runs: list[Run] = []
-                impls = ["gateway"] if args.no_naive else ["gateway", "naive"]
-                if args.baseline:
-                    impls.insert(1, "before")
+                impls = ["gateway"]
+                impls += [f"variant:{i}" for i in range(len(args.variant))]
+                impls += [f"before:{i}" for i in range(len(args.baseline))]
+                if not args.no_naive:
+                    impls.append("naive")
                 for n in args.calls:
                     for impl in impls:
                         log(f"{impl}: {n} calls for {args.seconds:.0f} s ...")
@@ -666,16 +712,15 @@ async def main(args: argparse.Namespace) -> int:
             await emulator.stop()
     speeds = transcoding(args.transcode_seconds)
 
-    out = [f"machine: {machine()}", f"command: {' '.join(['python -m bench', *sys.argv[1:]])}", ""]
-    out += table(runs, args)
-    if gaps:
-        out += ["", *reset_table(gaps)]
-    out += ["", "| transcoding | × real time per core |", "|---|---|"]
-    out += [f"| {name} | {speed:.0f} |" for name, speed in speeds.items()]
-    print("\n".join(out))
+    data = result(runs, gaps, speeds, args)
+    print("\n".join(render(data)))
     if args.json:
-        write_json(Path(args.json), runs, gaps, speeds)
+        write_json(Path(args.json), data)
     return 0
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=1))
 
 
 def log(text: str) -> None:
@@ -697,10 +742,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     parser.add_argument(
         "--baseline",
-        default="",
+        action="append",
+        default=[],
         metavar="DIR",
         help="also run the gateway of another checkout (e.g. git archive of the commit before "
-        "a change), on the same calls in the same run: before/after from one run",
+        "a change), on the same calls in the same run: before/after from one run; repeatable",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="also run this gateway with these settings (a row of its own, same run); repeatable",
+    )
+    parser.add_argument(
+        "--emulator-deflate",
+        action="store_true",
+        help="the emulator accepts permessage-deflate (the real endpoint's behaviour is unknown)",
     )
     parser.add_argument(
         "--gateway-loop",
@@ -733,8 +791,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reset_seconds = min(args.reset_seconds, 8.0)
         args.transcode_seconds = 2
     args.calls = [int(n) for n in str(args.calls).split(",") if n.strip()]
-    if args.baseline:
-        args.baseline = str(Path(args.baseline).resolve())
+    args.baseline = [str(Path(d).resolve()) for d in args.baseline]
     return args
 
 

@@ -93,6 +93,7 @@ async def serve(args: argparse.Namespace) -> None:
         # second connection of a session accepted (its own state).
         setup_latency=(0.0, 0.0),
         concurrent_resume="fork",
+        compress=args.deflate,
     )
     emulator = LiveEmulator(config, tls)
     await emulator.start()
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--response-delay-s", type=float, default=0.2)
     parser.add_argument("--lifetime", type=float, default=3600.0)
     parser.add_argument("--handle-interval", type=float, default=1.0)
+    parser.add_argument("--deflate", action="store_true", help="accept permessage-deflate")
     args = parser.parse_args()
     run(serve(args))  # with uvloop when installed: the emulator is not what is measured
 

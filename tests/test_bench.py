@@ -64,7 +64,16 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
         cells = [cell.strip() for cell in row.split("|")[1:-1]]
         assert cells[1] == "2" and int(cells[2]) >= 2, row  # both calls' connections reset
     assert "caller 8k mu-law -> 16k PCM" in text and "model 24k PCM -> 8k mu-law" in text
-    assert out.exists()
+    # The README's tables are printed again from the JSON, exactly as the run printed them.
+    again = subprocess.run(
+        [sys.executable, "-m", "bench.readme_tables", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout == text
 
 
 # --- the gateway's fast Live paths against the SDK's own, through the emulator -----------
