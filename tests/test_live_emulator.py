@@ -19,6 +19,7 @@ from google import genai
 from google.genai import errors, types
 from websockets.asyncio.client import connect as ws_connect
 
+from gateway.testing.chaos import KINDS, Chaos, ChaosConfig
 from gateway.testing.live_emulator import (
     CLOSE_REASONS,
     REASON_CANCELLED,
@@ -854,6 +855,59 @@ async def test_permessage_deflate_knob(
         msgs = await Reader(session).until(turn_complete)
     assert abs(dominant_freq(reply_audio(msgs)) - reply_freq(1)) < 5
     assert emu.record.connections[0].compressed is compress
+
+
+async def keep_connected(client: genai.Client, stop: asyncio.Event) -> None:
+    """A client that talks on, keeps the newest handle and resumes whenever it is cut."""
+    handle: str | None = None
+    while not stop.is_set():
+        try:
+            async with client.aio.live.connect(model=MODEL, config=live_config(handle)) as s:
+                reader = Reader(s)
+                await send_pcm(s, UTTERANCE)
+                while not stop.is_set():
+                    msg = await reader.next()
+                    update = msg.session_resumption_update
+                    if update is not None and update.resumable and update.new_handle:
+                        handle = update.new_handle
+                    if turn_complete(msg):
+                        await send_pcm(s, UTTERANCE)  # and talks on
+        except (errors.APIError, websockets.WebSocketException, TimeoutError, OSError):
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_chaos_does_what_it_says(emulator_factory: Factory, tls: TestTLS, kind: str) -> None:
+    emu = await emulator_factory(handle_interval=0.05, setup_latency=(0.3, 0.3), reply_s=2.0)
+    monkey = Chaos(emu, ChaosConfig(seed=1))
+    stop = asyncio.Event()
+    client_task = asyncio.create_task(keep_connected(make_client(emu, tls), stop))
+    try:
+        await wait_until(lambda: any(c.handles_issued for c in emu.record.connections))
+        assert await monkey.disrupt(kind)
+        done = monkey.done[0] if kind == "twice" else monkey.done[-1]
+        assert done.kind == kind and done.session_id == emu.record.connections[0].session_id
+        hit = next(c for c in emu.record.connections if c.id == done.connection_id)
+        await wait_until(lambda: hit.closed_at is not None)
+        if kind == "goaway":
+            assert hit.close_kind == "goaway" and hit.close_code in (1000, 1011)
+        elif kind.startswith("close-"):
+            assert hit.close_code == int(kind.removeprefix("close-"))
+        else:
+            assert hit.close_code == 1006
+        if kind == "during-setup":
+            assert hit.setup_completed_at is None
+        if kind == "refuse-http":
+            await wait_until(lambda: any(c.close_code == 503 for c in emu.record.connections))
+        if kind == "twice":
+            first, second = monkey.done
+            assert second.connection_id > first.connection_id
+            assert second.session_id == first.session_id
+    finally:
+        stop.set()
+        for cid in emu.open_connections():
+            await emu.cut(cid)
+        await asyncio.wait_for(client_task, STEP_TIMEOUT)
 
 
 def test_tls_material(tmp_path: Path) -> None:

@@ -9,61 +9,27 @@ nothing doubled.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 
-import numpy as np
 import pytest
+from survival_helpers import (
+    CALLER_FREQS,
+    SPEED,
+    UTTERANCE_S,
+    assert_replies_once_in_order,
+    assert_session_holds_caller_audio,
+    converse,
+)
 
-from gateway.testing.analysis import HeardReply, await_reply, heard_replies, segments
-from gateway.testing.harness import TestBed, quick_emulator, test_bed
+from gateway.testing.analysis import await_reply, heard_replies
+from gateway.testing.harness import quick_emulator, test_bed
 from gateway.testing.live_emulator import EmulatorConfig
 from gateway.testing.twilio_sim import SimulatedCall
-
-SPEED = 2.0
-UTTERANCE_S = 0.6
-CALLER_FREQS = (300.0, 340.0, 380.0, 420.0)
 
 
 def survival_config(**overrides: object) -> EmulatorConfig:
     return quick_emulator(**{"speed": SPEED, "handle_interval": 0.4, **overrides})
-
-
-def full_replies(record_replies: list[HeardReply]) -> list[int]:
-    return [r.n for r in record_replies if r.duration_s > 0.7]
-
-
-async def converse(call: SimulatedCall, turns: int, limit_s: float = 20.0) -> None:
-    """Say something, keep the line open until the reply to it was heard, repeat."""
-    for n in range(1, turns + 1):
-        await call.speak_tone(CALLER_FREQS[n % len(CALLER_FREQS)], UTTERANCE_S)
-        await await_reply(call, n, min_s=0.7, limit_s=limit_s)
-        await call.silence(0.2)
-
-
-def assert_replies_once_in_order(replies: list[HeardReply], turns: int) -> None:
-    """Every reply heard in full exactly once, in order; a reply cut by a reset may only
-    be followed by its own full repetition."""
-    assert full_replies(replies) == list(range(1, turns + 1)), replies
-    for prev, nxt in itertools.pairwise(replies):
-        if prev.duration_s <= 0.7:
-            assert nxt.n == prev.n, replies
-
-
-def assert_session_holds_caller_audio(bed: TestBed, call: SimulatedCall, utterances: int) -> None:
-    sessions = list(bed.emulator.record.sessions.values())
-    assert len(sessions) == 1, "a reconnect did not resume the session"
-    session = sessions[0]
-    sent = len(call.record.sent_ulaw) * 4  # mu-law 8 kHz -> PCM16 16 kHz
-    held = len(session.audio)
-    assert abs(held - sent) <= 0.02 * sent, (held, sent)
-    pcm = np.frombuffer(bytes(session.audio), dtype=np.int16)
-    spoken = segments(pcm, rate=16000)
-    found = [(round(s.start_s, 2), round(s.duration_s, 2)) for s in spoken]
-    assert len(spoken) == utterances, found
-    for seg in spoken:
-        assert abs(seg.duration_s - UTTERANCE_S) <= 0.04, seg
 
 
 async def test_call_across_goaway_resets_loses_nothing() -> None:

@@ -250,6 +250,7 @@ class EmulatorConfig:
     seed: int = 0
     refuse_with_http: bool = False  # outage as HTTP 503 instead of close 1011
     record_audio: bool = True  # keep held audio bytes (off for long benchmarks: memory)
+    audio_head_bytes: int = 0  # without record_audio: keep this much of each lineage's start
     setup_timeout: float = 10.0
     close_timeout: float = 2.0
     # Function calling: a clientContent text turn containing a key gets a reply whose first
@@ -332,6 +333,7 @@ class ConnectionRecord:
     close_code: int | None = None
     audio_bytes_received: int = 0  # caller audio the session processed from this connection
     messages_received: int = 0  # client frames read after the setup (in flight or processed)
+    handles_issued: int = 0  # resumable handles sent on it
     setup_latency: float = 0.0  # drawn for this connection
     setup_completed_at: float | None = None
     compressed: bool = False  # permessage-deflate negotiated
@@ -511,7 +513,8 @@ class _Connection:
         self.turn: TurnRecord | None = None
         self.closing = False
         self.close_task: asyncio.Task[Any] | None = None
-        self.setup_done = False
+        self.setup_received = False  # its first message was read
+        self.setup_done = False  # setupComplete sent
         self.superseded_by: _Connection | None = None  # takeover
         self._pending = b""
         self._voiced = 0  # voiced windows in the current utterance
@@ -614,6 +617,7 @@ class _Connection:
             self.rec.close_kind = self.rec.close_kind or "client"
             return
         received_at = time.monotonic()
+        self.setup_received = True
         with contextlib.suppress(ValueError, UnicodeDecodeError):  # recorded even if refused
             raw = json.loads(first.data)
             raw_setup = raw.get("setup") if isinstance(raw, dict) else None
@@ -896,6 +900,7 @@ class _Connection:
                 (src._voiced, src._silent, src._speech_confirmed, src._pending),
             ),
         )
+        self.rec.handles_issued += 1
         await self.send({"sessionResumptionUpdate": {"newHandle": handle, "resumable": True}})
 
     # --- client messages ------------------------------------------------------------------
@@ -987,6 +992,8 @@ class _Connection:
         cfg = self.emu.config
         if cfg.record_audio:
             st.audio += pcm
+        elif len(st.audio) < cfg.audio_head_bytes:
+            st.audio += pcm[: cfg.audio_head_bytes - len(st.audio)]
         st.audio_bytes += len(pcm)
         self.rec.audio_bytes_received += len(pcm)
         buf = self._pending + pcm if self._pending else pcm
@@ -1238,9 +1245,17 @@ class LiveEmulator:
         """Connections not closing, including those whose setup is not answered yet."""
         return [cid for cid, c in self._conns.items() if not c.closing]
 
+    def replying(self) -> list[int]:
+        """Open connections saying a reply now."""
+        return [cid for cid, c in self._conns.items() if not c.closing and c.reply_task]
+
     def in_setup(self) -> list[int]:
-        """Open connections whose setup was not answered yet (setupComplete not sent)."""
-        return [cid for cid, c in self._conns.items() if not c.closing and not c.setup_done]
+        """Open connections whose setup was read and not answered yet."""
+        return [
+            cid
+            for cid, c in self._conns.items()
+            if not c.closing and c.setup_received and not c.setup_done
+        ]
 
     def _refusing(self) -> bool:
         until = self._refuse_until

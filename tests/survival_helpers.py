@@ -1,0 +1,141 @@
+"""What the survival tests share (tests/test_survival.py, tests/test_survival_corners.py): a
+call of turns, and the checks of what the model's session holds and what the caller heard."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.testing.analysis import HeardReply, await_reply, heard_replies, segments, timeline
+from gateway.testing.harness import TestBed
+from gateway.testing.twilio_sim import SimulatedCall
+
+SPEED = 2.0
+UTTERANCE_S = 0.6
+CALLER_FREQS = (300.0, 340.0, 380.0, 420.0)
+FULL_REPLY_S = 0.7  # of the test replies' 0.8 s: heard in full
+
+
+def full_replies(record_replies: list[HeardReply]) -> list[int]:
+    return [r.n for r in record_replies if r.duration_s > FULL_REPLY_S]
+
+
+async def converse(call: SimulatedCall, turns: int, limit_s: float = 20.0) -> None:
+    """Say something, keep the line open until the reply to it was heard, repeat."""
+    for n in range(1, turns + 1):
+        await call.speak_tone(CALLER_FREQS[n % len(CALLER_FREQS)], UTTERANCE_S)
+        await await_reply(call, n, min_s=FULL_REPLY_S, limit_s=limit_s)
+        await call.silence(0.2)
+
+
+def assert_replies_once_in_order(replies: list[HeardReply], turns: int) -> None:
+    """Every reply heard in full exactly once, in order; a reply cut by a reset may only
+    be followed by its own full repetition."""
+    assert full_replies(replies) == list(range(1, turns + 1)), replies
+    for prev, nxt in itertools.pairwise(replies):
+        if prev.duration_s <= FULL_REPLY_S:
+            assert nxt.n == prev.n, replies
+
+
+def assert_session_holds_caller_audio(bed: TestBed, call: SimulatedCall, utterances: int) -> None:
+    sessions = list(bed.emulator.record.sessions.values())
+    assert len(sessions) == 1, "a reconnect did not resume the session"
+    session = sessions[0]
+    sent = len(call.record.sent_ulaw) * 4  # mu-law 8 kHz -> PCM16 16 kHz
+    held = len(session.audio)
+    assert abs(held - sent) <= 0.02 * sent, (held, sent)
+    pcm = np.frombuffer(bytes(session.audio), dtype=np.int16)
+    spoken = segments(pcm, rate=16000)
+    found = [(round(s.start_s, 2), round(s.duration_s, 2)) for s in spoken]
+    assert len(spoken) == utterances, found
+    for seg in spoken:
+        assert abs(seg.duration_s - UTTERANCE_S) <= 0.04, seg
+
+
+@dataclass
+class Outcome:
+    """A finished call read back, with the figures a failure report needs."""
+
+    turns: int
+    spoken: int  # utterances the caller said (fewer than turns if a reply never came)
+    stalled: str | None  # why the conversation stopped early, if it did
+    sessions: int
+    sent_bytes: int  # caller audio, as 16 kHz PCM
+    held_bytes: int  # what the model's session (its newest lineage) holds
+    utterances: list[float]  # durations of the utterances the session holds
+    replies: list[HeardReply]
+    connections: int
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def held_share(self) -> float:
+        return self.held_bytes / self.sent_bytes if self.sent_bytes else 0.0
+
+    def problems(self) -> list[str]:
+        """What does not hold: the session has the caller's audio within 2 %, every
+        utterance once, every reply heard once and in order, no silence left unanswered."""
+        found: list[str] = []
+        if self.stalled is not None:
+            found.append(f"caller left waiting: {self.stalled}")
+        if self.sessions != 1:
+            found.append(f"{self.sessions} sessions (a reconnect did not resume)")
+        if abs(self.held_bytes - self.sent_bytes) > 0.02 * self.sent_bytes:
+            found.append(f"session holds {100 * self.held_share:.1f} % of the caller's audio")
+        whole = [d for d in self.utterances if abs(d - UTTERANCE_S) <= 0.04]
+        if len(whole) != self.spoken or len(self.utterances) != self.spoken:
+            found.append(
+                f"{len(whole)} of {self.spoken} utterances held whole, "
+                f"{len(self.utterances)} pieces: {[round(d, 2) for d in self.utterances]}"
+            )
+        heard = full_replies(self.replies)
+        if heard != list(range(1, self.turns + 1)):
+            found.append(f"replies heard in full: {heard}")
+        for prev, nxt in itertools.pairwise(self.replies):
+            if prev.duration_s <= FULL_REPLY_S and nxt.n != prev.n:
+                found.append(f"reply {prev.n} cut at {prev.duration_s:.2f} s, then {nxt.n}")
+        return found
+
+    def figures(self) -> str:
+        return (
+            f"held {100 * self.held_share:.1f} % of sent audio "
+            f"({self.held_bytes} of {self.sent_bytes} bytes); {len(self.utterances)} "
+            f"utterance pieces for {self.spoken} spoken; replies heard "
+            f"{[(r.n, round(r.duration_s, 2)) for r in self.replies]}; "
+            f"{self.connections} connections, {self.sessions} session(s)"
+        )
+
+
+def outcome(bed: TestBed, call: SimulatedCall, turns: int, stalled: str | None) -> Outcome:
+    record = bed.emulator.record
+    sessions = list(record.sessions.values())
+    audio = bytes(sessions[-1].audio) if sessions else b""
+    pcm = np.frombuffer(audio, dtype=np.int16)
+    caller, _ = timeline(call.record)
+    return Outcome(
+        turns=turns,
+        spoken=len(segments(caller)),
+        stalled=stalled,
+        sessions=len(sessions),
+        sent_bytes=len(call.record.sent_ulaw) * 4,
+        held_bytes=len(audio),
+        utterances=[s.duration_s for s in segments(pcm, rate=16000)],
+        replies=heard_replies(call.record),
+        connections=len(record.connections),
+        events=[f"{t:.3f} {kind} {detail}" for t, kind, detail in record.events],
+    )
+
+
+async def run_call(bed: TestBed, turns: int, limit_s: float = 8.0) -> Outcome:
+    """One call of ``turns`` turns; a reply that never comes ends it early (``stalled``)."""
+    call = await bed.caller(speed=SPEED).place_call()
+    stalled = None
+    try:
+        await converse(call, turns, limit_s=limit_s)
+    except TimeoutError as exc:
+        stalled = str(exc)
+    await call.hangup()
+    await asyncio.sleep(0.1)
+    return outcome(bed, call, turns, stalled)
