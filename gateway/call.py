@@ -172,7 +172,7 @@ class Call:
             self._spawn(self._record(), "record")
         if self._greeting:
             self.transcript.event("greeting", text=self._greeting)
-            self.live.send_text(self._greeting)
+            await self.live.send_text(self._greeting)
         self._running = True
         if self._early_answer is not None:
             self.answered_by(self._early_answer)
@@ -196,7 +196,7 @@ class Call:
                 error = live_task.exception()
                 outcome = CallOutcome.LIVE_FAILED
                 if isinstance(error, LiveSessionFailed):
-                    reason = error.reason
+                    reason = error.detail
                 elif error is not None:
                     reason = type(error).__name__
                 else:
@@ -264,11 +264,11 @@ class Call:
         held: list[bytes] = []  # frames waiting to fill a piece (only when batching)
         held_since = 0.0
 
-        def send_held() -> None:
+        async def send_held() -> None:
             pcm = convert(b"".join(held))
             held.clear()
             if pcm:
-                send_audio(pcm, held_since)
+                await send_audio(pcm, held_since)
 
         listen = self.watch.listens  # caller speech restarts the silence watch
         watch = self.watch
@@ -285,20 +285,20 @@ class Call:
                     if len(held) >= batch:
                         if listen and speech_level(message.payload) > SPEECH_RMS:
                             watch.caller_spoke(received)
-                        send_held()
+                        await send_held()
                     continue
                 pcm = convert(message.payload)
                 if pcm:
                     if listen and speech_level(message.payload) > SPEECH_RMS:
                         watch.caller_spoke(received)
-                    send_audio(pcm, received)
+                    await send_audio(pcm, received)
             elif isinstance(message, Mark):
                 self._on_mark(message.name)
             elif isinstance(message, Dtmf):
                 if held:
-                    send_held()  # the key press follows the audio before it
+                    await send_held()  # the key press follows the audio before it
                 self.transcript.event("dtmf", digit=message.digit)
-                self.live.send_text(f"The caller pressed the key {message.digit}.")
+                await self.live.send_text(f"The caller pressed the key {message.digit}.")
             elif isinstance(message, Stop):
                 return CallOutcome.COMPLETED
         return CallOutcome.HANGUP
@@ -427,7 +427,7 @@ class Call:
         """Tell the model something as a text turn; returns when it was sent."""
         self.transcript.event("instruction", reason=reason, text=text)
         sent = time.monotonic()
-        self.live.send_text(text)
+        await self.live.send_text(text)
         return sent
 
     def _end(self, reason: str, instruction: str = "", *, interrupt: bool = False) -> bool:
@@ -616,5 +616,5 @@ class Call:
 
 def _reason_label(error: BaseException | None) -> str:
     if isinstance(error, LiveSessionFailed):
-        return "unreachable" if "unreachable" in error.reason else "failed"
+        return error.reason.value
     return "error" if error is not None else "ended"

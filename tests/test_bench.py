@@ -19,7 +19,8 @@ from google import genai
 from google.genai import types
 from google.genai.live import AsyncSession
 
-from gateway.live.session import INPUT_MIME, receive, send_audio
+from gateway.live.sdk import INPUT_MIME, receive
+from gateway.live.sdk import write_audio as send_audio
 from gateway.testing.analysis import heard_replies
 from gateway.testing.harness import test_bed
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator

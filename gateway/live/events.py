@@ -77,6 +77,8 @@ class Resumed:
     replayed_s: float  # caller audio sent again into the new connection
     attempts: int
     fresh: bool  # True when the handle was refused and a new session carries the call
+    mode: str = ""  # goAway switches: "make_before_break" or "break_before_make"
+    overlap_s: float = 0.0  # of the replayed audio, how much the handle may have held already
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,90 +1,88 @@
-"""One Live conversation carried over as many connections as it takes.
+"""One Live conversation carried over as many connections as it takes: the asyncio driver.
 
-A Live connection lives about ten minutes and can also die without warning.
-`LiveSession` keeps the newest resumable handle, remembers which caller input
-the model had when that handle was issued, and keeps everything sent since in
-a bounded replay buffer. When the service announces the end (`goAway`) it opens
-the next connection *before* the old one ends (make before break), preferably
-at a turn boundary; when a connection dies abruptly it resumes at once, then
-with backoff. Either way the buffered input is sent again first, so the
-session holds the caller's audio exactly once. A refused handle starts a fresh
-session primed with the conversation so far.
+`gateway.live.machine.SessionMachine` decides everything (which connection to open from
+which handle, what to replay, when to switch, when to give up) and does no I/O; this
+module is the thin driver that does: it opens connections with the google-genai SDK,
+writes what the machine says in order, feeds every message, failure and timer back to
+it, and turns its actions into the call's events.
 
-Timeline of an announced reset::
+Caller input is written inline by the coroutine that hands it over (no task hop per
+frame) when nothing is queued for the connection; input that arrives while a write is
+in progress joins that connection's outbox, which the writing coroutine drains in order.
 
-    handle H (input #n) ... goAway(timeLeft) ... turn boundary
-        -> open conn2 with H (conn1 still carries audio)
-        -> replay input #n+1.. into conn2 -> conn2 active -> close conn1
-
-This module knows nothing of Twilio; its owner feeds 16 kHz PCM and reads
-typed events.
+This module knows nothing of Twilio; its owner feeds 16 kHz PCM and reads typed events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import audioop
-import base64
-import binascii
 import contextlib
-import json
 import logging
 import random
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 from google import genai
-from google.genai import _live_converters, errors, types
+from google.genai import errors, types
 from google.genai.live import AsyncSession
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
-from gateway.live.events import (
-    AudioDropped,
-    GenerationComplete,
-    GoAwayReceived,
-    Interrupted,
-    LiveEvent,
-    ModelAudio,
-    ReplyAbandoned,
-    ResetCause,
-    Resumed,
-    ToolCall,
-    Transcript,
-    TurnComplete,
-    TurnState,
-    Usage,
+from gateway.live import sdk
+from gateway.live.events import LiveEvent, ModelAudio, ResetCause, Resumed, TurnState, Usage
+from gateway.live.machine import (
+    BYTES_PER_SECOND,
+    Action,
+    Brief,
+    Close,
+    Emit,
+    Fail,
+    FailureReason,
+    Input,
+    LossKind,
+    MachineOptions,
+    Open,
+    OpenError,
+    Respond,
+    SessionMachine,
+    Write,
 )
+from gateway.live.sdk import INPUT_MIME, audio_message, receive
+
+__all__ = [
+    "INPUT_MIME",
+    "LiveOptions",
+    "LiveSession",
+    "LiveSessionFailed",
+    "audio_message",
+    "parse_duration",
+    "receive",
+]
 
 log = logging.getLogger(__name__)
 
-INPUT_RATE = 16000
-INPUT_MIME = f"audio/pcm;rate={INPUT_RATE}"
-BYTES_PER_SECOND = INPUT_RATE * 2
 REPLAY_CHUNK_BYTES = BYTES_PER_SECOND // 2  # replay in half-second messages
-HISTORY_CHARS = 4000  # conversation text given to a fresh session
-# Close codes with which the service refuses a setup (bad or expired handle).
+# Close codes with which the service refuses a resumption handle (bad or expired).
 REFUSAL_CODES = frozenset({1007, 1008})
 # Caller speech, for choosing when to switch connections: RMS above about -40 dBFS,
 # held for a short hangover (LiveOptions.caller_pause_s) so pauses between words do not
 # count as silence.
 SPEECH_RMS = 330
+RTT_INTERVAL_S = 10.0
 
 
 class LiveSessionFailed(Exception):
     """The conversation cannot go on: the service stayed unreachable or refused us."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: FailureReason, detail: str) -> None:
+        super().__init__(detail)
         self.reason = reason
-
-
-class _HandleRefused(Exception):
-    """The service refused the resumption handle."""
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -105,79 +103,32 @@ class LiveOptions:
     goaway_margin_s: float = 1.0
     connect_timeout_s: float = 10.0
     caller_pause_s: float = 0.4
+    resume_nudge_s: float = 1.5
     tools: tuple[types.Tool, ...] = ()
 
-
-@dataclass(slots=True)
-class _Input:
-    """One message of caller input, numbered so handles can be placed exactly."""
-
-    seq: int
-    audio: bytes | None = None
-    text: str | None = None
-    turn_complete: bool = True
-    received_at: float = 0.0
+    def machine(self) -> MachineOptions:
+        return MachineOptions(
+            replay_limit_s=self.replay_limit_s,
+            reconnect_total_s=self.reconnect_total_s,
+            reconnect_max_attempts=self.reconnect_max_attempts,
+            backoff_initial_s=self.backoff_initial_s,
+            backoff_max_s=self.backoff_max_s,
+            goaway_margin_s=self.goaway_margin_s,
+            caller_pause_s=self.caller_pause_s,
+            resume_nudge_s=self.resume_nudge_s,
+        )
 
 
 @dataclass(eq=False)
-class _Connection:
-    """One WebSocket to the service and what we know of it."""
+class _Link:
+    """The driver's side of one open connection."""
 
     id: int
     session: AsyncSession
     stack: AsyncExitStack
-    opened_at: float
-    sent_seq: int = 0  # newest input number written to this connection
-    generating: bool = False
-    reader: asyncio.Task[None] | None = None
-    closing: bool = False
-    fresh: bool = False
-    replayed_s: float = 0.0
-    delivered: bool = False  # the service sent at least one valid message on it
-    streak: _Streak | None = None  # the retry budget it was opened under, if any
-
-
-@dataclass
-class _Streak:
-    """Reconnects since the last connection that delivered anything: one retry budget.
-
-    A service that accepts the setup and then sends garbage would otherwise get a fresh
-    budget (and an immediate retry) on every reset: a hot reconnect loop.
-    """
-
-    started: float
-    attempts: int
-    last_error: str
-
-
-@dataclass
-class _Signal:
-    kind: str  # "failed" | "goaway" | "boundary"
-    conn: _Connection | None = None
-    detail: str = ""
-
-
-@dataclass
-class _History:
-    """Transcribed turns, to brief a fresh session if a handle is refused."""
-
-    turns: list[tuple[str, str]] = field(default_factory=list)
-
-    def add(self, role: str, text: str) -> None:
-        if self.turns and self.turns[-1][0] == role:
-            self.turns[-1] = (role, self.turns[-1][1] + text)
-        else:
-            self.turns.append((role, text))
-
-    def recent(self, limit: int = HISTORY_CHARS) -> list[tuple[str, str]]:
-        kept: list[tuple[str, str]] = []
-        total = 0
-        for role, text in reversed(self.turns):
-            total += len(text)
-            if total > limit:
-                break
-            kept.append((role, text))
-        return list(reversed(kept))
+    outbox: deque[tuple[Input | Brief, bool]] = field(default_factory=deque)
+    pumping: bool = False
+    gone: bool = False  # closed by us or lost: nothing more is read or written
 
 
 def parse_duration(value: str | None) -> float:
@@ -198,74 +149,60 @@ class LiveSession:
         *,
         on_audio_sent: Callable[[float], None] | None = None,
         log_context: dict[str, str] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._client = client
         self._options = options
         self._on_audio_sent = on_audio_sent
         self._log_extra = log_context or {}
+        self.machine = SessionMachine(options.machine(), rng)
         self._events: asyncio.Queue[LiveEvent] = asyncio.Queue()
-        self._inbox: asyncio.Queue[_Input] = asyncio.Queue()
-        self._signals: asyncio.Queue[_Signal] = asyncio.Queue()
-        self._send_lock = asyncio.Lock()
-        self._active: _Connection | None = None
-        self._connections: set[_Connection] = set()
-        self._next_conn_id = 0
-        self._seq = 0
-        self._buffer: deque[_Input] = deque()
-        self._buffer_audio_bytes = 0
-        self._replay_limit_bytes = int(options.replay_limit_s * BYTES_PER_SECOND)
-        self._handle: str | None = None
-        self._handle_seq = 0
-        self._handle_fresh = True  # no model turn began since the handle was issued
-        self._turn_state = TurnState.IDLE
-        self._history = _History()
-        self._goaway_deadline: float | None = None
+        self._links: dict[int, _Link] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._armed: float | None = None  # the deadline the run loop sleeps until
+        self._failure: LiveSessionFailed | None = None
         self._closed = asyncio.Event()
         self._started = asyncio.Event()
-        self._refused_during_retry = False
-        self._caller_spoke_at = -1e9
-        self.dropped_audio_s = 0.0
-        self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
 
     # ----------------------------------------------------------------- public
 
     @property
     def turn_state(self) -> TurnState:
-        return self._turn_state
+        return self.machine.turn_state
 
     @property
     def handle(self) -> str | None:
-        """The newest resumable handle (None before the first one)."""
-        return self._handle
-
-    def send_audio(self, pcm16k: bytes, received_at: float | None = None) -> None:
-        """Queue caller audio (16 kHz PCM16) for the model; never blocks."""
-        now = received_at or time.monotonic()
-        if audioop.rms(pcm16k, 2) > SPEECH_RMS:
-            self._caller_spoke_at = now
-        self._inbox.put_nowait(_Input(seq=0, audio=pcm16k, received_at=now))
+        """The newest trusted resumable handle (None before the first one)."""
+        return self.machine.handle
 
     @property
     def caller_speaking(self) -> bool:
         """Whether the caller's audio had speech energy in the last moments."""
-        return time.monotonic() - self._caller_spoke_at < self._options.caller_pause_s
+        return self.machine.caller_speaking(time.monotonic())
 
-    def send_text(self, text: str, *, turn_complete: bool = True) -> None:
-        """Queue a text turn (a greeting instruction, a key press) for the model."""
-        self._inbox.put_nowait(_Input(seq=0, text=text, turn_complete=turn_complete))
+    @property
+    def dropped_audio_s(self) -> float:
+        return self.machine.dropped_audio_s
+
+    @property
+    def resets(self) -> dict[ResetCause, int]:
+        return self.machine.resets
+
+    async def send_audio(self, pcm16k: bytes, received_at: float | None = None) -> None:
+        """Caller audio (16 kHz PCM16) for the model: written now, or kept for replay."""
+        speech = audioop.rms(pcm16k, 2) > SPEECH_RMS
+        await self._execute(
+            self.machine.caller_audio(pcm16k, speech, received_at or time.monotonic())
+        )
+
+    async def send_text(self, text: str, *, turn_complete: bool = True) -> None:
+        """A text turn (a greeting instruction, a key press) for the model."""
+        await self._execute(self.machine.caller_text(text, turn_complete, time.monotonic()))
 
     async def send_tool_response(self, call_id: str, name: str, result: dict[str, object]) -> None:
-        """Answer a tool call on the active connection."""
-        async with self._send_lock:
-            conn = self._active
-            if conn is None:
-                return
-            with contextlib.suppress(Exception):
-                await conn.session.send_tool_response(
-                    function_responses=[
-                        types.FunctionResponse(id=call_id, name=name, response=result)
-                    ]
-                )
+        """Answer a tool call on the connection that asked (dropped if it is gone)."""
+        await self._execute(self.machine.tool_response(call_id, name, result))
 
     async def events(self) -> AsyncIterator[LiveEvent]:
         """Events in order, until the session is closed."""
@@ -275,6 +212,7 @@ class LiveSession:
     def close(self) -> None:
         """Ask `run` to end; connections are closed on the way out."""
         self._closed.set()
+        self._wake.set()
 
     async def wait_started(self) -> None:
         await self._started.wait()
@@ -282,28 +220,172 @@ class LiveSession:
     async def run(self) -> None:
         """Connect, then keep the conversation connected until `close()`.
 
-        Raises LiveSessionFailed when the service stays unreachable longer than
-        the configured bounds, or refuses a fresh session.
+        Raises LiveSessionFailed when the service stays unreachable longer than the
+        configured bounds.
         """
-        tasks: list[asyncio.Task[object]] = []
+        sdk.paths()  # probe (and log) the SDK's fast paths once, before the first call
+        loop = asyncio.get_running_loop()
         try:
-            await self._connect_with_retries(time.monotonic())
-            self._started.set()
-            tasks = [
-                asyncio.create_task(self._send_loop()),
-                asyncio.create_task(self._supervise()),
-                asyncio.create_task(self._closed.wait()),
-            ]
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                error = task.exception()
-                if error is not None:
-                    raise error
+            await self._execute(self.machine.start(time.monotonic()))
+            while True:
+                if self._failure is not None:
+                    raise self._failure
+                if self._closed.is_set():
+                    return
+                self._wake.clear()
+                deadline = self.machine.next_deadline()
+                self._armed = deadline
+                if deadline is None:
+                    await self._wake.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
+                            await self._wake.wait()
+                if self._failure is None and not self._closed.is_set():
+                    await self._execute(self.machine.tick(time.monotonic()))
         finally:
+            self.machine.close()
+            links = list(self._links.values())
+            self._links.clear()
+            for link in links:
+                link.gone = True
+            tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self._close_all()
+            for link in links:
+                await _quiet_close(link.stack)
+
+    # --------------------------------------------------------------- actions
+
+    async def _execute(self, actions: list[Action]) -> None:
+        """Carry out the machine's actions, in order."""
+        for action in actions:
+            kind = type(action)
+            if kind is Write:
+                assert isinstance(action, Write)
+                link = self._links.get(action.conn)
+                if link is not None and not link.gone:
+                    replay = action.replay
+                    link.outbox.extend((item, replay) for item in action.items)
+                    await self._pump(link)
+            elif kind is Emit:
+                assert isinstance(action, Emit)
+                self._events.put_nowait(action.event)
+                if type(action.event) is Resumed:
+                    self._log_resumed(action.event)
+            elif kind is Open:
+                assert isinstance(action, Open)
+                self._spawn(self._open(action.conn, action.handle), f"live-open-{action.conn}")
+            elif kind is Close:
+                assert isinstance(action, Close)
+                closing = self._links.pop(action.conn, None)
+                if closing is not None:
+                    closing.gone = True
+                    self._spawn(_quiet_close(closing.stack), f"live-close-{action.conn}")
+            elif kind is Brief:
+                assert isinstance(action, Brief)
+                link = self._links.get(action.conn)
+                if link is not None and not link.gone:
+                    link.outbox.append((action, True))
+                    await self._pump(link)
+            elif kind is Respond:
+                assert isinstance(action, Respond)
+                await self._respond(action)
+            elif kind is Fail:
+                assert isinstance(action, Fail)
+                log.warning("live: giving up: %s", action.detail, extra=self._log_extra)
+                self._failure = LiveSessionFailed(action.reason, action.detail)
+                self._wake.set()
+        if self.machine.next_deadline() != self._armed:
+            self._wake.set()
+
+    def _log_resumed(self, event: Resumed) -> None:
+        """One line per reset."""
+        if event.cause is ResetCause.GOAWAY and event.gap_s == 0.0:
+            log.info(
+                "live: switched connection on goAway (%s, replayed %.0f ms)",
+                event.mode.replace("_", " ") or "resumed",
+                event.replayed_s * 1000,
+                extra=self._log_extra,
+            )
+            return
+        log.info(
+            "live: resumed after %s reset in %.0f ms, %d attempt(s), replayed %.0f ms%s%s",
+            event.cause.value,
+            event.gap_s * 1000,
+            event.attempts,
+            event.replayed_s * 1000,
+            f" ({event.mode.replace('_', ' ')})" if event.mode else "",
+            " (fresh session)" if event.fresh else "",
+            extra=self._log_extra,
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, link: _Link) -> None:
+        """Write a connection's outbox in order; one writer at a time per connection."""
+        if link.pumping:
+            return  # the coroutine writing now will send it, in order
+        link.pumping = True
+        outbox = link.outbox
+        try:
+            while outbox and not link.gone:
+                item, replay = outbox.popleft()
+                if isinstance(item, Brief):
+                    turns: list[types.Content | types.ContentDict] = [
+                        types.Content(role=role, parts=[types.Part(text=text)])
+                        for role, text in item.turns
+                    ]
+                    await link.session.send_client_content(turns=turns, turn_complete=False)
+                    continue
+                last = item
+                if item.audio is not None:
+                    pcm = item.audio
+                    if outbox and outbox[0][0].__class__ is Input:
+                        parts = [pcm]  # coalesce what queued up: fewer, larger messages
+                        size = len(pcm)
+                        while outbox and size < REPLAY_CHUNK_BYTES:
+                            nxt = outbox[0][0]
+                            if not isinstance(nxt, Input) or nxt.audio is None:
+                                break
+                            outbox.popleft()
+                            parts.append(nxt.audio)
+                            size += len(nxt.audio)
+                            last = nxt
+                        pcm = b"".join(parts)
+                    await sdk.write_audio(link.session, pcm)
+                else:
+                    await link.session.send_client_content(
+                        turns=types.Content(role="user", parts=[types.Part(text=item.text)]),
+                        turn_complete=item.turn_complete,
+                    )
+                now = time.monotonic()
+                self.machine.written(link.id, last.seq, now)
+                if not replay and item.audio is not None and self._on_audio_sent is not None:
+                    self._on_audio_sent(now - item.received_at)
+        except Exception as exc:
+            await self._lost(link, LossKind.NETWORK, f"send: {type(exc).__name__}")
+        finally:
+            link.pumping = False
+
+    async def _respond(self, action: Respond) -> None:
+        link = self._links.get(action.conn)
+        if link is None or link.gone:
+            return
+        try:
+            await link.session.send_tool_response(
+                function_responses=[
+                    types.FunctionResponse(
+                        id=action.call_id, name=action.name, response=action.result
+                    )
+                ]
+            )
+        except Exception as exc:
+            await self._lost(link, LossKind.NETWORK, f"send: {type(exc).__name__}")
 
     # ------------------------------------------------------------ connections
 
@@ -335,9 +417,11 @@ class LiveSession:
             tools=list(opts.tools) or None,
         )
 
-    async def _open(self, handle: str | None, kind: str) -> _Connection:
-        """Open a connection (resuming `handle` if given) and start reading it."""
+    async def _open(self, conn_id: int, handle: str | None) -> None:
+        """Open connection `conn_id` (resuming `handle`), then hand it to the machine."""
         stack = AsyncExitStack()
+        error: OpenError | None = None
+        detail = ""
         try:
             async with asyncio.timeout(self._options.connect_timeout_s):
                 session = await stack.enter_async_context(
@@ -345,441 +429,113 @@ class LiveSession:
                         model=self._options.model, config=self._config(handle)
                     )
                 )
-        except errors.APIError as exc:
-            await _quiet_close(stack)
-            if handle is not None and (exc.code in REFUSAL_CODES or 400 <= exc.code < 500):
-                raise _HandleRefused(f"code {exc.code}") from None
-            raise
-        except BaseException:
+        except asyncio.CancelledError:
             await _quiet_close(stack)
             raise
-        self._next_conn_id += 1
-        conn = _Connection(
-            id=self._next_conn_id, session=session, stack=stack, opened_at=time.monotonic()
-        )
-        self._connections.add(conn)
-        conn.reader = asyncio.create_task(self._read(conn), name=f"live-read-{conn.id}")
-        log.debug("live connection %d open (%s)", conn.id, kind, extra=self._log_extra)
-        return conn
+        except Exception as exc:
+            await _quiet_close(stack)
+            error, detail = _classify_open_error(exc, handle is not None)
+        if error is OpenError.HANDLE_REFUSED:
+            log.warning(
+                "live: resumption handle refused (%s); continuing on a fresh session",
+                detail,
+                extra=self._log_extra,
+            )
+        elif error is not None:
+            log.info(
+                "live: connection %d could not open (%s: %s)",
+                conn_id,
+                error.value,
+                detail,
+                extra=self._log_extra,
+            )
+        if error is not None:
+            await self._execute(self.machine.open_failed(conn_id, error, detail, time.monotonic()))
+            return
+        link = _Link(conn_id, session, stack)
+        self._links[conn_id] = link
+        self._spawn(self._read(link), f"live-read-{conn_id}")
+        self._spawn(self._measure(link), f"live-rtt-{conn_id}")
+        log.debug("live connection %d open", conn_id, extra=self._log_extra)
+        await self._execute(self.machine.opened(conn_id, time.monotonic()))
+        self._started.set()
 
-    async def _retire(self, conn: _Connection) -> None:
-        """Close a connection we no longer use."""
-        conn.closing = True
-        self._connections.discard(conn)
-        if conn.reader is not None and conn.reader is not asyncio.current_task():
-            conn.reader.cancel()
-            with contextlib.suppress(BaseException):
-                await conn.reader
-        await _quiet_close(conn.stack)
+    async def _measure(self, link: _Link) -> None:
+        """Ping after setup, then now and then: the round trip places handles."""
+        while not link.gone:
+            rtt = await sdk.measure_rtt(link.session)
+            if rtt is not None and not link.gone:
+                self.machine.rtt(link.id, rtt)
+            await asyncio.sleep(RTT_INTERVAL_S)
 
-    async def _close_all(self) -> None:
-        self._active = None
-        for conn in list(self._connections):
-            await self._retire(conn)
-
-    def _activate(self, conn: _Connection) -> None:
-        self._active = conn
-        conn.sent_seq = self._seq
+    async def _lost(self, link: _Link, kind: LossKind, detail: str) -> None:
+        if link.gone:
+            return
+        link.gone = True
+        log.info("live: connection lost (%s) [conn %d]", detail, link.id, extra=self._log_extra)
+        await self._execute(self.machine.lost(link.id, kind, detail, time.monotonic()))
 
     # ---------------------------------------------------------------- reading
 
-    async def _read(self, conn: _Connection) -> None:
-        """Turn one connection's messages into events; report its end."""
+    async def _read(self, link: _Link) -> None:
+        """Feed one connection's messages to the machine; report its end."""
+        kind = LossKind.NETWORK
         try:
-            async for message in receive(conn.session):
-                conn.delivered = True
-                if isinstance(message, list):  # nothing but model audio, decoded without the SDK
-                    self._on_model_turn(conn, conn is self._active, message)
+            async for message in receive(link.session):
+                if link.gone:
+                    return
+                if isinstance(message, list):  # nothing but model audio
+                    if self.machine.model_output(link.id, time.monotonic()):
+                        now = time.monotonic()
+                        for pcm in message:
+                            self._events.put_nowait(ModelAudio(pcm, now))
                 else:
-                    self._on_message(conn, message)
+                    await self._execute(self._on_message(link.id, message))
+            detail = "connection ended"
         except asyncio.CancelledError:
             raise
         except errors.APIError as exc:
+            kind = LossKind.CLOSED if exc.code not in (1006,) else LossKind.NETWORK
             detail = f"closed with code {exc.code}"
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            kind = LossKind.GARBAGE
+            detail = f"unreadable message ({type(exc).__name__})"
         except Exception as exc:  # a read error of any kind ends this connection
-            detail = f"{type(exc).__name__}"
-        if not conn.closing:
-            self._signals.put_nowait(_Signal("failed", conn, detail))
+            detail = type(exc).__name__
+        await self._lost(link, kind, detail)
 
-    def _on_message(self, conn: _Connection, message: types.LiveServerMessage) -> None:
-        active = conn is self._active
+    def _on_message(self, conn: int, message: types.LiveServerMessage) -> list[Action]:
+        m = self.machine
+        now = time.monotonic()
+        actions: list[Action] = []
         update = message.session_resumption_update
-        if update is not None and active:
-            if update.resumable and update.new_handle:
-                self._handle = update.new_handle
-                self._handle_seq = conn.sent_seq
-                self._handle_fresh = not conn.generating
-                self._trim_buffer()
-                self._signal_boundary(conn)
-        if message.go_away is not None and active:
-            time_left = parse_duration(message.go_away.time_left)
-            self._goaway_deadline = time.monotonic() + max(
-                0.0, time_left - self._options.goaway_margin_s
-            )
-            self._emit(GoAwayReceived(time_left))
-            self._signals.put_nowait(_Signal("goaway", conn))
+        if update is not None:
+            actions += m.handle_update(conn, update.new_handle, bool(update.resumable), now)
+        if message.go_away is not None:
+            actions += m.go_away(conn, parse_duration(message.go_away.time_left), now)
         content = message.server_content
         if content is not None:
-            self._on_content(conn, content, active)
-        if message.tool_call is not None and active:
+            if content.model_turn is not None and content.model_turn.parts:
+                audio = [p.inline_data.data for p in content.model_turn.parts if p.inline_data]
+                if m.model_output(conn, now):
+                    actions += [Emit(ModelAudio(pcm, now)) for pcm in audio if pcm]
+            if content.input_transcription is not None and content.input_transcription.text:
+                actions += m.transcript(conn, "caller", content.input_transcription.text)
+            if content.output_transcription is not None and content.output_transcription.text:
+                actions += m.transcript(conn, "model", content.output_transcription.text)
+            if content.interrupted:
+                actions += m.interrupted(conn, now)
+            if content.generation_complete:
+                actions += m.generation_complete(conn)
+            if content.turn_complete:
+                actions += m.turn_complete(conn, now)
+        if message.tool_call is not None:
             for call in message.tool_call.function_calls or []:
-                self._emit(ToolCall(call.id or "", call.name or "", dict(call.args or {})))
+                actions += m.tool_call(conn, call.id or "", call.name or "", dict(call.args or {}))
         if message.usage_metadata is not None:  # billed whichever connection it came on
-            self._emit(_usage(message.usage_metadata))
-
-    def _on_content(
-        self, conn: _Connection, content: types.LiveServerContent, active: bool
-    ) -> None:
-        if content.model_turn is not None and content.model_turn.parts:
-            audio = [p.inline_data.data for p in content.model_turn.parts if p.inline_data]
-            self._on_model_turn(conn, active, [pcm for pcm in audio if pcm])
-        if not active:
-            # A connection being replaced or being opened: its output is not the caller's.
-            if content.turn_complete or content.interrupted:
-                conn.generating = False
-            return
-        if content.input_transcription is not None and content.input_transcription.text:
-            self._history.add("user", content.input_transcription.text)
-            self._emit(Transcript("caller", content.input_transcription.text))
-        if content.output_transcription is not None and content.output_transcription.text:
-            self._history.add("model", content.output_transcription.text)
-            self._emit(Transcript("model", content.output_transcription.text))
-        if content.interrupted:
-            conn.generating = False
-            self._turn_state = TurnState.CALLER_SPEAKING
-            self._emit(Interrupted())
-        if content.generation_complete:
-            self._emit(GenerationComplete())
-        if content.turn_complete:
-            conn.generating = False
-            self._turn_state = TurnState.IDLE
-            self._emit(TurnComplete())
-            self._signal_boundary(conn)
-
-    def _on_model_turn(self, conn: _Connection, active: bool, audio: list[bytes]) -> None:
-        """A piece of the model's reply, with its audio (24 kHz PCM chunks, maybe none)."""
-        if not conn.generating:
-            conn.generating = True
-            if active:
-                self._handle_fresh = False
-                self._turn_state = TurnState.MODEL_SPEAKING
-        if active:
-            now = time.monotonic()
-            for pcm in audio:
-                self._emit(ModelAudio(pcm, now))
-
-    def _signal_boundary(self, conn: _Connection) -> None:
-        if self._goaway_deadline is not None:
-            self._signals.put_nowait(_Signal("boundary", conn))
-
-    def _emit(self, event: LiveEvent) -> None:
-        self._events.put_nowait(event)
-
-    # ---------------------------------------------------------------- sending
-
-    async def _send_loop(self) -> None:
-        """Number caller input, keep it for replay, and write it to the active connection."""
-        while True:
-            item = await self._inbox.get()
-            if item.audio is not None:
-                # Coalesce audio that queued up while we were busy: fewer, larger messages.
-                parts = [item.audio]
-                while not self._inbox.empty():
-                    nxt = self._inbox._queue[0]  # type: ignore[attr-defined]
-                    if nxt.audio is None:
-                        break
-                    parts.append(self._inbox.get_nowait().audio)  # type: ignore[arg-type]
-                item.audio = b"".join(parts) if len(parts) > 1 else parts[0]
-            async with self._send_lock:
-                self._seq += 1
-                item.seq = self._seq
-                self._keep(item)
-                conn = self._active
-                if conn is None:
-                    continue  # no connection: the buffer holds it for replay
-                try:
-                    await self._write(conn, item)
-                except Exception as exc:
-                    self._connection_failed_on_send(conn, exc)
-                    continue
-                conn.sent_seq = item.seq
-            if item.audio is not None and self._on_audio_sent is not None:
-                self._on_audio_sent(time.monotonic() - item.received_at)
-
-    async def _write(self, conn: _Connection, item: _Input) -> None:
-        if item.audio is not None:
-            await send_audio(conn.session, item.audio)
-        elif item.text is not None:
-            await conn.session.send_client_content(
-                turns=types.Content(role="user", parts=[types.Part(text=item.text)]),
-                turn_complete=item.turn_complete,
-            )
-
-    def _connection_failed_on_send(self, conn: _Connection, exc: Exception) -> None:
-        if not conn.closing:
-            self._signals.put_nowait(_Signal("failed", conn, f"send: {type(exc).__name__}"))
-
-    def _keep(self, item: _Input) -> None:
-        """Buffer input for replay, bounded; count audio pushed out undelivered."""
-        self._buffer.append(item)
-        if item.audio is not None:
-            self._buffer_audio_bytes += len(item.audio)
-        while self._buffer_audio_bytes > self._replay_limit_bytes and self._buffer:
-            old = self._buffer.popleft()
-            if old.audio is not None:
-                self._buffer_audio_bytes -= len(old.audio)
-                seconds = len(old.audio) / BYTES_PER_SECOND
-                self.dropped_audio_s += seconds
-                self._emit(AudioDropped(seconds))
-
-    def _trim_buffer(self) -> None:
-        """Forget input the newest handle already holds."""
-        while self._buffer and self._buffer[0].seq <= self._handle_seq:
-            old = self._buffer.popleft()
-            if old.audio is not None:
-                self._buffer_audio_bytes -= len(old.audio)
-
-    async def _replay(self, conn: _Connection) -> float:
-        """Send the input since the handle into `conn`; returns seconds of audio replayed."""
-        replayed = 0
-        pending = bytearray()
-
-        async def flush() -> None:
-            if pending:
-                await send_audio(conn.session, bytes(pending))
-                pending.clear()
-
-        for item in list(self._buffer):
-            if item.seq <= self._handle_seq:
-                continue
-            if item.audio is not None:
-                pending += item.audio
-                replayed += len(item.audio)
-                if len(pending) >= REPLAY_CHUNK_BYTES:
-                    await flush()
-            else:
-                await flush()
-                await self._write(conn, item)
-        await flush()
-        return replayed / BYTES_PER_SECOND
-
-    # ------------------------------------------------------------ supervision
-
-    async def _supervise(self) -> None:
-        """React to connection failures and goAway until cancelled."""
-        while True:
-            signal = await self._signals.get()
-            if signal.conn is not self._active:
-                if signal.kind == "failed" and signal.conn is not None:
-                    await self._retire(signal.conn)
-                continue
-            if signal.kind == "failed":
-                await self._recover_abrupt(signal.detail)
-            elif signal.kind in ("goaway", "boundary") and self._goaway_deadline is not None:
-                await self._switch_on_goaway()
-
-    async def _switch_on_goaway(self) -> None:
-        """Make before break: move to a new connection at a turn boundary or the deadline."""
-        deadline = self._goaway_deadline
-        old = self._active
-        if deadline is None or old is None:
-            return
-        while True:
-            clean = (
-                not old.generating
-                and self._handle_fresh
-                and self._handle is not None
-                and not self.caller_speaking
-            )
-            if clean or time.monotonic() >= deadline:
-                break
-            # Wait for a boundary, a failure, the caller's pause, or the deadline.
-            wake = min(deadline, time.monotonic() + 0.1) if self.caller_speaking else deadline
-            try:
-                async with asyncio.timeout_at(_loop_time_at(wake)):
-                    signal = await self._signals.get()
-            except TimeoutError:
-                continue
-            if signal.kind == "failed" and signal.conn is old:
-                self._goaway_deadline = None
-                await self._recover_abrupt(signal.detail)
-                return
-            if signal.kind == "failed" and signal.conn is not None:
-                await self._retire(signal.conn)
-        forced = old.generating or not self._handle_fresh or self.caller_speaking
-        started = time.monotonic()
-        try:
-            new = await self._open(self._handle, kind="resumed")
-        except _HandleRefused:
-            await self._recover_refused(ResetCause.GOAWAY, started)
-            return
-        except Exception as exc:
-            # The service may refuse a second connection of a live session: break, then
-            # make. Caller audio waits in the replay buffer meanwhile.
-            log.info(
-                "live: could not open ahead (%s); closing the old connection first",
-                _describe(exc),
-                extra=self._log_extra,
-            )
-            async with self._send_lock:
-                self._active = None
-            self._goaway_deadline = None
-            if old.generating:
-                self._emit(ReplyAbandoned(ResetCause.GOAWAY))
-                self._turn_state = TurnState.IDLE
-            await self._retire(old)
-            await self._reconnect(ResetCause.GOAWAY, started)
-            return
-        async with self._send_lock:
-            try:
-                replayed = await self._replay(new)
-            except Exception as exc:
-                await self._retire(new)
-                log.warning("live: replay failed (%s)", type(exc).__name__, extra=self._log_extra)
-                self._goaway_deadline = None
-                return
-            was_generating = old.generating
-            self._activate(new)
-            self._goaway_deadline = None
-        if was_generating:
-            self._emit(ReplyAbandoned(ResetCause.GOAWAY))
-            self._turn_state = TurnState.IDLE
-        await self._retire(old)
-        self.resets[ResetCause.GOAWAY] += 1
-        gap = time.monotonic() - started if forced else 0.0
-        self._emit(Resumed(ResetCause.GOAWAY, gap, replayed, 1, fresh=False))
-        log.info(
-            "live: switched connection on goAway (replayed %.0f ms%s)",
-            replayed * 1000,
-            ", forced mid-turn" if forced else "",
-            extra=self._log_extra,
-        )
-
-    async def _recover_abrupt(self, detail: str) -> None:
-        """Resume on a new connection after one died without notice."""
-        started = time.monotonic()
-        async with self._send_lock:
-            old = self._active
-            self._active = None
-        self._goaway_deadline = None
-        # A connection that never delivered a valid message does not renew the budget.
-        streak = old.streak if old is not None and not old.delivered else None
-        if streak is not None:
-            streak.last_error = detail
-        if old is not None:
-            if old.generating:
-                self._emit(ReplyAbandoned(ResetCause.ABRUPT))
-                self._turn_state = TurnState.IDLE
-            await self._retire(old)
-        log.info("live: connection lost (%s), resuming", detail, extra=self._log_extra)
-        await self._reconnect(ResetCause.ABRUPT, started, streak)
-
-    async def _recover_refused(self, cause: ResetCause, started: float) -> None:
-        async with self._send_lock:
-            old = self._active
-            self._active = None
-        if old is not None:
-            if old.generating:
-                self._emit(ReplyAbandoned(ResetCause.REFUSED))
-            await self._retire(old)
-        self._goaway_deadline = None
-        self._handle = None
-        log.warning(
-            "live: resumption handle refused; continuing on a fresh session",
-            extra=self._log_extra,
-        )
-        await self._reconnect(ResetCause.REFUSED, started)
-
-    async def _reconnect(
-        self, cause: ResetCause, started: float, streak: _Streak | None = None
-    ) -> None:
-        """Resume (or, if the handle is refused, restart) and replay what the model lacks."""
-        conn, attempts = await self._connect_with_retries(started, streak)
-        fresh = conn.fresh
-        if self._refused_during_retry:
-            cause = ResetCause.REFUSED
-        gap = time.monotonic() - started
-        self.resets[cause] += 1
-        self._emit(Resumed(cause, gap, conn.replayed_s, attempts, fresh=fresh))
-        log.info(
-            "live: resumed after %s reset in %.0f ms, %d attempt(s), replayed %.0f ms%s",
-            cause.value,
-            gap * 1000,
-            attempts,
-            conn.replayed_s * 1000,
-            " (fresh session)" if fresh else "",
-            extra=self._log_extra,
-        )
-
-    async def _connect_with_retries(
-        self, started: float, streak: _Streak | None = None
-    ) -> tuple[_Connection, int]:
-        """Open, brief and replay a connection and make it active.
-
-        Immediate first try, then exponential backoff with full jitter, bounded
-        in attempts and in total time. A refused handle is dropped and a fresh
-        session tried at once. A `streak` continues an earlier budget (and its
-        backoff) instead of starting a new one.
-        """
-        opts = self._options
-        attempt = streak.attempts if streak else 0
-        delay = min(opts.backoff_initial_s * 2 ** max(0, attempt - 2), opts.backoff_max_s)
-        last_error = streak.last_error if streak else ""
-        if streak is not None:
-            started = streak.started
-            if attempt > 1:  # back off as if that connection had failed to open
-                await asyncio.sleep(random.uniform(0, delay))
-                delay = min(delay * 2, opts.backoff_max_s)
-        self._refused_during_retry = False
-        while True:
-            attempt += 1
-            elapsed = time.monotonic() - started
-            if attempt > opts.reconnect_max_attempts or elapsed > opts.reconnect_total_s:
-                raise LiveSessionFailed(
-                    f"live service unreachable: {attempt - 1} attempts in {elapsed:.1f} s "
-                    f"(last error: {last_error or 'none'})"
-                )
-            fresh = self._handle is None
-            try:
-                remaining = max(0.1, opts.reconnect_total_s - elapsed)
-                async with asyncio.timeout(min(opts.connect_timeout_s, remaining)):
-                    conn = await self._open(self._handle, kind="fresh" if fresh else "resumed")
-            except _HandleRefused:
-                self._handle = None
-                self._refused_during_retry = True
-                log.warning(
-                    "live: resumption handle refused; continuing on a fresh session",
-                    extra=self._log_extra,
-                )
-                continue
-            except Exception as exc:
-                last_error = _describe(exc)
-                if attempt > 1:
-                    await asyncio.sleep(random.uniform(0, delay))
-                    delay = min(delay * 2, opts.backoff_max_s)
-                continue
-            conn.fresh = fresh
-            try:
-                async with self._send_lock:
-                    if fresh:
-                        await self._brief(conn)
-                    conn.replayed_s = await self._replay(conn)
-                    self._activate(conn)
-            except Exception as exc:
-                last_error = f"replay {type(exc).__name__}"
-                await self._retire(conn)
-                continue
-            conn.streak = _Streak(started, attempt, last_error)
-            return conn, attempt
-
-    async def _brief(self, conn: _Connection) -> None:
-        """Give a fresh session the conversation so far, as prior turns."""
-        turns: list[types.Content | types.ContentDict] = [
-            types.Content(role=role, parts=[types.Part(text=text)])
-            for role, text in self._history.recent()
-        ]
-        if turns:
-            await conn.session.send_client_content(turns=turns, turn_complete=False)
+            actions.append(Emit(_usage(message.usage_metadata)))
+        m.other_message(conn)
+        return actions
 
 
 def _usage(meta: types.UsageMetadata) -> Usage:
@@ -800,102 +556,26 @@ def _usage(meta: types.UsageMetadata) -> Usage:
     )
 
 
-def _describe(exc: BaseException) -> str:
-    code = f" {exc.code}" if isinstance(exc, errors.APIError) else ""
-    return type(exc).__name__ + code
-
-
-async def receive(session: AsyncSession) -> AsyncIterator[types.LiveServerMessage | list[bytes]]:
-    """A connection's messages until it ends, as ``session.receive()`` parses them, except that
-    a message carrying nothing but model audio comes as its decoded PCM chunks.
-
-    The SDK validates every message into pydantic models (~90 µs; a reply is 25 messages a
-    second); decoding the audio alone is ~15 µs. Everything else goes through the SDK's own
-    parser, and an SDK laid out otherwise (or Vertex) gets its public, slower path.
-    """
-    ws = getattr(session, "_ws", None)
-    converter = getattr(_live_converters, "_LiveServerMessage_from_mldev", None)
-    vertex = getattr(getattr(session, "_api_client", None), "vertexai", True)
-    if ws is None or converter is None or vertex:
-        while True:
-            async for message in session.receive():
-                yield message
-    while True:
-        try:
-            raw = await ws.recv(decode=False)
-        except ConnectionClosed as exc:  # as the SDK reports it
-            code = exc.rcvd.code if exc.rcvd else 1006
-            reason = exc.rcvd.reason if exc.rcvd else "Abnormal closure."
-            errors.APIError.raise_error(code, reason, None)
-        try:
-            response: dict[str, Any] = json.loads(raw) if raw else {}
-        except json.JSONDecodeError:
-            raise ValueError("Failed to parse response") from None  # as the SDK raises it
-        audio = _audio_only(response)
-        if audio is not None:
-            yield audio
-            continue
-        converted = converter(response)
-        if not converted and response:
-            errors.APIError.raise_error(response.get("code", 500), response, None)
-        yield types.LiveServerMessage._from_response(response=converted, kwargs={})
-
-
-def _audio_only(message: dict[str, Any]) -> list[bytes] | None:
-    """The PCM chunks of ``{"serverContent": {"modelTurn": {"parts": [{"inlineData": ...}]}}}``
-    (audio parts only, nothing else in the message); None for any other message."""
-    if type(message) is not dict or len(message) != 1:
-        return None
-    content = message.get("serverContent")
-    if type(content) is not dict or len(content) != 1:
-        return None
-    turn = content.get("modelTurn")
-    if type(turn) is not dict or not turn.keys() <= {"parts", "role"}:
-        return None
-    parts = turn.get("parts")
-    if type(parts) is not list or not parts:
-        return None
-    audio = []
-    for part in parts:
-        blob = part.get("inlineData") if type(part) is dict and len(part) == 1 else None
-        if type(blob) is not dict or not str(blob.get("mimeType", "")).startswith("audio/"):
-            return None
-        data = blob.get("data")
-        if type(data) is not str:
-            return None
-        if "-" in data or "_" in data:  # URL-safe alphabet
-            audio.append(base64.urlsafe_b64decode(data))
-        else:
-            audio.append(binascii.a2b_base64(data))
-    return [pcm for pcm in audio if pcm]
-
-
-def audio_message(pcm16k: bytes) -> str:
-    """The JSON `send_realtime_input(audio=Blob(pcm16k, INPUT_MIME))` writes, built directly.
-
-    The SDK validates and converts every message through pydantic models (~80 µs, fifty times
-    a second per call: the largest single cost in the gateway's profile); this is ~3 µs.
-    tests/test_bench.py checks the two agree.
-    """
-    data = base64.urlsafe_b64encode(pcm16k).decode("ascii")
-    return f'{{"realtime_input":{{"audio":{{"data":"{data}","mime_type":"{INPUT_MIME}"}}}}}}'
-
-
-async def send_audio(session: AsyncSession, pcm16k: bytes) -> None:
-    """Write caller audio to a Live connection, as send_realtime_input would, only cheaper."""
-    ws = getattr(session, "_ws", None)
-    if ws is None:  # an SDK that keeps its socket elsewhere: the public, slower way
-        await session.send_realtime_input(audio=types.Blob(data=pcm16k, mime_type=INPUT_MIME))
-        return
-    await ws.send(audio_message(pcm16k))
+def _classify_open_error(exc: BaseException, resuming: bool) -> tuple[OpenError, str]:
+    """What a failed `connect()` means for the machine, and a detail safe to log."""
+    if isinstance(exc, TimeoutError):
+        return OpenError.TIMED_OUT, "no setupComplete in time"
+    if isinstance(exc, errors.APIError):
+        code = exc.code
+        if resuming and (code in REFUSAL_CODES or 400 <= code < 500):
+            return OpenError.HANDLE_REFUSED, f"code {code}"
+        if code == 1006:
+            return OpenError.UNREACHABLE, "abnormal closure during setup"
+        return OpenError.REFUSED, f"code {code}"
+    if isinstance(exc, InvalidStatus):
+        return OpenError.REFUSED, f"HTTP {exc.response.status_code}"
+    if isinstance(exc, InvalidHandshake | OSError):
+        return OpenError.UNREACHABLE, type(exc).__name__
+    if isinstance(exc, ValueError):
+        return OpenError.GARBAGE, type(exc).__name__
+    return OpenError.UNREACHABLE, type(exc).__name__
 
 
 async def _quiet_close(stack: AsyncExitStack) -> None:
     with contextlib.suppress(BaseException):
         await stack.aclose()
-
-
-def _loop_time_at(monotonic_deadline: float) -> float:
-    """Convert a time.monotonic() deadline to the event loop's clock."""
-    loop = asyncio.get_running_loop()
-    return loop.time() + (monotonic_deadline - time.monotonic())

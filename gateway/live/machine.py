@@ -1,0 +1,778 @@
+"""The Live session's logic as a pure state machine: events in, actions out (sans-I/O).
+
+Nothing here does I/O or reads a clock: every method takes ``now`` and returns the
+actions its owner must carry out, in order (open connection k from handle H, write
+inputs to k, close k, emit a call event, fail). `gateway.live.session` is the thin
+asyncio driver; `gateway.testing.explorer` drives this same class against a pure
+simulated service through thousands of generated schedules.
+
+The rules that make it right whatever the service does (the README's survival
+section says which service behaviours each covers):
+
+* Every caller input is numbered (``seq``) and kept until a trusted handle covers it.
+* Each connection knows the handle and the input number it was opened from (its
+  ``base``); when its setup completes it is sent every input after its own base, and
+  only then the live ones. Nothing is written to a connection before its setup is
+  complete.
+* A handle is trusted only from the active connection, and only while no other
+  connection of the session has been asked to resume: once a replacement is opened,
+  the old connection's later handles may describe a forked state or the state the
+  replacement took over, so they never move anybody's base.
+* A handle covers the inputs written to its connection at least one guard interval
+  before it arrived: input still in flight when the service issued it is not assumed
+  to be in it. Whatever the split between the two directions, input written one round
+  trip before the handle arrived had reached the service when it issued the handle; the
+  guard is 1.5 measured round trips plus 5 ms (for jitter). At worst that much input is
+  sent twice at a reset (reported as `Resumed.overlap_s`).
+* At most two connections are open: the active one and one being opened.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from gateway.live.events import (
+    AudioDropped,
+    GenerationComplete,
+    GoAwayReceived,
+    Interrupted,
+    LiveEvent,
+    ReplyAbandoned,
+    ResetCause,
+    Resumed,
+    ToolCall,
+    Transcript,
+    TurnComplete,
+    TurnState,
+)
+
+INPUT_RATE = 16000
+BYTES_PER_SECOND = INPUT_RATE * 2
+HISTORY_CHARS = 4000  # conversation text given to a fresh session
+GUARD_MARGIN_S = 0.005  # added to 1.5 round trips when placing a handle
+DEFAULT_RTT_S = 0.15  # assumed until a connection's round trip was measured
+
+
+class Phase(StrEnum):
+    """Where the session stands."""
+
+    CONNECTING = "connecting"  # the first connection is being opened
+    LIVE = "live"  # one active connection
+    SWITCHING = "switching"  # active connection plus its replacement being opened
+    RECOVERING = "recovering"  # no active connection: opening one or waiting to retry
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+class SwitchMode(StrEnum):
+    """How a goAway switch is made (a metric label)."""
+
+    MAKE_BEFORE_BREAK = "make_before_break"  # open the next one while the old one carries audio
+    BREAK_BEFORE_MAKE = "break_before_make"  # close the old one at a pause, then open
+
+
+class OpenError(StrEnum):
+    """Why a connection could not be opened."""
+
+    HANDLE_REFUSED = "handle_refused"  # the service refused the resumption handle (1007/1008/4xx)
+    REFUSED = "refused"  # the service refused the setup otherwise (1011, 5xx, HTTP status)
+    TIMED_OUT = "timed_out"  # no setupComplete within the connect timeout
+    UNREACHABLE = "unreachable"  # network error, TLS, DNS
+    GARBAGE = "garbage"  # the setup was answered with something unreadable
+
+
+class LossKind(StrEnum):
+    """Why an open connection ended."""
+
+    CLOSED = "closed"  # a close frame (code given)
+    NETWORK = "network"  # reset, abnormal closure, stalled keep-alive
+    GARBAGE = "garbage"  # the service sent something we could not read
+
+
+class FailureReason(StrEnum):
+    """Why the conversation could not go on (a metric label)."""
+
+    REFUSED = "refused"
+    TIMED_OUT = "timed_out"
+    GARBAGE = "garbage"
+    UNREACHABLE = "unreachable"
+
+
+@dataclass(frozen=True)
+class MachineOptions:
+    """The session manager's knobs (a subset of `LiveOptions`)."""
+
+    replay_limit_s: float = 60.0
+    reconnect_total_s: float = 30.0
+    reconnect_max_attempts: int = 12
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 2.0
+    goaway_margin_s: float = 1.0
+    caller_pause_s: float = 0.4
+    resume_nudge_s: float = 1.5  # after a reset that cut a reply: prompt the model if it is silent
+
+
+@dataclass(slots=True)
+class Input:
+    """One message of caller input, numbered so handles can be placed exactly."""
+
+    seq: int
+    audio: bytes | None = None
+    text: str | None = None
+    turn_complete: bool = True
+    received_at: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / BYTES_PER_SECOND if self.audio is not None else 0.0
+
+
+# ------------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Open connection `conn`, resuming `handle` (a fresh session when None)."""
+
+    conn: int
+    handle: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Brief:
+    """Give a fresh session the conversation so far, as prior turns (before any input)."""
+
+    conn: int
+    turns: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Write these inputs, in order, to `conn`; report each with `written()`."""
+
+    conn: int
+    items: tuple[Input, ...]
+    replay: bool = False  # sent again into a new connection (not live input)
+
+
+@dataclass(frozen=True, slots=True)
+class Respond:
+    """Answer a tool call on `conn`."""
+
+    conn: int
+    call_id: str
+    name: str
+    result: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close `conn`; nothing more is read from it."""
+
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Tell the call."""
+
+    event: LiveEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The conversation cannot go on."""
+
+    reason: FailureReason
+    detail: str
+
+
+Action = Open | Brief | Write | Respond | Close | Emit | Fail
+
+
+# ------------------------------------------------------------------------------- state
+
+
+class ConnPhase(StrEnum):
+    OPENING = "opening"
+    ACTIVE = "active"
+
+
+@dataclass(eq=False, slots=True)
+class Conn:
+    """One connection, as the machine knows it."""
+
+    id: int
+    handle: str | None  # the handle it was opened from (None: a fresh session)
+    base: int  # every input <= base is in its state when its setup completes
+    cause: ResetCause | None  # why it was opened (None: the call's first)
+    requested_at: float
+    phase: ConnPhase = ConnPhase.OPENING
+    opened_at: float = 0.0
+    sent: int = 0  # newest input queued to it
+    writes: deque[tuple[int, float]] = field(default_factory=deque)  # (seq, written at)
+    rtt: float = DEFAULT_RTT_S
+    generating: bool = False
+    delivered: bool = False  # a valid message came after setup
+    superseded: bool = False  # a resume was sent on another connection: distrust its handles
+    goaway: bool = False
+    replayed_s: float = 0.0
+    mode: SwitchMode | None = None  # how the goAway switch that opened it was made
+
+
+@dataclass
+class _History:
+    """Transcribed turns, to brief a fresh session if a handle is refused."""
+
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, role: str, text: str) -> None:
+        if self.turns and self.turns[-1][0] == role:
+            self.turns[-1] = (role, self.turns[-1][1] + text)
+        else:
+            self.turns.append((role, text))
+        if len(self.turns) > 64:
+            del self.turns[:-64]
+
+    def recent(self, limit: int = HISTORY_CHARS) -> tuple[tuple[str, str], ...]:
+        kept: list[tuple[str, str]] = []
+        total = 0
+        for role, text in reversed(self.turns):
+            total += len(text)
+            if total > limit:
+                break
+            kept.append((role, text))
+        return tuple(reversed(kept))
+
+
+class SessionMachine:
+    """One conversation over as many connections as it takes; pure, single-threaded."""
+
+    def __init__(self, options: MachineOptions, rng: random.Random | None = None) -> None:
+        self.options = options
+        self._rng = rng or random.Random()
+        self.phase = Phase.CONNECTING
+        self.mode = SwitchMode.MAKE_BEFORE_BREAK
+        self.turn_state = TurnState.IDLE
+        self.active: Conn | None = None
+        self.opening: Conn | None = None
+        self._next_id = 0
+        self.seq = 0
+        self.buffer: deque[Input] = deque()
+        self._buffer_bytes = 0
+        self._limit_bytes = int(options.replay_limit_s * BYTES_PER_SECOND)
+        self._unprotected: deque[tuple[int, float]] = deque()  # evicted, written, not covered
+        self.handle: str | None = None
+        self.base = 0  # inputs <= base are covered by `handle` (or were never needed)
+        self._handle_after_reply = True  # a handle came since the model last spoke
+        self._switch_deadline: float | None = None
+        self._switch_cause = ResetCause.GOAWAY
+        self._switch_forced = False
+        self._overlap_s = 0.0  # input after the handle's base that it may hold already
+        self._lost_at: float | None = None  # when caller audio last lost its connection
+        self._reset_cause: ResetCause | None = None  # why we are recovering
+        self._refused_in_reset = False
+        self._attempts = 0  # opens since the last connection that delivered anything
+        self._streak_started: float | None = None
+        self._last_error: tuple[FailureReason, str] | None = None
+        self._retry_at: float | None = None
+        self._abandoned_reply = False
+        self._nudge_at: float | None = None
+        self._reply_text = ""  # the model's transcription of the reply in progress
+        self._cut_reply_text = ""
+        self._spoke_at = -1e9
+        self._tool_conns: dict[str, int] = {}
+        self.history = _History()
+        self.dropped_audio_s = 0.0
+        self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def conns(self) -> list[Conn]:
+        return [c for c in (self.active, self.opening) if c is not None]
+
+    def caller_speaking(self, now: float) -> bool:
+        return now - self._spoke_at < self.options.caller_pause_s
+
+    def next_deadline(self) -> float | None:
+        """When `tick` must next be called (None: only on the next event)."""
+        times: list[float] = []
+        if self._retry_at is not None:
+            times.append(self._retry_at)
+        if self._switch_deadline is not None and self.phase is Phase.LIVE:
+            times.append(self._switch_deadline)
+            if self._spoke_at > -1e9:
+                times.append(self._spoke_at + self.options.caller_pause_s)
+        if self._nudge_at is not None:
+            times.append(self._nudge_at)
+        return min(times) if times else None
+
+    def check(self) -> None:
+        """Internal consistency; the explorer calls it after every step."""
+        assert len(self.conns) <= 2
+        if self.phase is Phase.LIVE:
+            assert self.active is not None and self.opening is None
+        if self.phase is Phase.SWITCHING:
+            assert self.active is not None and self.opening is not None
+            assert self.active.superseded
+        if self.phase in (Phase.CONNECTING, Phase.RECOVERING):
+            assert self.active is None
+        if self.phase in (Phase.FAILED, Phase.CLOSED):
+            assert not self.conns
+        if self.active is not None:
+            assert self.active.phase is ConnPhase.ACTIVE
+        if self.opening is not None:
+            assert self.opening.phase is ConnPhase.OPENING
+            assert self.opening.base <= self.seq
+        if self.buffer:
+            assert self.buffer[0].seq > 0
+        assert self._buffer_bytes >= 0
+
+    # ---------------------------------------------------------------------- start/stop
+
+    def start(self, now: float) -> list[Action]:
+        return self._open(now, cause=None)
+
+    def close(self) -> list[Action]:
+        actions: list[Action] = [Close(c.id) for c in self.conns]
+        self.active = self.opening = None
+        self.phase = Phase.CLOSED
+        self._retry_at = self._switch_deadline = self._nudge_at = None
+        return actions
+
+    # ---------------------------------------------------------------------- caller side
+
+    def caller_audio(self, pcm: bytes, speech: bool, now: float) -> list[Action]:
+        if speech:
+            self._spoke_at = now
+        return self._input(Input(0, audio=pcm, received_at=now))
+
+    def caller_text(self, text: str, turn_complete: bool, now: float) -> list[Action]:
+        return self._input(Input(0, text=text, turn_complete=turn_complete, received_at=now))
+
+    def tool_response(self, call_id: str, name: str, result: dict[str, object]) -> list[Action]:
+        """Answer on the connection that asked, if it is still the active one.
+
+        After a reset the model's state comes from a handle issued before the call (handles
+        are not resumable during tool calls), so it asks again: an answer to a connection
+        that is gone is dropped.
+        """
+        conn_id = self._tool_conns.pop(call_id, None)
+        if self.active is None or conn_id != self.active.id:
+            return []
+        return [Respond(conn_id, call_id, name, result)]
+
+    def _input(self, item: Input) -> list[Action]:
+        if self.phase in (Phase.FAILED, Phase.CLOSED):
+            return []
+        self.seq += 1
+        item.seq = self.seq
+        actions = self._keep(item)
+        conn = self.active
+        if conn is not None:
+            conn.sent = item.seq
+            actions.append(Write(conn.id, (item,)))
+        return actions
+
+    def _keep(self, item: Input) -> list[Action]:
+        """Buffer input for replay, bounded; count audio that can no longer be replayed."""
+        actions: list[Action] = []
+        self.buffer.append(item)
+        if item.audio is None:
+            return actions
+        self._buffer_bytes += len(item.audio)
+        while self._buffer_bytes > self._limit_bytes and self.buffer:
+            old = self.buffer.popleft()
+            if old.audio is None:
+                continue
+            self._buffer_bytes -= len(old.audio)
+            if self.active is not None and old.seq <= self.active.sent:
+                # Delivered, but no trusted handle covers it yet: lost only if a reset
+                # resumes from below it.
+                self._unprotected.append((old.seq, old.seconds))
+            else:
+                actions.append(self._dropped(old.seconds))
+        return actions
+
+    def _dropped(self, seconds: float) -> Action:
+        self.dropped_audio_s += seconds
+        return Emit(AudioDropped(seconds))
+
+    def _trim(self) -> None:
+        """Forget input no future replay can need: at or below every base still in use."""
+        floor = self.base
+        if self.opening is not None:
+            floor = min(floor, self.opening.base)
+        while self.buffer and self.buffer[0].seq <= floor:
+            old = self.buffer.popleft()
+            if old.audio is not None:
+                self._buffer_bytes -= len(old.audio)
+        while self._unprotected and self._unprotected[0][0] <= floor:
+            self._unprotected.popleft()
+
+    # ---------------------------------------------------------------- connections
+
+    def _open(self, now: float, cause: ResetCause | None) -> list[Action]:
+        assert self.opening is None
+        self._next_id += 1
+        conn = Conn(self._next_id, self.handle, self.base, cause, requested_at=now)
+        self.opening = conn
+        self._attempts += 1
+        if self._streak_started is None:
+            self._streak_started = now
+        self._retry_at = None
+        if self.active is not None:
+            self.active.superseded = True
+            self.phase = Phase.SWITCHING
+        elif self.phase is not Phase.CONNECTING:
+            self.phase = Phase.RECOVERING
+        return [Open(conn.id, conn.handle)]
+
+    def opened(self, conn_id: int, now: float) -> list[Action]:
+        """Connection `conn_id` completed its setup."""
+        conn = self.opening
+        if conn is None or conn.id != conn_id:
+            return [Close(conn_id)]  # no longer wanted
+        self.opening = None
+        conn.phase = ConnPhase.ACTIVE
+        conn.opened_at = now
+        actions: list[Action] = []
+        if conn.handle is None and conn.cause is not None:
+            turns = self.history.recent()
+            if turns:
+                actions.append(Brief(conn.id, turns))
+        # Everything after its own base, then the live input.
+        lost = [s for q, s in self._unprotected if q > conn.base]
+        if lost:
+            actions.append(self._dropped(sum(lost)))
+            self._unprotected.clear()
+        replay = tuple(item for item in self.buffer if item.seq > conn.base)
+        conn.replayed_s = sum(item.seconds for item in replay)
+        if replay:
+            actions.append(Write(conn.id, replay, replay=True))
+        conn.sent = self.seq
+        old = self.active
+        if old is not None:
+            actions.extend(self._abandon_reply(old, ResetCause.GOAWAY))
+            actions.append(Close(old.id))
+        self.active = conn
+        self.phase = Phase.LIVE
+        if conn.cause is not None:
+            cause = ResetCause.REFUSED if self._refused_in_reset else conn.cause
+            gap = now - self._lost_at if self._lost_at is not None else 0.0
+            if old is not None and self._switch_forced:
+                gap = now - conn.requested_at  # the model was mid-reply or the caller mid-word
+            self.resets[cause] += 1
+            mode = conn.mode.value if conn.mode is not None else ""
+            overlap = self._overlap_s if conn.handle is not None else 0.0
+            resumed = Resumed(
+                cause, gap, conn.replayed_s, self._attempts, conn.handle is None, mode, overlap
+            )
+            actions.append(Emit(resumed))
+        self._lost_at = None
+        self._refused_in_reset = False
+        self._reset_cause = None
+        self._switch_deadline = None
+        if self._abandoned_reply:
+            self._nudge_at = now + self.options.resume_nudge_s
+        self._trim()
+        return actions
+
+    def open_failed(self, conn_id: int, error: OpenError, detail: str, now: float) -> list[Action]:
+        """Connection `conn_id` could not be opened."""
+        conn = self.opening
+        if conn is None or conn.id != conn_id:
+            return []
+        self.opening = None
+        actions: list[Action] = []
+        if error is OpenError.HANDLE_REFUSED and conn.handle is not None:
+            # The handle is gone for good: carry the call on a fresh session, briefed with
+            # the conversation, replaying what the old session's handle lacked. At once.
+            self.handle = None
+            self._refused_in_reset = True
+            self._attempts -= 1  # a refused handle is not a failed attempt
+            if self.active is not None:
+                self.phase = Phase.LIVE
+            return actions + self._reopen(now, ResetCause.REFUSED, immediate=True)
+        self._last_error = (_failure_reason(error), detail)
+        if self.active is not None:
+            # A make-before-break open failed. The old connection is superseded (if the
+            # service let the new one take over before failing, input on the old one is
+            # being dropped), so break now and resume from the same handle; if it was a
+            # refusal, switch break-before-make for the rest of the call.
+            if error is OpenError.REFUSED:
+                self.mode = SwitchMode.BREAK_BEFORE_MAKE
+            actions.extend(self._lose_active(now, self._switch_cause))
+            actions += self._reopen(now, self._switch_cause, immediate=True)
+            if self.opening is not None and conn.mode is not None:
+                self.opening.mode = SwitchMode.BREAK_BEFORE_MAKE
+            return actions
+        return actions + self._reopen(now, self._reset_cause or ResetCause.ABRUPT)
+
+    def lost(self, conn_id: int, kind: LossKind, detail: str, now: float) -> list[Action]:
+        """An open connection ended (close frame, network error, unreadable message)."""
+        conn = self.active
+        if conn is None or conn.id != conn_id:
+            return []  # an old connection being closed, or one we already gave up
+        if not conn.delivered:
+            self._last_error = (_loss_reason(kind), detail)
+        cause = ResetCause.GOAWAY if conn.goaway else ResetCause.ABRUPT
+        actions = self._lose_active(now, cause)
+        if self.opening is not None:
+            self.phase = Phase.RECOVERING
+            return actions  # its replacement is on the way
+        return actions + self._reopen(now, cause)
+
+    def _lose_active(self, now: float, cause: ResetCause) -> list[Action]:
+        conn = self.active
+        assert conn is not None
+        actions = self._abandon_reply(conn, cause)
+        actions.append(Close(conn.id))
+        self.active = None
+        self.phase = Phase.RECOVERING
+        self._lost_at = now if self._lost_at is None else self._lost_at
+        self._reset_cause = cause
+        self._switch_deadline = None
+        self._nudge_at = None
+        return actions
+
+    def _abandon_reply(self, conn: Conn, cause: ResetCause) -> list[Action]:
+        if not conn.generating or conn is not self.active:
+            return []
+        conn.generating = False
+        self.turn_state = TurnState.IDLE
+        self._abandoned_reply = True
+        self._cut_reply_text = self._reply_text
+        return [Emit(ReplyAbandoned(cause))]
+
+    def _reopen(self, now: float, cause: ResetCause, immediate: bool = False) -> list[Action]:
+        """Open the next connection now or after a backoff, within the retry budget."""
+        opts = self.options
+        self._reset_cause = cause
+        started = self._streak_started if self._streak_started is not None else now
+        if self._attempts >= opts.reconnect_max_attempts or now - started > opts.reconnect_total_s:
+            reason, detail = self._last_error or (FailureReason.UNREACHABLE, "no connection")
+            actions = self.close()
+            self.phase = Phase.FAILED
+            return [
+                *actions,
+                Fail(
+                    reason,
+                    f"live service unreachable: {self._attempts} attempts in "
+                    f"{now - started:.1f} s (last error: {reason.value}, {detail or 'none'})",
+                ),
+            ]
+        if immediate or self._attempts == 0:
+            return self._open(now, cause)
+        if self._lost_at is None:
+            self._lost_at = now
+        delay = min(opts.backoff_initial_s * 2 ** (self._attempts - 1), opts.backoff_max_s)
+        self._retry_at = now + self._rng.uniform(0, delay)
+        if self.active is None:
+            self.phase = Phase.RECOVERING
+        return []
+
+    def rtt(self, conn_id: int, seconds: float) -> None:
+        """A measured round trip on `conn_id` (places its handles more tightly)."""
+        for conn in self.conns:
+            if conn.id == conn_id:
+                conn.rtt = seconds
+
+    def written(self, conn_id: int, seq: int, now: float) -> None:
+        """Input `seq` (and all before it) left for connection `conn_id`."""
+        conn = self.active
+        if conn is None or conn.id != conn_id:
+            return
+        writes = conn.writes
+        writes.append((seq, now))
+        # Keep only what handle placement can still use: the newest entry older than the
+        # guard, and everything after it.
+        horizon = now - self._guard(conn)
+        while len(writes) > 1 and writes[1][1] <= horizon:
+            writes.popleft()
+
+    def _guard(self, conn: Conn) -> float:
+        return 1.5 * conn.rtt + GUARD_MARGIN_S
+
+    # ---------------------------------------------------------------- server messages
+
+    def _from_active(self, conn_id: int) -> Conn | None:
+        conn = self.active
+        if conn is None or conn.id != conn_id:
+            return None
+        if not conn.delivered:
+            conn.delivered = True
+            self._attempts = 0
+            self._streak_started = None
+            self._last_error = None
+        return conn
+
+    def handle_update(
+        self, conn_id: int, handle: str | None, resumable: bool, now: float
+    ) -> list[Action]:
+        conn = self._from_active(conn_id)
+        if conn is None or conn.superseded or not resumable or not handle:
+            return []
+        horizon = now - self._guard(conn)
+        base = conn.base
+        for seq, at in conn.writes:
+            if at > horizon:
+                break
+            base = seq
+        self.handle = handle
+        # A later handle of the same lineage covers at least what the one before it did.
+        self.base = max(self.base, base)
+        newest = conn.writes[-1][0] if conn.writes else conn.base
+        self._overlap_s = sum(i.seconds for i in self.buffer if self.base < i.seq <= newest)
+        if not conn.generating:
+            self._handle_after_reply = True
+        self._trim()
+        return self._maybe_switch(now)
+
+    def go_away(self, conn_id: int, time_left_s: float, now: float) -> list[Action]:
+        conn = self._from_active(conn_id)
+        if conn is None:
+            return []
+        conn.goaway = True
+        actions: list[Action] = [Emit(GoAwayReceived(time_left_s))]
+        if conn.superseded:
+            return actions  # its replacement is already being opened
+        margin = self.options.goaway_margin_s
+        self._switch_deadline = now + max(0.0, time_left_s - margin)
+        self._switch_cause = ResetCause.GOAWAY
+        self._switch_forced = False
+        return actions + self._maybe_switch(now)
+
+    def model_output(self, conn_id: int, now: float) -> bool:
+        """A piece of the model's reply arrived on `conn_id`; True: deliver it to the call."""
+        conn = self.active
+        if conn is None or conn.id != conn_id:
+            return False
+        if not conn.delivered:
+            self._from_active(conn_id)
+        if not conn.generating:
+            conn.generating = True
+            self._handle_after_reply = False
+            self._reply_text = ""
+            self.turn_state = TurnState.MODEL_SPEAKING
+        self._nudge_at = None
+        self._abandoned_reply = False
+        return True
+
+    def transcript(self, conn_id: int, role: str, text: str) -> list[Action]:
+        if self._from_active(conn_id) is None or not text:
+            return []
+        self.history.add("user" if role == "caller" else "model", text)
+        if role == "model":
+            self._reply_text += text
+        return [Emit(Transcript("caller" if role == "caller" else "model", text))]
+
+    def interrupted(self, conn_id: int, now: float) -> list[Action]:
+        conn = self._from_active(conn_id)
+        if conn is None:
+            return []
+        conn.generating = False
+        self.turn_state = TurnState.CALLER_SPEAKING
+        return [Emit(Interrupted())]
+
+    def generation_complete(self, conn_id: int) -> list[Action]:
+        return [Emit(GenerationComplete())] if self._from_active(conn_id) else []
+
+    def turn_complete(self, conn_id: int, now: float) -> list[Action]:
+        conn = self._from_active(conn_id)
+        if conn is None:
+            return []
+        conn.generating = False
+        self.turn_state = TurnState.IDLE
+        return [Emit(TurnComplete()), *self._maybe_switch(now)]
+
+    def tool_call(
+        self, conn_id: int, call_id: str, name: str, args: dict[str, object]
+    ) -> list[Action]:
+        if self._from_active(conn_id) is None:
+            return []
+        self._tool_conns[call_id] = conn_id
+        return [Emit(ToolCall(call_id, name, dict(args)))]
+
+    def other_message(self, conn_id: int) -> None:
+        """Any other valid message: the connection works."""
+        self._from_active(conn_id)
+
+    # ------------------------------------------------------------------------ timers
+
+    def tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self._retry_at is not None and now >= self._retry_at and self.opening is None:
+            actions += self._open(now, self._reset_cause or ResetCause.ABRUPT)
+        if self._nudge_at is not None and now >= self._nudge_at:
+            actions += self._nudge(now)
+        actions += self._maybe_switch(now)
+        return actions
+
+    def _nudge(self, now: float) -> list[Action]:
+        """The model was cut off mid-reply and has said nothing since the reset: prompt it.
+
+        A resumed session may answer the replayed input again by itself, or wait for new
+        input; in the second case the caller would be left in silence.
+        """
+        if self.caller_speaking(now):
+            self._nudge_at = self._spoke_at + self.options.caller_pause_s
+            return []
+        self._nudge_at = None
+        self._abandoned_reply = False
+        heard = self._cut_reply_text.strip()
+        if heard:
+            text = (
+                "(The line dropped while you were answering. The caller heard this much: "
+                f'"{heard[-600:]}". Continue from there without repeating it.)'
+            )
+        else:
+            text = "(The line dropped before the caller heard your answer. Please answer again.)"
+        return self.caller_text(text, True, now)
+
+    def _maybe_switch(self, now: float) -> list[Action]:
+        """On goAway: move to a new connection at a turn boundary, or at the deadline."""
+        deadline = self._switch_deadline
+        conn = self.active
+        if deadline is None or conn is None or self.phase is not Phase.LIVE:
+            return []
+        clean = (
+            not conn.generating
+            and self._handle_after_reply
+            and self.handle is not None
+            and not self.caller_speaking(now)
+        )
+        if not clean and now < deadline:
+            return []
+        self._switch_forced = not clean
+        mode = self.mode
+        actions: list[Action] = []
+        if mode is SwitchMode.BREAK_BEFORE_MAKE:
+            actions.extend(self._lose_active(now, ResetCause.GOAWAY))
+        self._switch_deadline = None
+        actions += self._open(now, ResetCause.GOAWAY)
+        assert self.opening is not None
+        self.opening.mode = mode
+        return actions
+
+
+def _failure_reason(error: OpenError) -> FailureReason:
+    return {
+        OpenError.HANDLE_REFUSED: FailureReason.REFUSED,
+        OpenError.REFUSED: FailureReason.REFUSED,
+        OpenError.TIMED_OUT: FailureReason.TIMED_OUT,
+        OpenError.UNREACHABLE: FailureReason.UNREACHABLE,
+        OpenError.GARBAGE: FailureReason.GARBAGE,
+    }[error]
+
+
+def _loss_reason(kind: LossKind) -> FailureReason:
+    return {
+        LossKind.CLOSED: FailureReason.UNREACHABLE,
+        LossKind.NETWORK: FailureReason.UNREACHABLE,
+        LossKind.GARBAGE: FailureReason.GARBAGE,
+    }[kind]

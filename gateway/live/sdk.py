@@ -1,0 +1,195 @@
+"""Every private name of google-genai (and of the websocket under it) the gateway uses.
+
+One module, one reason each, checked at start by `probe()` (logged once, exported as a
+metric; tests/test_sdk_paths.py fails if a fast path silently falls back). pyproject.toml
+caps google-genai to the versions the tests ran on.
+
+* ``AsyncSession._ws`` (the websockets client connection): caller audio is written as the
+  wire JSON directly, because ``send_realtime_input`` spends ~80 µs of pydantic per
+  message, fifty times a second per call; raw frames are read so that messages carrying
+  nothing but model audio skip the SDK's models (~90 µs each, 25 a second per reply); and
+  the connection is pinged once after setup to measure the round trip, which places
+  resumption handles (`gateway.live.machine`).
+* ``google.genai._live_converters._LiveServerMessage_from_mldev``: the SDK's own wire to
+  model converter, for every message that is not audio only (the public ``receive()``
+  calls it too, after reading the socket itself).
+* ``LiveServerMessage._from_response``: the SDK's own model construction from it.
+
+Without them everything goes through the public API: slower, and handles are placed
+with the default round trip (more input is replayed twice at a reset, none is lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from google.genai import _live_converters, errors, types
+from google.genai.live import AsyncSession
+from websockets.exceptions import ConnectionClosed
+
+log = logging.getLogger(__name__)
+
+INPUT_RATE = 16000
+INPUT_MIME = f"audio/pcm;rate={INPUT_RATE}"
+
+
+@dataclass(frozen=True)
+class SdkPaths:
+    """Which fast paths work with the installed SDK."""
+
+    socket: bool  # AsyncSession keeps its websocket in `_ws`
+    converter: bool  # _LiveServerMessage_from_mldev + LiveServerMessage._from_response work
+
+    @property
+    def fast(self) -> bool:
+        return self.socket and self.converter
+
+    def describe(self) -> str:
+        if self.fast:
+            return "fast (direct socket writes, audio-only messages decoded without the SDK)"
+        missing = [
+            name
+            for name, ok in (("AsyncSession._ws", self.socket), ("converter", self.converter))
+            if not ok
+        ]
+        return "public SDK API (missing: " + ", ".join(missing) + ")"
+
+
+class _Client:
+    vertexai = False
+
+
+def probe() -> SdkPaths:
+    """Check every private name against a dummy session and sample messages."""
+    marker = object()
+    try:
+        session = AsyncSession(api_client=_Client(), websocket=marker)  # type: ignore[arg-type]
+        socket = getattr(session, "_ws", None) is marker
+    except Exception:
+        socket = False
+    converter = False
+    try:
+        convert = getattr(_live_converters, "_LiveServerMessage_from_mldev", None)
+        if convert is not None:
+            sample = {
+                "serverContent": {"turnComplete": True},
+                "sessionResumptionUpdate": {"newHandle": "h", "resumable": True},
+            }
+            message = types.LiveServerMessage._from_response(response=convert(sample), kwargs={})
+            converter = (
+                message.server_content is not None
+                and message.server_content.turn_complete is True
+                and message.session_resumption_update is not None
+                and message.session_resumption_update.new_handle == "h"
+            )
+    except Exception:
+        converter = False
+    return SdkPaths(socket=socket, converter=converter)
+
+
+_PATHS: SdkPaths | None = None
+
+
+def paths() -> SdkPaths:
+    global _PATHS
+    if _PATHS is None:
+        _PATHS = probe()
+        log.info("google-genai live path: %s", _PATHS.describe())
+    return _PATHS
+
+
+def audio_message(pcm16k: bytes) -> str:
+    """The JSON `send_realtime_input(audio=Blob(pcm16k, INPUT_MIME))` writes, built directly.
+
+    tests/test_bench.py checks the two agree.
+    """
+    data = base64.urlsafe_b64encode(pcm16k).decode("ascii")
+    return f'{{"realtime_input":{{"audio":{{"data":"{data}","mime_type":"{INPUT_MIME}"}}}}}}'
+
+
+async def write_audio(session: AsyncSession, pcm16k: bytes) -> None:
+    """Write caller audio to a Live connection, as send_realtime_input would, only cheaper."""
+    if not paths().socket:
+        await session.send_realtime_input(audio=types.Blob(data=pcm16k, mime_type=INPUT_MIME))
+        return
+    await session._ws.send(audio_message(pcm16k))
+
+
+async def measure_rtt(session: AsyncSession, timeout_s: float = 2.0) -> float | None:
+    """One WebSocket ping's round trip, in seconds (None if it cannot be measured)."""
+    if not paths().socket:
+        return None
+    try:
+        async with asyncio.timeout(timeout_s):
+            pong = await session._ws.ping()
+            latency = await pong
+    except Exception:
+        return None
+    return float(latency) if isinstance(latency, int | float) else None
+
+
+async def receive(session: AsyncSession) -> AsyncIterator[types.LiveServerMessage | list[bytes]]:
+    """A connection's messages until it ends, as ``session.receive()`` parses them, except that
+    a message carrying nothing but model audio comes as its decoded PCM chunks."""
+    vertex = getattr(getattr(session, "_api_client", None), "vertexai", True)
+    if not paths().fast or vertex:
+        while True:
+            async for message in session.receive():
+                yield message
+    ws = session._ws
+    converter = _live_converters._LiveServerMessage_from_mldev
+    while True:
+        try:
+            raw = await ws.recv(decode=False)
+        except ConnectionClosed as exc:  # as the SDK reports it
+            code = exc.rcvd.code if exc.rcvd else 1006
+            reason = exc.rcvd.reason if exc.rcvd else "Abnormal closure."
+            errors.APIError.raise_error(code, reason, None)
+        try:
+            response: dict[str, Any] = json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            raise ValueError("Failed to parse response") from None  # as the SDK raises it
+        audio = _audio_only(response)
+        if audio is not None:
+            yield audio
+            continue
+        converted = converter(response)
+        if not converted and response:
+            errors.APIError.raise_error(response.get("code", 500), response, None)
+        yield types.LiveServerMessage._from_response(response=converted, kwargs={})
+
+
+def _audio_only(message: dict[str, Any]) -> list[bytes] | None:
+    """The PCM chunks of ``{"serverContent": {"modelTurn": {"parts": [{"inlineData": ...}]}}}``
+    (audio parts only, nothing else in the message); None for any other message."""
+    if type(message) is not dict or len(message) != 1:
+        return None
+    content = message.get("serverContent")
+    if type(content) is not dict or len(content) != 1:
+        return None
+    turn = content.get("modelTurn")
+    if type(turn) is not dict or not turn.keys() <= {"parts", "role"}:
+        return None
+    parts = turn.get("parts")
+    if type(parts) is not list or not parts:
+        return None
+    audio = []
+    for part in parts:
+        blob = part.get("inlineData") if type(part) is dict and len(part) == 1 else None
+        if type(blob) is not dict or not str(blob.get("mimeType", "")).startswith("audio/"):
+            return None
+        data = blob.get("data")
+        if type(data) is not str:
+            return None
+        if "-" in data or "_" in data:  # URL-safe alphabet
+            audio.append(base64.urlsafe_b64decode(data))
+        else:
+            audio.append(binascii.a2b_base64(data))
+    return [pcm for pcm in audio if pcm]
