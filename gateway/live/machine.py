@@ -284,6 +284,7 @@ class SessionMachine:
         self._reply_text = ""  # the model's transcription of the reply in progress
         self._cut_reply_text = ""
         self._spoke_at = -1e9
+        self._model_spoke_at = -1e9  # when the model's latest reply began
         self._tool_conns: dict[str, int] = {}
         self.history = _History()
         self.dropped_audio_s = 0.0
@@ -477,7 +478,10 @@ class SessionMachine:
         self._refused_in_reset = False
         self._reset_cause = None
         self._switch_deadline = None
-        if self._abandoned_reply:
+        unanswered = self._spoke_at > self._model_spoke_at
+        if conn.cause is not None and (self._abandoned_reply or unanswered):
+            # A reply was cut, or the caller's last words were not answered yet: if the
+            # resumed model says nothing by itself, prompt it.
             self._nudge_at = now + self.options.resume_nudge_s
         self._trim()
         return actions
@@ -658,6 +662,7 @@ class SessionMachine:
             conn.generating = True
             self._handle_after_reply = False
             self._reply_text = ""
+            self._model_spoke_at = now
             self.turn_state = TurnState.MODEL_SPEAKING
         self._nudge_at = None
         self._abandoned_reply = False
@@ -723,9 +728,15 @@ class SessionMachine:
             self._nudge_at = self._spoke_at + self.options.caller_pause_s
             return []
         self._nudge_at = None
+        cut = self._abandoned_reply
         self._abandoned_reply = False
         heard = self._cut_reply_text.strip()
-        if heard:
+        if not cut:
+            text = (
+                "(The line dropped for a moment. If the caller's last words need an answer, "
+                "answer them now.)"
+            )
+        elif heard:
             text = (
                 "(The line dropped while you were answering. The caller heard this much: "
                 f'"{heard[-600:]}". Continue from there without repeating it.)'

@@ -1,0 +1,259 @@
+"""The session machine, pure: unit steps, the schedule explorer, and its power to find bugs.
+
+The explorer (`gateway.testing.explorer`) drives the real `SessionMachine` against a
+simulated service through generated schedules, once per reading of what the service
+does with a resume while another connection is open (fork, takeover, refuse). It is
+also run against two deliberately broken machines, the design before issue 12 and one
+without the handle guard, to show that it finds what it is meant to find; their shrunk
+failing schedules are kept as named regressions for the real machine.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gateway.live.events import ReplyAbandoned, ResetCause, Resumed
+from gateway.live.machine import (
+    Action,
+    Close,
+    Emit,
+    Fail,
+    FailureReason,
+    LossKind,
+    MachineOptions,
+    Open,
+    OpenError,
+    Phase,
+    SessionMachine,
+    SwitchMode,
+    Write,
+)
+from gateway.testing.explorer import Concurrency, Fault, Schedule, explore, run
+
+FRAME = b"\x00" * 640
+OPTIONS = MachineOptions(goaway_margin_s=0.5, caller_pause_s=0.4)
+SCHEDULES_PER_MODE = 400  # python -m gateway.testing.explorer --count N for more
+
+
+class OldDesign(SessionMachine):
+    """The design before issue 12: the still-active old connection's newest handle becomes
+    the newest, and the replacement is replayed from it instead of from its own base."""
+
+    def handle_update(
+        self, conn_id: int, handle: str | None, resumable: bool, now: float
+    ) -> list[Action]:
+        conn = self.active
+        if conn is not None and conn.superseded and conn.id == conn_id:
+            conn.superseded = False
+            try:
+                actions = super().handle_update(conn_id, handle, resumable, now)
+            finally:
+                conn.superseded = True
+            if self.opening is not None:
+                self.opening.base = self.base
+            return actions
+        return super().handle_update(conn_id, handle, resumable, now)
+
+
+class NoGuard(SessionMachine):
+    """Assumes a handle holds everything written before it arrived (input in flight too)."""
+
+    def _guard(self, conn: object) -> float:
+        return 0.0
+
+
+# ------------------------------------------------------------------------- explorer
+
+
+@pytest.mark.parametrize("concurrency", ["fork", "takeover", "refuse"])
+def test_explorer_finds_no_violation(concurrency: Concurrency) -> None:
+    report = explore(concurrency, range(SCHEDULES_PER_MODE), stop_after=1)
+    assert report.failures == [], report.failures[0]
+    assert report.runs == SCHEDULES_PER_MODE
+    assert report.resets > SCHEDULES_PER_MODE  # the schedules do reset the session
+    assert report.gave_up == 0
+
+
+@pytest.mark.parametrize("concurrency", ["fork", "takeover", "refuse"])
+def test_explorer_finds_the_old_designs_loss(concurrency: Concurrency) -> None:
+    report = explore(concurrency, range(200), stop_after=1, factory=OldDesign)
+    assert report.failures, "the explorer missed the pre-fix handle race"
+    schedule, violation = report.failures[0]
+    assert violation.check == "no-loss"
+    assert len(schedule.faults) <= 2  # shrunk
+
+
+def test_explorer_finds_input_in_flight_without_the_guard() -> None:
+    report = explore("fork", range(50), stop_after=1, factory=NoGuard)
+    assert report.failures and report.failures[0][1].check == "no-loss"
+
+
+# Shrunk schedules the explorer found against the broken machines: the real one passes.
+REGRESSIONS = {
+    # goAway, slow setups, handles every 0.4 s: the old connection's newer handle arrived
+    # while the replacement's setup was answered (the bug of issue 12).
+    "newer_handle_during_slow_setup": Schedule(
+        seed=8,
+        concurrency="fork",
+        after_cut_reply="repeat",
+        faults=(Fault(at=7.393, kind="goaway", arg=1.5),),
+        setup_latencies=(0.86, 1.346, 0.604, 0.728, 1.139, 1.052),
+        handle_gaps=(0.408,),
+    ),
+    "newer_handle_during_slow_setup_takeover": Schedule(
+        seed=8,
+        concurrency="takeover",
+        after_cut_reply="repeat",
+        faults=(Fault(at=7.393, kind="goaway", arg=1.5),),
+        setup_latencies=(0.86, 1.346, 0.604, 0.728, 1.139, 1.052),
+        handle_gaps=(0.408,),
+    ),
+    # Two goAways with less time left than one setup, against a service that refuses a
+    # second connection.
+    "goaway_shorter_than_setup_refused": Schedule(
+        seed=64,
+        concurrency="refuse",
+        after_cut_reply="repeat",
+        faults=(Fault(at=7.432, kind="goaway", arg=0.02), Fault(at=8.089, kind="goaway", arg=0.02)),
+        setup_latencies=(0.158, 0.069, 0.883, 0.329, 0.295, 1.222),
+        handle_gaps=(0.508,),
+        uplink_s=0.0184,
+        downlink_s=0.0219,
+    ),
+    # 43 ms up, 24 ms down: input in flight when a handle was issued is not in it.
+    "input_in_flight_at_a_handle": Schedule(
+        seed=0,
+        concurrency="fork",
+        after_cut_reply="repeat",
+        faults=(Fault(at=16.057, kind="goaway", arg=0.6),),
+        handle_gaps=(2.49,),
+        uplink_s=0.0432,
+        downlink_s=0.0239,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+def test_regression(name: str) -> None:
+    stats = run(REGRESSIONS[name])
+    assert stats.resets >= 1
+    assert not stats.failed
+
+
+# -------------------------------------------------------------------------- unit steps
+
+
+def opens(actions: list[Action]) -> list[Open]:
+    return [a for a in actions if isinstance(a, Open)]
+
+
+def writes(actions: list[Action]) -> list[Write]:
+    return [a for a in actions if isinstance(a, Write)]
+
+
+def live_machine() -> tuple[SessionMachine, int]:
+    m = SessionMachine(OPTIONS, random.Random(1))
+    (first,) = opens(m.start(0.0))
+    m.opened(first.conn, 0.1)
+    return m, first.conn
+
+
+def test_nothing_is_written_before_setup_and_all_of_it_after() -> None:
+    m = SessionMachine(OPTIONS, random.Random(1))
+    (first,) = opens(m.start(0.0))
+    assert writes(m.caller_audio(FRAME, True, 0.02)) == []
+    assert writes(m.caller_text("hello", True, 0.03)) == []
+    (replay,) = writes(m.opened(first.conn, 0.5))
+    assert [i.seq for i in replay.items] == [1, 2] and replay.replay
+    (live,) = writes(m.caller_audio(FRAME, False, 0.52))
+    assert [i.seq for i in live.items] == [3] and not live.replay
+
+
+def test_a_handle_from_a_connection_being_replaced_never_moves_the_replacement_base() -> None:
+    m, old = live_machine()
+    for k in range(10):
+        m.written(old, m.seq, k * 0.02)
+        m.caller_audio(FRAME, False, 0.2 + k * 0.02)
+        m.written(old, m.seq, 0.2 + k * 0.02)
+    m.handle_update(old, "H1", True, 1.0)
+    base = m.base
+    assert base > 0
+    (new,) = opens(m.go_away(old, 10.0, 1.0))  # clean boundary: switch at once
+    assert new.handle == "H1" and m.phase is Phase.SWITCHING
+    for k in range(5):  # the old connection still carries audio and issues a newer handle
+        m.caller_audio(FRAME, False, 1.1 + k * 0.02)
+        m.written(old, m.seq, 1.1 + k * 0.02)
+    m.handle_update(old, "H2", True, 2.0)
+    assert m.handle == "H1" and m.base == base
+    actions = m.opened(new.conn, 2.1)
+    (replay,) = writes(actions)
+    assert [i.seq for i in replay.items] == list(range(base + 1, m.seq + 1))
+    assert Close(old) in actions
+    (resumed,) = [a.event for a in actions if isinstance(a, Emit) and isinstance(a.event, Resumed)]
+    assert resumed.cause is ResetCause.GOAWAY and resumed.mode == "make_before_break"
+
+
+def test_a_refused_make_before_break_switches_break_before_make_for_the_rest_of_the_call() -> None:
+    m, old = live_machine()
+    m.handle_update(old, "H1", True, 0.5)
+    (new,) = opens(m.go_away(old, 10.0, 1.0))
+    actions = m.open_failed(new.conn, OpenError.REFUSED, "code 1011", 1.3)
+    assert Close(old) in actions and m.mode is SwitchMode.BREAK_BEFORE_MAKE
+    (retry,) = opens(actions)
+    assert retry.handle == "H1"
+    m.opened(retry.conn, 1.6)
+    m.handle_update(retry.conn, "H2", True, 2.0)
+    actions = m.go_away(retry.conn, 10.0, 3.0)
+    (third,) = opens(actions)
+    assert Close(retry.conn) in actions  # break first
+    resumed = [
+        a.event
+        for a in m.opened(third.conn, 3.4)
+        if isinstance(a, Emit) and isinstance(a.event, Resumed)
+    ]
+    assert resumed[0].mode == "break_before_make"
+
+
+def test_a_reply_cut_by_a_reset_is_abandoned_and_the_silent_model_is_prompted() -> None:
+    m, conn = live_machine()
+    m.handle_update(conn, "H1", True, 0.5)
+    assert m.model_output(conn, 1.0)
+    m.transcript(conn, "model", "Our opening hours are")
+    actions = m.lost(conn, LossKind.NETWORK, "reset", 1.2)
+    assert Emit(ReplyAbandoned(ResetCause.ABRUPT)) in actions
+    (reopen,) = opens(actions)
+    m.opened(reopen.conn, 1.5)
+    deadline = m.next_deadline()
+    assert deadline is not None and deadline == pytest.approx(1.5 + OPTIONS.resume_nudge_s)
+    (nudge,) = writes(m.tick(deadline))
+    text = nudge.items[0].text or ""
+    assert "Our opening hours are" in text and "without repeating" in text
+
+
+def test_a_model_that_answers_by_itself_is_not_prompted() -> None:
+    m, conn = live_machine()
+    m.handle_update(conn, "H1", True, 0.5)
+    m.model_output(conn, 1.0)
+    (reopen,) = opens(m.lost(conn, LossKind.NETWORK, "reset", 1.2))
+    m.opened(reopen.conn, 1.5)
+    assert m.model_output(reopen.conn, 1.8)
+    assert m.next_deadline() is None
+
+
+def test_giving_up_names_a_typed_reason() -> None:
+    m, conn = live_machine()
+    actions = m.lost(conn, LossKind.NETWORK, "reset", 1.0)
+    now = 1.0
+    fail: Fail | None = None
+    for _ in range(OPTIONS.reconnect_max_attempts + 1):
+        (attempt,) = opens(actions) or opens(m.tick(m.next_deadline() or now))
+        now = (m.next_deadline() or now) + 0.01
+        actions = m.open_failed(attempt.conn, OpenError.TIMED_OUT, "no setupComplete", now)
+        fails = [a for a in actions if isinstance(a, Fail)]
+        if fails:
+            fail = fails[0]
+            break
+    assert fail is not None and fail.reason is FailureReason.TIMED_OUT
+    assert "unreachable" in fail.detail and m.phase is Phase.FAILED and not m.conns
