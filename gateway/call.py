@@ -368,6 +368,8 @@ class Call:
                 ).inc()
                 self._metrics.reset_gap.labels(cause=cause).observe(event.gap_s)
                 self._metrics.replayed_audio.labels(cause=cause).observe(event.replayed_s)
+                if event.mode:
+                    self._metrics.switches.labels(mode=event.mode).inc()
             elif isinstance(event, GoAwayReceived):
                 self._metrics.goaway.inc()
             elif isinstance(event, AudioDropped):

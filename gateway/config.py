@@ -153,6 +153,7 @@ class LiveSettings(BaseModel):
     goaway_margin_s: float = Field(default=1.0, ge=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     caller_pause_s: float = Field(default=0.4, gt=0)
+    resume_nudge_s: float = Field(default=1.5, gt=0)  # prompt a model silent after a reset
 
 
 class _LiveVariables(PydanticBaseSettingsSource):

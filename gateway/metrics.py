@@ -148,6 +148,18 @@ class Metrics:
             registry=r,
         )
         self.goaway = Counter("gateway_live_goaway", "goAway messages received", registry=r)
+        self.switches = Counter(
+            "gateway_live_switches",
+            "goAway switches, by mode (make_before_break, break_before_make)",
+            ["mode"],
+            registry=r,
+        )
+        self.sdk_path = Gauge(
+            "gateway_sdk_fast_path",
+            "1 for the google-genai path in use: fast (private names checked at start) or public",
+            ["path"],
+            registry=r,
+        )
         self.reset_gap = Histogram(
             "gateway_live_reset_gap_seconds",
             "How long caller audio waited for a Live connection at a reset",

@@ -26,6 +26,7 @@ from google.genai import types
 from gateway.call import Call
 from gateway.call_factory import PERSONA_PARAMETER, CallFactory
 from gateway.config import Settings
+from gateway.live import sdk as live_sdk
 from gateway.logs import bind_call, register_secret
 from gateway.metrics import Metrics
 from gateway.personas import PersonaTable
@@ -107,6 +108,7 @@ def create_app(
     # another replica than its webhook did.
     token_secret = hmac.new(auth_token.encode(), b"gateway-stream-token", hashlib.sha256).digest()
     metrics = metrics or Metrics()
+    metrics.sdk_path.labels(path="fast" if live_sdk.paths().fast else "public").set(1)
     app = web.Application(client_max_size=64 * 1024)
     app[STATE] = GatewayState(
         settings=settings,

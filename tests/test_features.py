@@ -548,7 +548,7 @@ async def test_the_live_session_reports_the_services_token_counts_by_modality() 
         calls = bed.app[CALLS]
         live = LiveSession(calls.client, live_options(bed.settings, calls.personas.default))
         runner = asyncio.create_task(live.run())
-        live.send_text("Hello.")
+        await live.send_text("Hello.")
         seen: list[object] = []
         async with asyncio.timeout(15):
             async for event in live.events():

@@ -1,0 +1,38 @@
+"""The private google-genai names the gateway relies on (gateway/live/sdk.py) still work.
+
+If an SDK upgrade moves one, the gateway would quietly fall back to the public, slower
+path (and place handles with the default round trip): this fails instead, so the
+version cap in pyproject.toml is raised only together with a fix.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from gateway.live import sdk
+
+
+def test_every_fast_path_works_with_the_pinned_sdk() -> None:
+    paths = sdk.probe()
+    assert paths.socket, "AsyncSession no longer keeps its websocket in _ws"
+    assert paths.converter, "the SDK's live message converter moved"
+    assert paths.fast and paths.describe().startswith("fast")
+
+
+def test_the_path_is_logged_once_at_first_use(caplog: pytest.LogCaptureFixture) -> None:
+    sdk._PATHS = None
+    with caplog.at_level(logging.INFO, logger="gateway.live.sdk"):
+        sdk.paths()
+        sdk.paths()
+    lines = [r.getMessage() for r in caplog.records if "live path" in r.getMessage()]
+    assert lines == [f"google-genai live path: {sdk.paths().describe()}"]
+
+
+def test_the_metric_names_the_path() -> None:
+    from gateway.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.sdk_path.labels(path="fast").set(1)
+    assert metrics.registry.get_sample_value("gateway_sdk_fast_path", {"path": "fast"}) == 1
