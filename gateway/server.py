@@ -241,19 +241,13 @@ async def voice_webhook(request: web.Request) -> web.Response:
 async def status_webhook(request: web.Request) -> web.Response:
     """Twilio's call status callback: logged, so an operator sees how calls ended."""
     params = await _checked_form(request)
-    directory = request.app[STATE].settings.transcript_dir
-    call_sid = params.get("CallSid", "")
-    if directory is not None and call_sid:
-        record = {
-            "type": "status",
-            "status": params.get("CallStatus", "unknown"),
-            "duration_s": params.get("CallDuration"),
-            "direction": params.get("Direction"),
-        }
-        try:
-            await asyncio.to_thread(append_record, directory, call_sid, record)
-        except OSError as exc:
-            log.warning("transcript status not written: %s", exc)
+    record = {
+        "type": "status",
+        "status": params.get("CallStatus", "unknown"),
+        "duration_s": params.get("CallDuration"),
+        "direction": params.get("Direction"),
+    }
+    await _add_to_transcript(request, params.get("CallSid", ""), record)
     log.info(
         "call status %s",
         params.get("CallStatus", "unknown"),
@@ -283,24 +277,30 @@ async def recording_webhook(request: web.Request) -> web.Response:
     """Twilio's recording status callback: the recording's SID and URL go in the transcript
     (the gateway stores no audio itself)."""
     params = await _checked_form(request)
-    directory = request.app[STATE].settings.transcript_dir
     call_sid = params.get("CallSid", "")
     status = params.get("RecordingStatus", "unknown")
-    if directory is not None and call_sid:
-        record = {
-            "type": "recording",
-            "status": status,
-            "recording_sid": params.get("RecordingSid"),
-            "url": params.get("RecordingUrl"),
-            "duration_s": params.get("RecordingDuration"),
-            "channels": params.get("RecordingChannels"),
-        }
-        try:
-            await asyncio.to_thread(append_record, directory, call_sid, record)
-        except OSError as exc:
-            log.warning("transcript recording not written: %s", exc)
+    record = {
+        "type": "recording",
+        "status": status,
+        "recording_sid": params.get("RecordingSid"),
+        "url": params.get("RecordingUrl"),
+        "duration_s": params.get("RecordingDuration"),
+        "channels": params.get("RecordingChannels"),
+    }
+    await _add_to_transcript(request, call_sid, record)
     log.info("recording %s", status, extra={"call_sid": call_sid})
     return web.Response(status=204)
+
+
+async def _add_to_transcript(request: web.Request, call_sid: str, record: dict[str, Any]) -> None:
+    """A callback's line in the call's transcript (which may have ended), if they are on."""
+    directory = request.app[STATE].settings.transcript_dir
+    if directory is None or not call_sid:
+        return
+    try:
+        await asyncio.to_thread(append_record, directory, call_sid, record)
+    except OSError as exc:
+        log.warning("transcript %s not written: %s", record["type"], exc)
 
 
 async def whisper_webhook(request: web.Request) -> web.Response:
