@@ -35,7 +35,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -332,7 +333,8 @@ class Bench:
                     busy0, total0 = machine_busy()
                     if impl != "naive":
                         start_hist = await self.scrape(url)
-                        profiler = await self.profile(gateway.pid, calls, seconds)
+                        name = impl.replace(":", "-")
+                        profiler = await self.profile(gateway.pid, name, calls, seconds)
                     if during is not None:
                         background = asyncio.create_task(during(t0))
                 elif msg["event"] == "end":
@@ -362,12 +364,12 @@ class Bench:
             await gateway.stop()
 
     async def profile(
-        self, pid: int, calls: int, seconds: float
+        self, pid: int, name: str, calls: int, seconds: float
     ) -> asyncio.subprocess.Process | None:
         """py-spy over the window, when --profile DIR is given (folded stacks, gateway only)."""
         if not self.args.profile:
             return None
-        out = Path(self.args.profile) / f"gateway-{calls}.txt"
+        out = Path(self.args.profile) / f"{name}-{calls}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         spy = Path(sys.executable).parent / "py-spy"
         return await asyncio.create_subprocess_exec(
@@ -695,6 +697,11 @@ async def main(args: argparse.Namespace) -> int:
                 if not args.no_naive:
                     impls.append("naive")
                 for n in args.calls:
+                    if args.concurrent:  # every row at once: all see the same machine
+                        log(f"{', '.join(impls)}: {n} calls each, at once, {args.seconds:.0f} s")
+                        together = [bench.run(impl, n, args.seconds) for impl in impls]
+                        runs += await asyncio.gather(*together)
+                        continue
                     for impl in impls:
                         log(f"{impl}: {n} calls for {args.seconds:.0f} s ...")
                         run = await bench.run(impl, n, args.seconds)
@@ -756,6 +763,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run this gateway with these settings (a row of its own, same run); repeatable",
     )
     parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run every row (gateway, variants, baselines, naive) at the same time, each with "
+        "--calls calls: on a shared, noisy machine all rows then see the same load",
+    )
+    parser.add_argument(
         "--emulator-deflate",
         action="store_true",
         help="the emulator accepts permessage-deflate (the real endpoint's behaviour is unknown)",
@@ -774,7 +787,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a setting for the gateway (e.g. CALLER_AUDIO_BATCH_MS=40); repeatable",
     )
     parser.add_argument(
-        "--nice", type=int, default=0, help="priority of the bench's processes (root: < 0)"
+        "--nice",
+        type=int,
+        default=0,
+        help="priority of the bench's processes (root: < 0); where the kernel shares CPU "
+        "between sessions (autogroup), this session's group gets it too, for the run",
     )
     parser.add_argument("--profile", default="", help="py-spy the gateway into this folder")
     parser.add_argument("--logs", default="", help="keep the processes' stderr here")
@@ -796,7 +813,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_loop(main(parse_args(argv)), fast=False)
+    args = parse_args(argv)
+    with autogroup_nice(args.nice):
+        return run_loop(main(args), fast=False)
+
+
+@contextmanager
+def autogroup_nice(nice: int) -> Iterator[None]:
+    """With autogroup scheduling, CPU is shared fairly between sessions and a process's nice
+    only ranks it inside its own: so --nice < 0 also ranks this session's group (the bench
+    and its children), and puts it back afterwards."""
+    path = Path("/proc/self/autogroup")
+    before = None
+    if nice < 0:
+        try:
+            before = int(path.read_text().split("nice")[1])
+            path.write_text(str(nice))
+        except (OSError, IndexError, ValueError):
+            before = None  # no autogroup here (or not allowed): process nice alone
+    try:
+        yield
+    finally:
+        if before is not None:
+            path.write_text(str(before))
 
 
 if __name__ == "__main__":
