@@ -175,6 +175,9 @@ class PolyphaseResampler:
         self._copy_at = int(ones[0])  # output 2p is input window p's sample at this index
         self._odd_at = lo  # output 2p + 1 correlates window p from here with these taps
         self._odd_taps: FloatArray = computed[lo : hi + 1].copy()
+        # The interpolated samples can only overshoot int16 when the input's peak times the
+        # taps' absolute sum does: below that (every frame but near-full-scale ones), no clip.
+        self._odd_peak_gain = float(np.abs(self._odd_taps).sum())
         return True
 
     def reset(self) -> None:
@@ -240,8 +243,9 @@ class PolyphaseResampler:
         window = x[self._odd_at : self._odd_at + n + len(taps) - 1].astype(np.float64)
         odd: FloatArray = np.correlate(window, taps)  # twice as fast on float64 as on int16
         np.rint(odd, out=odd)
-        np.minimum(odd, 32767.0, out=odd)
-        np.maximum(odd, -32768.0, out=odd)
+        if audioop.max(data, 2) * self._odd_peak_gain > 32767.0:
+            np.minimum(odd, 32767.0, out=odd)
+            np.maximum(odd, -32768.0, out=odd)
         y[1::2] = odd
         self._n_in += n
         self._n_out += 2 * n
