@@ -281,6 +281,8 @@ class Bench:
     async def callers(self, url: str, calls: int, **options: Any) -> Proc:
         argv = ["-m", "bench.callers", "--url", url, "--calls", str(calls)]
         argv += ["--reply-s", str(self.args.reply_s)]
+        if self.args.line_noise_db is not None:
+            argv += ["--line-noise-db", str(self.args.line_noise_db)]
         for key, value in options.items():
             argv += [f"--{key.replace('_', '-')}", str(value)]
         return await spawn("callers", argv, {}, self.logs, self.args.nice)
@@ -767,6 +769,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run every row (gateway, variants, baselines, naive) at the same time, each with "
         "--calls calls: on a shared, noisy machine all rows then see the same load",
+    )
+    parser.add_argument(
+        "--line-noise-db",
+        type=float,
+        default=None,
+        help="callers send line noise at this level (dBFS) instead of digital silence",
     )
     parser.add_argument(
         "--emulator-deflate",

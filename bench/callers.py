@@ -7,6 +7,10 @@ the measured window. Then each call finishes its turn, hangs up, and one ``resul
 per call, every turn's times (monotonic clock, shared by the processes of one machine) and
 whether every reply was heard.
 
+With ``--line-noise-db`` the quiet parts carry white noise at that level (dBFS RMS) instead
+of digital silence, as a phone line does: audio then compresses as real calls do (matters
+for permessage-deflate, not for the emulator's VAD, which ignores anything below -40 dB).
+
 Started as ``python -m bench.callers --url http://127.0.0.1:PORT --calls N ...``; writes JSON
 lines on stdout.
 """
@@ -22,8 +26,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
+import numpy as np
 
 from bench.common import AUTH_TOKEN, PUBLIC_URL, run
+from gateway.audio import pcm16_to_ulaw
 from gateway.testing.analysis import heard_replies
 from gateway.testing.twilio_sim import (
     SAMPLE_RATE,
@@ -59,6 +65,29 @@ class CallResult:
     protocol_errors: int = 0
 
 
+class Quiet:
+    """What a call sends while the caller says nothing: digital silence, or line noise."""
+
+    def __init__(self, noise_db: float | None, seed: int) -> None:
+        self.noise = b""
+        self.at = 0
+        if noise_db is not None:
+            rng = np.random.default_rng(seed)
+            level = 32768 * 10 ** (noise_db / 20)
+            pcm = np.clip(rng.normal(0, level, 10 * SAMPLE_RATE), -32768, 32767)
+            self.noise = pcm16_to_ulaw(pcm.astype("<i2").tobytes())
+
+    async def send(self, call: SimulatedCall, seconds: float) -> None:
+        if not self.noise:
+            await call.silence(seconds)
+            return
+        n = round(seconds * SAMPLE_RATE)
+        if self.at + n > len(self.noise):
+            self.at = 0
+        await call.send_audio(self.noise[self.at : self.at + n])
+        self.at += n
+
+
 @dataclass
 class Window:
     """When new turns stop being started (set once every call is up)."""
@@ -89,12 +118,12 @@ def complete_reply(
 
 
 async def await_reply(
-    call: SimulatedCall, first: int, min_bytes: int
+    call: SimulatedCall, first: int, min_bytes: int, quiet: Quiet
 ) -> tuple[float, float] | None:
     """Stream silence until a whole reply has been heard (or the wait times out)."""
     deadline = time.monotonic() + REPLY_TIMEOUT_S
     while time.monotonic() < deadline and not call.closed:
-        await call.silence(STEP_S)
+        await quiet.send(call, STEP_S)
         found = complete_reply(call.record, first, min_bytes, time.monotonic())
         if found is not None:
             return found
@@ -107,6 +136,7 @@ async def talk(
     reply_s: float,
     turns: int | None,
     on_placed: asyncio.Event,
+    quiet: Quiet,
 ) -> CallResult:
     result = CallResult()
     min_bytes = int(0.9 * reply_s * SAMPLE_RATE)
@@ -126,12 +156,12 @@ async def talk(
             await call.speak_tone(TONE_HZ, TONE_S)
             turn = Turn(started, time.monotonic())
             result.turns.append(turn)
-            found = await await_reply(call, first, min_bytes)
+            found = await await_reply(call, first, min_bytes, quiet)
             if found is None:
                 result.error = "closed" if call.closed else f"reply {len(result.turns)} not heard"
                 break
             turn.reply_start, turn.reply_end = found
-            await call.silence(PAUSE_S)
+            await quiet.send(call, PAUSE_S)
     record = call.record
     result.protocol_errors = len(record.protocol_errors)
     complete = [r.n for r in heard_replies(record) if r.duration_s >= 0.8 * reply_s]
@@ -163,7 +193,9 @@ async def main(args: argparse.Namespace) -> None:
                 await asyncio.sleep(delay)
             event = asyncio.Event()
             placed.append(event)
-            tasks.append(asyncio.create_task(talk(sim, window, args.reply_s, args.turns, event)))
+            quiet = Quiet(args.line_noise_db, seed=i)
+            talking = talk(sim, window, args.reply_s, args.turns, event, quiet)
+            tasks.append(asyncio.create_task(talking))
         for event in placed:
             await event.wait()
         emit("placed")
@@ -186,6 +218,9 @@ def cli() -> None:
     parser.add_argument("--rate", type=float, default=40.0, help="calls placed per second")
     parser.add_argument("--reply-s", type=float, default=0.8, help="the emulator's reply length")
     parser.add_argument("--turns", type=int, default=None, help="fixed turns, no window")
+    parser.add_argument(
+        "--line-noise-db", type=float, default=None, help="noise in the quiet parts (dBFS)"
+    )
     run(main(parser.parse_args()))
 
 
