@@ -34,7 +34,7 @@ from gateway.testing.explorer import Concurrency, Fault, Schedule, explore, run
 
 FRAME = b"\x00" * 640
 OPTIONS = MachineOptions(goaway_margin_s=0.5, caller_pause_s=0.4)
-SCHEDULES_PER_MODE = 400  # python -m gateway.testing.explorer --count N for more
+SCHEDULES_PER_MODE = 1000  # python -m gateway.testing.explorer --count N for more
 
 
 class OldDesign(SessionMachine):
@@ -131,6 +131,19 @@ REGRESSIONS = {
         handle_gaps=(2.49,),
         uplink_s=0.0432,
         downlink_s=0.0239,
+    ),
+    # A cut before the round trip was measured, soon after the backlog of a slow setup was
+    # replayed in one burst: the burst may be sent twice (the handle came within the
+    # guard of it), never lost. The first explorer check, bounding overlap in audio time
+    # rather than in write time, wrongly flagged it.
+    "cut_after_a_burst_replay": Schedule(
+        seed=102284,
+        concurrency="fork",
+        after_cut_reply="repeat",
+        faults=(Fault(at=1.667, kind="cut"),),
+        setup_latencies=(0.796, 0.361, 1.346, 0.095, 0.549, 1.065),
+        handle_gaps=(0.212, 0.551, 0.371, 0.582, 0.574, 0.312),
+        rtt_measured=False,
     ),
 }
 

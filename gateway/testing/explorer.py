@@ -12,14 +12,15 @@ service behaviour the documentation leaves open:
   handles describe the shared state;
 * ``refuse``: such a resume is refused with 1011 (the one public report, sip-to-ai#14).
 
-After every step it checks: every lineage of the session receives the caller's inputs
-in order with none missing; an input arrives twice only as a replay overlap no longer
-than the machine's handle guard (one and a half round trips plus a margin, and one
-frame); nothing is written to a connection before its setup completed; at most two
-connections are open; the machine's own invariants hold; no audio is dropped; the call
-never gives up while the service accepts connections. At the end (faults over, a few
-quiet seconds) the active lineage holds every input and the caller's last utterance got
-an answer (so a reply cut by a reset never leaves the caller in silence).
+After every step it checks: every lineage of the session receives the caller's inputs in
+order with none missing; an input arrives twice only if it was written to the connection
+of the handle its lineage resumed less than one guard (one and a half round trips plus a
+margin) before that handle arrived, i.e. only what may have been in flight when the
+service issued it; nothing is written to a connection before its setup completed; at
+most two connections are open; the machine's own invariants hold; no audio is dropped;
+the call never gives up while the service accepts connections. At the end (faults over,
+a few quiet seconds) the active lineage holds every input and the caller's last
+utterance got an answer (so a reply cut by a reset never leaves the caller in silence).
 
 A failing schedule is shrunk (faults removed, delays zeroed) and printed as a literal
 for a regression test. ``python -m gateway.testing.explorer --seed S --count N`` runs a
@@ -42,6 +43,7 @@ from typing import Literal
 from gateway.live.events import AudioDropped, Resumed
 from gateway.live.machine import (
     BYTES_PER_SECOND,
+    DEFAULT_RTT_S,
     GUARD_MARGIN_S,
     Action,
     Brief,
@@ -53,6 +55,7 @@ from gateway.live.machine import (
     MachineOptions,
     Open,
     OpenError,
+    Phase,
     Respond,
     SessionMachine,
     Write,
@@ -125,6 +128,7 @@ class Lineage:
     speaking: bool = False
     silent_s: float = 0.0
     answered_upto: int = 0  # "wait" mode: utterances ending at or below this are answered
+    origin: str | None = None  # the handle it was resumed from
 
     def snapshot(self) -> tuple[int, int, bool, float, int]:
         return (len(self.seqs), self.expected, self.speaking, self.silent_s, self.answered_upto)
@@ -196,6 +200,8 @@ class Simulation:
         self._open_base: dict[int, int] = {}
         self._every: list[_ServiceConn] = []  # every service connection (closing ones too)
         self._max_written = 0
+        self._handle_arrival: dict[str, float] = {}
+        self._written_at: dict[tuple[str, int], float] = {}  # ("h<conn>", seq): first write
         self._armed: float | None = None
         self.last_utterance_end = 0.0
         self.heard: list[float] = []  # when model output reached the caller
@@ -219,7 +225,10 @@ class Simulation:
             if steps > 200_000:
                 raise self.violation("runaway", "the simulation does not settle")
             when, _, fn = heapq.heappop(self._queue)
-            if when > end:
+            # A switch may legitimately begin late (a long goAway lead waits for a pause):
+            # let a reset in progress finish before judging the end.
+            settled = self.machine.phase is Phase.LIVE or self.machine.phase is Phase.FAILED
+            if when > end and (settled or when > end + SETTLE_S * 2):
                 break
             self.now = when
             fn()
@@ -282,6 +291,8 @@ class Simulation:
         conn = self._service.get(action.conn)
         last = action.items[-1].seq
         self._max_written = max(self._max_written, last)
+        for item in action.items:
+            self._written_at.setdefault((f"h{action.conn}", item.seq), self.now)
         self.machine.written(action.conn, last, self.now)
         if conn is None:
             return
@@ -353,6 +364,7 @@ class Simulation:
                 return
             if parent is not None and snap is not None:
                 lineage = Lineage.restore(parent.lineage, snap)
+                lineage.origin = action.handle
                 if self.s.after_cut_reply == "wait":
                     # utterances in the replayed input count as answered: wait for new input
                     lineage.answered_upto = self._max_written
@@ -418,16 +430,22 @@ class Simulation:
                 "no-loss", f"inputs {lineage.expected}..{seq - 1} missing from a lineage"
             )
         else:
+            # Sent twice: allowed only for input the handle may not hold, i.e. written to
+            # the handle's connection less than one guard before the handle arrived.
             self.stats.overlap_frames += 1
-            # The run of repeated inputs must fit in the handle guard (plus a frame).
-            run = lineage.expected - seq
-            rtt = self.s.uplink_s + self.s.downlink_s if self.s.rtt_measured else 0.15
-            allowed = 1.5 * rtt + GUARD_MARGIN_S + FRAME_S + 1e-9
-            self.stats.max_overlap_s = max(self.stats.max_overlap_s, run * FRAME_S)
-            if run * FRAME_S > allowed:
+            self.stats.max_overlap_s = max(
+                self.stats.max_overlap_s, (lineage.expected - seq) * FRAME_S
+            )
+            origin = lineage.origin
+            arrival = self._handle_arrival.get(origin) if origin else None
+            written = self._written_at.get((origin.split(".")[0], seq)) if origin else None
+            rtt = self.s.uplink_s + self.s.downlink_s if self.s.rtt_measured else DEFAULT_RTT_S
+            guard = 1.5 * rtt + GUARD_MARGIN_S + 1e-9
+            if arrival is None or written is None or written < arrival - guard:
                 raise self.violation(
                     "no-duplicate",
-                    f"input {seq} again, {run * FRAME_S:.3f}s back (> {allowed:.3f})",
+                    f"input {seq} again (written {written}, handle {origin} arrived {arrival},"
+                    f" guard {guard:.3f})",
                 )
 
     def _vad(self, conn: _ServiceConn, lineage: Lineage, item: Input, speech: bool) -> None:
@@ -516,6 +534,7 @@ class Simulation:
         self._schedule_handle(conn)
 
     def _handle(self, conn_id: int, token: str) -> None:
+        self._handle_arrival[token] = self.now
         self._mark_delivered(conn_id)
         self.execute(self.machine.handle_update(conn_id, token, True, self.now))
 
