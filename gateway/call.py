@@ -278,19 +278,18 @@ class Call:
                 received = time.monotonic()
                 self.stats.caller_frames += 1
                 frames.inc()
+                payload = message.payload
+                if listen and speech_level(payload) > SPEECH_RMS:  # every frame, held or not
+                    watch.caller_spoke(received)
                 if batch > 1:
                     if not held:
                         held_since = received
-                    held.append(message.payload)
+                    held.append(payload)
                     if len(held) >= batch:
-                        if listen and speech_level(message.payload) > SPEECH_RMS:
-                            watch.caller_spoke(received)
                         await send_held()
                     continue
-                pcm = convert(message.payload)
+                pcm = convert(payload)
                 if pcm:
-                    if listen and speech_level(message.payload) > SPEECH_RMS:
-                        watch.caller_spoke(received)
                     await send_audio(pcm, received)
             elif isinstance(message, Mark):
                 self._on_mark(message.name)
@@ -300,7 +299,11 @@ class Call:
                 self.transcript.event("dtmf", digit=message.digit)
                 await self.live.send_text(f"The caller pressed the key {message.digit}.")
             elif isinstance(message, Stop):
+                if held:
+                    await send_held()  # the caller's last words, not dropped with the piece
                 return CallOutcome.COMPLETED
+        if held:
+            await send_held()
         return CallOutcome.HANGUP
 
     def _on_mark(self, name: str) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -25,6 +26,9 @@ from gateway.testing.analysis import heard_replies
 from gateway.testing.harness import test_bed
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.tls import TestTLS, make_tls
+
+if TYPE_CHECKING:
+    from conftest import Eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "gemini-live-2.5-flash-preview"
@@ -75,6 +79,20 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout == text
+
+
+def test_readme_block_is_replaced_between_its_markers() -> None:
+    from bench.readme_tables import replace_block
+
+    text = "intro\n<!-- bench:main begin -->\nold\n<!-- bench:main end -->\nafter\n"
+    new = replace_block(text, "main", ["| a |", "| b |"])
+    assert (
+        new
+        == "intro\n<!-- bench:main begin -->\n\n| a |\n| b |\n\n<!-- bench:main end -->\nafter\n"
+    )
+    assert replace_block(new, "main", ["| a |", "| b |"]) == new  # idempotent
+    with pytest.raises(ValueError):
+        replace_block(text, "deflate", ["x"])  # no such block: nothing is written
 
 
 # --- the gateway's fast Live paths against the SDK's own, through the emulator -----------
@@ -161,10 +179,12 @@ async def test_fast_paths_carry_what_the_sdk_paths_carry(
     assert messages_fast[-1].server_content and messages_fast[-1].server_content.turn_complete
 
 
-async def test_caller_audio_in_40_ms_pieces_carries_every_turn() -> None:
-    """CALLER_AUDIO_BATCH_MS=40: half as many messages to the model, every reply heard."""
+@pytest.mark.parametrize("batch_ms", [20, 40])
+async def test_caller_audio_pieces_carry_every_turn(batch_ms: int, eventually: Eventually) -> None:
+    """CALLER_AUDIO_BATCH_MS=40 (the default): half as many messages to the model as 20, every
+    reply heard, and every frame's audio delivered (the last piece too, at hang-up)."""
     config = EmulatorConfig(reply_s=0.4, response_delay_s=0.05, end_of_speech_s=0.3, speed=2.0)
-    async with test_bed(config, caller_audio_batch_ms=40) as bed:
+    async with test_bed(config, caller_audio_batch_ms=batch_ms) as bed:
         call = await bed.caller(speed=2.0).place_call()
         for n in (1, 2):
             await call.speak_tone(340.0, 0.6)
@@ -172,12 +192,18 @@ async def test_caller_audio_in_40_ms_pieces_carries_every_turn() -> None:
                 if any(r.n == n and r.duration_s > 0.35 for r in heard_replies(call.record)):
                     break
                 await call.silence(0.1)
+        if len(call.record.sent_ulaw) // 160 % 2 == 0:  # an odd frame out: at 40 ms it waits
+            await call.silence(0.02)  # for a partner that never comes, and is sent at hang-up
         await call.hangup()
+        await eventually(lambda: not bed.metrics.registry.get_sample_value("gateway_calls_active"))
         [session] = bed.emulator.record.sessions.values()
         sample = bed.metrics.registry.get_sample_value
         frames = sample("gateway_caller_audio_frames_total") or 0
         pieces = sample("gateway_added_latency_seconds_count", {"direction": "caller_to_model"})
     assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.35] == [1, 2]
-    assert frames > 50 and pieces is not None and pieces <= frames / 2 + 1
-    # All the audio got there (a last odd frame may wait for its partner at hang-up).
-    assert session.state.audio_bytes >= (frames - 1) * 640 - 68
+    per_piece = batch_ms // 20
+    assert frames > 50 and pieces is not None
+    # Each piece is one message at most (the session may coalesce what queued up meanwhile).
+    assert 0 < pieces <= frames / per_piece + 1
+    # All the audio got there, but the resampler's 34 held samples (68 bytes).
+    assert session.state.audio_bytes >= frames * 640 - 68
