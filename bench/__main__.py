@@ -587,7 +587,53 @@ def render(data: dict[str, Any]) -> list[str]:
         out += ["", *reset_table(data["resets"])]
     out += ["", "| transcoding | × real time per core |", "|---|---|"]
     out += [f"| {name} | {speed:.0f} |" for name, speed in data["transcoding"].items()]
+    if any(r["impl"] == "naive" for r in data["runs"]):  # a comparison run: the targets
+        out += ["", *targets(data["runs"], data["saturated_above"])]
     return out
+
+
+def targets(runs: list[dict[str, Any]], saturated_above: float) -> list[str]:
+    """Issue 13's targets against the default gateway's rows of this run."""
+    gateway = {r["calls"]: r for r in runs if r["impl"] == "gateway"}
+    naive = {r["calls"]: r for r in runs if r["impl"] == "naive"}
+    lines = ["| target (issue 13) | measured | |", "|---|---|---|"]
+
+    def row(target: str, measured: str, met: bool | str | None) -> None:
+        verdict = met if isinstance(met, str) else {None: "not run", True: "met"}.get(met, "")
+        lines.append(f"| {target} | {measured} | {verdict or 'not met'} |")
+
+    for calls in (50, 100):
+        g, n = gateway.get(calls), naive.get(calls)
+        if g is None or n is None:
+            row(f"≥ 2× less CPU than naive at {calls} calls", "-", None)
+            continue
+        ratio = n["cpu_per_call_minute"] / g["cpu_per_call_minute"]
+        busy = max(g["busy"], n["busy"]) > saturated_above
+        met: bool | str = "saturated: means nothing" if busy else ratio >= 2
+        row(f"≥ 2× less CPU than naive at {calls} calls", f"{ratio:.2f}×", met)
+    g = gateway.get(100)
+    for direction, bound in (("caller_to_model", 25.0), ("model_to_caller", 5.0)):
+        p99 = g["latency_ms"].get(direction, [math.nan, math.nan])[1] if g else math.nan
+        name = direction.replace("_to_", "→")
+        row(
+            f"p99 added {name} ≤ {bound:.0f} ms at 100 calls",
+            f"{ms(p99)} ms",
+            None if g is None else p99 <= bound,
+        )
+    rss = max((r["rss_per_call_mib"] for r in gateway.values()), default=math.nan)
+    row(
+        "≤ 1 MiB resident per call",
+        f"{rss:.2f} MiB (most of any row)",
+        None if not gateway else rss <= 1,
+    )
+    g = gateway.get(200)
+    heard = f"{g['heard_ok'][0]}/{g['heard_ok'][1]}" if g else "-"
+    row(
+        "200 calls: every call hears every reply",
+        heard,
+        None if g is None else g["heard_ok"][0] == g["heard_ok"][1],
+    )
+    return lines
 
 
 def table(runs: list[dict[str, Any]], saturated_above: float) -> list[str]:

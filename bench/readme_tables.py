@@ -1,25 +1,69 @@
-"""Print the benchmark's tables from a ``python -m bench --json FILE`` result.
+"""Print the benchmark's tables from a ``python -m bench --json FILE`` result, or write them
+into the README.
 
-The README's Benchmark section is pasted from this, so regenerating it after a run is
-mechanical: ``python -m bench.readme_tables FILE`` prints exactly what the run printed
-(machine, command, the side-by-side table, resets, transcoding).
+The README's Benchmark section holds them between marker lines, so regenerating it after a
+run is mechanical:
+
+    python -m bench.readme_tables FILE                       # print them (as the run did)
+    python -m bench.readme_tables FILE --readme README.md    # replace the "main" block
+    python -m bench.readme_tables FILE --readme README.md --block deflate
+    python -m bench.readme_tables DIR/gateway-100.txt --profile --readme README.md --block profile
+
+A block is everything between ``<!-- bench:NAME begin -->`` and ``<!-- bench:NAME end -->``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from bench.__main__ import render
+from bench.profile import summarise
 
 
-def main() -> None:
+def replace_block(text: str, block: str, body: list[str]) -> str:
+    """``text`` with the lines between block ``block``'s markers replaced by ``body``."""
+    begin, end = f"<!-- bench:{block} begin -->", f"<!-- bench:{block} end -->"
+    lines = text.split("\n")
+    if lines.count(begin) != 1 or lines.count(end) != 1:
+        raise ValueError(f"expected one {begin!r} and one {end!r} line")
+    i, j = lines.index(begin), lines.index(end)
+    if j < i:
+        raise ValueError(f"{end!r} comes before {begin!r}")
+    return "\n".join([*lines[: i + 1], "", *body, "", *lines[j:]])
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.readme_tables")
     parser.add_argument("json", type=Path, help="a result written by python -m bench --json")
+    parser.add_argument(
+        "--profile", action="store_true", help="the file is py-spy's (--profile): its summary"
+    )
+    parser.add_argument("--readme", type=Path, help="write the tables into this file's block")
+    parser.add_argument("--block", default="main", help="which marked block (default: main)")
     args = parser.parse_args()
-    print("\n".join(render(json.loads(args.json.read_text()))))
+    if args.profile:
+        body = [
+            f"py-spy over the window (`python -m bench.profile {args.json.name}`):",
+            "",
+            "```",
+            summarise(args.json, top=30),
+            "```",
+        ]
+    else:
+        body = render(json.loads(args.json.read_text()))
+    if args.readme is None:
+        print("\n".join(body))
+        return 0
+    try:
+        args.readme.write_text(replace_block(args.readme.read_text(), args.block, body))
+    except ValueError as exc:
+        print(f"{args.readme}: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
