@@ -867,6 +867,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:  # python -m bench soak: bench/soak.py
+        from bench.soak import cli as soak
+
+        return soak(argv[1:])
     args = parse_args(argv)
     with autogroup_nice(args.nice):
         return run_loop(main(args), fast=False)

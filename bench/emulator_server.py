@@ -6,7 +6,17 @@ are ordered through the control server (the emulator's cut/goAway live in its ev
 * ``POST /cut``                  every open connection dies at once (TCP reset);
 * ``POST /goaway?time_left=5``   every open connection gets ``goAway{timeLeft}`` and is closed
   (1011, as at the end of a real connection's life) when that time is up;
-* ``GET /stats``                 connections opened so far, open now, resets ordered.
+* ``GET /stats``                 connections opened so far, open now, resets ordered;
+* ``GET /sessions``              per session: the caller audio its newest lineage holds
+  (bytes) and the pitch of the first speech in it (with ``--audio-head-s``: how the soak
+  tells whose call a session is), connections, whether it ended;
+* ``GET /chaos``                 the disruptions made so far (gateway.testing.chaos);
+* ``POST /chaos?every=MIN,MAX``  random disruptions from now on, one every U(MIN, MAX) s over
+  all connections (``every=off``: stop); ``--chaos-every`` starts them at once.
+
+The service's behaviour is today's benchmark service unless told otherwise: setups answered at
+once (``--setup-latency``), a second connection of a session accepted with its own state
+(``--concurrent-resume``), no random disruptions (``--chaos-every``).
 
 Started as ``python -m bench.emulator_server --dir DIR [--reply-s ...]``; prints one JSON line
 (``base_url``, ``control_url``, ``ca_pem``, ``api_key``) when listening, runs until stdin closes.
@@ -16,14 +26,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from aiohttp import web
 
 from bench.common import run
+from gateway.testing.analysis import segments
+from gateway.testing.chaos import KINDS, Chaos, ChaosConfig
 from gateway.testing.live_emulator import (
     REASON_DEADLINE,
     EmulatorConfig,
@@ -33,6 +49,8 @@ from gateway.testing.live_emulator import (
 from gateway.testing.tls import make_tls
 
 EMULATOR = web.AppKey("emulator", LiveEmulator)
+CHAOS = web.AppKey("chaos", Chaos)
+CHAOS_TASK = web.AppKey("chaos_task", asyncio.Task[None])
 
 
 async def goaway_all(emulator: LiveEmulator, time_left: float) -> int:
@@ -80,6 +98,63 @@ async def _stats(request: web.Request) -> web.Response:
     )
 
 
+def first_pitch(head: bytes) -> float | None:
+    """The pitch (Hz) of the first speech in 16 kHz PCM; None if there is none."""
+    spoken = segments(np.frombuffer(head, dtype=np.int16), rate=16000)
+    return spoken[0].freq_hz if spoken else None
+
+
+async def _sessions(request: web.Request) -> web.Response:
+    emulator = request.app[EMULATOR]
+    found: list[dict[str, Any]] = [
+        {
+            "id": session.id,
+            "audio_bytes": session.state.audio_bytes,
+            "head_freq": first_pitch(bytes(session.state.audio)),
+            "connections": len(session.connection_ids),
+            "ended": session.ended_at is not None,
+        }
+        for session in emulator.record.sessions.values()
+    ]
+    return web.json_response(found)
+
+
+async def _chaos(request: web.Request) -> web.Response:
+    chaos = request.app.get(CHAOS)
+    return web.json_response([asdict(d) for d in chaos.done] if chaos is not None else [])
+
+
+async def _chaos_rate(request: web.Request) -> web.Response:
+    """``POST /chaos?every=MIN,MAX`` starts the disruptions (or changes their rate);
+    ``every=off`` stops them."""
+    app = request.app
+    every = request.query.get("every", "off")
+    task = app.get(CHAOS_TASK)
+    if every == "off":
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            del app[CHAOS_TASK]
+        return web.json_response({"running": False})
+    chaos = app[CHAOS]
+    chaos.config.every = pair(every)
+    if task is None:
+        app[CHAOS_TASK] = asyncio.create_task(chaos.run())
+    return web.json_response({"running": True, "every": list(chaos.config.every)})
+
+
+def pair(text: str) -> tuple[float, float]:
+    """``MIN,MAX`` (or one value for both)."""
+    lo, _, hi = text.partition(",")
+    return float(lo), float(hi or lo)
+
+
+def interval(text: str) -> float | tuple[float, float]:
+    """A value, or ``MIN,MAX`` drawn from each time."""
+    return pair(text) if "," in text else float(text)
+
+
 async def serve(args: argparse.Namespace) -> None:
     tls = make_tls(Path(args.dir))
     config = EmulatorConfig(
@@ -89,18 +164,31 @@ async def serve(args: argparse.Namespace) -> None:
         lifetime=args.lifetime,
         handle_interval=args.handle_interval,
         record_audio=False,
-        # The benchmark's service as it was measured so far: setups answered at once, a
-        # second connection of a session accepted (its own state).
-        setup_latency=(0.0, 0.0),
-        concurrent_resume="fork",
+        setup_latency=args.setup_latency,
+        concurrent_resume=args.concurrent_resume,
+        after_cut_reply=args.after_cut_reply,
+        audio_head_bytes=int(args.audio_head_s * 32000),
         compress=args.deflate,
+        seed=args.seed,
     )
     emulator = LiveEmulator(config, tls)
     await emulator.start()
     control = web.Application()
     control[EMULATOR] = emulator
+    kinds = tuple(k for k in args.chaos_kinds.split(",") if k)
+    every = args.chaos_every or (1.0, 1.0)
+    control[CHAOS] = Chaos(emulator, ChaosConfig(every=every, kinds=kinds, seed=args.seed))
+    if args.chaos_every is not None:
+        control[CHAOS_TASK] = asyncio.create_task(control[CHAOS].run())
     control.add_routes(
-        [web.post("/cut", _cut), web.post("/goaway", _goaway), web.get("/stats", _stats)]
+        [
+            web.post("/cut", _cut),
+            web.post("/goaway", _goaway),
+            web.get("/stats", _stats),
+            web.get("/sessions", _sessions),
+            web.get("/chaos", _chaos),
+            web.post("/chaos", _chaos_rate),
+        ]
     )
     runner = web.AppRunner(control, access_log=None)
     await runner.setup()
@@ -117,6 +205,11 @@ async def serve(args: argparse.Namespace) -> None:
     # Run until the parent closes our stdin (or dies).
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)
+    chaos_task = control.get(CHAOS_TASK)
+    if chaos_task is not None:
+        chaos_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await chaos_task
     await runner.cleanup()
     await emulator.stop()
 
@@ -128,8 +221,23 @@ def main() -> None:
     parser.add_argument("--end-of-speech-s", type=float, default=0.5)
     parser.add_argument("--response-delay-s", type=float, default=0.2)
     parser.add_argument("--lifetime", type=float, default=3600.0)
-    parser.add_argument("--handle-interval", type=float, default=1.0)
+    parser.add_argument(
+        "--handle-interval", type=interval, default=1.0, help="seconds, or MIN,MAX (jittered)"
+    )
     parser.add_argument("--deflate", action="store_true", help="accept permessage-deflate")
+    parser.add_argument("--setup-latency", type=pair, default=(0.0, 0.0), help="MIN,MAX s")
+    parser.add_argument(
+        "--concurrent-resume", choices=("fork", "takeover", "refuse"), default="fork"
+    )
+    parser.add_argument("--after-cut-reply", choices=("repeat", "wait"), default="repeat")
+    parser.add_argument(
+        "--audio-head-s", type=float, default=0.0, help="keep each session's first seconds"
+    )
+    parser.add_argument(
+        "--chaos-every", type=pair, default=None, help="MIN,MAX s between random disruptions"
+    )
+    parser.add_argument("--chaos-kinds", default=",".join(KINDS))
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     run(serve(args))  # with uvloop when installed: the emulator is not what is measured
 

@@ -71,7 +71,8 @@ class ChaosConfig:
 
 @dataclass
 class Chaos:
-    """Run :meth:`run` as a task; cancel it to stop. ``done`` lists what was done."""
+    """:meth:`start` and :meth:`stop` (or run :meth:`run` as a task and cancel it); ``done``
+    lists what was done."""
 
     emulator: LiveEmulator
     config: ChaosConfig = field(default_factory=ChaosConfig)
@@ -79,13 +80,34 @@ class Chaos:
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.config.seed)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Run in a task of its own until :meth:`stop`."""
+        if self._task is None:
+            self._task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def run(self) -> None:
-        while True:
-            lo, hi = self.config.every
-            await asyncio.sleep(self._rng.uniform(lo, hi))
-            kind = self._rng.choice(self.config.kinds)
-            await self.disrupt(kind)
+        """Until cancelled. A disruption that waits for its moment (a setup, a reply, a
+        handle) does not hold up the next one: several may be under way at once."""
+        pending: set[asyncio.Task[bool]] = set()
+        try:
+            while True:
+                lo, hi = self.config.every
+                await asyncio.sleep(self._rng.uniform(lo, hi))
+                task = asyncio.create_task(self.disrupt(self._rng.choice(self.config.kinds)))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def counts(self) -> dict[str, int]:
         found: dict[str, int] = {}

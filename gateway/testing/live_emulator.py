@@ -334,6 +334,7 @@ class ConnectionRecord:
     audio_bytes_received: int = 0  # caller audio the session processed from this connection
     messages_received: int = 0  # client frames read after the setup (in flight or processed)
     handles_issued: int = 0  # resumable handles sent on it
+    ends_at: float | None = None  # when its lifetime ends (its goAway comes before)
     setup_latency: float = 0.0  # drawn for this connection
     setup_completed_at: float | None = None
     compressed: bool = False  # permessage-deflate negotiated
@@ -832,6 +833,7 @@ class _Connection:
         opened = self.rec.opened_at
         life = cfg.lifetime + (rng.uniform(0.0, cfg.lifetime_jitter) if cfg.lifetime_jitter else 0)
         # A lead longer than what is left: the goAway goes out at once with the time left.
+        self.rec.ends_at = opened + life
         self.spawn(self._lifetime(opened + life - cfg.goaway_lead, opened + life))
         if not self.state.compression:
             self.spawn(self._session_limit(self.state.created_at + cfg.session_limit))
