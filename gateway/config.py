@@ -213,10 +213,10 @@ class Settings(BaseSettings):
 
     live: LiveSettings = LiveSettings()
     # Caller audio sent to the model in pieces of this many ms (20: every Twilio frame as it
-    # comes). 40, the default: half the messages to the model and half the resampler calls,
-    # for 20 ms more on the first frame of each piece (README, Benchmark: nothing a caller can
-    # notice; 60 would break the 25 ms caller->model latency bound).
-    caller_audio_batch_ms: int = Field(default=40, ge=20, le=100, multiple_of=20)
+    # comes). 40: half the messages to the model and half the resampler calls, for 20 ms more
+    # on the first frame of each piece (README, Benchmark), but a replay after a reset may
+    # repeat a whole piece, so the model can hear up to 40 ms twice: not the default yet.
+    caller_audio_batch_ms: int = Field(default=20, ge=20, le=100, multiple_of=20)
     # Offer permessage-deflate to the Live endpoint. Off: where the endpoint accepts it, every
     # caller audio message is deflated, ~0.1 ms of CPU each for ~30% fewer bytes of speech
     # (README, Benchmark): worth it only where upstream bytes cost more than CPU.

@@ -181,7 +181,7 @@ async def test_fast_paths_carry_what_the_sdk_paths_carry(
 
 @pytest.mark.parametrize("batch_ms", [20, 40])
 async def test_caller_audio_pieces_carry_every_turn(batch_ms: int, eventually: Eventually) -> None:
-    """CALLER_AUDIO_BATCH_MS=40 (the default): half as many messages to the model as 20, every
+    """CALLER_AUDIO_BATCH_MS=40: half as many messages to the model as 20 (the default), every
     reply heard, and every frame's audio delivered (the last piece too, at hang-up)."""
     config = EmulatorConfig(reply_s=0.4, response_delay_s=0.05, end_of_speech_s=0.3, speed=2.0)
     async with test_bed(config, caller_audio_batch_ms=batch_ms) as bed:
