@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from gateway.live.events import AudioDropped, Resumed
+from gateway.live.events import AudioDropped, Resumed, TurnComplete
 from gateway.live.machine import (
     BYTES_PER_SECOND,
     DEFAULT_RTT_S,
@@ -167,6 +167,7 @@ class Stats:
     max_overlap_s: float = 0.0
     opens: int = 0
     failed: bool = False
+    repeated_pieces: int = 0  # 0.1 s pieces of a reply the caller had heard whole, played again
 
 
 MachineFactory = Callable[[MachineOptions, random.Random], SessionMachine]
@@ -201,6 +202,7 @@ class Simulation:
         self._every: list[_ServiceConn] = []  # every service connection (closing ones too)
         self._max_written = 0
         self._handle_arrival: dict[str, float] = {}
+        self._heard_whole: set[tuple[str, int]] = set()  # replies the caller heard to the end
         self._written_at: dict[tuple[str, int], float] = {}  # ("h<conn>", seq): first write
         self._armed: float | None = None
         self.last_utterance_end = 0.0
@@ -450,7 +452,7 @@ class Simulation:
 
     def _vad(self, conn: _ServiceConn, lineage: Lineage, item: Input, speech: bool) -> None:
         if item.text is not None:
-            self._start_reply(conn, self.now)
+            self._start_reply(conn, self.now, ("text", item.seq))
             return
         if speech:
             lineage.speaking = True
@@ -468,9 +470,11 @@ class Simulation:
                 lineage.utterance_ends.append(self.now)
                 if item.seq > lineage.answered_upto:
                     conn.reply_pending_at = self.now + RESPONSE_DELAY_S
-                    self.at(conn.reply_pending_at, lambda: self._start_reply(conn, self.now))
+                    key = ("speech", item.seq)
+                    self.at(conn.reply_pending_at, lambda: self._start_reply(conn, self.now, key))
 
-    def _start_reply(self, conn: _ServiceConn, when: float) -> None:
+    def _start_reply(self, conn: _ServiceConn, when: float, key: tuple[str, int]) -> None:
+        """A reply to the input `key` (what it answers: the same input, the same reply)."""
         if not conn.open or conn.taken_over or conn.replying_until > when:
             return
         conn.reply_pending_at = None
@@ -478,19 +482,24 @@ class Simulation:
         conn.lineage.replies.append(when)
         n = int(REPLY_S / 0.1)
         for k in range(n):
-            self.at(when + k * 0.1, lambda: self._reply_piece(conn))
-        self.at(when + REPLY_S, lambda: self._reply_done(conn))
+            self.at(when + k * 0.1, lambda: self._reply_piece(conn, key))
+        self.at(when + REPLY_S, lambda: self._reply_done(conn, key))
 
-    def _reply_piece(self, conn: _ServiceConn) -> None:
+    def _reply_piece(self, conn: _ServiceConn, key: tuple[str, int]) -> None:
         if conn.open and not conn.taken_over and conn.replying_until > self.now:
-            self._to_client(conn, lambda: self._model_output(conn.id))
+            self._to_client(conn, lambda: self._model_output(conn.id, key))
 
-    def _model_output(self, conn_id: int) -> None:
+    def _model_output(self, conn_id: int, key: tuple[str, int]) -> None:
         self._mark_delivered(conn_id)
         if self.machine.model_output(conn_id, self.now):
+            if key in self._heard_whole:
+                # Counted, not judged: a resumed model that answers several replayed
+                # utterances again is muted only for as many as the caller heard before
+                # new speech; the README states the limit.
+                self.stats.repeated_pieces += 1
             self.heard.append(self.now)
 
-    def _reply_done(self, conn: _ServiceConn) -> None:
+    def _reply_done(self, conn: _ServiceConn, key: tuple[str, int]) -> None:
         if (
             conn.open
             and not conn.taken_over
@@ -498,9 +507,14 @@ class Simulation:
             and conn.replying_until <= self.now + 1e-9
         ):
             conn.replying_until = 0.0
-            self._to_client(
-                conn, lambda: self.execute(self.machine.turn_complete(conn.id, self.now))
-            )
+
+            def complete() -> None:
+                actions = self.machine.turn_complete(conn.id, self.now)
+                if any(isinstance(a, Emit) and isinstance(a.event, TurnComplete) for a in actions):
+                    self._heard_whole.add(key)
+                self.execute(actions)
+
+            self._to_client(conn, complete)
 
     def _schedule_handle(self, conn: _ServiceConn) -> None:
         gap = self.s.handle_gaps[self._gap_n % len(self.s.handle_gaps)]
@@ -731,6 +745,7 @@ class Report:
     overlap_frames: int = 0
     max_overlap_s: float = 0.0
     gave_up: int = 0
+    repeated_pieces: int = 0
     failures: list[tuple[Schedule, Violation]] = field(default_factory=list)
 
 
@@ -755,6 +770,7 @@ def explore(
         report.overlap_frames += stats.overlap_frames
         report.max_overlap_s = max(report.max_overlap_s, stats.max_overlap_s)
         report.gave_up += stats.failed
+        report.repeated_pieces += stats.repeated_pieces
     return report
 
 
@@ -774,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{mode}: {report.runs} schedules in {took:.1f} s, {report.resets} resets, "
             f"{report.overlap_frames} frames sent twice "
             f"(longest run {report.max_overlap_s:.3f} s), "
-            f"{report.gave_up} gave up (justified), {len(report.failures)} failures"
+            f"{report.gave_up} gave up (justified), {report.repeated_pieces} pieces of replies "
+            f"heard again, {len(report.failures)} failures"
         )
         for schedule, exc in report.failures:
             failed = True
