@@ -61,6 +61,7 @@ from gateway.testing.twilio_sim import SAMPLE_RATE, SimulatedCall, TwilioCallerS
 TONE_S = 1.0
 PAUSE_S = 0.3
 STEP_S = 0.1
+REPLY_PITCHES = 50  # gateway.testing.live_emulator.reply_freq cycles through 50 pitches
 REPLY_TIMEOUT_S = 20.0  # a reply not heard by then is lost (the call talks on)
 BASE_HZ = 250.0
 STEP_HZ = 7.0  # between two calls' pitches: far more than the analysis' resolution
@@ -137,7 +138,10 @@ class CallResult:
 
     @property
     def heard_ok(self) -> bool:
-        return self.error is None and self.heard == list(range(1, len(self.turns) + 1))
+        # The emulator's reply pitches repeat every REPLY_PITCHES replies (reply_freq), so
+        # reply n is heard as number (n - 1) % REPLY_PITCHES + 1.
+        expected = [(n - 1) % REPLY_PITCHES + 1 for n in range(1, len(self.turns) + 1)]
+        return self.error is None and self.heard == expected
 
 
 @dataclass
