@@ -14,12 +14,11 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
 from types import ModuleType
-
-from aiohttp import web
 
 try:  # a dependency except on Windows; the bench's asyncio runs hide it (sys.modules)
     import uvloop as _uvloop
@@ -27,23 +26,23 @@ try:  # a dependency except on Windows; the bench's asyncio runs hide it (sys.mo
     UVLOOP: ModuleType | None = _uvloop
 except ImportError:
     UVLOOP = None
-
 from gateway.config import ConfigError, Settings, load_settings
+from gateway.listener import raise_open_file_limit
 from gateway.logs import configure_logging
 from gateway.personas import PersonaTable
-from gateway.server import STATE, create_app, start_draining, wait_calls_done
+from gateway.server import STATE, create_app, start_draining, start_server, wait_calls_done
 
 log = logging.getLogger("gateway")
 
 
 async def serve(settings: Settings, personas: PersonaTable) -> int:
     """Run the server until a signal, then drain."""
+    check_open_files(settings)
     app = create_app(settings, personas)
     # shutdown_timeout: what the calls left after the drain get to close, not the drain.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    runner = await start_server(
+        app, settings.host, settings.port, handle_signals=False, shutdown_timeout=5.0
+    )
     log.info("listening on %s:%d", settings.host, settings.port)
 
     loop = asyncio.get_running_loop()
@@ -75,6 +74,37 @@ async def serve(settings: Settings, personas: PersonaTable) -> int:
     await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+#: Descriptors a call holds: its Twilio stream, its Live connection (two while one replaces
+#: the other), its transcript file.
+FILES_PER_CALL = 4
+#: Descriptors for everything else: probes, webhooks, idle clients, libraries.
+FILES_RESERVE = 1024
+
+
+def check_open_files(settings: Settings) -> None:
+    """Raise the open-file limit to the hard limit, and say so; warn if it is still low.
+
+    Past the limit the server can accept nothing, health probes included. Idle sockets
+    are closed within seconds (HTTP_HEADER_TIMEOUT_S), but while they are held, each
+    is a descriptor.
+    """
+    before, now, hard = raise_open_file_limit()
+    shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    if now != before:
+        log.info("open-file limit %d (raised from %d; hard limit %s)", now, before, shown)
+    else:
+        log.info("open-file limit %d (hard limit %s)", now, shown)
+    needed = settings.max_calls * FILES_PER_CALL + settings.max_waiting_streams + FILES_RESERVE
+    if now != resource.RLIM_INFINITY and now < needed:
+        log.warning(
+            "open-file limit %d is low for MAX_CALLS=%d: raise the hard limit to at least %d "
+            "(ulimit -n, LimitNOFILE, the container's nofile ulimit)",
+            now,
+            settings.max_calls,
+            needed,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,8 +226,26 @@ class Settings(BaseSettings):
     # A call's CallSid is remembered this long after its stream ended: a replayed voice
     # webhook for it opens no second stream meanwhile (one entry per call, ~200 bytes).
     call_memory_s: float = Field(default=86400.0, ge=0)
-    start_timeout_s: float = Field(default=10.0, gt=0)
+    start_timeout_s: float = Field(default=5.0, gt=0)  # an upgraded stream's `start`
     idle_timeout_s: float = Field(default=30.0, gt=0)
+    # Upgraded streams without `start` yet: their own limit, not MAX_CALLS; past it the
+    # oldest waiting one is closed.
+    max_waiting_streams: int = Field(default=32, ge=1)
+    # Caller audio may arrive this many times faster than real time, and run this far
+    # ahead of the clock; beyond, the stream is closed (1008). Twilio sends in real time;
+    # test beds that compress time raise the rate.
+    caller_audio_rate: float = Field(default=1.0, ge=1.0)
+    caller_audio_burst_s: float = Field(default=2.0, gt=0)
+    # Audio queued for a caller that does not read (beyond about as much again in the
+    # socket's buffers) before it is cut as a slow consumer.
+    caller_send_buffer_s: float = Field(default=2.0, gt=0)
+
+    # Every connection, before any signature: a new one's first request head, an idle
+    # kept-alive one, a webhook's body; and how often peer errors are summed up in the log.
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    http_keepalive_s: float = Field(default=15.0, gt=0)
+    http_body_timeout_s: float = Field(default=10.0, gt=0)
+    peer_log_interval_s: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -240,6 +240,39 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        # What any peer can do to the listening socket, before a signature is checked.
+        self.connections_open = Gauge(
+            "gateway_connections_open",
+            "Client connections open (HTTP and media streams)",
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "gateway_connections_closed",
+            "Connections closed for holding a socket without a request, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_errors = Counter(
+            "gateway_peer_errors",
+            "Requests aiohttp refused as malformed, or cut off by the peer, by kind",
+            ["reason"],
+            registry=r,
+        )
+        self.accept_errors = Counter(
+            "gateway_accept_errors",
+            "Connections the listening socket could not accept, by errno",
+            ["reason"],
+            registry=r,
+        )
+        self.caller_backlog = Histogram(
+            "gateway_caller_send_backlog_seconds",
+            "Most audio a call ever had queued for its caller's socket (CALLER_SEND_BUFFER_S cuts)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0),
+            registry=r,
+        )
+        self.streams_waiting = Gauge(
+            "gateway_streams_waiting", "Media streams upgraded but not started yet", registry=r
+        )
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

@@ -6,6 +6,11 @@ proxies). The voice webhook issues a single-use stream token; the stream's
 `start` must carry it, or the stream is closed before any Live session opens.
 What a stream carries is read by `gateway.twilio.stream`; the call it becomes is
 built by `gateway.call_factory`.
+
+Anyone can reach these routes, so what a peer may hold is bounded before any signature
+holds (`gateway.listener`): request deadlines, streams waiting for `start` in their own
+small pool (not `MAX_CALLS`), and whatever a peer can trigger at will logged through a
+throttle, never a line per event.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from google.genai import types
 from gateway.call import Call
 from gateway.call_factory import PERSONA_PARAMETER, CallFactory
 from gateway.config import Settings
+from gateway.listener import ConnectionDeadlines, PeerErrorLog, Throttle, watch_accept_errors
 from gateway.live import sdk as live_sdk
 from gateway.logs import bind_call, register_secret
 from gateway.metrics import Metrics
@@ -39,7 +45,7 @@ from gateway.twilio.protocol import (
     MAX_MESSAGE_BYTES,
     StreamProtocolError,
 )
-from gateway.twilio.stream import MediaStream
+from gateway.twilio.stream import WRITER_LIMIT, MediaStream
 from gateway.twilio.webhooks import (
     SIGNATURE_HEADER,
     SIGNATURE_SETTINGS_HEADER,
@@ -58,6 +64,37 @@ log = logging.getLogger(__name__)
 
 TOKEN_PARAMETER = "token"
 EARLY_ANSWERS_KEPT = 1000
+#: Lines a throttle logs as they come in an interval before it only counts: enough that a
+#: test or an operator sees each of a handful of bad peers, few enough that a flood is a
+#: couple of lines a second.
+REQUEST_LOG_BURST = 50
+STREAM_LOG_BURST = 50
+CONNECTION_LOG_BURST = 5
+#: How long a refused request's unread body is still read before the connection closes.
+LINGER_S = 1.0
+
+
+@dataclass
+class PeerLogs:
+    """The throttles through which everything a peer can trigger is logged."""
+
+    requests: Throttle  # webhooks and upgrades refused
+    streams: Throttle  # media streams closed for bad input
+    connections: Throttle  # malformed HTTP, connections holding a socket with no request
+    accepts: Throttle  # the listening socket out of descriptors
+
+    @classmethod
+    def every(cls, interval_s: float) -> PeerLogs:
+        return cls(
+            requests=Throttle(log, "requests refused", interval_s, REQUEST_LOG_BURST),
+            streams=Throttle(log, "streams closed", interval_s, STREAM_LOG_BURST),
+            connections=Throttle(log, "bad connections", interval_s, CONNECTION_LOG_BURST),
+            accepts=Throttle(log, "accept errors", interval_s, 1),
+        )
+
+    def close(self) -> None:
+        for throttle in (self.requests, self.streams, self.connections, self.accepts):
+            throttle.close()
 
 
 @dataclass
@@ -70,15 +107,21 @@ class GatewayState:
     tokens: StreamTokens
     stream_url: str
     personas: PersonaTable
+    logs: PeerLogs
+    deadlines: ConnectionDeadlines
     calls: set[Call] = field(default_factory=set)
     # Answering-machine results that came before their call's stream started.
     answered_early: dict[str, str] = field(default_factory=dict)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    # Upgraded streams without `start` yet, oldest first: their own pool, not MAX_CALLS.
+    waiting: dict[MediaStream, None] = field(default_factory=dict)
     draining: bool = False
     calls_idle: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_listening: list[Callable[[], None]] = field(default_factory=list)
 
     def at_capacity(self) -> bool:
-        return len(self.sockets) >= self.settings.max_calls
+        """MAX_CALLS calls in progress (streams still waiting for `start` do not count)."""
+        return len(self.calls) >= self.settings.max_calls
 
 
 STATE = web.AppKey("state", GatewayState)
@@ -109,7 +152,29 @@ def create_app(
     token_secret = hmac.new(auth_token.encode(), b"gateway-stream-token", hashlib.sha256).digest()
     metrics = metrics or Metrics()
     metrics.sdk_path.labels(path="fast" if live_sdk.paths().fast else "public").set(1)
-    app = web.Application(client_max_size=64 * 1024)
+    logs = PeerLogs.every(settings.peer_log_interval_s)
+
+    def deadline_closed(reason: str) -> None:
+        metrics.connections_closed.labels(reason=reason).inc()
+        if reason == "no_request":  # an idle kept-alive connection is routine; this is not
+            logs.connections.note(
+                reason,
+                "closed a connection: no request within %g s",
+                settings.http_header_timeout_s,
+            )
+
+    deadlines = ConnectionDeadlines(
+        settings.http_header_timeout_s, settings.http_keepalive_s, deadline_closed
+    )
+    app = web.Application(
+        client_max_size=64 * 1024,
+        middlewares=[deadlines.middleware],
+        handler_args={
+            "keepalive_timeout": settings.http_keepalive_s,
+            "lingering_time": LINGER_S,
+            "logger": PeerErrorLog(logs.connections, metrics.peer_errors),
+        },
+    )
     app[STATE] = GatewayState(
         settings=settings,
         metrics=metrics,
@@ -119,6 +184,8 @@ def create_app(
         ),
         stream_url=stream_url(settings.public_url),
         personas=personas,
+        logs=logs,
+        deadlines=deadlines,
     )
     app[STATE].calls_idle.set()
     state = app[STATE]
@@ -139,7 +206,43 @@ def create_app(
     )
     app.cleanup_ctx.append(_clients(client, rest))
     app.on_shutdown.append(_close_streams)
+    app.on_cleanup.append(_stop_listening)
     return app
+
+
+async def start_server(
+    app: web.Application, host: str, port: int, **runner_args: object
+) -> web.AppRunner:
+    """Serve `app` on host:port (0: any free port) with every connection bounded.
+
+    The deadlines watch the runner's connections, the event loop's accept errors go
+    through a throttle, and `/metrics` counts open connections; `runner.cleanup()`
+    undoes it all. `runner_args` go to `web.AppRunner` (the access log stays off).
+    """
+    runner = web.AppRunner(app, access_log=None, **runner_args)  # type: ignore[arg-type]
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = runner.server
+    assert server is not None
+    state = app[STATE]
+    state.deadlines.watch(server)
+    state.metrics.connections_open.set_function(lambda: len(server.connections))
+    state.metrics.streams_waiting.set_function(lambda: len(state.waiting))
+    loop = asyncio.get_running_loop()
+    state.stop_listening += [
+        state.deadlines.stop,
+        watch_accept_errors(loop, state.logs.accepts, state.metrics.accept_errors),
+    ]
+    return runner
+
+
+async def _stop_listening(app: web.Application) -> None:
+    state = app[STATE]
+    for stop in state.stop_listening:
+        stop()
+    state.stop_listening.clear()
+    state.logs.close()
 
 
 def _clients(
@@ -180,15 +283,39 @@ def live_http(settings: Settings) -> types.HttpOptions:
 # ------------------------------------------------------------------ webhooks
 
 
+def _refuse(state: GatewayState, request: web.Request, reason: str, detail: str) -> None:
+    """Count and log (throttled) a request turned away."""
+    state.metrics.rejected.labels(reason=reason).inc()
+    state.logs.requests.note(reason, "rejected %s: %s", request.path, detail)
+
+
+async def _body(state: GatewayState, request: web.Request) -> bytes:
+    """The request's body, read within HTTP_BODY_TIMEOUT_S; a 4xx for whatever goes wrong."""
+    limit = state.settings.http_body_timeout_s
+    try:
+        async with asyncio.timeout(limit):
+            return await request.read()
+    except TimeoutError:
+        _refuse(state, request, "body_timeout", f"body not received within {limit:g} s")
+        timed_out = web.HTTPRequestTimeout()
+        timed_out.force_close()  # the rest of the body would only hold the socket longer
+        raise timed_out from None
+    except web.HTTPRequestEntityTooLarge:
+        _refuse(state, request, "body_too_large", "body too large")
+        raise
+    except (ConnectionError, web.RequestPayloadError):
+        _refuse(state, request, "body_cut_off", "body cut off")
+        raise web.HTTPBadRequest(text="body cut off\n") from None
+
+
 async def _checked_form(request: web.Request) -> dict[str, str]:
     """The form parameters if Twilio's signature over them holds; else 403 (or 400 for a
     body that is not a form)."""
     state = request.app[STATE]
     try:
-        params = parse_form(await request.read(), request.content_type, request.charset)
+        params = parse_form(await _body(state, request), request.content_type, request.charset)
     except FormError as error:
-        state.metrics.rejected.labels(reason="bad_form").inc()
-        log.warning("rejected %s: %s", request.path, error.reason)
+        _refuse(state, request, "bad_form", error.reason)
         raise web.HTTPBadRequest(text=f"{error.reason}\n") from None
     # As Twilio signed it: the URL it was given, query still encoded (path_qs decodes it).
     url = state.settings.public_url + request.raw_path
@@ -199,9 +326,7 @@ async def _checked_form(request: web.Request) -> dict[str, str]:
         request.headers.get(SIGNATURE_SETTINGS_HEADER),
     )
     if result is not SignatureResult.OK:
-        reason = f"signature_{result.value}"
-        state.metrics.rejected.labels(reason=reason).inc()
-        log.warning("rejected %s: %s signature", request.path, result.value)
+        _refuse(state, request, f"signature_{result.value}", f"{result.value} signature")
         raise web.HTTPForbidden()
     return params
 
@@ -217,13 +342,11 @@ async def voice_webhook(request: web.Request) -> web.Response:
     account_sid = params.get("AccountSid", "")
     expected = state.settings.twilio_account_sid
     if expected and account_sid != expected:
-        state.metrics.rejected.labels(reason="wrong_account").inc()
-        log.warning("rejected /twilio/voice: AccountSid is not TWILIO_ACCOUNT_SID")
+        _refuse(state, request, "wrong_account", "AccountSid is not TWILIO_ACCOUNT_SID")
         raise web.HTTPForbidden()
     if state.tokens.streamed(call_sid):
         # A replayed webhook (signatures carry no timestamp): the call had its stream.
-        state.metrics.rejected.labels(reason="replayed").inc()
-        log.warning("rejected /twilio/voice: the call already has had its stream")
+        _refuse(state, request, "replayed", "the call already has had its stream")
         return web.Response(text=busy_twiml(), content_type="text/xml")
     if state.draining or state.at_capacity():
         reason = "draining" if state.draining else "busy"
@@ -324,23 +447,44 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         request.headers.get(SIGNATURE_SETTINGS_HEADER),
     )
     if signature is not SignatureResult.OK:
-        state.metrics.rejected.labels(reason=f"stream_signature_{signature.value}").inc()
-        log.warning("rejected stream upgrade: %s signature", signature.value)
+        reason = f"stream_signature_{signature.value}"
+        _refuse(state, request, reason, f"{signature.value} signature on the stream upgrade")
         raise web.HTTPForbidden()
     if state.draining or state.at_capacity():
         reason = "draining" if state.draining else "busy"
         state.metrics.rejected.labels(reason=f"stream_{reason}").inc()
         raise web.HTTPServiceUnavailable(text=reason)
 
-    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, autoping=True)
+    settings = state.settings
+    # timeout: how long a close waits for the peer's close frame.
+    ws = web.WebSocketResponse(
+        max_msg_size=MAX_MESSAGE_BYTES, autoping=True, timeout=2.0, writer_limit=WRITER_LIMIT
+    )
     await ws.prepare(request)
+    stream = MediaStream(
+        ws,
+        settings.idle_timeout_s,
+        transport=request.transport,
+        audio_rate=settings.caller_audio_rate,
+        audio_burst_s=settings.caller_audio_burst_s,
+        send_buffer_s=settings.caller_send_buffer_s,
+    )
     state.sockets.add(ws)
     state.calls_idle.clear()
-    stream = MediaStream(ws, state.settings.idle_timeout_s)
+    if len(state.waiting) >= settings.max_waiting_streams:
+        # A signed upgrade is the same for every call, so anyone who saw one can hold
+        # streams open without `start`: the oldest waiting makes room, so Twilio's, which
+        # starts at once, gets in however many are held.
+        oldest = next(iter(state.waiting))
+        del state.waiting[oldest]
+        oldest.evict("too many streams waiting for start")
+    state.waiting[stream] = None
     try:
         await _serve_stream(state, request.app[CALLS], stream)
     finally:
+        state.waiting.pop(stream, None)
         await stream.aclose()
+        state.metrics.caller_backlog.observe(stream.peak_queued_audio_s)
         state.sockets.discard(ws)
         if not state.sockets:
             state.calls_idle.set()
@@ -353,8 +497,9 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
     """Wait for `start`, check its token, run the call; close on bad input, with a reason."""
     try:
         start = await stream.wait_start(state.settings.start_timeout_s)
+        state.waiting.pop(stream, None)
         if start is None:
-            log.info("stream closed before start")
+            log.debug("stream closed before start")
             return
         bind_call(call_sid=start.call_sid, stream_sid=start.stream_sid)
         verdict = state.tokens.redeem(
@@ -380,9 +525,9 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
         if call.stats.failure and not stream.closed:
             await stream.close(CLOSE_INTERNAL_ERROR, "live session failed")
     except StreamProtocolError as error:
-        reason = error.reason
-        state.metrics.stream_errors.labels(reason=_label(reason)).inc()
-        log.warning("stream closed: %s", reason, extra={"close_code": error.close_code})
+        reason, label = error.reason, _label(error.reason)
+        state.metrics.stream_errors.labels(reason=label).inc()
+        state.logs.streams.note(label, "stream closed: %s", reason, close_code=error.close_code)
         await stream.close(error.close_code, reason)
 
 

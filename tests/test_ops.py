@@ -407,6 +407,7 @@ async def stage(**env: str) -> AsyncIterator[Stage]:
                     PORT=str(port),
                     GOAWAY_MARGIN_S="0.2",
                     GREETING="",  # the scripts count replies from the caller's first turn
+                    CALLER_AUDIO_RATE=str(2 * SPEED),  # the simulated caller compresses time
                     **env,
                 ),
                 stdout=asyncio.subprocess.PIPE,

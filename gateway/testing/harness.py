@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.personas import PersonaTable
-from gateway.server import create_app
+from gateway.server import create_app, start_server
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.tls import make_tls
 from gateway.testing.twilio_sim import TwilioCallerSimulator
@@ -107,6 +107,9 @@ def test_settings(api_key: str, **overrides: Any) -> Settings:
         "goaway_margin_s": 0.2,
         "connect_timeout_s": 5.0,
         "greeting": "",  # tests count replies from the caller's first turn; some turn it on
+        # Simulated callers compress time (speed 2 sends audio twice as fast as real time).
+        "caller_audio_rate": 64.0,  # the fastest test compresses time 40 times
+        "caller_send_buffer_s": 120.0,  # seconds of audio, so likewise
     }
     values.update(overrides)
     return Settings.model_validate(values)
@@ -134,14 +137,11 @@ async def test_bed(
             personas = PersonaTable.from_settings(settings)
             metrics = Metrics()
             app = create_app(settings, personas, rest=rest, metrics=metrics)
-            runner = web.AppRunner(app, access_log=None)
             # The app creates its Live client at startup, reading these as the SDK does.
             with environment(
                 GOOGLE_GEMINI_BASE_URL=emulator.base_url, SSL_CERT_FILE=tls.ca_pem_path
             ):
-                await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
+                runner = await start_server(app, "127.0.0.1", 0)
             port = runner.addresses[0][1]
             connector = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=connector) as http:
