@@ -620,11 +620,12 @@ def targets(runs: list[dict[str, Any]], saturated_above: float) -> list[str]:
             f"{ms(p99)} ms",
             None if g is None else p99 <= bound,
         )
-    rss = max((r["rss_per_call_mib"] for r in gateway.values()), default=math.nan)
+    loaded = [r["rss_per_call_mib"] for n, r in gateway.items() if n >= 50]  # 1 call: noise
+    rss = max(loaded, default=math.nan)
     row(
         "≤ 1 MiB resident per call",
-        f"{rss:.2f} MiB (most of any row)",
-        None if not gateway else rss <= 1,
+        f"{rss:.2f} MiB (most of the 50+ call rows)",
+        None if not loaded else rss <= 1,
     )
     g = gateway.get(200)
     heard = f"{g['heard_ok'][0]}/{g['heard_ok'][1]}" if g else "-"
