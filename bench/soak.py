@@ -394,7 +394,7 @@ async def soak(args: argparse.Namespace) -> Report:
                     "GEMINI_API_KEY": info["api_key"],
                     "GOOGLE_GEMINI_BASE_URL": info["base_url"],
                     "SSL_CERT_FILE": info["ca_pem"],
-                    "LOG_LEVEL": "WARNING",
+                    "LOG_LEVEL": os.environ.get("SOAK_LOG_LEVEL", "WARNING"),
                     "MAX_CALLS": "100000",
                     "GREETING": "",  # the caller speaks first: reply n answers turn n
                 }
