@@ -41,7 +41,7 @@ from gateway.live.events import (
     TurnState,
     Usage,
 )
-from gateway.live.session import LiveSession, LiveSessionFailed
+from gateway.live.session import SPEECH_RMS, LiveSession, LiveSessionFailed
 from gateway.metrics import Metrics
 from gateway.personas import Persona
 from gateway.tools import CallControl, CallTools, RestError, ToolOutcome
@@ -64,9 +64,6 @@ from gateway.watch import CallWatch, Move
 log = logging.getLogger(__name__)
 
 SendText = Callable[[str], Awaitable[None]]
-# Caller audio louder than this (RMS of 16-bit PCM, about -40 dBFS) is speech, for the
-# silence watch; a quiet line's noise stays below it.
-SPEECH_RMS = 330
 
 
 def answered_by_kind(answered_by: str) -> str:

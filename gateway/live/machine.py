@@ -269,7 +269,6 @@ class SessionMachine:
         self.base = 0  # inputs <= base are covered by `handle` (or were never needed)
         self._handle_after_reply = True  # a handle came since the model last spoke
         self._switch_deadline: float | None = None
-        self._switch_cause = ResetCause.GOAWAY
         self._switch_forced = False
         self._overlap_s = 0.0  # input after the handle's base that it may hold already
         self._lost_at: float | None = None  # when caller audio last lost its connection
@@ -510,8 +509,8 @@ class SessionMachine:
             # refusal, switch break-before-make for the rest of the call.
             if error is OpenError.REFUSED:
                 self.mode = SwitchMode.BREAK_BEFORE_MAKE
-            actions.extend(self._lose_active(now, self._switch_cause))
-            actions += self._reopen(now, self._switch_cause, immediate=True)
+            actions.extend(self._lose_active(now, ResetCause.GOAWAY))
+            actions += self._reopen(now, ResetCause.GOAWAY, immediate=True)
             if self.opening is not None and conn.mode is not None:
                 self.opening.mode = SwitchMode.BREAK_BEFORE_MAKE
             return actions
@@ -647,7 +646,6 @@ class SessionMachine:
             return actions  # its replacement is already being opened
         margin = self.options.goaway_margin_s
         self._switch_deadline = now + max(0.0, time_left_s - margin)
-        self._switch_cause = ResetCause.GOAWAY
         self._switch_forced = False
         return actions + self._maybe_switch(now)
 
