@@ -33,6 +33,7 @@ from gateway.live.events import (
     GoAwayReceived,
     Interrupted,
     ModelAudio,
+    RepeatSkipped,
     ReplyAbandoned,
     Resumed,
     ToolCall,
@@ -344,6 +345,9 @@ class Call:
                 self._in_turn = False
                 await self._clear_playback()
                 self.transcript.event("reply_lost", cause=event.cause.value)
+            elif isinstance(event, RepeatSkipped):
+                self._metrics.repeats_skipped.inc()
+                self.transcript.event("repeat_skipped", held_s=round(event.held_s, 3))
             elif isinstance(event, GenerationComplete | TurnComplete):
                 await self._end_reply()
                 if isinstance(event, TurnComplete):

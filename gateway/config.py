@@ -154,6 +154,8 @@ class LiveSettings(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     caller_pause_s: float = Field(default=0.4, gt=0)
     resume_nudge_s: float = Field(default=1.5, gt=0)  # prompt a model silent after a reset
+    # hold a resumed model's first reply this long at most, to tell a repeat (0: never hold)
+    repeat_judge_s: float = Field(default=1.5, ge=0)
 
 
 class _LiveVariables(PydanticBaseSettingsSource):

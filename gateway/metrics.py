@@ -154,6 +154,12 @@ class Metrics:
             ["mode"],
             registry=r,
         )
+        self.repeats_skipped = Counter(
+            "gateway_live_repeats_skipped",
+            "Replies a resumed model began again after the caller had heard them in full, "
+            "not played",
+            registry=r,
+        )
         self.sdk_path = Gauge(
             "gateway_sdk_fast_path",
             "1 for the google-genai path in use: fast (private names checked at start) or public",

@@ -18,7 +18,7 @@ from gateway.testing.twilio_sim import SimulatedCall
 SPEED = 2.0
 UTTERANCE_S = 0.6
 CALLER_FREQS = (300.0, 340.0, 380.0, 420.0)
-FULL_REPLY_S = 0.7  # of the test replies' 0.8 s: heard in full
+FULL_REPLY_S = 0.76  # of the test replies' 0.8 s: heard in full (95 %)
 # Input a reset may send twice, because the service cannot say what a handle covers (the
 # session manager's guard: about 1.5 round trips); an utterance may be held that much longer.
 OVERLAP_S = 0.1

@@ -11,10 +11,20 @@ failing schedules are kept as named regressions for the real machine.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
-from gateway.live.events import ReplyAbandoned, ResetCause, Resumed
+from gateway.live.events import (
+    Interrupted,
+    ModelAudio,
+    RepeatSkipped,
+    ReplyAbandoned,
+    ResetCause,
+    Resumed,
+    Transcript,
+    TurnComplete,
+)
 from gateway.live.machine import (
     Action,
     Close,
@@ -25,11 +35,13 @@ from gateway.live.machine import (
     MachineOptions,
     Open,
     OpenError,
+    Output,
     Phase,
     SessionMachine,
     SwitchMode,
     Write,
 )
+from gateway.live.repeats import same_reply
 from gateway.testing.explorer import Concurrency, Fault, Schedule, explore, run
 
 FRAME = b"\x00" * 640
@@ -90,6 +102,22 @@ def test_explorer_finds_input_in_flight_without_the_guard() -> None:
     assert report.failures and report.failures[0][1].check == "no-loss"
 
 
+def never_judging(options: MachineOptions, rng: random.Random) -> SessionMachine:
+    return SessionMachine(replace(options, repeat_judge_s=0.0), rng)
+
+
+def test_replies_heard_in_full_are_rarely_heard_again() -> None:
+    """Resumed from a handle older than a reply the caller heard to the end, the simulated
+    model says it again (the same transcript); the machine does not play it. Counted over
+    the same schedules with the judging off, and never a reply the caller had not heard
+    (the explorer's no-false-skip check)."""
+    judged = explore("fork", range(300), stop_after=1)
+    unjudged = explore("fork", range(300), stop_after=1, factory=never_judging)
+    assert judged.failures == [] and unjudged.failures == []
+    assert unjudged.repeats_skipped == 0 and judged.repeats_skipped > 50
+    assert judged.repeated_pieces * 5 < unjudged.repeated_pieces, (judged, unjudged)
+
+
 # Shrunk schedules the explorer found against the broken machines: the real one passes.
 REGRESSIONS = {
     # goAway, slow setups, handles every 0.4 s: the old connection's newer handle arrived
@@ -136,6 +164,26 @@ REGRESSIONS = {
     # replayed in one burst: the burst may be sent twice (the handle came within the
     # guard of it), never lost. The first explorer check, bounding overlap in audio time
     # rather than in write time, wrongly flagged it.
+    # A resumed model said again a reply the caller had heard in full (not played), but the
+    # caller had spoken after it and the model, busy, never answered that: the skip had
+    # cancelled the prompt of a silent model. The caller was left waiting.
+    "skipped_repeat_with_the_last_words_unanswered": Schedule(
+        seed=420,
+        concurrency="fork",
+        after_cut_reply="repeat",
+        faults=(
+            Fault(at=1.992, kind="goaway", arg=0.02),
+            Fault(at=5.047, kind="refuse_next", arg=2.0),
+            Fault(at=9.537, kind="cut_at_handle", arg=0.0),
+            Fault(at=9.979, kind="expire_handles", arg=0.0),
+            Fault(at=14.019, kind="cut", arg=0.0),
+            Fault(at=17.97, kind="goaway", arg=50.0),
+        ),
+        setup_latencies=(1.024, 1.467, 0.737, 0.722, 0.152, 0.744),
+        handle_gaps=(0.358, 0.444, 0.575, 0.233, 0.213, 0.204),
+        uplink_s=0.0332,
+        downlink_s=0.057,
+    ),
     "cut_after_a_burst_replay": Schedule(
         seed=102284,
         concurrency="fork",
@@ -270,3 +318,89 @@ def test_giving_up_names_a_typed_reason() -> None:
             break
     assert fail is not None and fail.reason is FailureReason.TIMED_OUT
     assert "unreachable" in fail.detail and m.phase is Phase.FAILED and not m.conns
+
+
+# ------------------------------------------------------------- replies said again
+
+
+@pytest.mark.parametrize(
+    ("heard", "said", "final", "verdict"),
+    [
+        ("reply 10", "reply 10", False, True),
+        ("reply 10", "reply 11", False, False),
+        ("Our store opens at nine o'clock.", "The store opens at nine", False, True),
+        ("Our store opens at nine o'clock.", "The store", False, None),  # too few words yet
+        ("Our store opens at nine o'clock.", "The store", True, False),
+        ("Sure, I can help with that. Your order shipped", "Sure, I can book a table", False, False),
+        ("reply 10", "", True, False),  # no transcript: no evidence, play it
+    ],
+)
+def test_same_reply(heard: str, said: str, final: bool, verdict: bool | None) -> None:
+    assert same_reply(heard, said, final) is verdict
+
+
+def events(actions: list[Action]) -> list[object]:
+    return [a.event for a in actions if isinstance(a, Emit)]
+
+
+def heard_then_cut() -> tuple[SessionMachine, int]:
+    """A reply heard in full, then a cut before any handle after it; the connection that
+    resumes holds the state from before the reply."""
+    m, conn = live_machine()
+    m.handle_update(conn, "H1", True, 0.5)
+    for k in range(5):
+        m.caller_audio(FRAME, True, 0.6 + k * 0.02)
+    assert m.model_output(conn, 1.0) is Output.PLAY
+    m.transcript(conn, "model", "Our store opens at nine o'clock.")
+    assert TurnComplete() in events(m.turn_complete(conn, 2.0))
+    (reopen,) = opens(m.lost(conn, LossKind.NETWORK, "reset", 2.5))
+    assert reopen.handle == "H1"
+    m.opened(reopen.conn, 2.8)
+    return m, reopen.conn
+
+
+def test_a_repeat_of_a_reply_heard_in_full_is_not_played() -> None:
+    m, conn = heard_then_cut()
+    assert m.model_output(conn, 3.0) is Output.HOLD
+    m.hold([b"\x00" * 4800], 3.0)
+    (skipped,) = events(m.transcript(conn, "model", "Our store opens at nine"))
+    assert isinstance(skipped, RepeatSkipped) and skipped.held_s == pytest.approx(0.1)
+    assert m.model_output(conn, 3.1) is Output.DROP
+    assert m.transcript(conn, "model", " o'clock.") == []
+    assert events(m.turn_complete(conn, 4.0)) == []  # the caller never heard it begin
+    assert m.next_deadline() is None  # nothing left unanswered: no prompt
+    # The next reply is new: played at once.
+    m.caller_audio(FRAME, True, 5.0)
+    assert m.model_output(conn, 6.0) is Output.PLAY
+
+
+def test_a_new_reply_after_a_resume_is_played_in_order_once_judged() -> None:
+    m, conn = heard_then_cut()
+    assert m.model_output(conn, 3.0) is Output.HOLD
+    m.hold([b"a" * 480, b"b" * 480], 3.0)
+    released = events(m.transcript(conn, "model", "We also deliver on Sundays"))
+    assert released == [
+        ModelAudio(b"a" * 480, 3.0),
+        ModelAudio(b"b" * 480, 3.0),
+        Transcript("model", "We also deliver on Sundays"),
+    ]
+    assert m.model_output(conn, 3.1) is Output.PLAY
+
+
+def test_a_reply_without_a_transcript_is_played_after_the_judging_time() -> None:
+    m, conn = heard_then_cut()
+    assert m.model_output(conn, 3.0) is Output.HOLD
+    m.hold([b"a" * 480], 3.0)
+    deadline = m.next_deadline()
+    assert deadline == pytest.approx(3.0 + OPTIONS.repeat_judge_s)
+    assert events(m.tick(deadline)) == [ModelAudio(b"a" * 480, 3.0)]
+    assert m.model_output(conn, deadline) is Output.PLAY
+
+
+def test_a_held_reply_the_caller_talks_over_is_dropped_quietly() -> None:
+    m, conn = heard_then_cut()
+    m.model_output(conn, 3.0)
+    m.hold([b"a" * 480], 3.0)
+    assert Interrupted() not in events(m.interrupted(conn, 3.2))
+    m.caller_audio(FRAME, True, 3.3)
+    assert m.model_output(conn, 4.0) is Output.HOLD  # still within the window: judged

@@ -62,6 +62,17 @@ class ReplyAbandoned:
 
 
 @dataclass(frozen=True, slots=True)
+class RepeatSkipped:
+    """The resumed model began a reply the caller had already heard in full; it is not played.
+
+    `text` is what the caller heard the first time; `held_s` the audio held while judging.
+    """
+
+    text: str
+    held_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class GoAwayReceived:
     """The service announced the end of the current connection."""
 
@@ -119,6 +130,7 @@ LiveEvent = (
     | TurnComplete
     | Transcript
     | ReplyAbandoned
+    | RepeatSkipped
     | GoAwayReceived
     | Resumed
     | AudioDropped

@@ -25,6 +25,16 @@ section says which service behaviours each covers):
   guard is 1.5 measured round trips plus 5 ms (for jitter). At worst that much input is
   sent twice at a reset (reported as `Resumed.overlap_s`).
 * At most two connections are open: the active one and one being opened.
+* A resumed state may lack replies the caller heard in full (a handle issued before
+  them); replaying the caller's audio, the model may say them again. Each connection
+  knows how many replies its state holds, each reply heard in full is kept with its
+  transcript, and the first reply of a resumed connection is held until its transcript
+  shows whether it repeats one the caller heard (`gateway.live.repeats`): a repeat is
+  not played (`RepeatSkipped`), anything else is played at once, and after
+  ``repeat_judge_s`` without a verdict it is played. Only replies that begin within
+  ``REPEAT_WINDOW_S`` of the resume are judged (the answers to replayed audio come
+  first); if the caller spoke since the resume, a skipped reply may have been meant for
+  that, so a model that then stays silent is prompted.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ from gateway.live.events import (
     GoAwayReceived,
     Interrupted,
     LiveEvent,
+    ModelAudio,
+    RepeatSkipped,
     ReplyAbandoned,
     ResetCause,
     Resumed,
@@ -48,12 +60,24 @@ from gateway.live.events import (
     TurnComplete,
     TurnState,
 )
+from gateway.live.repeats import same_reply
 
 INPUT_RATE = 16000
 BYTES_PER_SECOND = INPUT_RATE * 2
 HISTORY_CHARS = 4000  # conversation text given to a fresh session
 GUARD_MARGIN_S = 0.005  # added to 1.5 round trips when placing a handle
 DEFAULT_RTT_S = 0.15  # assumed until a connection's round trip was measured
+SAID_KEPT = 16  # replies heard in full, kept to recognise them if said again
+REPEAT_WINDOW_S = 5.0  # a resumed connection's replies that begin this soon may be repeats
+OUTPUT_RATE = 24000  # the model's audio, 16-bit PCM
+
+
+class Output(StrEnum):
+    """What to do with a piece of the model's reply."""
+
+    PLAY = "play"  # deliver it to the call
+    HOLD = "hold"  # give it to `SessionMachine.hold`: it may repeat what the caller heard
+    DROP = "drop"  # not wanted (an old connection's, or a repeat)
 
 
 class Phase(StrEnum):
@@ -113,6 +137,7 @@ class MachineOptions:
     goaway_margin_s: float = 1.0
     caller_pause_s: float = 0.4
     resume_nudge_s: float = 1.5  # after a reset that cut a reply: prompt the model if it is silent
+    repeat_judge_s: float = 1.5  # longest a resumed model's first reply is held to tell a repeat
 
 
 @dataclass(slots=True)
@@ -221,6 +246,7 @@ class Conn:
     goaway: bool = False
     replayed_s: float = 0.0
     mode: SwitchMode | None = None  # how the goAway switch that opened it was made
+    replies: int = 0  # model replies its state holds (those of its handle, then its own)
 
 
 @dataclass
@@ -285,6 +311,14 @@ class SessionMachine:
         self._spoke_at = -1e9
         self._model_spoke_at = -1e9  # when the model's latest reply began
         self._tool_conns: dict[str, int] = {}
+        self._handle_replies = 0  # replies the state of `handle` holds
+        # Replies heard in full: (replies the state held after it, transcript, when it ended).
+        self._said: deque[tuple[int, str, float]] = deque(maxlen=SAID_KEPT)
+        self._repeats: list[tuple[str, float]] = []  # what a resumed model may say again
+        self._judge_until: float | None = None  # a reply is held until then at the latest
+        self._held: list[LiveEvent] = []
+        self._held_s = 0.0
+        self._skipping = False  # the reply in progress repeats one heard in full
         self.history = _History()
         self.dropped_audio_s = 0.0
         self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
@@ -309,6 +343,8 @@ class SessionMachine:
                 times.append(self._spoke_at + self.options.caller_pause_s)
         if self._nudge_at is not None:
             times.append(self._nudge_at)
+        if self._judge_until is not None:
+            times.append(self._judge_until)
         return min(times) if times else None
 
     def check(self) -> None:
@@ -420,6 +456,7 @@ class SessionMachine:
         assert self.opening is None
         self._next_id += 1
         conn = Conn(self._next_id, self.handle, self.base, cause, requested_at=now)
+        conn.replies = self._handle_replies
         self.opening = conn
         self._attempts += 1
         if self._streak_started is None:
@@ -461,6 +498,9 @@ class SessionMachine:
             actions.append(Close(old.id))
         self.active = conn
         self.phase = Phase.LIVE
+        self._stop_judging()
+        if conn.cause is not None:
+            self._repeats = [(text, at) for n, text, at in self._said if n > conn.replies]
         if conn.cause is not None:
             cause = ResetCause.REFUSED if self._refused_in_reset else conn.cause
             gap = now - self._lost_at if self._lost_at is not None else 0.0
@@ -548,8 +588,12 @@ class SessionMachine:
             return []
         conn.generating = False
         self.turn_state = TurnState.IDLE
+        skipping, judging = self._skipping, self._judge_until is not None
+        self._stop_judging()
+        if skipping:
+            return []  # a repeat nobody heard: what the caller heard before stands
         self._abandoned_reply = True
-        self._cut_reply_text = self._reply_text
+        self._cut_reply_text = "" if judging else self._reply_text
         return [Emit(ReplyAbandoned(cause))]
 
     def _reopen(self, now: float, cause: ResetCause, immediate: bool = False) -> list[Action]:
@@ -627,6 +671,7 @@ class SessionMachine:
                 break
             base = seq
         self.handle = handle
+        self._handle_replies = conn.replies
         # A later handle of the same lineage covers at least what the one before it did.
         self.base = max(self.base, base)
         newest = conn.writes[-1][0] if conn.writes else conn.base
@@ -649,11 +694,11 @@ class SessionMachine:
         self._switch_forced = False
         return actions + self._maybe_switch(now)
 
-    def model_output(self, conn_id: int, now: float) -> bool:
-        """A piece of the model's reply arrived on `conn_id`; True: deliver it to the call."""
+    def model_output(self, conn_id: int, now: float) -> Output:
+        """A piece of the model's reply arrived on `conn_id`: play it, hold it, or drop it."""
         conn = self.active
         if conn is None or conn.id != conn_id:
-            return False
+            return Output.DROP
         if not conn.delivered:
             self._from_active(conn_id)
         if not conn.generating:
@@ -662,17 +707,40 @@ class SessionMachine:
             self._reply_text = ""
             self._model_spoke_at = now
             self.turn_state = TurnState.MODEL_SPEAKING
+            if self._repeats and now - conn.opened_at <= REPEAT_WINDOW_S:
+                if self.options.repeat_judge_s > 0:
+                    self._judge_until = now + self.options.repeat_judge_s
+            else:
+                self._repeats.clear()
+        if self._skipping:
+            return Output.DROP
+        if self._judge_until is not None:
+            return Output.HOLD
         self._nudge_at = None
         self._abandoned_reply = False
-        return True
+        return Output.PLAY
+
+    def hold(self, chunks: list[bytes], now: float) -> None:
+        """Keep the pieces `model_output` said to hold, until the reply is judged."""
+        for pcm in chunks:
+            self._held.append(ModelAudio(pcm, now))
+            self._held_s += len(pcm) / (2 * OUTPUT_RATE)
 
     def transcript(self, conn_id: int, role: str, text: str) -> list[Action]:
         if self._from_active(conn_id) is None or not text:
             return []
-        self.history.add("user" if role == "caller" else "model", text)
-        if role == "model":
-            self._reply_text += text
-        return [Emit(Transcript("caller" if role == "caller" else "model", text))]
+        if role == "caller":
+            self.history.add("user", text)
+            return [Emit(Transcript("caller", text))]
+        self._reply_text += text
+        if self._skipping:
+            return []
+        event = Transcript("model", text)
+        if self._judge_until is not None:
+            self._held.append(event)
+            return self._judge(final=False)
+        self.history.add("model", text)
+        return [Emit(event)]
 
     def interrupted(self, conn_id: int, now: float) -> list[Action]:
         conn = self._from_active(conn_id)
@@ -680,18 +748,69 @@ class SessionMachine:
             return []
         conn.generating = False
         self.turn_state = TurnState.CALLER_SPEAKING
-        return [Emit(Interrupted())]
+        unheard = self._skipping or self._judge_until is not None
+        self._stop_judging()
+        return [] if unheard else [Emit(Interrupted())]
 
     def generation_complete(self, conn_id: int) -> list[Action]:
-        return [Emit(GenerationComplete())] if self._from_active(conn_id) else []
+        if self._from_active(conn_id) is None:
+            return []
+        actions = self._judge(final=True) if self._judge_until is not None else []
+        return actions if self._skipping else [*actions, Emit(GenerationComplete())]
 
     def turn_complete(self, conn_id: int, now: float) -> list[Action]:
         conn = self._from_active(conn_id)
         if conn is None:
             return []
+        actions = self._judge(final=True) if self._judge_until is not None else []
+        spoke = conn.generating
         conn.generating = False
         self.turn_state = TurnState.IDLE
-        return [Emit(TurnComplete()), *self._maybe_switch(now)]
+        if spoke:
+            conn.replies += 1
+        if self._skipping:
+            self._skipping = False
+            return [*actions, *self._maybe_switch(now)]
+        if spoke and self._reply_text.strip():
+            self._said.append((conn.replies, self._reply_text, now))
+        return [*actions, Emit(TurnComplete()), *self._maybe_switch(now)]
+
+    # ------------------------------------------------------- replies said again
+
+    def _judge(self, final: bool) -> list[Action]:
+        """Does the held reply repeat one the caller heard in full since the resumed state?"""
+        verdicts = [same_reply(heard, self._reply_text, final) for heard, _ in self._repeats]
+        if True not in verdicts:
+            return [] if None in verdicts else self._release()
+        text, heard_at = self._repeats.pop(verdicts.index(True))
+        held_s = self._held_s
+        self._stop_judging()
+        self._skipping = True
+        if self._spoke_at > heard_at:
+            # The caller spoke after hearing it: if the model then stays silent, prompt it.
+            self._nudge_at = self._nudge_at or self._model_spoke_at + self.options.resume_nudge_s
+        elif not self._abandoned_reply:
+            self._nudge_at = None  # the caller had this answer already
+        return [Emit(RepeatSkipped(text, held_s))]
+
+    def _release(self) -> list[Action]:
+        """Play what was held: the model says something new (or could not be judged)."""
+        held = self._held
+        self._held = []
+        self._held_s = 0.0
+        self._judge_until = None
+        self._nudge_at = None
+        self._abandoned_reply = False
+        for event in held:
+            if isinstance(event, Transcript):
+                self.history.add("model", event.text)
+        return [Emit(event) for event in held]
+
+    def _stop_judging(self) -> None:
+        self._held = []
+        self._held_s = 0.0
+        self._judge_until = None
+        self._skipping = False
 
     def tool_call(
         self, conn_id: int, call_id: str, name: str, args: dict[str, object]
@@ -711,6 +830,8 @@ class SessionMachine:
         actions: list[Action] = []
         if self._retry_at is not None and now >= self._retry_at and self.opening is None:
             actions += self._open(now, self._reset_cause or ResetCause.ABRUPT)
+        if self._judge_until is not None and now >= self._judge_until:
+            actions += self._release()
         if self._nudge_at is not None and now >= self._nudge_at:
             actions += self._nudge(now)
         actions += self._maybe_switch(now)
@@ -724,6 +845,9 @@ class SessionMachine:
         """
         if self.caller_speaking(now):
             self._nudge_at = self._spoke_at + self.options.caller_pause_s
+            return []
+        if self._skipping or self._judge_until is not None:
+            self._nudge_at = now + self.options.resume_nudge_s  # it is talking
             return []
         self._nudge_at = None
         cut = self._abandoned_reply

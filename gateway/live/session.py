@@ -34,7 +34,15 @@ from google.genai.live import AsyncSession
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from gateway.live import sdk
-from gateway.live.events import LiveEvent, ModelAudio, ResetCause, Resumed, TurnState, Usage
+from gateway.live.events import (
+    LiveEvent,
+    ModelAudio,
+    RepeatSkipped,
+    ResetCause,
+    Resumed,
+    TurnState,
+    Usage,
+)
 from gateway.live.machine import (
     BYTES_PER_SECOND,
     Action,
@@ -48,6 +56,7 @@ from gateway.live.machine import (
     MachineOptions,
     Open,
     OpenError,
+    Output,
     Respond,
     SessionMachine,
     Write,
@@ -104,6 +113,7 @@ class LiveOptions:
     connect_timeout_s: float = 10.0
     caller_pause_s: float = 0.4
     resume_nudge_s: float = 1.5
+    repeat_judge_s: float = 1.5
     tools: tuple[types.Tool, ...] = ()
 
     def machine(self) -> MachineOptions:
@@ -116,6 +126,7 @@ class LiveOptions:
             goaway_margin_s=self.goaway_margin_s,
             caller_pause_s=self.caller_pause_s,
             resume_nudge_s=self.resume_nudge_s,
+            repeat_judge_s=self.repeat_judge_s,
         )
 
 
@@ -274,6 +285,13 @@ class LiveSession:
                 self._events.put_nowait(action.event)
                 if type(action.event) is Resumed:
                     self._log_resumed(action.event)
+                elif type(action.event) is RepeatSkipped:
+                    log.info(
+                        "live: the resumed model began a reply the caller heard in full; "
+                        "not played (held %.0f ms)",
+                        action.event.held_s * 1000,
+                        extra=self._log_extra,
+                    )
             elif kind is Open:
                 assert isinstance(action, Open)
                 self._spawn(self._open(action.conn, action.handle), f"live-open-{action.conn}")
@@ -297,6 +315,10 @@ class LiveSession:
                 log.warning("live: giving up: %s", action.detail, extra=self._log_extra)
                 self._failure = LiveSessionFailed(action.reason, action.detail)
                 self._wake.set()
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """Wake the run loop if the machine's next deadline moved."""
         if self.machine.next_deadline() != self._armed:
             self._wake.set()
 
@@ -485,10 +507,14 @@ class LiveSession:
                 if link.gone:
                     return
                 if isinstance(message, list):  # nothing but model audio
-                    if self.machine.model_output(link.id, time.monotonic()):
-                        now = time.monotonic()
+                    now = time.monotonic()
+                    verdict = self.machine.model_output(link.id, now)
+                    if verdict is Output.PLAY:
                         for pcm in message:
                             self._events.put_nowait(ModelAudio(pcm, now))
+                    elif verdict is Output.HOLD:
+                        self.machine.hold(message, now)
+                        self._rearm()
                 else:
                     await self._execute(self._on_message(link.id, message))
             detail = "connection ended"
@@ -516,9 +542,13 @@ class LiveSession:
         content = message.server_content
         if content is not None:
             if content.model_turn is not None and content.model_turn.parts:
-                audio = [p.inline_data.data for p in content.model_turn.parts if p.inline_data]
-                if m.model_output(conn, now):
-                    actions += [Emit(ModelAudio(pcm, now)) for pcm in audio if pcm]
+                parts = content.model_turn.parts
+                audio = [p.inline_data.data for p in parts if p.inline_data and p.inline_data.data]
+                verdict = m.model_output(conn, now)
+                if verdict is Output.PLAY:
+                    actions += [Emit(ModelAudio(pcm, now)) for pcm in audio]
+                elif verdict is Output.HOLD:
+                    m.hold(audio, now)
             if content.input_transcription is not None and content.input_transcription.text:
                 actions += m.transcript(conn, "caller", content.input_transcription.text)
             if content.output_transcription is not None and content.output_transcription.text:

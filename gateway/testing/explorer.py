@@ -18,9 +18,14 @@ of the handle its lineage resumed less than one guard (one and a half round trip
 margin) before that handle arrived, i.e. only what may have been in flight when the
 service issued it; nothing is written to a connection before its setup completed; at
 most two connections are open; the machine's own invariants hold; no audio is dropped;
-the call never gives up while the service accepts connections. At the end (faults over,
+the call never gives up while the service accepts connections; a reply is never skipped
+as a repeat unless the caller had heard that reply to the end. At the end (faults over,
 a few quiet seconds) the active lineage holds every input and the caller's last
 utterance got an answer (so a reply cut by a reset never leaves the caller in silence).
+
+Each reply's first piece carries its transcript, the same words for the same reply (what
+it answers), so the machine can tell a resumed model's repeat; pieces of a reply the
+caller had heard whole that are played again are counted and reported, not judged.
 
 A failing schedule is shrunk (faults removed, delays zeroed) and printed as a literal
 for a regression test. ``python -m gateway.testing.explorer --seed S --count N`` runs a
@@ -40,7 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from gateway.live.events import AudioDropped, Resumed, TurnComplete
+from gateway.live.events import AudioDropped, ModelAudio, RepeatSkipped, Resumed, TurnComplete
 from gateway.live.machine import (
     BYTES_PER_SECOND,
     DEFAULT_RTT_S,
@@ -55,6 +60,7 @@ from gateway.live.machine import (
     MachineOptions,
     Open,
     OpenError,
+    Output,
     Phase,
     Respond,
     SessionMachine,
@@ -80,6 +86,7 @@ OPTIONS = MachineOptions(
     goaway_margin_s=0.5,
     caller_pause_s=0.4,
     resume_nudge_s=1.5,
+    repeat_judge_s=1.5,
 )
 
 
@@ -168,9 +175,20 @@ class Stats:
     opens: int = 0
     failed: bool = False
     repeated_pieces: int = 0  # 0.1 s pieces of a reply the caller had heard whole, played again
+    repeats_skipped: int = 0  # replies recognised as repeats and not played
 
 
 MachineFactory = Callable[[MachineOptions, random.Random], SessionMachine]
+
+
+def _piece(key: tuple[str, int]) -> bytes:
+    """A held piece of the reply to `key`, as bytes that say which reply it is."""
+    return f"{key[0]}:{key[1]}".encode()
+
+
+def _key_of(pcm: bytes) -> tuple[str, int]:
+    kind, seq = pcm.decode().split(":")
+    return kind, int(seq)
 
 
 class Simulation:
@@ -203,6 +221,7 @@ class Simulation:
         self._max_written = 0
         self._handle_arrival: dict[str, float] = {}
         self._heard_whole: set[tuple[str, int]] = set()  # replies the caller heard to the end
+        self._held_key: tuple[str, int] | None = None  # the reply being held, judged a repeat?
         self._written_at: dict[tuple[str, int], float] = {}  # ("h<conn>", seq): first write
         self._armed: float | None = None
         self.last_utterance_end = 0.0
@@ -278,6 +297,14 @@ class Simulation:
             elif isinstance(action, Close):
                 self._close(action.conn)
             elif isinstance(action, Emit):
+                if isinstance(action.event, ModelAudio):
+                    self._play(_key_of(action.event.pcm))
+                if isinstance(action.event, RepeatSkipped):
+                    self.stats.repeats_skipped += 1
+                    if self._held_key not in self._heard_whole:
+                        raise self.violation(
+                            "no-false-skip", f"reply {self._held_key} skipped, never heard whole"
+                        )
                 if isinstance(action.event, AudioDropped):
                     raise self.violation("no-drop", f"audio dropped: {action.event.seconds:.2f}s")
                 if isinstance(action.event, Resumed):
@@ -482,22 +509,31 @@ class Simulation:
         conn.lineage.replies.append(when)
         n = int(REPLY_S / 0.1)
         for k in range(n):
-            self.at(when + k * 0.1, lambda: self._reply_piece(conn, key))
+            self.at(when + k * 0.1, functools.partial(self._reply_piece, conn, key, k == 0))
         self.at(when + REPLY_S, lambda: self._reply_done(conn, key))
 
-    def _reply_piece(self, conn: _ServiceConn, key: tuple[str, int]) -> None:
+    def _reply_piece(self, conn: _ServiceConn, key: tuple[str, int], first: bool) -> None:
         if conn.open and not conn.taken_over and conn.replying_until > self.now:
-            self._to_client(conn, lambda: self._model_output(conn.id, key))
+            self._to_client(conn, lambda: self._model_output(conn.id, key, first))
 
-    def _model_output(self, conn_id: int, key: tuple[str, int]) -> None:
+    def _model_output(self, conn_id: int, key: tuple[str, int], first: bool) -> None:
+        """A piece of a reply; the first carries its transcript, the same text for the same
+        reply (what it answers), so a resumed model's repeat can be told."""
         self._mark_delivered(conn_id)
-        if self.machine.model_output(conn_id, self.now):
-            if key in self._heard_whole:
-                # Counted, not judged: a resumed model that answers several replayed
-                # utterances again is muted only for as many as the caller heard before
-                # new speech; the README states the limit.
-                self.stats.repeated_pieces += 1
-            self.heard.append(self.now)
+        verdict = self.machine.model_output(conn_id, self.now)
+        if verdict is Output.PLAY:
+            self._play(key)
+        elif verdict is Output.HOLD:
+            self._held_key = key
+            self.machine.hold([_piece(key)], self.now)
+        if first:
+            self.execute(self.machine.transcript(conn_id, "model", f"reply {key[0]} {key[1]}"))
+
+    def _play(self, key: tuple[str, int]) -> None:
+        """A piece of a reply reaches the caller."""
+        if key in self._heard_whole:
+            self.stats.repeated_pieces += 1
+        self.heard.append(self.now)
 
     def _reply_done(self, conn: _ServiceConn, key: tuple[str, int]) -> None:
         if (
@@ -746,6 +782,7 @@ class Report:
     max_overlap_s: float = 0.0
     gave_up: int = 0
     repeated_pieces: int = 0
+    repeats_skipped: int = 0
     failures: list[tuple[Schedule, Violation]] = field(default_factory=list)
 
 
@@ -771,6 +808,7 @@ def explore(
         report.max_overlap_s = max(report.max_overlap_s, stats.max_overlap_s)
         report.gave_up += stats.failed
         report.repeated_pieces += stats.repeated_pieces
+        report.repeats_skipped += stats.repeats_skipped
     return report
 
 
@@ -790,8 +828,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{mode}: {report.runs} schedules in {took:.1f} s, {report.resets} resets, "
             f"{report.overlap_frames} frames sent twice "
             f"(longest run {report.max_overlap_s:.3f} s), "
-            f"{report.gave_up} gave up (justified), {report.repeated_pieces} pieces of replies "
-            f"heard again, {len(report.failures)} failures"
+            f"{report.gave_up} gave up (justified), {report.repeats_skipped} repeats not "
+            f"played, {report.repeated_pieces} pieces of replies heard again, "
+            f"{len(report.failures)} failures"
         )
         for schedule, exc in report.failures:
             failed = True
