@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.testing.analysis import HeardReply, await_reply, heard_replies, segments, timeline
+from gateway.testing.analysis import (
+    HeardReply,
+    await_reply,
+    heard_pieces,
+    heard_replies,
+    segments,
+    timeline,
+)
 from gateway.testing.chaos import Chaos
 from gateway.testing.harness import TestBed
 from gateway.testing.twilio_sim import SimulatedCall
@@ -72,6 +79,7 @@ class Outcome:
     held_bytes: int  # what the model's session (its newest lineage) holds
     utterances: list[float]  # durations of the utterances the session holds
     replies: list[HeardReply]
+    pieces: list[tuple[int, float]]  # (reply, seconds) of each unbroken run of a reply heard
     connections: int
     events: list[str] = field(default_factory=list)
 
@@ -104,14 +112,22 @@ class Outcome:
         heard = full_replies(self.replies)
         if heard != list(range(1, self.turns + 1)):
             found.append(f"replies heard in full: {heard}")
-        heard_in_full: set[int] = set()
-        for r, nxt in itertools.zip_longest(self.replies, self.replies[1:]):
-            if r.n in heard_in_full:
-                found.append(f"reply {r.n} heard again ({r.duration_s:.2f} s) after in full")
-            elif r.duration_s > FULL_REPLY_S:
-                heard_in_full.add(r.n)
-            elif nxt is not None and nxt.n != r.n:
+        # A cut reply must be said again, unless the caller had it (or took it) as heard.
+        had: set[int] = set()
+        for r, nxt in itertools.pairwise(self.replies):
+            if r.duration_s > FULL_REPLY_S:
+                had.add(r.n)
+            elif nxt.n != r.n and r.n not in had:
                 found.append(f"reply {r.n} cut at {r.duration_s:.2f} s, then {nxt.n}")
+        # Heard in full and then again: judged on unbroken runs. (Two pieces of a reply cut
+        # and at once said again can follow each other closely enough to read as one whole
+        # reply, and the caller then takes it as heard and talks on.)
+        heard_in_full: set[int] = set()
+        for n, seconds in self.pieces:
+            if n in heard_in_full:
+                found.append(f"reply {n} heard again ({seconds:.2f} s) after in full")
+            elif seconds > FULL_REPLY_S:
+                heard_in_full.add(n)
         return found
 
     def figures(self) -> str:
@@ -139,6 +155,7 @@ def outcome(bed: TestBed, call: SimulatedCall, turns: int, stalled: str | None) 
         held_bytes=len(audio),
         utterances=[s.duration_s for s in segments(pcm, rate=16000)],
         replies=heard_replies(call.record),
+        pieces=[(r.n, r.duration_s) for r in heard_pieces(call.record)],
         connections=len(record.connections),
         events=[f"{t:.3f} {kind} {detail}" for t, kind, detail in record.events],
     )

@@ -331,7 +331,7 @@ def test_giving_up_names_a_typed_reason() -> None:
         ("Our store opens at nine o'clock.", "The store opens at nine", False, True),
         ("Our store opens at nine o'clock.", "The store", False, None),  # too few words yet
         ("Our store opens at nine o'clock.", "The store", True, False),
-        ("Sure, I can help with that. Your order shipped", "Sure, I can book a table", False, False),
+        ("Sure, I can help with that. Your order shipped", "Sure, I can book", False, False),
         ("reply 10", "", True, False),  # no transcript: no evidence, play it
     ],
 )
@@ -404,3 +404,17 @@ def test_a_held_reply_the_caller_talks_over_is_dropped_quietly() -> None:
     assert Interrupted() not in events(m.interrupted(conn, 3.2))
     m.caller_audio(FRAME, True, 3.3)
     assert m.model_output(conn, 4.0) is Output.HOLD  # still within the window: judged
+
+
+def test_a_skipped_reply_that_goes_on_differently_is_played_from_there() -> None:
+    """A reply judged a repeat on its first words that then says something else: the caller
+    gets the rest rather than silence."""
+    m, conn = heard_then_cut()
+    m.model_output(conn, 3.0)
+    m.hold([b"a" * 480], 3.0)
+    m.transcript(conn, "model", "Our store opens at nine")
+    assert m.model_output(conn, 3.1) is Output.DROP
+    (piece,) = events(m.transcript(conn, "model", " but today we close early because of the storm"))
+    assert piece == Transcript("model", " but today we close early because of the storm")
+    assert m.model_output(conn, 3.2) is Output.PLAY
+    assert TurnComplete() in events(m.turn_complete(conn, 4.0))

@@ -30,7 +30,8 @@ section says which service behaviours each covers):
   knows how many replies its state holds, each reply heard in full is kept with its
   transcript, and the first reply of a resumed connection is held until its transcript
   shows whether it repeats one the caller heard (`gateway.live.repeats`): a repeat is
-  not played (`RepeatSkipped`), anything else is played at once, and after
+  not played (`RepeatSkipped`) unless its words part from the heard ones later (then
+  the rest is played), anything else is played at once, and after
   ``repeat_judge_s`` without a verdict it is played. Only replies that begin within
   ``REPEAT_WINDOW_S`` of the resume are judged (the answers to replayed audio come
   first); if the caller spoke since the resume, a skipped reply may have been meant for
@@ -319,6 +320,7 @@ class SessionMachine:
         self._held: list[LiveEvent] = []
         self._held_s = 0.0
         self._skipping = False  # the reply in progress repeats one heard in full
+        self._skipped = ""  # what the caller heard of the reply being skipped
         self.history = _History()
         self.dropped_audio_s = 0.0
         self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
@@ -733,9 +735,13 @@ class SessionMachine:
             self.history.add("user", text)
             return [Emit(Transcript("caller", text))]
         self._reply_text += text
-        if self._skipping:
-            return []
         event = Transcript("model", text)
+        if self._skipping:
+            if same_reply(self._skipped, self._reply_text) is not False:
+                return []
+            # It goes on differently from what the caller heard: play the rest.
+            self._skipping = False
+            self._nudge_at = None
         if self._judge_until is not None:
             self._held.append(event)
             return self._judge(final=False)
@@ -785,7 +791,7 @@ class SessionMachine:
         text, heard_at = self._repeats.pop(verdicts.index(True))
         held_s = self._held_s
         self._stop_judging()
-        self._skipping = True
+        self._skipping, self._skipped = True, text
         if self._spoke_at > heard_at:
             # The caller spoke after hearing it: if the model then stays silent, prompt it.
             self._nudge_at = self._nudge_at or self._model_spoke_at + self.options.resume_nudge_s

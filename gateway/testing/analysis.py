@@ -119,6 +119,17 @@ def heard_replies(record: CallRecord, min_s: float = 0.04) -> list[HeardReply]:
     return replies
 
 
+def heard_pieces(record: CallRecord, min_s: float = 0.04) -> list[HeardReply]:
+    """Each unbroken run of a reply the caller heard, in order (`heard_replies` joins runs of
+    one reply heard close together: a reply cut and at once said again reads as one)."""
+    _, heard = timeline(record)
+    return [
+        HeardReply(n, seg.start_s, seg.duration_s)
+        for seg in segments(heard)
+        if (n := reply_number(seg.freq_hz)) is not None and seg.duration_s >= min_s
+    ]
+
+
 async def await_reply(
     call: SimulatedCall,
     n: int,
@@ -126,9 +137,11 @@ async def await_reply(
     min_s: float = 0.7,
     limit_s: float = 20.0,
     step_s: float = 0.1,
+    unbroken: bool = False,
 ) -> None:
     """Keep the line open (silence, as Twilio streams it) until the caller has heard at least
-    `min_s` of reply `n`; TimeoutError, naming what was heard, after `limit_s`.
+    `min_s` of reply `n` (`unbroken`: in one run); TimeoutError, naming what was heard,
+    after `limit_s`.
 
     The simulator counts a chunk as heard when it starts playing and cuts it short if the
     call ends first, so this also waits for the chunk playing to end: a hang-up right after
@@ -136,7 +149,8 @@ async def await_reply(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
-    while not any(r.n == n and r.duration_s > min_s for r in heard_replies(call.record)):
+    read = heard_pieces if unbroken else heard_replies
+    while not any(r.n == n and r.duration_s > min_s for r in read(call.record)):
         if loop.time() > deadline or call.closed:
             raise TimeoutError(f"reply {n} not heard; heard {heard_replies(call.record)}")
         await call.silence(step_s)
