@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -63,6 +64,7 @@ PAUSE_S = 0.3
 STEP_S = 0.1
 REPLY_PITCHES = 50  # gateway.testing.live_emulator.reply_freq cycles through 50 pitches
 REPLY_TIMEOUT_S = 20.0  # a reply not heard by then is lost (the call talks on)
+GAPPED_QUIET_S = 0.5  # a reply heard in pieces counts once nothing more came for this long
 BASE_HZ = 250.0
 STEP_HZ = 7.0  # between two calls' pitches: far more than the analysis' resolution
 MATCH_HZ = 3.0
@@ -125,6 +127,7 @@ class Turn:
     speech_end: float
     reply_start: float | None = None
     reply_end: float | None = None
+    gapped: bool = False  # heard whole, but with a gap in it (playback ran dry)
 
 
 @dataclass
@@ -138,10 +141,18 @@ class CallResult:
 
     @property
     def heard_ok(self) -> bool:
-        # The emulator's reply pitches repeat every REPLY_PITCHES replies (reply_freq), so
-        # reply n is heard as number (n - 1) % REPLY_PITCHES + 1.
-        expected = [(n - 1) % REPLY_PITCHES + 1 for n in range(1, len(self.turns) + 1)]
-        return self.error is None and self.heard == expected
+        """Every turn got a reply, and the replies came in order.
+
+        The emulator numbers a reply by the model turns its session's state holds (pitches
+        repeat every REPLY_PITCHES), so a reply interrupted or cut by a reset, or a repeat
+        the gateway did not play, moves the numbers on: in order means each whole reply's
+        number is one to three past the one before, never the same or lower."""
+        steps = [(b - a) % REPLY_PITCHES for a, b in itertools.pairwise(self.heard)]
+        return self.error is None and all(1 <= k <= 3 for k in steps)
+
+    @property
+    def gapped(self) -> int:
+        return sum(t.gapped for t in self.turns)
 
 
 @dataclass
@@ -151,15 +162,23 @@ class Window:
 
 async def await_reply(
     call: SimulatedCall, first: int, min_bytes: int
-) -> tuple[float, float] | None:
-    """Keep the line open until a whole reply was heard: its (start, end); None if none
-    came within REPLY_TIMEOUT_S."""
+) -> tuple[float, float, bool] | None:
+    """Keep the line open until a whole reply was heard: its (start, end, gapped); None if
+    none came within REPLY_TIMEOUT_S. Gapped: no one unbroken run held the whole reply,
+    but the runs since the turn add up to it and nothing more came for GAPPED_QUIET_S (a
+    reply heard with the line's playback running dry in it, e.g. on a busy machine)."""
     deadline = time.monotonic() + REPLY_TIMEOUT_S
     while time.monotonic() < deadline and not call.closed:
         await call.silence(STEP_S)
-        found = complete_reply(call.record, first, min_bytes, time.monotonic())
+        now = time.monotonic()
+        found = complete_reply(call.record, first, min_bytes, now)
         if found is not None:
-            return found
+            return (*found, False)
+        heard = call.record.heard[first:]
+        if heard and sum(len(c.ulaw) for c in heard) >= min_bytes:
+            end = heard[-1].at + len(heard[-1].ulaw) / SAMPLE_RATE
+            if now - end > GAPPED_QUIET_S:
+                return heard[0].at, end, True
     return None
 
 
@@ -185,7 +204,7 @@ async def talk(
                 if result.error is None:
                     result.error = "closed" if call.closed else f"reply {len(result.turns)} lost"
                 continue
-            turn.reply_start, turn.reply_end = found
+            turn.reply_start, turn.reply_end, turn.gapped = found
             await call.silence(PAUSE_S)
     finish(result, call, reply_s)
     return result
@@ -280,6 +299,8 @@ class Report:
     def lines(self) -> list[str]:
         turns = sum(len(r.turns) for r in self.results)
         heard = sum(r.heard_ok for r in self.results)
+        unanswered = sum(t.reply_start is None for r in self.results for t in r.turns)
+        gapped = sum(r.gapped for r in self.results)
         sent = sum(a["sent_s"] for a in self.audio.values())
         held = sum(a["held_s"] for a in self.audio.values())
         lost = sum(a["lost_s"] for a in self.audio.values())
@@ -290,10 +311,12 @@ class Report:
             f"calls: {self.calls} ({self.ramp}); window {self.minutes:g} min; machine busy "
             f"{100 * self.busy:.0f} % (this soak's processes {100 * self.own_busy:.0f} %)",
             "",
-            "| calls | turns | disruptions | every reply heard | caller audio sent s | held s "
+            "| calls | turns | disruptions | every reply heard, in order | turns without a reply "
+            "| replies heard with a gap | caller audio sent s | held s "
             "| lost s (calls over tolerance) | worst call lost s | held twice s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {self.calls} | {turns} | {len(self.disruptions)} | {heard}/{len(self.results)} "
+            f"| {unanswered} | {gapped} "
             f"| {sent:.1f} | {held:.1f} | {lost:.2f} ({len(losing)}) | {worst:.2f} "
             f"| {extra:.2f} |",
             "",

@@ -8,6 +8,7 @@ agreeing with the figures. Speed is never asserted (shared, noisy machines).
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def test_short_soak_reports_every_figure(tmp_path: Path) -> None:
     assert done.returncode in (0, 1), done.stderr[-2000:]
     text = done.stdout
     for header in (
-        "| calls | turns | disruptions | every reply heard | caller audio sent s",
+        "| calls | turns | disruptions | every reply heard, in order | turns without a reply "
+        "| replies heard with a gap | caller audio sent s",
         "| cause | turns | caller's gap ms p50 | p99 | max |",
         "| gateway | RSS MiB | open fds | sockets | threads | asyncio tasks |",
     ):
@@ -64,9 +66,8 @@ def test_short_soak_reports_every_figure(tmp_path: Path) -> None:
     )
     lost = [a for a in data["audio"].values() if a["lost_s"] > data["tolerance_s"]]
     heard = all(r["error"] is None for r in data["results"])
-    verdict_ok = (
-        not lost
-        and heard
-        and all(r["heard"] == list(range(1, len(r["turns"]) + 1)) for r in data["results"])
+    in_order = all(
+        1 <= (b - a) % 50 <= 3 for r in data["results"] for a, b in itertools.pairwise(r["heard"])
     )
+    verdict_ok = not lost and heard and in_order
     assert ("verdict: OK" in text) == verdict_ok == (done.returncode == 0), text
