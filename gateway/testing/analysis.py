@@ -44,6 +44,10 @@ class HeardReply:
     start_s: float
     duration_s: float
 
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.duration_s
+
 
 def timeline(record: CallRecord) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int16]]:
     """(caller, heard) as 8 kHz int16 on one timeline starting at the stream's start."""
@@ -99,35 +103,27 @@ def reply_number(freq_hz: float, tolerance_hz: float = 12.0) -> int | None:
     return None
 
 
-def heard_replies(record: CallRecord, min_s: float = 0.04) -> list[HeardReply]:
-    """The replies on the caller's side of the line, in the order heard."""
-    _, heard = timeline(record)
-    replies: list[HeardReply] = []
-    for seg in segments(heard):
-        n = reply_number(seg.freq_hz)
-        if n is None or seg.duration_s < min_s:
-            continue
-        if (
-            replies
-            and replies[-1].n == n
-            and seg.start_s - (replies[-1].start_s + replies[-1].duration_s) < 0.1
-        ):
-            last = replies[-1]
-            replies[-1] = HeardReply(n, last.start_s, seg.end_s - last.start_s)
-        else:
-            replies.append(HeardReply(n, seg.start_s, seg.duration_s))
-    return replies
-
-
 def heard_pieces(record: CallRecord, min_s: float = 0.04) -> list[HeardReply]:
-    """Each unbroken run of a reply the caller heard, in order (`heard_replies` joins runs of
-    one reply heard close together: a reply cut and at once said again reads as one)."""
+    """Each unbroken run of a reply the caller heard, in order."""
     _, heard = timeline(record)
     return [
         HeardReply(n, seg.start_s, seg.duration_s)
         for seg in segments(heard)
         if (n := reply_number(seg.freq_hz)) is not None and seg.duration_s >= min_s
     ]
+
+
+def heard_replies(record: CallRecord, min_s: float = 0.04) -> list[HeardReply]:
+    """The replies on the caller's side of the line, in the order heard: runs of one reply
+    less than 0.1 s apart are one (so a reply cut and at once said again reads as one)."""
+    replies: list[HeardReply] = []
+    for piece in heard_pieces(record, min_s):
+        last = replies[-1] if replies else None
+        if last is not None and last.n == piece.n and piece.start_s - last.end_s < 0.1:
+            replies[-1] = HeardReply(piece.n, last.start_s, piece.end_s - last.start_s)
+        else:
+            replies.append(piece)
+    return replies
 
 
 async def await_reply(
@@ -137,11 +133,9 @@ async def await_reply(
     min_s: float = 0.7,
     limit_s: float = 20.0,
     step_s: float = 0.1,
-    unbroken: bool = False,
 ) -> None:
     """Keep the line open (silence, as Twilio streams it) until the caller has heard at least
-    `min_s` of reply `n` (`unbroken`: in one run); TimeoutError, naming what was heard,
-    after `limit_s`.
+    `min_s` of reply `n`; TimeoutError, naming what was heard, after `limit_s`.
 
     The simulator counts a chunk as heard when it starts playing and cuts it short if the
     call ends first, so this also waits for the chunk playing to end: a hang-up right after
@@ -149,8 +143,7 @@ async def await_reply(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
-    read = heard_pieces if unbroken else heard_replies
-    while not any(r.n == n and r.duration_s > min_s for r in read(call.record)):
+    while not any(r.n == n and r.duration_s > min_s for r in heard_replies(call.record)):
         if loop.time() > deadline or call.closed:
             raise TimeoutError(f"reply {n} not heard; heard {heard_replies(call.record)}")
         await call.silence(step_s)
