@@ -319,8 +319,7 @@ class SessionMachine:
         self._judge_until: float | None = None  # a reply is held until then at the latest
         self._held: list[LiveEvent] = []
         self._held_s = 0.0
-        self._skipping = False  # the reply in progress repeats one heard in full
-        self._skipped = ""  # what the caller heard of the reply being skipped
+        self._skipping: str | None = None  # the heard reply the one in progress repeats
         self.history = _History()
         self.dropped_audio_s = 0.0
         self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
@@ -503,7 +502,6 @@ class SessionMachine:
         self._stop_judging()
         if conn.cause is not None:
             self._repeats = [(text, at) for n, text, at in self._said if n > conn.replies]
-        if conn.cause is not None:
             cause = ResetCause.REFUSED if self._refused_in_reset else conn.cause
             gap = now - self._lost_at if self._lost_at is not None else 0.0
             if old is not None and self._switch_forced:
@@ -590,7 +588,7 @@ class SessionMachine:
             return []
         conn.generating = False
         self.turn_state = TurnState.IDLE
-        skipping, judging = self._skipping, self._judge_until is not None
+        skipping, judging = self._skipping is not None, self._judge_until is not None
         self._stop_judging()
         if skipping:
             return []  # a repeat nobody heard: what the caller heard before stands
@@ -714,7 +712,7 @@ class SessionMachine:
                     self._judge_until = now + self.options.repeat_judge_s
             else:
                 self._repeats.clear()
-        if self._skipping:
+        if self._skipping is not None:
             return Output.DROP
         if self._judge_until is not None:
             return Output.HOLD
@@ -736,11 +734,11 @@ class SessionMachine:
             return [Emit(Transcript("caller", text))]
         self._reply_text += text
         event = Transcript("model", text)
-        if self._skipping:
-            if same_reply(self._skipped, self._reply_text) is not False:
+        if self._skipping is not None:
+            if same_reply(self._skipping, self._reply_text) is not False:
                 return []
             # It goes on differently from what the caller heard: play the rest.
-            self._skipping = False
+            self._skipping = None
             self._nudge_at = None
         if self._judge_until is not None:
             self._held.append(event)
@@ -754,7 +752,7 @@ class SessionMachine:
             return []
         conn.generating = False
         self.turn_state = TurnState.CALLER_SPEAKING
-        unheard = self._skipping or self._judge_until is not None
+        unheard = self._skipping is not None or self._judge_until is not None
         self._stop_judging()
         return [] if unheard else [Emit(Interrupted())]
 
@@ -762,7 +760,7 @@ class SessionMachine:
         if self._from_active(conn_id) is None:
             return []
         actions = self._judge(final=True) if self._judge_until is not None else []
-        return actions if self._skipping else [*actions, Emit(GenerationComplete())]
+        return actions if self._skipping is not None else [*actions, Emit(GenerationComplete())]
 
     def turn_complete(self, conn_id: int, now: float) -> list[Action]:
         conn = self._from_active(conn_id)
@@ -774,8 +772,8 @@ class SessionMachine:
         self.turn_state = TurnState.IDLE
         if spoke:
             conn.replies += 1
-        if self._skipping:
-            self._skipping = False
+        if self._skipping is not None:
+            self._skipping = None
             return [*actions, *self._maybe_switch(now)]
         if spoke and self._reply_text.strip():
             self._said.append((conn.replies, self._reply_text, now))
@@ -791,7 +789,7 @@ class SessionMachine:
         text, heard_at = self._repeats.pop(verdicts.index(True))
         held_s = self._held_s
         self._stop_judging()
-        self._skipping, self._skipped = True, text
+        self._skipping = text
         if self._spoke_at > heard_at:
             # The caller spoke after hearing it: if the model then stays silent, prompt it.
             self._nudge_at = self._nudge_at or self._model_spoke_at + self.options.resume_nudge_s
@@ -802,9 +800,7 @@ class SessionMachine:
     def _release(self) -> list[Action]:
         """Play what was held: the model says something new (or could not be judged)."""
         held = self._held
-        self._held = []
-        self._held_s = 0.0
-        self._judge_until = None
+        self._stop_judging()
         self._nudge_at = None
         self._abandoned_reply = False
         for event in held:
@@ -816,7 +812,7 @@ class SessionMachine:
         self._held = []
         self._held_s = 0.0
         self._judge_until = None
-        self._skipping = False
+        self._skipping = None
 
     def tool_call(
         self, conn_id: int, call_id: str, name: str, args: dict[str, object]
@@ -852,7 +848,7 @@ class SessionMachine:
         if self.caller_speaking(now):
             self._nudge_at = self._spoke_at + self.options.caller_pause_s
             return []
-        if self._skipping or self._judge_until is not None:
+        if self._skipping is not None or self._judge_until is not None:
             self._nudge_at = now + self.options.resume_nudge_s  # it is talking
             return []
         self._nudge_at = None
