@@ -43,7 +43,13 @@ from typing import Any, BinaryIO
 
 import aiohttp
 
-from bench.common import AUTH_TOKEN, PUBLIC_URL, Histogram, cpu_seconds, histograms, rss_bytes
+from bench.common import (
+    Histogram,
+    cpu_seconds,
+    gateway_env,
+    histograms,
+    rss_bytes,
+)
 from bench.common import run as run_loop
 from gateway.testing.harness import free_port
 
@@ -244,20 +250,8 @@ class Bench:
     logs: Path
 
     def gateway_env(self, port: int) -> dict[str, str]:
-        info = self.emulator_info
         extra = dict(kv.split("=", 1) for kv in self.args.gateway_env)
-        return extra | {
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "PUBLIC_URL": PUBLIC_URL,
-            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-            "GEMINI_API_KEY": info["api_key"],
-            "GOOGLE_GEMINI_BASE_URL": info["base_url"],
-            "SSL_CERT_FILE": info["ca_pem"],
-            "LOG_LEVEL": "WARNING",
-            "MAX_CALLS": "100000",
-            "GREETING": "",  # callers talk first: each turn is one measured reply
-        }
+        return extra | gateway_env(self.emulator_info, port)
 
     async def start_gateway(self, impl: str) -> tuple[Proc, str]:
         port = free_port()

@@ -15,6 +15,27 @@ from gateway.__main__ import event_loop_factory
 
 PUBLIC_URL = "https://gateway.bench.test"
 AUTH_TOKEN = "bench-auth-token-0123456789abcdef"
+
+
+def gateway_env(
+    emulator_info: dict[str, Any], port: int, log_level: str = "WARNING"
+) -> dict[str, str]:
+    """A gateway's environment for a run against the emulator `bench.emulator_server` started
+    (its first line: `emulator_info`), listening on loopback at `port`."""
+    return {
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "PUBLIC_URL": PUBLIC_URL,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "GEMINI_API_KEY": emulator_info["api_key"],
+        "GOOGLE_GEMINI_BASE_URL": emulator_info["base_url"],
+        "SSL_CERT_FILE": emulator_info["ca_pem"],
+        "LOG_LEVEL": log_level,
+        "MAX_CALLS": "100000",
+        "GREETING": "",  # callers talk first: each turn is one measured reply
+    }
+
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 

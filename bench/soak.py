@@ -53,7 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.__main__ import Proc, machine_busy, spawn, wait_healthy
 from bench.callers import complete_reply
-from bench.common import AUTH_TOKEN, PUBLIC_URL, cpu_seconds, rss_bytes
+from bench.common import AUTH_TOKEN, PUBLIC_URL, cpu_seconds, gateway_env, rss_bytes
 from bench.common import run as run_loop
 from gateway.testing.analysis import heard_replies
 from gateway.testing.harness import free_port
@@ -409,18 +409,7 @@ async def soak(args: argparse.Namespace) -> Report:
             info = await emulator.line(limit_s=30)
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
                 port = free_port()
-                env = {
-                    "HOST": "127.0.0.1",
-                    "PORT": str(port),
-                    "PUBLIC_URL": PUBLIC_URL,
-                    "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-                    "GEMINI_API_KEY": info["api_key"],
-                    "GOOGLE_GEMINI_BASE_URL": info["base_url"],
-                    "SSL_CERT_FILE": info["ca_pem"],
-                    "LOG_LEVEL": os.environ.get("SOAK_LOG_LEVEL", "WARNING"),
-                    "MAX_CALLS": "100000",
-                    "GREETING": "",  # the caller speaks first: reply n answers turn n
-                }
+                env = gateway_env(info, port, os.environ.get("SOAK_LOG_LEVEL", "WARNING"))
                 gateway = await spawn("gateway", ["-m", "gateway"], env, logs)
                 url = f"http://127.0.0.1:{port}"
                 await wait_healthy(http, url, gateway)
