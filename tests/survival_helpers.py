@@ -15,6 +15,7 @@ from gateway.testing.analysis import (
     await_reply,
     heard_pieces,
     heard_replies,
+    playings,
     segments,
     timeline,
 )
@@ -29,6 +30,7 @@ FULL_REPLY_S = 0.7  # of the test replies' 0.8 s: heard, the caller talks on
 # Heard in full, for the check that a reply is not heard again after it: a reply cut in its
 # last tenth and then said again by a resumed model was heard, but not whole.
 WHOLE_REPLY_S = 0.76
+REPLY_S = 0.8  # the test replies' length (quick_emulator's reply_s)
 # Input a reset may send twice, because the service cannot say what a handle covers (the
 # session manager's guard: about 1.5 round trips); an utterance may be held that much longer.
 OVERLAP_S = 0.1
@@ -82,7 +84,7 @@ class Outcome:
     held_bytes: int  # what the model's session (its newest lineage) holds
     utterances: list[float]  # durations of the utterances the session holds
     replies: list[HeardReply]
-    pieces: list[tuple[int, float]]  # (reply, seconds) of each unbroken run of a reply heard
+    pieces: list[HeardReply]  # each unbroken run of a reply heard
     connections: int
     events: list[str] = field(default_factory=list)
 
@@ -122,11 +124,12 @@ class Outcome:
                 had.add(r.n)
             elif nxt.n != r.n and r.n not in had:
                 found.append(f"reply {r.n} cut at {r.duration_s:.2f} s, then {nxt.n}")
-        # Heard in full and then again: judged on unbroken runs. (Two pieces of a reply cut
-        # and at once said again can follow each other closely enough to read as one whole
-        # reply, and the caller then takes it as heard and talks on.)
+        # Heard in full and then again: judged on playings, not joined replies. (Two pieces
+        # of a reply cut and at once said again can follow each other closely enough to
+        # read as one whole reply, and the caller then takes it as heard and talks on.)
         heard_in_full: set[int] = set()
-        for n, seconds in self.pieces:
+        for playing in playings(self.pieces, REPLY_S):
+            n, seconds = playing.n, playing.duration_s
             if n in heard_in_full:
                 found.append(f"reply {n} heard again ({seconds:.2f} s) after in full")
             elif seconds > WHOLE_REPLY_S:
@@ -158,7 +161,7 @@ def outcome(bed: TestBed, call: SimulatedCall, turns: int, stalled: str | None) 
         held_bytes=len(audio),
         utterances=[s.duration_s for s in segments(pcm, rate=16000)],
         replies=heard_replies(call.record),
-        pieces=[(r.n, r.duration_s) for r in heard_pieces(call.record)],
+        pieces=heard_pieces(call.record),
         connections=len(record.connections),
         events=[f"{t:.3f} {kind} {detail}" for t, kind, detail in record.events],
     )

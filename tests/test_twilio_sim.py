@@ -29,6 +29,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
+from gateway.testing.analysis import HeardReply, playings
 from gateway.testing.twilio_sim import (
     CallRecord,
     CallRejected,
@@ -180,6 +181,21 @@ def test_tone_helpers_round_trip() -> None:
         1234.0, abs=5.0
     )
     assert dominant_frequency(np.zeros(800, dtype=np.int16), 8000) == 0.0
+
+
+def test_playings_join_a_stall_but_not_a_repetition() -> None:
+    """A reply split by a playback stall is one playing; a reply heard again is two."""
+    stalled = [HeardReply(3, 1.0, 0.3), HeardReply(3, 1.36, 0.52)]  # a 0.06-s stall
+    [joined] = playings(stalled, reply_s=0.8)
+    assert (joined.n, joined.start_s) == (3, 1.0) and joined.duration_s == pytest.approx(0.88)
+    again = [HeardReply(3, 1.0, 0.82), HeardReply(3, 1.86, 0.3)]  # 0.3 s more than a reply
+    assert playings(again, reply_s=0.8) == again
+    cut_then_said_again = [HeardReply(3, 1.0, 0.4), HeardReply(3, 1.45, 0.82)]
+    assert playings(cut_then_said_again, reply_s=0.8) == cut_then_said_again
+    far_apart = [HeardReply(3, 1.0, 0.3), HeardReply(3, 1.5, 0.3)]  # longer than a stall
+    assert playings(far_apart, reply_s=0.8) == far_apart
+    other_reply = [HeardReply(3, 1.0, 0.3), HeardReply(4, 1.35, 0.3)]
+    assert playings(other_reply, reply_s=0.8) == other_reply
 
 
 async def test_signed_webhook_and_stream_start(harness: Harness) -> None:

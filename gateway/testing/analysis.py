@@ -21,6 +21,8 @@ except ImportError:  # pragma: no cover - Python 3.13 without audioop-lts
 
 RATE = 8000
 WINDOW = 160  # 20 ms at 8 kHz
+WINDOW_S = WINDOW / RATE
+PLAYBACK_GAP_S = 0.1  # runs of one reply closer than this may be one playing
 
 
 @dataclass(frozen=True)
@@ -113,13 +115,42 @@ def heard_pieces(record: CallRecord, min_s: float = 0.04) -> list[HeardReply]:
     ]
 
 
+def playings(pieces: list[HeardReply], reply_s: float) -> list[HeardReply]:
+    """Each playing of a reply `reply_s` long: its unbroken runs joined across a playback
+    stall (audio reaching the caller late on a loaded machine splits one playing in two).
+
+    Runs of one reply less than PLAYBACK_GAP_S apart are one playing while together they
+    hold no more than one reply, allowing a 20-ms window of measurement per run and one of
+    slack: the test replies are one tone each, so only their length tells a stall from a
+    repetition. Durations span the playing, gaps included."""
+    found: list[HeardReply] = []
+    heard = 0.0  # audio in the last playing, without its gaps
+    runs = 0
+    for piece in pieces:
+        last = found[-1] if found else None
+        if (
+            last is not None
+            and last.n == piece.n
+            and piece.start_s - last.end_s < PLAYBACK_GAP_S
+            and heard + piece.duration_s <= reply_s + WINDOW_S * (runs + 2)
+        ):
+            found[-1] = HeardReply(piece.n, last.start_s, piece.end_s - last.start_s)
+            heard += piece.duration_s
+            runs += 1
+            continue
+        found.append(piece)
+        heard, runs = piece.duration_s, 1
+    return found
+
+
 def heard_replies(record: CallRecord, min_s: float = 0.04) -> list[HeardReply]:
     """The replies on the caller's side of the line, in the order heard: runs of one reply
-    less than 0.1 s apart are one (so a reply cut and at once said again reads as one)."""
+    less than PLAYBACK_GAP_S apart are one (so a reply cut and at once said again reads as
+    one, as does a playing split by a stall)."""
     replies: list[HeardReply] = []
     for piece in heard_pieces(record, min_s):
         last = replies[-1] if replies else None
-        if last is not None and last.n == piece.n and piece.start_s - last.end_s < 0.1:
+        if last is not None and last.n == piece.n and piece.start_s - last.end_s < PLAYBACK_GAP_S:
             replies[-1] = HeardReply(piece.n, last.start_s, piece.end_s - last.start_s)
         else:
             replies.append(piece)
