@@ -29,10 +29,12 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-from gateway.testing.analysis import HeardReply, playings
+from gateway.testing.analysis import HeardReply, heard_pieces, playings, segments, timeline
+from gateway.testing.live_emulator import reply_freq
 from gateway.testing.twilio_sim import (
     CallRecord,
     CallRejected,
+    HeardAudio,
     SimulatedCall,
     StreamRejected,
     TwilioCallerSimulator,
@@ -196,6 +198,30 @@ def test_playings_join_a_stall_but_not_a_repetition() -> None:
     assert playings(far_apart, reply_s=0.8) == far_apart
     other_reply = [HeardReply(3, 1.0, 0.3), HeardReply(4, 1.35, 0.3)]
     assert playings(other_reply, reply_s=0.8) == other_reply
+
+
+def test_heard_pieces_from_a_moment_are_the_call_s_pieces_after_it() -> None:
+    """Reading only the recent part of a call (as await_reply does) splits and times runs
+    as reading the whole call does."""
+    record = CallRecord(speed=2.0)
+    record.events.append((100.0, "start_tx", ""))
+    at = 100.0
+    for n in range(1, 7):  # replies of 0.8 s in 40-ms chunks, 0.5 s apart, one with a stall
+        for i in range(20):
+            record.heard.append(HeardAudio(at, tone_ulaw(reply_freq(n), 0.04)))
+            at += 0.02 + (0.03 if (n, i) == (4, 9) else 0.0)
+        at += 0.25
+    _, heard = timeline(record)
+    whole = [(round(s.start_s, 3), round(s.duration_s, 3)) for s in segments(heard)]
+    assert len(whole) == 7  # six replies, one of them in two runs
+    for since in (0.0, 1.0, 2.2, 3.5, 5.0):  # between replies
+        assert runs(heard_pieces(record, since_s=since)) == [w for w in whole if w[0] >= since]
+    # From inside a reply: its run is read from there.
+    assert runs(heard_pieces(record, since_s=2.9)) == [(2.9, 0.5), *whole[3:]]
+
+
+def runs(pieces: list[HeardReply]) -> list[tuple[float, float]]:
+    return [(round(p.start_s, 3), round(p.duration_s, 3)) for p in pieces]
 
 
 async def test_signed_webhook_and_stream_start(harness: Harness) -> None:

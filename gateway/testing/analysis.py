@@ -23,6 +23,7 @@ RATE = 8000
 WINDOW = 160  # 20 ms at 8 kHz
 WINDOW_S = WINDOW / RATE
 PLAYBACK_GAP_S = 0.1  # runs of one reply closer than this may be one playing
+LOOKBACK_S = 5.0  # how far back await_reply looks for the reply it waits for, after a first look
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,33 @@ def timeline(record: CallRecord) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.
     return caller, heard
 
 
+def _position_s(record: CallRecord) -> float:
+    """Now, in seconds of the caller's timeline (0 before the stream started)."""
+    origin = next((t for t, kind, _ in record.events if kind == "start_tx"), None)
+    return 0.0 if origin is None else (time.monotonic() - origin) * record.speed
+
+
+def _heard_from(record: CallRecord, since_s: float) -> npt.NDArray[np.int16]:
+    """What the caller heard from `since_s` (seconds after the stream's start, rounded down
+    to a 20-ms window, so runs split where :func:`timeline` splits them) to its end."""
+    origin = next((t for t, kind, _ in record.events if kind == "start_tx"), None)
+    if origin is None or not record.heard:
+        return np.zeros(0, dtype=np.int16)
+    per_second = RATE * record.speed
+    first = int(since_s * RATE) // WINDOW * WINDOW
+    last = record.heard[-1]
+    end = max(first, round((last.at - origin) * per_second) + len(last.ulaw))
+    heard = np.zeros(end - first, dtype=np.int16)
+    for chunk in reversed(record.heard):  # playback is in order: stop before `first`
+        pos = max(0, round((chunk.at - origin) * per_second))
+        if pos + len(chunk.ulaw) <= first:
+            break
+        pcm = np.frombuffer(audioop.ulaw2lin(chunk.ulaw, 2), dtype=np.int16)
+        skip = max(0, first - pos)
+        heard[pos + skip - first : pos - first + len(pcm)] = pcm[skip:]
+    return heard
+
+
 def segments(
     pcm: npt.NDArray[np.int16], threshold: float = 500.0, rate: int = RATE
 ) -> list[Segment]:
@@ -105,11 +133,12 @@ def reply_number(freq_hz: float, tolerance_hz: float = 12.0) -> int | None:
     return None
 
 
-def heard_pieces(record: CallRecord, min_s: float = 0.04) -> list[HeardReply]:
-    """Each unbroken run of a reply the caller heard, in order."""
-    _, heard = timeline(record)
+def heard_pieces(record: CallRecord, min_s: float = 0.04, since_s: float = 0.0) -> list[HeardReply]:
+    """Each unbroken run of a reply the caller heard (from `since_s` on), in order."""
+    heard = _heard_from(record, since_s)
+    offset = int(since_s * RATE) // WINDOW * WINDOW / RATE
     return [
-        HeardReply(n, seg.start_s, seg.duration_s)
+        HeardReply(n, offset + seg.start_s, seg.duration_s)
         for seg in segments(heard)
         if (n := reply_number(seg.freq_hz)) is not None and seg.duration_s >= min_s
     ]
@@ -143,12 +172,14 @@ def playings(pieces: list[HeardReply], reply_s: float) -> list[HeardReply]:
     return found
 
 
-def heard_replies(record: CallRecord, min_s: float = 0.04) -> list[HeardReply]:
+def heard_replies(
+    record: CallRecord, min_s: float = 0.04, since_s: float = 0.0
+) -> list[HeardReply]:
     """The replies on the caller's side of the line, in the order heard: runs of one reply
     less than PLAYBACK_GAP_S apart are one (so a reply cut and at once said again reads as
     one, as does a playing split by a stall)."""
     replies: list[HeardReply] = []
-    for piece in heard_pieces(record, min_s):
+    for piece in heard_pieces(record, min_s, since_s):
         last = replies[-1] if replies else None
         if last is not None and last.n == piece.n and piece.start_s - last.end_s < PLAYBACK_GAP_S:
             replies[-1] = HeardReply(piece.n, last.start_s, piece.end_s - last.start_s)
@@ -174,7 +205,13 @@ async def await_reply(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
-    while not any(r.n == n and r.duration_s > min_s for r in heard_replies(call.record)):
+    # After a first look at the whole call, only its recent part: reading all of a long call
+    # every step would stall the event loop the call shares (and split what it plays).
+    since_s = 0.0
+    while not any(
+        r.n == n and r.duration_s > min_s for r in heard_replies(call.record, since_s=since_s)
+    ):
+        since_s = max(0.0, _position_s(call.record) - LOOKBACK_S)
         if loop.time() > deadline or call.closed:
             raise TimeoutError(f"reply {n} not heard; heard {heard_replies(call.record)}")
         await call.silence(step_s)
