@@ -29,7 +29,14 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-from gateway.testing.analysis import HeardReply, heard_pieces, playings, segments, timeline
+from gateway.testing.analysis import (
+    HeardReply,
+    heard_pieces,
+    heard_replies,
+    playings,
+    segments,
+    timeline,
+)
 from gateway.testing.live_emulator import reply_freq
 from gateway.testing.twilio_sim import (
     CallRecord,
@@ -201,21 +208,26 @@ def test_playings_join_a_stall_but_not_a_repetition() -> None:
 
 
 def test_heard_pieces_from_a_moment_are_the_call_s_pieces_after_it() -> None:
-    """Reading only the recent part of a call (as await_reply does) splits and times runs
-    as reading the whole call does."""
+    """Reading only the recent part of a call (as await_reply does) splits, times and joins
+    runs exactly as reading the whole call does."""
     record = CallRecord(speed=2.0)
     record.events.append((100.0, "start_tx", ""))
     at = 100.0
-    for n in range(1, 7):  # replies of 0.8 s in 40-ms chunks, 0.5 s apart, one with a stall
+    stalls = {(4, 9): 0.03, (5, 12): 0.0568}  # 0.06 s and 0.11 s of the timeline
+    for n in range(1, 7):  # replies of 0.8 s in 40-ms chunks, 0.5 s apart, two stalled
         for i in range(20):
             record.heard.append(HeardAudio(at, tone_ulaw(reply_freq(n), 0.04)))
-            at += 0.02 + (0.03 if (n, i) == (4, 9) else 0.0)
+            at += 0.02 + stalls.get((n, i), 0.0)
         at += 0.25
     _, heard = timeline(record)
     whole = [(round(s.start_s, 3), round(s.duration_s, 3)) for s in segments(heard)]
-    assert len(whole) == 7  # six replies, one of them in two runs
-    for since in (0.0, 1.0, 2.2, 3.5, 5.0):  # between replies
+    assert len(whole) == 8  # six replies, two of them in two runs
+    # The first stall is under PLAYBACK_GAP_S (one reply), the second is not.
+    assert [r.n for r in heard_replies(record)] == [1, 2, 3, 4, 5, 5, 6]
+    for since in (0.0, 1.0, 2.2, 3.5, 5.0, 6.6):  # between replies
         assert runs(heard_pieces(record, since_s=since)) == [w for w in whole if w[0] >= since]
+        expected = [r for r in heard_replies(record) if r.start_s >= since]
+        assert heard_replies(record, since_s=since) == expected, since
     # From inside a reply: its run is read from there.
     assert runs(heard_pieces(record, since_s=2.9)) == [(2.9, 0.5), *whole[3:]]
 

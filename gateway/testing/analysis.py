@@ -79,14 +79,12 @@ def _position_s(record: CallRecord) -> float:
     return 0.0 if origin is None else (time.monotonic() - origin) * record.speed
 
 
-def _heard_from(record: CallRecord, since_s: float) -> npt.NDArray[np.int16]:
-    """What the caller heard from `since_s` (seconds after the stream's start, rounded down
-    to a 20-ms window, so runs split where :func:`timeline` splits them) to its end."""
+def _heard_from(record: CallRecord, first: int) -> npt.NDArray[np.int16]:
+    """What the caller heard from sample `first` of :func:`timeline`'s heard track on."""
     origin = next((t for t, kind, _ in record.events if kind == "start_tx"), None)
     if origin is None or not record.heard:
         return np.zeros(0, dtype=np.int16)
     per_second = RATE * record.speed
-    first = int(since_s * RATE) // WINDOW * WINDOW
     last = record.heard[-1]
     end = max(first, round((last.at - origin) * per_second) + len(last.ulaw))
     heard = np.zeros(end - first, dtype=np.int16)
@@ -101,9 +99,10 @@ def _heard_from(record: CallRecord, since_s: float) -> npt.NDArray[np.int16]:
 
 
 def segments(
-    pcm: npt.NDArray[np.int16], threshold: float = 500.0, rate: int = RATE
+    pcm: npt.NDArray[np.int16], threshold: float = 500.0, rate: int = RATE, first: int = 0
 ) -> list[Segment]:
-    """Runs of 20 ms windows whose RMS exceeds `threshold`, with their pitch."""
+    """Runs of 20 ms windows whose RMS exceeds `threshold`, with their pitch; `pcm` begins
+    `first` samples into the timeline (a multiple of the window)."""
     window = rate // 50
     n = len(pcm) // window
     if n == 0:
@@ -120,7 +119,8 @@ def segments(
         while j < n and loud[j]:
             j += 1
         piece = pcm[i * window : j * window]
-        found.append(Segment(i * window / rate, j * window / rate, dominant_frequency(piece, rate)))
+        start, end = first + i * window, first + j * window
+        found.append(Segment(start / rate, end / rate, dominant_frequency(piece, rate)))
         i = j
     return found
 
@@ -133,13 +133,18 @@ def reply_number(freq_hz: float, tolerance_hz: float = 12.0) -> int | None:
     return None
 
 
+def _close(before: HeardReply, after: HeardReply) -> bool:
+    """Two runs less than PLAYBACK_GAP_S apart, counted in the 20-ms windows they are measured
+    in (so the same runs read the same whatever float sums led to their times)."""
+    return round((after.start_s - before.end_s) / WINDOW_S) < round(PLAYBACK_GAP_S / WINDOW_S)
+
+
 def heard_pieces(record: CallRecord, min_s: float = 0.04, since_s: float = 0.0) -> list[HeardReply]:
     """Each unbroken run of a reply the caller heard (from `since_s` on), in order."""
-    heard = _heard_from(record, since_s)
-    offset = int(since_s * RATE) // WINDOW * WINDOW / RATE
+    first = int(since_s * RATE) // WINDOW * WINDOW
     return [
-        HeardReply(n, offset + seg.start_s, seg.duration_s)
-        for seg in segments(heard)
+        HeardReply(n, seg.start_s, seg.duration_s)
+        for seg in segments(_heard_from(record, first), first=first)
         if (n := reply_number(seg.freq_hz)) is not None and seg.duration_s >= min_s
     ]
 
@@ -160,7 +165,7 @@ def playings(pieces: list[HeardReply], reply_s: float) -> list[HeardReply]:
         if (
             last is not None
             and last.n == piece.n
-            and piece.start_s - last.end_s < PLAYBACK_GAP_S
+            and _close(last, piece)
             and heard + piece.duration_s <= reply_s + WINDOW_S * (runs + 2)
         ):
             found[-1] = HeardReply(piece.n, last.start_s, piece.end_s - last.start_s)
@@ -181,7 +186,7 @@ def heard_replies(
     replies: list[HeardReply] = []
     for piece in heard_pieces(record, min_s, since_s):
         last = replies[-1] if replies else None
-        if last is not None and last.n == piece.n and piece.start_s - last.end_s < PLAYBACK_GAP_S:
+        if last is not None and last.n == piece.n and _close(last, piece):
             replies[-1] = HeardReply(piece.n, last.start_s, piece.end_s - last.start_s)
         else:
             replies.append(piece)
