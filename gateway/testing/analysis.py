@@ -200,9 +200,12 @@ async def await_reply(
     min_s: float = 0.7,
     limit_s: float = 20.0,
     step_s: float = 0.1,
+    in_all: bool = False,
 ) -> None:
     """Keep the line open (silence, as Twilio streams it) until the caller has heard at least
-    `min_s` of reply `n`; TimeoutError, naming what was heard, after `limit_s`.
+    `min_s` of reply `n`; TimeoutError, naming what was heard, after `limit_s`. With
+    `in_all`, what counts is all of reply `n` heard since the wait began, however split (a
+    playing stalled by a burst of load reads whole; so would a repetition).
 
     The simulator counts a chunk as heard when it starts playing and cuts it short if the
     call ends first, so this also waits for the chunk playing to end: a hang-up right after
@@ -212,11 +215,19 @@ async def await_reply(
     deadline = loop.time() + limit_s
     # After a first look at the whole call, only its recent part: reading all of a long call
     # every step would stall the event loop the call shares (and split what it plays).
-    since_s = 0.0
-    while not any(
-        r.n == n and r.duration_s > min_s for r in heard_replies(call.record, since_s=since_s)
-    ):
-        since_s = max(0.0, _position_s(call.record) - LOOKBACK_S)
+    began_s = _position_s(call.record)
+    since_s = began_s if in_all else 0.0
+
+    def heard() -> bool:
+        if in_all:
+            pieces = heard_pieces(call.record, since_s=began_s)
+            return sum(p.duration_s for p in pieces if p.n == n) > min_s
+        replies = heard_replies(call.record, since_s=since_s)
+        return any(r.n == n and r.duration_s > min_s for r in replies)
+
+    while not heard():
+        if not in_all:
+            since_s = max(0.0, _position_s(call.record) - LOOKBACK_S)
         if loop.time() > deadline or call.closed:
             raise TimeoutError(f"reply {n} not heard; heard {heard_replies(call.record)}")
         await call.silence(step_s)
