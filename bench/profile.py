@@ -1,6 +1,6 @@
 """Summarise a py-spy profile (``python -m bench --profile DIR`` writes folded stacks).
 
-``python -m bench.profile DIR/gateway-100.txt`` prints, per function, the share of samples
+``python -m bench.profile DIR/gateway-50.txt`` prints, per function, the share of samples
 it was on the stack for, and the share per layer (gateway code, audio numerics, the Live
 SDK, websockets, aiohttp, TLS, the event loop). Samples whose innermost frame is the event
 loop's wait (``select``) or a socket write are left out: py-spy counts a thread preempted in
@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 IDLE_LEAVES = ("EpollSelector.select", "_SelectorSocketTransport.write", "Loop.run_forever")
+LOOP_LEAVES = ("Runner.run",)  # py-spy sees no frames inside uvloop: its work shows here
 LAYERS = (  # first match wins, innermost frame first
     ("audio numerics (resamplers)", ("gateway/audio.py",)),
     ("Live SDK (google-genai, pydantic)", ("genai/", "pydantic/")),
@@ -46,6 +47,9 @@ def summarise(path: Path, top: int) -> str:
         for frame in set(stack):
             inclusive[frame] += count
         layer = "event loop, sockets, other"
+        if stack[-1].startswith(LOOP_LEAVES):  # uvloop's own C code: polling, callbacks, I/O
+            layers["event loop (uvloop, in C: callbacks, socket I/O)"] += count
+            continue
         for frame in reversed(stack):
             hit = next((name for name, keys in LAYERS if any(k in frame for k in keys)), None)
             if hit is not None:

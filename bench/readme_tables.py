@@ -7,7 +7,7 @@ run is mechanical:
     python -m bench.readme_tables FILE                       # print them (as the run did)
     python -m bench.readme_tables FILE --readme README.md    # replace the "main" block
     python -m bench.readme_tables FILE --readme README.md --block deflate
-    python -m bench.readme_tables DIR/gateway-100.txt --profile --readme README.md --block profile
+    python -m bench.readme_tables DIR/gateway-50.txt --profile --readme README.md --block profile
 
 A block is everything between ``<!-- bench:NAME begin -->`` and ``<!-- bench:NAME end -->``.
 """
