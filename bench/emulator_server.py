@@ -30,7 +30,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,17 @@ from gateway.testing.tls import make_tls
 
 EMULATOR = web.AppKey("emulator", LiveEmulator)
 CHAOS = web.AppKey("chaos", Chaos)
-CHAOS_TASK = web.AppKey("chaos_task", asyncio.Task[None])
+
+
+@dataclass
+class ChaosRun:
+    """The disruptions' task, if running: a holder set before the app starts (an aiohttp app's
+    keys must not change once it runs)."""
+
+    task: asyncio.Task[None] | None = None
+
+
+CHAOS_RUN = web.AppKey("chaos_run", ChaosRun)
 
 
 async def goaway_all(emulator: LiveEmulator, time_left: float) -> int:
@@ -129,19 +139,23 @@ async def _chaos_rate(request: web.Request) -> web.Response:
     ``every=off`` stops them."""
     app = request.app
     every = request.query.get("every", "off")
-    task = app.get(CHAOS_TASK)
+    run = app[CHAOS_RUN]
     if every == "off":
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            del app[CHAOS_TASK]
+        await _stop_chaos(run)
         return web.json_response({"running": False})
     chaos = app[CHAOS]
     chaos.config.every = pair(every)
-    if task is None:
-        app[CHAOS_TASK] = asyncio.create_task(chaos.run())
+    if run.task is None:
+        run.task = asyncio.create_task(chaos.run())
     return web.json_response({"running": True, "every": list(chaos.config.every)})
+
+
+async def _stop_chaos(run: ChaosRun) -> None:
+    task, run.task = run.task, None
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def pair(text: str) -> tuple[float, float]:
@@ -178,8 +192,9 @@ async def serve(args: argparse.Namespace) -> None:
     kinds = tuple(k for k in args.chaos_kinds.split(",") if k)
     every = args.chaos_every or (1.0, 1.0)
     control[CHAOS] = Chaos(emulator, ChaosConfig(every=every, kinds=kinds, seed=args.seed))
+    control[CHAOS_RUN] = ChaosRun()
     if args.chaos_every is not None:
-        control[CHAOS_TASK] = asyncio.create_task(control[CHAOS].run())
+        control[CHAOS_RUN].task = asyncio.create_task(control[CHAOS].run())
     control.add_routes(
         [
             web.post("/cut", _cut),
@@ -205,11 +220,7 @@ async def serve(args: argparse.Namespace) -> None:
     # Run until the parent closes our stdin (or dies).
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)
-    chaos_task = control.get(CHAOS_TASK)
-    if chaos_task is not None:
-        chaos_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await chaos_task
+    await _stop_chaos(control[CHAOS_RUN])
     await runner.cleanup()
     await emulator.stop()
 
