@@ -14,8 +14,7 @@ from gateway.testing.analysis import (
     HeardReply,
     await_reply,
     heard_pieces,
-    heard_replies,
-    playings,
+    heard_playings,
     segments,
     timeline,
 )
@@ -30,7 +29,6 @@ FULL_REPLY_S = 0.7  # of the test replies' 0.8 s: heard, the caller talks on
 # Heard in full, for the check that a reply is not heard again after it: a reply cut in its
 # last tenth and then said again by a resumed model was heard, but not whole.
 WHOLE_REPLY_S = 0.76
-REPLY_S = 0.8  # the test replies' length (quick_emulator's reply_s)
 # A replay may send the last piece of caller audio again (the service cannot say whether the
 # handle covers it): the gateway's default pieces (CALLER_AUDIO_BATCH_MS) are this long, and
 # an utterance is measured in 20-ms windows.
@@ -42,14 +40,14 @@ OVERLAP_S = 0.1
 
 
 def full_replies(record_replies: list[HeardReply]) -> list[int]:
-    return [r.n for r in record_replies if r.duration_s > FULL_REPLY_S]
+    return [r.n for r in record_replies if r.sound_s > FULL_REPLY_S]
 
 
 async def converse(call: SimulatedCall, turns: int, limit_s: float = 20.0) -> None:
     """Say something, keep the line open until the reply to it was heard, repeat."""
     for n in range(1, turns + 1):
         await call.speak_tone(CALLER_FREQS[n % len(CALLER_FREQS)], UTTERANCE_S)
-        await await_reply(call, n, min_s=FULL_REPLY_S, limit_s=limit_s)
+        await await_reply(call, n, min_s=FULL_REPLY_S, limit_s=limit_s, read=heard_playings)
         await call.silence(0.2)
 
 
@@ -58,7 +56,7 @@ def assert_replies_once_in_order(replies: list[HeardReply], turns: int) -> None:
     be followed by its own full repetition."""
     assert full_replies(replies) == list(range(1, turns + 1)), replies
     for prev, nxt in itertools.pairwise(replies):
-        if prev.duration_s <= FULL_REPLY_S:
+        if prev.sound_s <= FULL_REPLY_S:
             assert nxt.n == prev.n, replies
 
 
@@ -88,7 +86,7 @@ class Outcome:
     sent_bytes: int  # caller audio, as 16 kHz PCM
     held_bytes: int  # what the model's session (its newest lineage) holds
     utterances: list[float]  # durations of the utterances the session holds
-    replies: list[HeardReply]
+    replies: list[HeardReply]  # each playing of a reply (gateway.testing.analysis.playings)
     pieces: list[HeardReply]  # each unbroken run of a reply heard
     connections: int
     events: list[str] = field(default_factory=list)
@@ -125,16 +123,15 @@ class Outcome:
         # A cut reply must be said again, unless the caller had it (or took it) as heard.
         had: set[int] = set()
         for r, nxt in itertools.pairwise(self.replies):
-            if r.duration_s > FULL_REPLY_S:
+            if r.sound_s > FULL_REPLY_S:
                 had.add(r.n)
             elif nxt.n != r.n and r.n not in had:
-                found.append(f"reply {r.n} cut at {r.duration_s:.2f} s, then {nxt.n}")
-        # Heard in full and then again: judged on playings, not joined replies. (Two pieces
-        # of a reply cut and at once said again can follow each other closely enough to
-        # read as one whole reply, and the caller then takes it as heard and talks on.)
+                found.append(f"reply {r.n} cut at {r.sound_s:.2f} s, then {nxt.n}")
+        # Heard in full and then again. Playings, not runs: a reply that plays on after a
+        # stall is one playing; one said again from its start is another (by its level).
         heard_in_full: set[int] = set()
-        for playing in playings(self.pieces, REPLY_S):
-            n, seconds = playing.n, playing.duration_s
+        for playing in self.replies:
+            n, seconds = playing.n, playing.sound_s
             if n in heard_in_full:
                 found.append(f"reply {n} heard again ({seconds:.2f} s) after in full")
             elif seconds > WHOLE_REPLY_S:
@@ -146,7 +143,7 @@ class Outcome:
             f"held {100 * self.held_share:.1f} % of sent audio "
             f"({self.held_bytes} of {self.sent_bytes} bytes); {len(self.utterances)} "
             f"utterance pieces for {self.spoken} spoken; replies heard "
-            f"{[(r.n, round(r.duration_s, 2)) for r in self.replies]}; "
+            f"{[(r.n, round(r.sound_s, 2)) for r in self.replies]}; "
             f"{self.connections} connections, {self.sessions} session(s)"
         )
 
@@ -165,7 +162,7 @@ def outcome(bed: TestBed, call: SimulatedCall, turns: int, stalled: str | None) 
         sent_bytes=len(call.record.sent_ulaw) * 4,
         held_bytes=len(audio),
         utterances=[s.duration_s for s in segments(pcm, rate=16000)],
-        replies=heard_replies(call.record),
+        replies=heard_playings(call.record),
         pieces=heard_pieces(call.record),
         connections=len(record.connections),
         events=[f"{t:.3f} {kind} {detail}" for t, kind, detail in record.events],

@@ -22,7 +22,7 @@ from survival_helpers import (
     converse,
 )
 
-from gateway.testing.analysis import await_reply, heard_replies
+from gateway.testing.analysis import await_reply, heard_playings
 from gateway.testing.harness import quick_emulator, test_bed
 from gateway.testing.live_emulator import EmulatorConfig, EmulatorRecord
 from gateway.testing.twilio_sim import SimulatedCall
@@ -54,7 +54,7 @@ async def test_call_across_goaway_resets_loses_nothing() -> None:
         assert len(goaways) >= 5, len(goaways)
         assert_every_setup_resumed(record)
         assert not any(c.refused for c in record.connections)
-        assert_replies_once_in_order(heard_replies(call.record), turns)
+        assert_replies_once_in_order(heard_playings(call.record), turns)
         assert_session_holds_caller_audio(bed, call, turns)
         resumed = bed.metrics.registry.get_sample_value
         assert resumed("gateway_live_resumptions_total", {"cause": "goaway"}) >= 5
@@ -73,7 +73,7 @@ async def test_call_across_abrupt_resets_loses_nothing() -> None:
         abrupt = [e for e in record.events if e[1] == "close" and "abrupt" in e[2]]
         assert len(abrupt) >= 5, len(abrupt)
         assert_every_setup_resumed(record)
-        assert_replies_once_in_order(heard_replies(call.record), turns)
+        assert_replies_once_in_order(heard_playings(call.record), turns)
         assert_session_holds_caller_audio(bed, call, turns)
         resumed = bed.metrics.registry.get_sample_value
         assert resumed("gateway_live_resumptions_total", {"cause": "abrupt"}) >= 5
@@ -158,7 +158,7 @@ async def test_goaway_when_the_service_refuses_a_second_connection() -> None:
         await asyncio.sleep(0.1)
         record = bed.emulator.record
         assert len([e for e in record.events if e[1] == "goaway"]) >= 3
-        assert_replies_once_in_order(heard_replies(call.record), turns)
+        assert_replies_once_in_order(heard_playings(call.record), turns)
         assert_session_holds_caller_audio(bed, call, turns)
 
 

@@ -32,12 +32,12 @@ with warnings.catch_warnings():
 from gateway.testing.analysis import (
     HeardReply,
     heard_pieces,
+    heard_playings,
     heard_replies,
-    playings,
     segments,
     timeline,
 )
-from gateway.testing.live_emulator import reply_freq
+from gateway.testing.live_emulator import REPLY_LEVELS, reply_freq
 from gateway.testing.twilio_sim import (
     CallRecord,
     CallRejected,
@@ -192,19 +192,43 @@ def test_tone_helpers_round_trip() -> None:
     assert dominant_frequency(np.zeros(800, dtype=np.int16), 8000) == 0.0
 
 
-def test_playings_join_a_stall_but_not_a_repetition() -> None:
-    """A reply split by a playback stall is one playing; a reply heard again is two."""
-    stalled = [HeardReply(3, 1.0, 0.3), HeardReply(3, 1.36, 0.52)]  # a 0.06-s stall
-    [joined] = playings(stalled, reply_s=0.8)
-    assert (joined.n, joined.start_s) == (3, 1.0) and joined.duration_s == pytest.approx(0.88)
-    again = [HeardReply(3, 1.0, 0.82), HeardReply(3, 1.86, 0.3)]  # 0.3 s more than a reply
-    assert playings(again, reply_s=0.8) == again
-    cut_then_said_again = [HeardReply(3, 1.0, 0.4), HeardReply(3, 1.45, 0.82)]
-    assert playings(cut_then_said_again, reply_s=0.8) == cut_then_said_again
-    far_apart = [HeardReply(3, 1.0, 0.3), HeardReply(3, 1.5, 0.3)]  # longer than a stall
-    assert playings(far_apart, reply_s=0.8) == far_apart
-    other_reply = [HeardReply(3, 1.0, 0.3), HeardReply(4, 1.35, 0.3)]
-    assert playings(other_reply, reply_s=0.8) == other_reply
+def reply_ulaw(n: int, from_s: float, to_s: float, reply_s: float = 0.8) -> bytes:
+    """Part of the emulator's reply n as the caller hears it: 8 kHz mu-law, level rising."""
+    t = np.arange(round(from_s * 8000), round(to_s * 8000)) / 8000
+    low, high = REPLY_LEVELS
+    level = low + (high - low) * t / reply_s
+    pcm = (level * 32767 * np.sin(2 * np.pi * reply_freq(n) * t)).astype("<i2")
+    return audioop.lin2ulaw(pcm.tobytes(), 2)
+
+
+def played(*parts: tuple[float, float, float]) -> CallRecord:
+    """A call whose caller heard reply 3's (from_s, to_s) parts, each starting at `at`."""
+    record = CallRecord(speed=1.0)
+    record.events.append((100.0, "start_tx", ""))
+    for at, from_s, to_s in parts:
+        for i, start in enumerate(np.arange(from_s, to_s - 1e-9, 0.04)):
+            chunk = reply_ulaw(3, start, min(to_s, start + 0.04))
+            record.heard.append(HeardAudio(100.0 + at + i * 0.04, chunk))
+    return record
+
+
+def test_playings_tell_a_stall_from_a_reply_said_again() -> None:
+    """By where in the reply each run begins: one that goes on after a stall (of any length)
+    is the same playing; one that starts from the top again is another."""
+    [stalled] = heard_playings(played((1.0, 0.0, 0.3), (1.6, 0.3, 0.8)))  # a 0.3-s stall
+    assert stalled.n == 3 and stalled.sound_s == pytest.approx(0.8, abs=0.045)
+    assert stalled.first_pos == pytest.approx(0.0, abs=0.05)
+    assert stalled.last_pos == pytest.approx(1.0, abs=0.05)
+    cut_then_again = heard_playings(played((1.0, 0.0, 0.4), (1.44, 0.0, 0.8)))
+    assert [round(p.sound_s, 1) for p in cut_then_again] == [0.4, 0.8]
+    assert cut_then_again[0].last_pos == pytest.approx(0.5, abs=0.05)
+    whole_then_again = heard_playings(played((1.0, 0.0, 0.8), (1.84, 0.0, 0.3)))
+    assert [round(p.sound_s, 1) for p in whole_then_again] == [0.8, 0.3]
+    # A stall just before the end leaves a run too short for a line: it still goes on.
+    [late_stall] = heard_playings(played((1.0, 0.0, 0.74), (1.82, 0.74, 0.8)))
+    assert late_stall.sound_s == pytest.approx(0.8, abs=0.045)
+    # heard_replies, by gaps alone, reads a reply cut and at once said again as one.
+    assert len(heard_replies(played((1.0, 0.0, 0.4), (1.44, 0.0, 0.8)))) == 1
 
 
 def test_heard_pieces_from_a_moment_are_the_call_s_pieces_after_it() -> None:

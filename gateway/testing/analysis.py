@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from gateway.testing.live_emulator import reply_freq
+from gateway.testing.live_emulator import reply_freq, reply_position
 from gateway.testing.twilio_sim import CallRecord, SimulatedCall, dominant_frequency
 
 try:
@@ -22,7 +23,10 @@ except ImportError:  # pragma: no cover - Python 3.13 without audioop-lts
 RATE = 8000
 WINDOW = 160  # 20 ms at 8 kHz
 WINDOW_S = WINDOW / RATE
-PLAYBACK_GAP_S = 0.1  # runs of one reply closer than this may be one playing
+PLAYBACK_GAP_S = 0.1  # runs of one reply closer than this are one reply in heard_replies
+# A run goes on where the one before it stopped when it begins this near (in the reply's
+# length, measured by level) to where that one ended.
+CONTINUES = (-0.08, 0.12)
 LOOKBACK_S = 5.0  # how far back await_reply looks for the reply it waits for, after a first look
 
 
@@ -41,15 +45,24 @@ class Segment:
 
 @dataclass(frozen=True)
 class HeardReply:
-    """A reply the caller heard: its number (from its pitch) and how much of it."""
+    """A reply the caller heard: its number (from its pitch), when, and where in the reply
+    its sound began and ended (0 its start, 1 its end: the emulator's replies rise in level,
+    :func:`gateway.testing.live_emulator.reply_position`)."""
 
     n: int
     start_s: float
-    duration_s: float
+    duration_s: float  # from its first sound to its last (gaps included, when joined)
+    first_pos: float = 0.0
+    last_pos: float = 1.0
+    heard_s: float | None = None  # its sound without the gaps (duration_s when None)
 
     @property
     def end_s(self) -> float:
         return self.start_s + self.duration_s
+
+    @property
+    def sound_s(self) -> float:
+        return self.duration_s if self.heard_s is None else self.heard_s
 
 
 def timeline(record: CallRecord) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int16]]:
@@ -142,38 +155,55 @@ def _close(before: HeardReply, after: HeardReply) -> bool:
 def heard_pieces(record: CallRecord, min_s: float = 0.04, since_s: float = 0.0) -> list[HeardReply]:
     """Each unbroken run of a reply the caller heard (from `since_s` on), in order."""
     first = int(since_s * RATE) // WINDOW * WINDOW
-    return [
-        HeardReply(n, seg.start_s, seg.duration_s)
-        for seg in segments(_heard_from(record, first), first=first)
-        if (n := reply_number(seg.freq_hz)) is not None and seg.duration_s >= min_s
-    ]
+    heard = _heard_from(record, first)
+    found = []
+    for seg in segments(heard, first=first):
+        n = reply_number(seg.freq_hz)
+        if n is None or seg.duration_s < min_s:
+            continue
+        run = heard[round(seg.start_s * RATE) - first : round(seg.end_s * RATE) - first]
+        found.append(HeardReply(n, seg.start_s, seg.duration_s, *_positions(run)))
+    return found
 
 
-def playings(pieces: list[HeardReply], reply_s: float) -> list[HeardReply]:
-    """Each playing of a reply `reply_s` long: its unbroken runs joined across a playback
-    stall (audio reaching the caller late on a loaded machine splits one playing in two).
+def _positions(run: npt.NDArray[np.int16]) -> tuple[float, float]:
+    """Where in its reply a run of whole 20-ms windows begins and ends, from the level of
+    its windows (a line fitted to those inside it: the edge windows may be part silence)."""
+    windows = run[: len(run) // WINDOW * WINDOW].astype(np.float64).reshape(-1, WINDOW)
+    pos = np.array([reply_position(r) for r in np.sqrt((windows**2).mean(axis=1))])
+    m = len(pos)
+    if m < 4:  # too short for a line: its middle window, or its fullest
+        at = float(pos[1] if m == 3 else pos.max()) if m else 0.0
+        return at, at
+    k = np.arange(1, m - 1) + 0.5
+    slope, at0 = np.polyfit(k, pos[1 : m - 1], 1)
+    return float(at0), float(at0 + slope * m)
 
-    Runs of one reply less than PLAYBACK_GAP_S apart are one playing while together they
-    hold no more than one reply, allowing a 20-ms window of measurement per run and one of
-    slack: the test replies are one tone each, so only their length tells a stall from a
-    repetition. Durations span the playing, gaps included."""
+
+def playings(pieces: list[HeardReply]) -> list[HeardReply]:
+    """Each playing of a reply: its unbroken runs, a run joined to the one before when it
+    goes on where that one stopped (a stall of the caller's playback, however long), not
+    when it starts again from the top (the reply said again).
+
+    A joined playing's `duration_s` spans it, gaps included; its `heard_s` is its sound."""
     found: list[HeardReply] = []
-    heard = 0.0  # audio in the last playing, without its gaps
-    runs = 0
     for piece in pieces:
         last = found[-1] if found else None
         if (
             last is not None
             and last.n == piece.n
-            and _close(last, piece)
-            and heard + piece.duration_s <= reply_s + WINDOW_S * (runs + 2)
+            and CONTINUES[0] <= piece.first_pos - last.last_pos <= CONTINUES[1]
         ):
-            found[-1] = HeardReply(piece.n, last.start_s, piece.end_s - last.start_s)
-            heard += piece.duration_s
-            runs += 1
+            found[-1] = HeardReply(
+                piece.n,
+                last.start_s,
+                piece.end_s - last.start_s,
+                last.first_pos,
+                piece.last_pos,
+                last.sound_s + piece.duration_s,
+            )
             continue
         found.append(piece)
-        heard, runs = piece.duration_s, 1
     return found
 
 
@@ -187,10 +217,20 @@ def heard_replies(
     for piece in heard_pieces(record, min_s, since_s):
         last = replies[-1] if replies else None
         if last is not None and last.n == piece.n and _close(last, piece):
-            replies[-1] = HeardReply(piece.n, last.start_s, piece.end_s - last.start_s)
+            span = piece.end_s - last.start_s
+            replies[-1] = HeardReply(piece.n, last.start_s, span, last.first_pos, piece.last_pos)
         else:
             replies.append(piece)
     return replies
+
+
+def _joined(record: CallRecord, since_s: float) -> list[HeardReply]:
+    return heard_replies(record, since_s=since_s)
+
+
+def heard_playings(record: CallRecord, since_s: float = 0.0) -> list[HeardReply]:
+    """Each playing of a reply the caller heard (:func:`playings`), from `since_s` on."""
+    return playings(heard_pieces(record, since_s=since_s))
 
 
 async def await_reply(
@@ -201,11 +241,13 @@ async def await_reply(
     limit_s: float = 20.0,
     step_s: float = 0.1,
     in_all: bool = False,
+    read: Callable[[CallRecord, float], list[HeardReply]] | None = None,
 ) -> None:
     """Keep the line open (silence, as Twilio streams it) until the caller has heard at least
     `min_s` of reply `n`; TimeoutError, naming what was heard, after `limit_s`. With
     `in_all`, what counts is all of reply `n` heard since the wait began, however split (a
-    playing stalled by a burst of load reads whole; so would a repetition).
+    playing stalled by a burst of load reads whole; so would a repetition). `read` (record,
+    seconds into the call to read from) says what was heard, :func:`heard_replies` if None.
 
     The simulator counts a chunk as heard when it starts playing and cuts it short if the
     call ends first, so this also waits for the chunk playing to end: a hang-up right after
@@ -222,14 +264,15 @@ async def await_reply(
         if in_all:
             pieces = heard_pieces(call.record, since_s=began_s)
             return sum(p.duration_s for p in pieces if p.n == n) > min_s
-        replies = heard_replies(call.record, since_s=since_s)
-        return any(r.n == n and r.duration_s > min_s for r in replies)
+        replies = (read or _joined)(call.record, since_s)
+        return any(r.n == n and r.sound_s > min_s for r in replies)
 
     while not heard():
         if not in_all:
             since_s = max(0.0, _position_s(call.record) - LOOKBACK_S)
         if loop.time() > deadline or call.closed:
-            raise TimeoutError(f"reply {n} not heard; heard {heard_replies(call.record)}")
+            heard = (read or _joined)(call.record, 0.0)
+            raise TimeoutError(f"reply {n} not heard; heard {heard}")
         await call.silence(step_s)
     last = call.record.heard[-1]
     played = last.at + len(last.ulaw) / (RATE * call.record.speed)

@@ -125,9 +125,12 @@ the tests written against them.
 
 The "model": an energy VAD on the 16 kHz input (20 ms windows, audio time). After
 ``min_speech_s`` of speech and ``end_of_speech_s`` of silence it replies with a sine of
-``reply_freq(n)`` Hz, n = model turns the session's state holds + 1. Speech during a reply
-interrupts it. Config knobs are read when used: timers, the setup latency and
-``input_delay`` when a connection opens, VAD and reply settings on each use.
+``reply_freq(n)`` Hz, n = model turns the session's state holds + 1, whose level rises evenly
+from ``REPLY_LEVELS[0]`` to ``REPLY_LEVELS[1]`` of full scale over the reply, so a listener can
+tell where in a reply a sound is (:func:`reply_position`): a reply that plays on after a stall
+from one said again from its start. Speech during a reply interrupts it. Config knobs are
+read when used: timers, the setup latency and ``input_delay`` when a connection opens, VAD and
+reply settings on each use.
 """
 
 from __future__ import annotations
@@ -161,6 +164,7 @@ log = logging.getLogger(__name__)
 
 IN_RATE = 16_000
 OUT_RATE = 24_000
+REPLY_LEVELS = (0.15, 0.45)  # a reply's amplitude at its start and at its end (full scale 1)
 WINDOW_S = 0.02
 WINDOW_BYTES = int(IN_RATE * WINDOW_S) * 2
 
@@ -194,6 +198,12 @@ _PATH = re.compile(
 _CLIENT_KEYS = frozenset(
     {"setup", "clientContent", "realtimeInput", "toolResponse", "contextUpdate"}
 )
+
+
+def reply_position(rms: float) -> float:
+    """Where in a reply (0 its start, 1 its end) a 20-ms window of this RMS (16-bit) lies."""
+    low, high = REPLY_LEVELS
+    return (rms * math.sqrt(2) / 32767 - low) / (high - low)
 
 
 def reply_freq(n: int) -> float:
@@ -455,7 +465,9 @@ def _reply_frames(freq: float, reply_s: float, chunk_s: float) -> tuple[bytes, .
     """Pre-encoded serverContent frames of one reply tone (cached: CPU for 200 calls)."""
     n = max(1, round(reply_s * OUT_RATE))
     t = np.arange(n, dtype=np.float64) / OUT_RATE
-    pcm = (0.3 * 32767 * np.sin(2 * np.pi * freq * t)).astype("<i2").tobytes()
+    low, high = REPLY_LEVELS
+    level = low + (high - low) * t / max(reply_s, 1e-9)
+    pcm = (level * 32767 * np.sin(2 * np.pi * freq * t)).astype("<i2").tobytes()
     step = max(2, round(chunk_s * OUT_RATE) * 2)
     frames = []
     for i in range(0, len(pcm), step):
@@ -509,6 +521,7 @@ class _Connection:
         self.out_tx = False
         self.tasks: set[asyncio.Task[None]] = set()
         self.reply_task: asyncio.Task[None] | None = None
+        self.reply_frames_left = 0  # audio frames of the reply being said not yet sent
         self.next_tool_call: tuple[str, dict[str, Any]] | None = None
         self.pending_tool_calls: set[str] = set()  # toolCall ids not answered yet
         self.turn: TurnRecord | None = None
@@ -1107,11 +1120,13 @@ class _Connection:
         frames = _reply_frames(turn.freq_hz, cfg.reply_s, cfg.chunk_s)
         interval = cfg.chunk_s / (speed * max(cfg.pace, 1e-6))
         start = time.monotonic()
+        self.reply_frames_left = len(frames)
         for i, frame in enumerate(frames):
             delay = start + i * interval - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             await self.send(frame)
+            self.reply_frames_left -= 1
             if i == 0 and self.out_tx:
                 text = {"text": f"reply {turn.index}"}
                 await self.send({"serverContent": {"outputTranscription": text}})
@@ -1248,8 +1263,13 @@ class LiveEmulator:
         return [cid for cid, c in self._conns.items() if not c.closing]
 
     def replying(self) -> list[int]:
-        """Open connections saying a reply now."""
-        return [cid for cid, c in self._conns.items() if not c.closing and c.reply_task]
+        """Open connections saying a reply now (some of its audio still to send: once the
+        last is out, the reply's end, generationComplete, is a message away)."""
+        return [
+            cid
+            for cid, c in self._conns.items()
+            if not c.closing and c.reply_task and c.reply_frames_left > 0
+        ]
 
     def in_setup(self) -> list[int]:
         """Open connections whose setup was read and not answered yet."""
