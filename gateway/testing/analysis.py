@@ -271,8 +271,8 @@ async def await_reply(
         if not in_all:
             since_s = max(0.0, _position_s(call.record) - LOOKBACK_S)
         if loop.time() > deadline or call.closed:
-            heard = (read or _joined)(call.record, 0.0)
-            raise TimeoutError(f"reply {n} not heard; heard {heard}")
+            so_far = (read or _joined)(call.record, 0.0)
+            raise TimeoutError(f"reply {n} not heard; heard {so_far}")
         await call.silence(step_s)
     last = call.record.heard[-1]
     played = last.at + len(last.ulaw) / (RATE * call.record.speed)
