@@ -15,7 +15,8 @@ kind                what happens to the chosen connection
 ``close-1000`` ...  a close frame with that code (1000, 1007, 1008, 1011)
 ``during-setup``    a TCP reset of a connection whose setup is not answered yet (if none is
                     in setup now: a reset first, then the client's resume is cut)
-``mid-reply``       a TCP reset while it says a reply, U(``mid_reply_after``) into it
+``mid-reply``       a TCP reset while it says a reply, U(``mid_reply_after``) into it, with
+                    at least ``mid_reply_left`` of its audio still to come (else none)
 ``after-handle``    a TCP reset right after it issued a resumption handle
 ``twice``           a TCP reset, then the session's next connection reset as soon as its
                     setup is answered (while the client replays into it)
@@ -66,6 +67,9 @@ class ChaosConfig:
     kinds: tuple[str, ...] = KINDS
     goaway_time_left: tuple[float, float] = (0.05, 1.6)
     mid_reply_after: tuple[float, float] = (0.0, 0.3)  # into the reply, U(min, max)
+    # ... and only while at least this share of its audio is still to come: a cut in a reply's
+    # last tenth (the caller has heard nearly all of it) is a corner of its own.
+    mid_reply_left: float = 0.1
     seed: int = 0
 
 
@@ -132,6 +136,8 @@ class Chaos:
             if cid is None:
                 return False
             await asyncio.sleep(self._rng.uniform(*self.config.mid_reply_after))
+            if emu.reply_left(cid) < self.config.mid_reply_left:
+                return False
             return cid in emu.replying() and await self._reset(cid, kind)
         cid = self._pick(self._ready())
         if cid is None:

@@ -522,6 +522,7 @@ class _Connection:
         self.tasks: set[asyncio.Task[None]] = set()
         self.reply_task: asyncio.Task[None] | None = None
         self.reply_frames_left = 0  # audio frames of the reply being said not yet sent
+        self.reply_frames = 0  # all of them
         self.next_tool_call: tuple[str, dict[str, Any]] | None = None
         self.pending_tool_calls: set[str] = set()  # toolCall ids not answered yet
         self.turn: TurnRecord | None = None
@@ -1120,7 +1121,7 @@ class _Connection:
         frames = _reply_frames(turn.freq_hz, cfg.reply_s, cfg.chunk_s)
         interval = cfg.chunk_s / (speed * max(cfg.pace, 1e-6))
         start = time.monotonic()
-        self.reply_frames_left = len(frames)
+        self.reply_frames = self.reply_frames_left = len(frames)
         for i, frame in enumerate(frames):
             delay = start + i * interval - time.monotonic()
             if delay > 0:
@@ -1270,6 +1271,13 @@ class LiveEmulator:
             for cid, c in self._conns.items()
             if not c.closing and c.reply_task and c.reply_frames_left > 0
         ]
+
+    def reply_left(self, cid: int) -> float:
+        """The share of the reply connection `cid` is saying whose audio is not sent yet."""
+        conn = self._conns.get(cid)
+        if conn is None or conn.reply_task is None or not conn.reply_frames:
+            return 0.0
+        return conn.reply_frames_left / conn.reply_frames
 
     def in_setup(self) -> list[int]:
         """Open connections whose setup was read and not answered yet."""
