@@ -24,9 +24,9 @@ RATE = 8000
 WINDOW = 160  # 20 ms at 8 kHz
 WINDOW_S = WINDOW / RATE
 PLAYBACK_GAP_S = 0.1  # runs of one reply closer than this are one reply in heard_replies
-# A run goes on where the one before it stopped when it begins this near (in the reply's
-# length, measured by level) to where that one ended.
-CONTINUES = (-0.08, 0.12)
+# A run goes on where the one before it stopped when it is first heard this near (in the
+# reply's length, measured by level) to where that one was last heard: a little after it.
+CONTINUES = (-0.06, 0.15)
 LOOKBACK_S = 5.0  # how far back await_reply looks for the reply it waits for, after a first look
 
 
@@ -167,17 +167,14 @@ def heard_pieces(record: CallRecord, min_s: float = 0.04, since_s: float = 0.0) 
 
 
 def _positions(run: npt.NDArray[np.int16]) -> tuple[float, float]:
-    """Where in its reply a run of whole 20-ms windows begins and ends, from the level of
-    its windows (a line fitted to those inside it: the edge windows may be part silence)."""
+    """Where in its reply a run of whole 20-ms windows is heard first and last: the level of
+    its second window and of its second-to-last (the edge windows may be part silence)."""
     windows = run[: len(run) // WINDOW * WINDOW].astype(np.float64).reshape(-1, WINDOW)
-    pos = np.array([reply_position(r) for r in np.sqrt((windows**2).mean(axis=1))])
-    m = len(pos)
-    if m < 4:  # too short for a line: its middle window, or its fullest
-        at = float(pos[1] if m == 3 else pos.max()) if m else 0.0
-        return at, at
-    k = np.arange(1, m - 1) + 0.5
-    slope, at0 = np.polyfit(k, pos[1 : m - 1], 1)
-    return float(at0), float(at0 + slope * m)
+    pos = [reply_position(float(r)) for r in np.sqrt((windows**2).mean(axis=1))]
+    if len(pos) >= 3:
+        return pos[1], pos[-2]
+    at = max(pos, default=0.0)  # too short: its fullest window
+    return at, at
 
 
 def playings(pieces: list[HeardReply]) -> list[HeardReply]:
