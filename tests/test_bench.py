@@ -22,7 +22,7 @@ from google.genai.live import AsyncSession
 
 from gateway.live.sdk import INPUT_MIME, receive
 from gateway.live.sdk import write_audio as send_audio
-from gateway.testing.analysis import heard_replies
+from gateway.testing.analysis import await_reply, heard_replies
 from gateway.testing.harness import test_bed
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.tls import TestTLS, make_tls
@@ -188,10 +188,8 @@ async def test_caller_audio_pieces_carry_every_turn(batch_ms: int, eventually: E
         call = await bed.caller(speed=2.0).place_call()
         for n in (1, 2):
             await call.speak_tone(340.0, 0.6)
-            for _ in range(150):
-                if any(r.n == n and r.duration_s > 0.35 for r in heard_replies(call.record)):
-                    break
-                await call.silence(0.1)
+            # Heard, and its chunk played to its end: a hang-up cuts the chunk playing.
+            await await_reply(call, n, min_s=0.35, limit_s=15.0)
         if len(call.record.sent_ulaw) // 160 % 2 == 0:  # an odd frame out: at 40 ms it waits
             await call.silence(0.02)  # for a partner that never comes, and is sent at hang-up
         await call.hangup()
