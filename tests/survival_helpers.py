@@ -13,7 +13,6 @@ import numpy as np
 from gateway.testing.analysis import (
     HeardReply,
     await_reply,
-    heard_pieces,
     heard_playings,
     segments,
     timeline,
@@ -88,7 +87,6 @@ class Outcome:
     held_bytes: int  # what the model's session (its newest lineage) holds
     utterances: list[float]  # durations of the utterances the session holds
     replies: list[HeardReply]  # each playing of a reply (gateway.testing.analysis.playings)
-    pieces: list[HeardReply]  # each unbroken run of a reply heard
     connections: int
     events: list[str] = field(default_factory=list)
 
@@ -164,7 +162,6 @@ def outcome(bed: TestBed, call: SimulatedCall, turns: int, stalled: str | None) 
         held_bytes=len(audio),
         utterances=[s.duration_s for s in segments(pcm, rate=16000)],
         replies=heard_playings(call.record),
-        pieces=heard_pieces(call.record),
         connections=len(record.connections),
         events=[f"{t:.3f} {kind} {detail}" for t, kind, detail in record.events],
     )

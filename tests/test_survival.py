@@ -141,10 +141,10 @@ async def test_many_calls_resetting_at_once_all_resume() -> None:
 
 
 async def converse_from(call: SimulatedCall, n: int) -> None:
-    """Say something and keep the line open until reply n was heard in full. (Counted in
-    all: eight calls setting up or resuming at once in one event loop can stall playback.)"""
+    """Say something and keep the line open until reply n was heard in full. (In playings:
+    eight calls setting up or resuming at once in one event loop can stall playback.)"""
     await call.speak_tone(CALLER_FREQS[0], UTTERANCE_S)
-    await await_reply(call, n, min_s=0.7, limit_s=20, in_all=True)
+    await await_reply(call, n, min_s=0.7, limit_s=20, read=heard_playings)
 
 
 async def test_goaway_when_the_service_refuses_a_second_connection() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.testing.live_emulator import reply_freq, reply_position
-from gateway.testing.twilio_sim import CallRecord, SimulatedCall, dominant_frequency
+from gateway.testing.twilio_sim import CallRecord, HeardAudio, SimulatedCall, dominant_frequency
 
 try:
     import audioop
@@ -67,44 +67,46 @@ class HeardReply:
 
 def timeline(record: CallRecord) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int16]]:
     """(caller, heard) as 8 kHz int16 on one timeline starting at the stream's start."""
-    origin = next((t for t, kind, _ in record.events if kind == "start_tx"), None)
     caller = np.frombuffer(audioop.ulaw2lin(bytes(record.sent_ulaw), 2), dtype=np.int16)
-    if origin is None or not record.heard:
-        return caller, np.zeros(len(caller), dtype=np.int16)
-    per_second = RATE * record.speed
-    end = max(
-        len(caller),
-        max(round((h.at - origin) * per_second) + len(h.ulaw) for h in record.heard),
-    )
-    heard = np.zeros(end, dtype=np.int16)
-    for chunk in record.heard:
-        pos = max(0, round((chunk.at - origin) * per_second))
-        pcm = np.frombuffer(audioop.ulaw2lin(chunk.ulaw, 2), dtype=np.int16)
-        heard[pos : pos + len(pcm)] = pcm
-    if len(caller) < end:
-        caller = np.concatenate([caller, np.zeros(end - len(caller), dtype=np.int16)])
-    return caller, heard
+    heard = _heard_from(record, 0)
+    end = max(len(caller), len(heard))
+    return _padded(caller, end), _padded(heard, end)
+
+
+def _padded(pcm: npt.NDArray[np.int16], n: int) -> npt.NDArray[np.int16]:
+    return pcm if len(pcm) >= n else np.concatenate([pcm, np.zeros(n - len(pcm), np.int16)])
+
+
+def _origin(record: CallRecord) -> float | None:
+    """When the stream started (the timeline's 0, monotonic), or None before it did."""
+    return next((t for t, kind, _ in record.events if kind == "start_tx"), None)
 
 
 def _position_s(record: CallRecord) -> float:
     """Now, in seconds of the caller's timeline (0 before the stream started)."""
-    origin = next((t for t, kind, _ in record.events if kind == "start_tx"), None)
+    origin = _origin(record)
     return 0.0 if origin is None else (time.monotonic() - origin) * record.speed
 
 
 def _heard_from(record: CallRecord, first: int) -> npt.NDArray[np.int16]:
-    """What the caller heard from sample `first` of :func:`timeline`'s heard track on."""
-    origin = next((t for t, kind, _ in record.events if kind == "start_tx"), None)
+    """What the caller heard from sample `first` of the heard track on (8 kHz from the
+    stream's start): each chunk where it started playing, a later one over an overlap."""
+    origin = _origin(record)
     if origin is None or not record.heard:
         return np.zeros(0, dtype=np.int16)
     per_second = RATE * record.speed
-    last = record.heard[-1]
-    end = max(first, round((last.at - origin) * per_second) + len(last.ulaw))
+
+    def place(chunk: HeardAudio) -> int:
+        return max(0, round((chunk.at - origin) * per_second))
+
+    chunks = record.heard
+    start = len(chunks)  # playback is in order: only the chunks that end after `first`
+    while start > 0 and place(chunks[start - 1]) + len(chunks[start - 1].ulaw) > first:
+        start -= 1
+    end = max(first, place(chunks[-1]) + len(chunks[-1].ulaw))
     heard = np.zeros(end - first, dtype=np.int16)
-    for chunk in reversed(record.heard):  # playback is in order: stop before `first`
-        pos = max(0, round((chunk.at - origin) * per_second))
-        if pos + len(chunk.ulaw) <= first:
-            break
+    for chunk in chunks[start:]:
+        pos = place(chunk)
         pcm = np.frombuffer(audioop.ulaw2lin(chunk.ulaw, 2), dtype=np.int16)
         skip = max(0, first - pos)
         heard[pos + skip - first : pos - first + len(pcm)] = pcm[skip:]
@@ -237,14 +239,12 @@ async def await_reply(
     min_s: float = 0.7,
     limit_s: float = 20.0,
     step_s: float = 0.1,
-    in_all: bool = False,
     read: Callable[[CallRecord, float], list[HeardReply]] | None = None,
 ) -> None:
     """Keep the line open (silence, as Twilio streams it) until the caller has heard at least
-    `min_s` of reply `n`; TimeoutError, naming what was heard, after `limit_s`. With
-    `in_all`, what counts is all of reply `n` heard since the wait began, however split (a
-    playing stalled by a burst of load reads whole; so would a repetition). `read` (record,
-    seconds into the call to read from) says what was heard, :func:`heard_replies` if None.
+    `min_s` of reply `n`; TimeoutError, naming what was heard, after `limit_s`. `read`
+    (record, seconds into the call to read from) says what was heard: :func:`heard_replies`
+    if None, :func:`heard_playings` to count a playing split by stalls whole.
 
     The simulator counts a chunk as heard when it starts playing and cuts it short if the
     call ends first, so this also waits for the chunk playing to end: a hang-up right after
@@ -254,19 +254,14 @@ async def await_reply(
     deadline = loop.time() + limit_s
     # After a first look at the whole call, only its recent part: reading all of a long call
     # every step would stall the event loop the call shares (and split what it plays).
-    began_s = _position_s(call.record)
-    since_s = began_s if in_all else 0.0
+    since_s = 0.0
 
     def heard() -> bool:
-        if in_all:
-            pieces = heard_pieces(call.record, since_s=began_s)
-            return sum(p.duration_s for p in pieces if p.n == n) > min_s
         replies = (read or _joined)(call.record, since_s)
         return any(r.n == n and r.sound_s > min_s for r in replies)
 
     while not heard():
-        if not in_all:
-            since_s = max(0.0, _position_s(call.record) - LOOKBACK_S)
+        since_s = max(0.0, _position_s(call.record) - LOOKBACK_S)
         if loop.time() > deadline or call.closed:
             so_far = (read or _joined)(call.record, 0.0)
             raise TimeoutError(f"reply {n} not heard; heard {so_far}")
