@@ -175,13 +175,15 @@ async def _run_scripted_call(eventually: Eventually) -> ScriptedCall:
     collect = _Collect()
     root = logging.getLogger()
     saved_level = root.level
-    root.addHandler(collect)
-    root.setLevel(logging.INFO)
     try:
         # goAway 2.5 s into each connection: the call outlives its first connection.
         config = emulator_config(lifetime=4.0, goaway_lead=1.5)
         config.concurrent_resume = "fork"  # make before break: the goAway switch's log line
         async with test_bed(config) as bed:
+            # From here on: the app's start-up lines (the SDK path, logged once per process
+            # by the first app built) are not the call's.
+            root.addHandler(collect)
+            root.setLevel(logging.INFO)
             record = await _scripted_call(bed)
             await eventually(lambda: not bed.app[STATE].sockets)
             async with bed.http.get(bed.gateway_url + "/metrics") as resp:
