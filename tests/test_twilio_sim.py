@@ -227,8 +227,12 @@ def test_playings_tell_a_stall_from_a_reply_said_again() -> None:
     # A stall just before the end leaves a run too short for a line: it still goes on.
     [late_stall] = heard_playings(played((1.0, 0.0, 0.74), (1.82, 0.74, 0.8)))
     assert late_stall.sound_s == pytest.approx(0.8, abs=0.045)
-    # heard_replies, by gaps alone, reads a reply cut and at once said again as one.
+    # heard_replies reads a reply cut and at once said again as one (by the gap), and a
+    # stalled playing as one however long the stall (by where the run goes on).
     assert len(heard_replies(played((1.0, 0.0, 0.4), (1.44, 0.0, 0.8)))) == 1
+    [stalled_reply] = heard_replies(played((1.0, 0.0, 0.3), (1.6, 0.3, 0.8)))
+    assert stalled_reply.sound_s == pytest.approx(0.8, abs=0.045)
+    assert stalled_reply.duration_s == pytest.approx(1.1, abs=0.045)
 
 
 def test_heard_pieces_from_a_moment_are_the_call_s_pieces_after_it() -> None:
@@ -246,8 +250,10 @@ def test_heard_pieces_from_a_moment_are_the_call_s_pieces_after_it() -> None:
     _, heard = timeline(record)
     whole = [(round(s.start_s, 3), round(s.duration_s, 3)) for s in segments(heard)]
     assert len(whole) == 8  # six replies, two of them in two runs
-    # The first stall is under PLAYBACK_GAP_S (one reply), the second is not.
-    assert [r.n for r in heard_replies(record)] == [1, 2, 3, 4, 5, 5, 6]
+    # The first stall is under PLAYBACK_GAP_S, the second is not; the tone's level does not
+    # change, so each run is read as going on where the one before stopped: one reply.
+    assert [r.n for r in heard_pieces(record)] == [1, 2, 3, 4, 4, 5, 5, 6]
+    assert [r.n for r in heard_replies(record)] == [1, 2, 3, 4, 5, 6]
     for since in (0.0, 1.0, 2.2, 3.5, 5.0, 6.6):  # between replies
         assert runs(heard_pieces(record, since_s=since)) == [w for w in whole if w[0] >= since]
         expected = [r for r in heard_replies(record) if r.start_s >= since]

@@ -179,6 +179,24 @@ def _positions(run: npt.NDArray[np.int16]) -> tuple[float, float]:
     return at, at
 
 
+def _goes_on(before: HeardReply, after: HeardReply) -> bool:
+    """`after` is the same reply as `before` and is first heard where `before` was last."""
+    return before.n == after.n and CONTINUES[0] <= after.first_pos - before.last_pos <= CONTINUES[1]
+
+
+def _join(before: HeardReply, after: HeardReply, *, gap_heard: bool) -> HeardReply:
+    """One reply of two runs: spanning both; the gap counted as sound when `gap_heard`."""
+    gap = after.start_s - before.end_s if gap_heard else 0.0
+    return HeardReply(
+        after.n,
+        before.start_s,
+        after.end_s - before.start_s,
+        before.first_pos,
+        after.last_pos,
+        before.sound_s + gap + after.duration_s,
+    )
+
+
 def playings(pieces: list[HeardReply]) -> list[HeardReply]:
     """Each playing of a reply: its unbroken runs, a run joined to the one before when it
     goes on where that one stopped (a stall of the caller's playback, however long), not
@@ -187,22 +205,10 @@ def playings(pieces: list[HeardReply]) -> list[HeardReply]:
     A joined playing's `duration_s` spans it, gaps included; its `heard_s` is its sound."""
     found: list[HeardReply] = []
     for piece in pieces:
-        last = found[-1] if found else None
-        if (
-            last is not None
-            and last.n == piece.n
-            and CONTINUES[0] <= piece.first_pos - last.last_pos <= CONTINUES[1]
-        ):
-            found[-1] = HeardReply(
-                piece.n,
-                last.start_s,
-                piece.end_s - last.start_s,
-                last.first_pos,
-                piece.last_pos,
-                last.sound_s + piece.duration_s,
-            )
-            continue
-        found.append(piece)
+        if found and _goes_on(found[-1], piece):
+            found[-1] = _join(found[-1], piece, gap_heard=False)
+        else:
+            found.append(piece)
     return found
 
 
@@ -211,13 +217,16 @@ def heard_replies(
 ) -> list[HeardReply]:
     """The replies on the caller's side of the line, in the order heard: runs of one reply
     less than PLAYBACK_GAP_S apart are one (so a reply cut and at once said again reads as
-    one, as does a playing split by a stall)."""
+    one), and so is a playing split by a stall of any length (:func:`playings`).
+
+    A stall's gap is not counted in `sound_s`; a gap under PLAYBACK_GAP_S is."""
     replies: list[HeardReply] = []
     for piece in heard_pieces(record, min_s, since_s):
         last = replies[-1] if replies else None
         if last is not None and last.n == piece.n and _close(last, piece):
-            span = piece.end_s - last.start_s
-            replies[-1] = HeardReply(piece.n, last.start_s, span, last.first_pos, piece.last_pos)
+            replies[-1] = _join(last, piece, gap_heard=True)
+        elif last is not None and _goes_on(last, piece):
+            replies[-1] = _join(last, piece, gap_heard=False)
         else:
             replies.append(piece)
     return replies
