@@ -477,8 +477,13 @@ def reset_gaps(run: Run, times: dict[str, float], time_left: float) -> list[Rese
 # --- transcoding ----------------------------------------------------------------------------
 
 
+TRANSCODE_ROUNDS = 7
+
+
 def transcoding(seconds: int) -> dict[str, float]:
-    """x real time per core of the gateway's converters, wire to wire, as calls stream them."""
+    """x real time per core of the gateway's converters, wire to wire, as calls stream them:
+    the best of TRANSCODE_ROUNDS rounds (a minute of audio takes tens of ms of CPU, so one
+    round moved 2x between runs with whatever else the host did in those ms)."""
     from bench.transcode import realtime_factor, test_audio
     from gateway.audio import (
         MODEL_OUTPUT_RATE,
@@ -490,12 +495,13 @@ def transcoding(seconds: int) -> dict[str, float]:
 
     caller = pcm16_to_ulaw(test_audio(TWILIO_RATE, seconds).tobytes())
     model = test_audio(MODEL_OUTPUT_RATE, seconds).tobytes()
+    rounds = range(TRANSCODE_ROUNDS)
     return {
-        "caller 8k mu-law -> 16k PCM, 20 ms frames": realtime_factor(
-            CallerToModel, caller, 160, seconds
+        "caller 8k mu-law -> 16k PCM, 20 ms frames": max(
+            realtime_factor(CallerToModel, caller, 160, seconds) for _ in rounds
         ),
-        "model 24k PCM -> 8k mu-law, 40 ms chunks": realtime_factor(
-            ModelToCaller, model, 1920, seconds
+        "model 24k PCM -> 8k mu-law, 40 ms chunks": max(
+            realtime_factor(ModelToCaller, model, 1920, seconds) for _ in rounds
         ),
     }
 
