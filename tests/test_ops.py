@@ -31,7 +31,7 @@ from twilio.request_validator import RequestValidator
 
 from gateway.logs import JsonFormatter, call_filter
 from gateway.server import STATE, start_draining
-from gateway.testing.analysis import heard_replies
+from gateway.testing.analysis import await_reply, heard_replies
 from gateway.testing.harness import (
     AUTH_TOKEN,
     PUBLIC_URL,
@@ -71,13 +71,9 @@ def complete_replies(record: CallRecord, min_s: float = 0.75) -> list[int]:
 
 
 async def wait_reply(call: SimulatedCall, n: int, limit_s: float = 15.0) -> None:
-    """Keep the line open (Twilio streams silence too) until reply `n` was heard whole."""
-    deadline = time.monotonic() + limit_s
-    while n not in complete_replies(call.record):
-        if time.monotonic() > deadline or call.closed:
-            raise AssertionError(f"reply {n} not heard; heard {heard_replies(call.record)}")
-        await call.silence(0.2)
-    await call.silence(0.1)
+    """Keep the line open (Twilio streams silence too) until reply `n` was heard whole and
+    its last chunk has played (a hang-up right after cuts the chunk playing)."""
+    await await_reply(call, n, min_s=0.75, limit_s=limit_s)
 
 
 async def turn(call: SimulatedCall, n: int, freq: float = 350.0) -> None:
