@@ -56,6 +56,7 @@ from gateway.testing.harness import free_port
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW_S = 0.02  # the emulator's VAD window
 LATENCY = "gateway_added_latency_seconds"
+GC_PAUSE = "gateway_gc_pause_seconds"
 DIRECTIONS = ("caller_to_model", "model_to_caller")
 MIB = 1024 * 1024
 # Past this share of all cores busy (every process, the bench's and others'), the processes
@@ -183,6 +184,7 @@ class Window:
     busy: float = 0.0  # machine-wide, fraction of all cores
     others: float = 0.0  # of which not the bench's processes (other jobs on a shared machine)
     latency: dict[str, Histogram] = field(default_factory=dict)
+    gc: dict[str, Histogram] = field(default_factory=dict)  # generation -> pauses
     rss: int = 0
 
 
@@ -281,9 +283,11 @@ class Bench:
             argv += [f"--{key.replace('_', '-')}", str(value)]
         return await spawn("callers", argv, {}, self.logs, self.args.nice)
 
-    async def scrape(self, url: str) -> dict[str, Histogram]:
+    async def scrape(self, url: str) -> tuple[dict[str, Histogram], dict[str, Histogram]]:
+        """The added-latency histograms by direction and the GC pauses by generation."""
         async with self.http.get(url + "/metrics") as resp:
-            return histograms(await resp.text(), LATENCY, "direction")
+            text = await resp.text()
+        return histograms(text, LATENCY, "direction"), histograms(text, GC_PAUSE, "generation")
 
     async def control(self, path: str) -> dict[str, Any]:
         async with self.http.post(self.emulator_info["control_url"] + path) as resp:
@@ -318,6 +322,7 @@ class Bench:
             }
             start: dict[str, float] = {}
             start_hist: dict[str, Histogram] = {}
+            start_gc: dict[str, Histogram] = {}
             t0 = busy0 = total0 = 0.0
             profiler: asyncio.subprocess.Process | None = None
             background: asyncio.Task[Any] | None = None
@@ -328,7 +333,7 @@ class Bench:
                     start = {k: cpu_seconds(p) for k, p in pids.items()}
                     busy0, total0 = machine_busy()
                     if impl != "naive":
-                        start_hist = await self.scrape(url)
+                        start_hist, start_gc = await self.scrape(url)
                         name = impl.replace(":", "-")
                         profiler = await self.profile(gateway.pid, name, calls, seconds)
                     if during is not None:
@@ -342,9 +347,13 @@ class Bench:
                     window.others = max(0.0, window.busy - ours)
                     window.rss = rss_bytes(gateway.pid)
                     if impl != "naive":
-                        end_hist = await self.scrape(url)
+                        end_hist, end_gc = await self.scrape(url)
                         window.latency = {
                             d: end_hist[d].minus(start_hist[d]) for d in DIRECTIONS if d in end_hist
+                        }
+                        window.gc = {
+                            g: h.minus(start_gc[g]) if g in start_gc else h
+                            for g, h in end_gc.items()
                         }
                 elif msg["event"] == "result":
                     results: list[dict[str, Any]] = msg["calls"]
@@ -555,6 +564,14 @@ def result(
                     for d, h in r.window.latency.items()
                 },
                 "turn_gap_ms": [percentile(gaps_ms, 0.5), percentile(gaps_ms, 0.99)],
+                "gc": {
+                    g: {
+                        "count": h.count,
+                        "p50_ms": 1000 * h.quantile(0.5),
+                        "longest_under_ms": 1000 * h.top_bound(),
+                    }
+                    for g, h in sorted(r.window.gc.items())
+                },
                 "turn_delays": r.turn_delays(),
             }
         )
@@ -583,6 +600,8 @@ def render(data: dict[str, Any]) -> list[str]:
     """The tables, in markdown, from `result` (or its JSON)."""
     out = [f"machine: {data['machine']}", f"command: {data['command']}", ""]
     out += table(data["runs"], data["saturated_above"])
+    if any(r.get("gc") for r in data["runs"]):
+        out += ["", *gc_table(data["runs"])]
     if data["resets"]:
         out += ["", *reset_table(data["resets"])]
     out += ["", "| transcoding | × real time per core |", "|---|---|"]
@@ -636,6 +655,26 @@ def targets(runs: list[dict[str, Any]], saturated_above: float) -> list[str]:
         heard,
         None if g is None else g["heard_ok"][0] == g["heard_ok"][1],
     )
+    return lines
+
+
+def gc_table(runs: list[dict[str, Any]]) -> list[str]:
+    """The gateway's garbage-collection pauses in each window (they hold every call's audio)."""
+    lines = [
+        "| calls | gateway | full collections (gen 2) | their p50 ms | the longest under ms "
+        "| gen 0 + 1 collections |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        gc = r.get("gc")
+        if not gc:
+            continue
+        full = gc.get("2", {"count": 0.0, "p50_ms": math.nan, "longest_under_ms": math.nan})
+        young = sum(gc.get(g, {"count": 0.0})["count"] for g in ("0", "1"))
+        lines.append(
+            f"| {r['calls']} | {r['label']} | {full['count']:.0f} | {ms(full['p50_ms'])} "
+            f"| {ms(full['longest_under_ms'])} | {young:.0f} |"
+        )
     return lines
 
 

@@ -85,6 +85,16 @@ class Histogram:
         before = dict(earlier.buckets)
         return Histogram(tuple((le, c - before.get(le, 0.0)) for le, c in self.buckets))
 
+    def top_bound(self) -> float:
+        """The upper bound of the highest bucket anything fell in (nan if empty): the
+        longest observation was at most this."""
+        top, below = math.nan, 0.0
+        for le, count in self.buckets:
+            if count > below:
+                top = le
+            below = count
+        return top
+
     def quantile(self, q: float) -> float:
         """Prometheus' histogram_quantile: linear interpolation inside the bucket."""
         total = self.count

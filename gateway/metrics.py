@@ -12,6 +12,8 @@ against 0.1 and 0.2 us. They are exported under the same names, types and bucket
 
 from __future__ import annotations
 
+import gc
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +41,9 @@ LATENCY_BUCKETS = (
     0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
 GAP_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# A collection holds the event loop, and every call's audio with it: from a fraction of a ms
+# (the youngest generation) to tens of ms for a full one over a large heap.
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
 class LoopCounter:
@@ -201,6 +206,13 @@ class Metrics:
         self.live_errors = Counter(
             "gateway_live_errors", "Live sessions that failed, by reason", ["reason"], registry=r
         )
+        self.gc_pause = Histogram(
+            "gateway_gc_pause_seconds",
+            "How long each garbage collection held the process (and its event loop), by generation",
+            ["generation"],
+            buckets=GC_BUCKETS,
+            registry=r,
+        )
         self.added_latency = LoopHistogramFamily("direction", LATENCY_BUCKETS)
         counters = {
             "gateway_caller_audio_frames": ("Caller audio frames received", self.caller_frames),
@@ -283,3 +295,25 @@ class Metrics:
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def watch_gc(pause: Histogram) -> Callable[[], None]:
+    """Time every garbage collection into `pause` (by generation) from now on; returns the
+    function that stops it. A collection runs on the thread that triggered it, mostly the
+    event loop's, and stops it: a long one is a stall of every call's audio."""
+    started: list[float] = []
+    children = [pause.labels(generation=str(g)) for g in range(3)]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            children[min(info.get("generation", 2), 2)].observe(time.perf_counter() - started.pop())
+
+    gc.callbacks.append(on_gc)
+
+    def stop() -> None:
+        if on_gc in gc.callbacks:
+            gc.callbacks.remove(on_gc)
+
+    return stop

@@ -34,7 +34,7 @@ from gateway.config import Settings
 from gateway.listener import ConnectionDeadlines, PeerErrorLog, Throttle, watch_accept_errors
 from gateway.live import sdk as live_sdk
 from gateway.logs import bind_call, register_secret
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, watch_gc
 from gateway.personas import PersonaTable
 from gateway.tools import MAX_SUMMARY_CHARS, TwilioRest, whisper_twiml
 from gateway.transcript import append_record
@@ -233,6 +233,7 @@ async def start_server(
     state.stop_listening += [
         state.deadlines.stop,
         watch_accept_errors(loop, state.logs.accepts, state.metrics.accept_errors),
+        watch_gc(state.metrics.gc_pause),
     ]
     return runner
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +58,7 @@ def test_the_fast_path_is_locked_as_a_runtime_dependency() -> None:
 
 
 def test_the_gateway_logs_its_event_loop_at_start(tmp_path: Path) -> None:
+    """Its event loop, and how many objects of its start it froze out of the collector's way."""
     env = {
         "PATH": os.environ.get("PATH", ""),
         "PYTHONPATH": str(ROOT),
@@ -97,6 +99,9 @@ def test_the_gateway_logs_its_event_loop_at_start(tmp_path: Path) -> None:
     loop = next((m for m in messages if m.startswith("event loop:")), None)
     assert loop is not None, (messages, rest)
     assert loop.startswith("event loop: uvloop "), loop  # installed here, as in the image
+    frozen = next((m for m in messages if m.startswith("gc: ")), "")
+    assert re.fullmatch(r"gc: \d+ objects of the started process frozen", frozen), messages
+    assert int(frozen.split()[1]) > 10_000  # the modules and the SDK's types, at the least
 
 
 # --- permessage-deflate: offered to the Live endpoint only when LIVE_DEFLATE says so --------

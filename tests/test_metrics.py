@@ -3,10 +3,12 @@ own Counter and Histogram would: same names, types, labels, cumulative buckets, 
 
 from __future__ import annotations
 
+import gc
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import LATENCY_BUCKETS, Metrics
+from gateway.metrics import LATENCY_BUCKETS, Metrics, watch_gc
 
 LATENCIES = (0.0, 0.00025, 0.0003, 0.0012, 0.02, 0.7, 1.0, 3.0)  # bounds, between, above
 
@@ -62,3 +64,24 @@ def test_a_direction_never_observed_is_not_exported() -> None:
     text = metrics.render().decode()
     assert 'direction="model_to_caller"' in text
     assert 'direction="caller_to_model"' not in text
+
+
+def gc_counts(metrics: Metrics) -> dict[str, float]:
+    """Collections timed so far, by generation."""
+    text = generate_latest(metrics.registry).decode()
+    found = samples(text, "gateway_gc_pause_seconds_count")
+    return {dict(labels)["generation"]: value for (_, labels), value in found.items()}
+
+
+def test_every_collection_is_timed_by_generation_until_stopped() -> None:
+    metrics = Metrics()
+    stop = watch_gc(metrics.gc_pause)
+    try:
+        gc.collect(0)
+        gc.collect()
+    finally:
+        stop()
+    counts = gc_counts(metrics)
+    assert counts["0"] >= 1 and counts["2"] >= 1, counts
+    gc.collect()  # after stop(): not timed
+    assert gc_counts(metrics) == counts
