@@ -155,7 +155,8 @@ def freeze_startup_objects() -> int:
 
     They live as long as the process, yet every full collection walked them all, holding the
     event loop ~40 ms on these machines, for every call at once; frozen, a collection walks
-    only what calls have made since (gateway_gc_pause_seconds, python -m bench).
+    only what calls have made since (gateway_gc_pause_seconds times each; the README's
+    benchmark section has the figures).
     """
     gc.collect()
     gc.freeze()
