@@ -22,10 +22,23 @@ from survival_helpers import (
     converse,
 )
 
-from gateway.testing.analysis import await_reply, heard_playings
+from gateway.testing.analysis import HeardReply, await_reply, heard_playings
 from gateway.testing.harness import quick_emulator, test_bed
 from gateway.testing.live_emulator import EmulatorConfig, EmulatorRecord
 from gateway.testing.twilio_sim import SimulatedCall
+
+
+def test_a_repeat_the_caller_talked_over_is_not_a_reply_left_unsaid() -> None:
+    """Python 3.12 saw this: reply 5 cut after 0.72 s (heard: the caller talks on), the
+    resumed model says it again from the top, the caller's words cut that short, reply 6."""
+    heard = [(1, 0.82), (2, 0.42), (2, 0.82), (3, 0.84), (4, 0.82), (5, 0.72), (5, 0.30)]
+    replies = [HeardReply(n, 2.0 * i, s) for i, (n, s) in enumerate([*heard, (6, 0.82)])]
+    assert_replies_once_in_order(replies, 6)
+    # Cut before the caller had heard enough of it, and followed by another reply: caught.
+    other = [HeardReply(n, 10.0 + 2 * i, s) for i, (n, s) in enumerate(((5, 0.4), (6, 0.3)))]
+    again = [HeardReply(5, 14.0, 0.82), HeardReply(6, 16.0, 0.82)]
+    with pytest.raises(AssertionError):
+        assert_replies_once_in_order([*replies[:5], *other, *again], 6)
 
 
 def survival_config(**overrides: object) -> EmulatorConfig:
