@@ -50,22 +50,31 @@ async def converse(call: SimulatedCall, turns: int, limit_s: float = 20.0) -> No
         await call.silence(0.2)
 
 
+def cut_and_not_said_again(replies: list[HeardReply]) -> list[str]:
+    """Each reply cut short and followed by another, where it should have been followed by
+    its own repetition: not when the caller had it (or took it, FULL_REPLY_S) as heard.
+
+    A reset that cuts a reply in its last fifth does that: the caller has heard enough and
+    talks on, over the resumed model saying it again (a barge-in), and the answer to what
+    they said comes next. Seen once on Python 3.12: reply 5 heard 0.72 s, then 0.30 s of it
+    again from the top, then reply 6.
+    """
+    found: list[str] = []
+    had: set[int] = set()
+    for r, nxt in itertools.pairwise(replies):
+        if r.sound_s > FULL_REPLY_S:
+            had.add(r.n)
+        elif nxt.n != r.n and r.n not in had:
+            found.append(f"reply {r.n} cut at {r.sound_s:.2f} s, then {nxt.n}")
+    return found
+
+
 def assert_replies_once_in_order(replies: list[HeardReply], turns: int) -> None:
     """Every reply heard in full exactly once, in order; a reply cut by a reset may only
-    be followed by its own full repetition, unless the caller had heard it already.
-
-    That happens when a reset cuts a reply in its last fifth: the caller has heard enough
-    (FULL_REPLY_S) and talks on, over the resumed model saying it again (a barge-in), and
-    the answer to what they said comes next. Seen once on Python 3.12: reply 5 heard 0.72 s,
-    then 0.30 s of it again from the top, then reply 6.
-    """
+    be followed by its own full repetition, unless the caller had heard it already."""
     assert full_replies(replies) == list(range(1, turns + 1)), replies
-    heard: set[int] = set()
-    for prev, nxt in itertools.pairwise(replies):
-        if prev.sound_s > FULL_REPLY_S:
-            heard.add(prev.n)
-        elif prev.n not in heard:
-            assert nxt.n == prev.n, replies
+    unsaid = cut_and_not_said_again(replies)
+    assert not unsaid, (unsaid, replies)
 
 
 def assert_session_holds_caller_audio(bed: TestBed, call: SimulatedCall, utterances: int) -> None:
@@ -128,13 +137,7 @@ class Outcome:
         heard = full_replies(self.replies)
         if heard != list(range(1, self.turns + 1)):
             found.append(f"replies heard in full: {heard}")
-        # A cut reply must be said again, unless the caller had it (or took it) as heard.
-        had: set[int] = set()
-        for r, nxt in itertools.pairwise(self.replies):
-            if r.sound_s > FULL_REPLY_S:
-                had.add(r.n)
-            elif nxt.n != r.n and r.n not in had:
-                found.append(f"reply {r.n} cut at {r.sound_s:.2f} s, then {nxt.n}")
+        found += cut_and_not_said_again(self.replies)
         # Heard in full and then again. Playings, not runs: a reply that plays on after a
         # stall is one playing; one said again from its start is another (by its level).
         heard_in_full: set[int] = set()

@@ -197,19 +197,29 @@ def _join(before: HeardReply, after: HeardReply, *, gap_heard: bool) -> HeardRep
     )
 
 
+def _joined_runs(pieces: list[HeardReply], *, by_gap: bool) -> list[HeardReply]:
+    """Runs of one reply joined: one that goes on where the one before stopped (a stall,
+    however long: its gap is not sound) and, with `by_gap`, one less than PLAYBACK_GAP_S
+    after it (its gap counted as sound)."""
+    found: list[HeardReply] = []
+    for piece in pieces:
+        last = found[-1] if found else None
+        if by_gap and last is not None and last.n == piece.n and _close(last, piece):
+            found[-1] = _join(last, piece, gap_heard=True)
+        elif last is not None and _goes_on(last, piece):
+            found[-1] = _join(last, piece, gap_heard=False)
+        else:
+            found.append(piece)
+    return found
+
+
 def playings(pieces: list[HeardReply]) -> list[HeardReply]:
     """Each playing of a reply: its unbroken runs, a run joined to the one before when it
     goes on where that one stopped (a stall of the caller's playback, however long), not
     when it starts again from the top (the reply said again).
 
     A joined playing's `duration_s` spans it, gaps included; its `heard_s` is its sound."""
-    found: list[HeardReply] = []
-    for piece in pieces:
-        if found and _goes_on(found[-1], piece):
-            found[-1] = _join(found[-1], piece, gap_heard=False)
-        else:
-            found.append(piece)
-    return found
+    return _joined_runs(pieces, by_gap=False)
 
 
 def heard_replies(
@@ -220,19 +230,11 @@ def heard_replies(
     one), and so is a playing split by a stall of any length (:func:`playings`).
 
     A stall's gap is not counted in `sound_s`; a gap under PLAYBACK_GAP_S is."""
-    replies: list[HeardReply] = []
-    for piece in heard_pieces(record, min_s, since_s):
-        last = replies[-1] if replies else None
-        if last is not None and last.n == piece.n and _close(last, piece):
-            replies[-1] = _join(last, piece, gap_heard=True)
-        elif last is not None and _goes_on(last, piece):
-            replies[-1] = _join(last, piece, gap_heard=False)
-        else:
-            replies.append(piece)
-    return replies
+    return _joined_runs(heard_pieces(record, min_s, since_s), by_gap=True)
 
 
-def _joined(record: CallRecord, since_s: float) -> list[HeardReply]:
+def _replies_since(record: CallRecord, since_s: float) -> list[HeardReply]:
+    """:func:`heard_replies` from `since_s` on, as await_reply's `read` calls it."""
     return heard_replies(record, since_s=since_s)
 
 
@@ -264,15 +266,16 @@ async def await_reply(
     # After a first look at the whole call, only its recent part: reading all of a long call
     # every step would stall the event loop the call shares (and split what it plays).
     since_s = 0.0
+    replies_from = read or _replies_since
 
     def heard() -> bool:
-        replies = (read or _joined)(call.record, since_s)
+        replies = replies_from(call.record, since_s)
         return any(r.n == n and r.sound_s > min_s for r in replies)
 
     while not heard():
         since_s = max(0.0, _position_s(call.record) - LOOKBACK_S)
         if loop.time() > deadline or call.closed:
-            so_far = (read or _joined)(call.record, 0.0)
+            so_far = replies_from(call.record, 0.0)
             raise TimeoutError(f"reply {n} not heard; heard {so_far}")
         await call.silence(step_s)
     last = call.record.heard[-1]
