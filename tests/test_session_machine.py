@@ -16,6 +16,7 @@ from dataclasses import replace
 import pytest
 
 from gateway.live.events import (
+    GoAwayReceived,
     Interrupted,
     ModelAudio,
     RepeatSkipped,
@@ -26,6 +27,8 @@ from gateway.live.events import (
     TurnComplete,
 )
 from gateway.live.machine import (
+    HANDOVER_MARGIN_S,
+    REPLY_STALL_S,
     Action,
     Close,
     Emit,
@@ -418,3 +421,117 @@ def test_a_skipped_reply_that_goes_on_differently_is_played_from_there() -> None
     assert piece == Transcript("model", " but today we close early because of the storm")
     assert m.model_output(conn, 3.2) is Output.PLAY
     assert TurnComplete() in events(m.turn_complete(conn, 4.0))
+
+
+# ------------------------------------------------ a replacement ready mid-reply
+
+
+def ready_mid_reply() -> tuple[SessionMachine, int, int]:
+    """A goAway switch begun at a pause; the caller then speaks and the old connection's
+    model begins its answer before the replacement's setup completes."""
+    m, old = live_machine()
+    m.handle_update(old, "H1", True, 0.5)
+    (new,) = opens(m.go_away(old, 10.0, 1.0))
+    for k in range(5):
+        m.caller_audio(FRAME, True, 1.1 + k * 0.02)
+    m.caller_audio(FRAME, False, 1.6)
+    assert m.model_output(old, 2.0) is Output.PLAY
+    m.transcript(old, "model", "Our store opens at nine o'clock.")
+    assert m.opened(new.conn, 2.1) == []  # ready: nothing written, nothing closed
+    assert m.phase is Phase.SWITCHING and m.active is not None and m.active.id == old
+    return m, old, new.conn
+
+
+def test_a_replacement_ready_mid_reply_takes_over_when_the_reply_ends() -> None:
+    """The caller hears the old connection's reply to the end; the replacement, resumed
+    from before it, gets all the input after its base, and its repeat is not played."""
+    m, old, new = ready_mid_reply()
+    assert m.model_output(old, 2.2) is Output.PLAY
+    actions = m.turn_complete(old, 2.5)
+    assert TurnComplete() in events(actions) and Close(old) in actions
+    (replay,) = writes(actions)
+    assert replay.conn == new and [i.seq for i in replay.items] == list(range(1, m.seq + 1))
+    assert not [e for e in events(actions) if isinstance(e, ReplyAbandoned)]
+    assert m.model_output(new, 2.8) is Output.HOLD  # it answers the replayed words again
+    m.hold([b"\x00" * 480], 2.8)
+    (skipped,) = events(m.transcript(new, "model", "Our store opens at nine"))
+    assert isinstance(skipped, RepeatSkipped)
+
+
+def test_a_ready_replacement_takes_over_at_once_when_the_caller_talks_over_the_reply() -> None:
+    m, old, new = ready_mid_reply()
+    actions = m.caller_audio(FRAME, True, 2.3)
+    assert Close(old) in actions and ReplyAbandoned(ResetCause.GOAWAY) in events(actions)
+    assert [w.conn for w in writes(actions)] == [old, new]  # the frame, then the replay
+
+
+def test_a_ready_replacement_stops_waiting_for_a_reply_whose_audio_stalls() -> None:
+    """A service that stops the old reply once the new connection took the session over
+    sends no more of it: the replacement takes over after REPLY_STALL_S without audio."""
+    m, old, new = ready_mid_reply()
+    deadline = m.next_deadline()
+    assert deadline == pytest.approx(2.0 + REPLY_STALL_S)
+    actions = m.tick(deadline)
+    assert Close(old) in actions and ReplyAbandoned(ResetCause.GOAWAY) in events(actions)
+    assert m.active is not None and m.active.id == new
+
+
+def test_a_ready_replacement_takes_over_before_the_old_connection_ends() -> None:
+    m, old = live_machine()
+    m.handle_update(old, "H1", True, 0.5)
+    (new,) = opens(m.go_away(old, 1.0, 1.0))  # ends at 2.0
+    m.model_output(old, 1.5)
+    m.opened(new.conn, 1.6)
+    for t in (1.7, 1.8):
+        assert m.model_output(old, t) is Output.PLAY
+        assert m.tick(t) == []
+    assert m.next_deadline() == pytest.approx(2.0 - HANDOVER_MARGIN_S)
+    assert Close(old) in m.tick(2.0 - HANDOVER_MARGIN_S)
+
+
+def test_a_ready_replacement_takes_over_when_the_old_connection_is_lost() -> None:
+    m, old, new = ready_mid_reply()
+    actions = m.lost(old, LossKind.NETWORK, "reset", 2.3)
+    (replay,) = writes(actions)
+    assert replay.conn == new and m.active is not None and m.active.id == new
+    assert m.phase is Phase.LIVE
+
+
+def test_a_ready_replacement_that_is_lost_is_closed_and_replaced() -> None:
+    m, old, new = ready_mid_reply()
+    actions = m.lost(new, LossKind.NETWORK, "reset", 2.3)
+    assert Close(new) in actions
+    (again,) = opens(actions)
+    assert again.handle == "H1" and again.conn not in (old, new)
+
+
+def test_a_goaway_on_a_ready_replacement_is_acted_on_once_it_takes_over() -> None:
+    m, old, new = ready_mid_reply()
+    assert m.go_away(new, 0.2, 2.2) == [Emit(GoAwayReceived(0.2))]
+    actions = m.turn_complete(old, 2.3)
+    assert Close(old) in actions
+    (third,) = opens(actions)  # switched on at once: its end is nearer than the margin
+    assert third.handle == "H1" and m.phase is Phase.SWITCHING
+
+
+def test_a_handle_right_after_a_replay_does_not_replace_one_that_says_as_much() -> None:
+    """Read within the guard of a replay, a handle may or may not hold it: resuming it
+    could send the whole replay twice, so the handle held (the replacement's own origin,
+    which holds exactly the base) is kept."""
+    m, old = live_machine()
+    m.rtt(old, 0.02)
+    for k in range(10):
+        m.caller_audio(FRAME, False, 0.2 + k * 0.02)
+        m.written(old, m.seq, 0.2 + k * 0.02)
+    m.handle_update(old, "H1", True, 1.0)
+    (new,) = opens(m.go_away(old, 10.0, 1.0))
+    for k in range(20):  # the old connection carries more, then is replaced
+        m.caller_audio(FRAME, False, 1.1 + k * 0.02)
+        m.written(old, m.seq, 1.1 + k * 0.02)
+    (replay,) = writes(m.opened(new.conn, 1.6))
+    m.written(new.conn, replay.items[-1].seq, 1.6)
+    m.rtt(new.conn, 0.02)
+    m.handle_update(new.conn, "H2", True, 1.61)  # within the guard of the replay
+    assert m.handle == "H1"
+    m.handle_update(new.conn, "H3", True, 2.0)  # well after it: it holds the replay
+    assert m.handle == "H3" and m.base == replay.items[-1].seq

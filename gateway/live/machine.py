@@ -23,8 +23,17 @@ section says which service behaviours each covers):
   to be in it. Whatever the split between the two directions, input written one round
   trip before the handle arrived had reached the service when it issued the handle; the
   guard is 1.5 measured round trips plus 5 ms (for jitter). At worst that much input is
-  sent twice at a reset (reported as `Resumed.overlap_s`).
+  sent twice at a reset (reported as `Resumed.overlap_s`). A handle that places no more
+  input than the one held, but leaves more in doubt (a handle right after a replay), is not
+  taken: the one held says as much, with less sent twice.
 * At most two connections are open: the active one and one being opened.
+* A replacement whose setup completes while the old connection's model is mid-reply
+  waits (ready, nothing written to it) until that reply ends, so the caller hears it to
+  the end and it counts as heard: a resumed model that says it again is then recognised
+  (below) instead of heard twice. It takes over at once when the caller speaks, when the
+  old reply's audio stalls for ``REPLY_STALL_S`` (a service that stops the old reply once
+  the new connection took the session over), when the old connection is lost, or
+  ``HANDOVER_MARGIN_S`` before the old connection's announced end.
 * A resumed state may lack replies the caller heard in full (a handle issued before
   them); replaying the caller's audio, the model may say them again. Each connection
   knows how many replies its state holds, each reply heard in full is kept with its
@@ -71,6 +80,8 @@ DEFAULT_RTT_S = 0.15  # assumed until a connection's round trip was measured
 SAID_KEPT = 16  # replies heard in full, kept to recognise them if said again
 REPEAT_WINDOW_S = 5.0  # a resumed connection's replies that begin this soon may be repeats
 OUTPUT_RATE = 24000  # the model's audio, 16-bit PCM
+REPLY_STALL_S = 0.3  # a ready replacement stops waiting for a reply with no audio this long
+HANDOVER_MARGIN_S = 0.1  # ... and takes over this long before the old connection's end
 
 
 class Output(StrEnum):
@@ -224,6 +235,7 @@ Action = Open | Brief | Write | Respond | Close | Emit | Fail
 
 class ConnPhase(StrEnum):
     OPENING = "opening"
+    READY = "ready"  # setup complete, waiting for the active connection's reply to end
     ACTIVE = "active"
 
 
@@ -245,6 +257,8 @@ class Conn:
     delivered: bool = False  # a valid message came after setup
     superseded: bool = False  # a resume was sent on another connection: distrust its handles
     goaway: bool = False
+    ends_at: float | None = None  # when its goAway said it ends
+    output_at: float = 0.0  # when its model's audio last came
     replayed_s: float = 0.0
     mode: SwitchMode | None = None  # how the goAway switch that opened it was made
     replies: int = 0  # model replies its state holds (those of its handle, then its own)
@@ -346,6 +360,8 @@ class SessionMachine:
             times.append(self._nudge_at)
         if self._judge_until is not None:
             times.append(self._judge_until)
+        if self._ready() is not None:
+            times.append(self._handover_due())
         return min(times) if times else None
 
     def check(self) -> None:
@@ -363,8 +379,10 @@ class SessionMachine:
         if self.active is not None:
             assert self.active.phase is ConnPhase.ACTIVE
         if self.opening is not None:
-            assert self.opening.phase is ConnPhase.OPENING
+            assert self.opening.phase is not ConnPhase.ACTIVE
             assert self.opening.base <= self.seq
+            if self.opening.phase is ConnPhase.READY:
+                assert self.phase is Phase.SWITCHING
         if self.buffer:
             assert self.buffer[0].seq > 0
         assert self._buffer_bytes >= 0
@@ -386,7 +404,10 @@ class SessionMachine:
     def caller_audio(self, pcm: bytes, speech: bool, now: float) -> list[Action]:
         if speech:
             self._spoke_at = now
-        return self._input(Input(0, audio=pcm, received_at=now))
+        actions = self._input(Input(0, audio=pcm, received_at=now))
+        if speech and self._ready() is not None:
+            actions += self._maybe_hand_over(now)
+        return actions
 
     def caller_text(self, text: str, turn_complete: bool, now: float) -> list[Action]:
         return self._input(Input(0, text=text, turn_complete=turn_complete, received_at=now))
@@ -473,11 +494,40 @@ class SessionMachine:
     def opened(self, conn_id: int, now: float) -> list[Action]:
         """Connection `conn_id` completed its setup."""
         conn = self.opening
-        if conn is None or conn.id != conn_id:
+        if conn is None or conn.id != conn_id or conn.phase is not ConnPhase.OPENING:
             return [Close(conn_id)]  # no longer wanted
+        conn.opened_at = now
+        conn.phase = ConnPhase.READY
+        return self._maybe_hand_over(now)
+
+    # ------------------------------------------------------------- handover
+
+    def _ready(self) -> Conn | None:
+        """The replacement that is set up and waits for the old connection's reply to end."""
+        conn = self.opening
+        return conn if conn is not None and conn.phase is ConnPhase.READY else None
+
+    def _handover_due(self) -> float:
+        """The latest a ready replacement may wait for the active connection's reply."""
+        old = self.active
+        if old is None or not old.generating or self._spoke_at > self._model_spoke_at:
+            return -1e9  # no reply, or the caller talks over it: at once
+        due = old.output_at + REPLY_STALL_S
+        if old.ends_at is not None:
+            due = min(due, old.ends_at - HANDOVER_MARGIN_S)
+        return due
+
+    def _maybe_hand_over(self, now: float) -> list[Action]:
+        if self._ready() is None or now < self._handover_due():
+            return []
+        return self._hand_over(now)
+
+    def _hand_over(self, now: float) -> list[Action]:
+        """The ready replacement becomes the active connection."""
+        conn = self.opening
+        assert conn is not None and conn.phase is ConnPhase.READY
         self.opening = None
         conn.phase = ConnPhase.ACTIVE
-        conn.opened_at = now
         actions: list[Action] = []
         if conn.handle is None and conn.cause is not None:
             turns = self.history.recent()
@@ -523,6 +573,11 @@ class SessionMachine:
             # resumed model says nothing by itself, prompt it.
             self._nudge_at = now + self.options.resume_nudge_s
         self._trim()
+        if conn.goaway and conn.ends_at is not None:
+            # It was announced to end while it waited.
+            self._switch_deadline = max(now, conn.ends_at - self.options.goaway_margin_s)
+            self._switch_forced = False
+            actions += self._maybe_switch(now)
         return actions
 
     def open_failed(self, conn_id: int, error: OpenError, detail: str, now: float) -> list[Action]:
@@ -558,6 +613,10 @@ class SessionMachine:
 
     def lost(self, conn_id: int, kind: LossKind, detail: str, now: float) -> list[Action]:
         """An open connection ended (close frame, network error, unreadable message)."""
+        ready = self._ready()
+        if ready is not None and ready.id == conn_id:
+            # The replacement was lost before it took over: as if it had not opened.
+            return [Close(conn_id), *self.open_failed(conn_id, OpenError.UNREACHABLE, detail, now)]
         conn = self.active
         if conn is None or conn.id != conn_id:
             return []  # an old connection being closed, or one we already gave up
@@ -565,6 +624,8 @@ class SessionMachine:
             self._last_error = (_loss_reason(kind), detail)
         cause = ResetCause.GOAWAY if conn.goaway else ResetCause.ABRUPT
         actions = self._lose_active(now, cause)
+        if self._ready() is not None:
+            return actions + self._hand_over(now)
         if self.opening is not None:
             self.phase = Phase.RECOVERING
             return actions  # its replacement is on the way
@@ -670,22 +731,36 @@ class SessionMachine:
             if at > horizon:
                 break
             base = seq
-        self.handle = handle
-        self._handle_replies = conn.replies
         # A later handle of the same lineage covers at least what the one before it did.
-        self.base = max(self.base, base)
+        base = max(self.base, base)
         newest = conn.writes[-1][0] if conn.writes else conn.base
-        self._overlap_s = sum(i.seconds for i in self.buffer if self.base < i.seq <= newest)
+        overlap = sum(i.seconds for i in self.buffer if base < i.seq <= newest)
         if not conn.generating:
             self._handle_after_reply = True
+        if (
+            self.handle is not None
+            and base == self.base
+            and conn.replies == self._handle_replies
+            and overlap > self._overlap_s
+        ):
+            # It says no more than the handle we hold, and it may hold input we cannot place
+            # (a replay written within the guard): resuming it could send that input twice.
+            return self._maybe_switch(now)
+        self.handle, self.base, self._overlap_s = handle, base, overlap
+        self._handle_replies = conn.replies
         self._trim()
         return self._maybe_switch(now)
 
     def go_away(self, conn_id: int, time_left_s: float, now: float) -> list[Action]:
+        ready = self._ready()
+        if ready is not None and ready.id == conn_id:
+            ready.goaway, ready.ends_at = True, now + time_left_s  # acted on when it takes over
+            return [Emit(GoAwayReceived(time_left_s))]
         conn = self._from_active(conn_id)
         if conn is None:
             return []
         conn.goaway = True
+        conn.ends_at = now + time_left_s
         actions: list[Action] = [Emit(GoAwayReceived(time_left_s))]
         if conn.superseded:
             return actions  # its replacement is already being opened
@@ -701,6 +776,7 @@ class SessionMachine:
             return Output.DROP
         if not conn.delivered:
             self._from_active(conn_id)
+        conn.output_at = now
         if not conn.generating:
             conn.generating = True
             self._handle_after_reply = False
@@ -754,7 +830,8 @@ class SessionMachine:
         self.turn_state = TurnState.CALLER_SPEAKING
         unheard = self._skipping is not None or self._judge_until is not None
         self._stop_judging()
-        return [] if unheard else [Emit(Interrupted())]
+        actions: list[Action] = [] if unheard else [Emit(Interrupted())]
+        return actions + self._maybe_hand_over(now)
 
     def generation_complete(self, conn_id: int) -> list[Action]:
         if self._from_active(conn_id) is None:
@@ -774,10 +851,15 @@ class SessionMachine:
             conn.replies += 1
         if self._skipping is not None:
             self._skipping = None
-            return [*actions, *self._maybe_switch(now)]
+            return [*actions, *self._maybe_switch(now), *self._maybe_hand_over(now)]
         if spoke and self._reply_text.strip():
             self._said.append((conn.replies, self._reply_text, now))
-        return [*actions, Emit(TurnComplete()), *self._maybe_switch(now)]
+        return [
+            *actions,
+            Emit(TurnComplete()),
+            *self._maybe_switch(now),
+            *self._maybe_hand_over(now),
+        ]
 
     # ------------------------------------------------------- replies said again
 
@@ -837,6 +919,7 @@ class SessionMachine:
         if self._nudge_at is not None and now >= self._nudge_at:
             actions += self._nudge(now)
         actions += self._maybe_switch(now)
+        actions += self._maybe_hand_over(now)
         return actions
 
     def _nudge(self, now: float) -> list[Action]:

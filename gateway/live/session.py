@@ -386,7 +386,11 @@ class LiveSession:
                         turn_complete=item.turn_complete,
                     )
                 now = time.monotonic()
-                self.machine.written(link.id, last.seq, now)
+                if not (replay and outbox and outbox[0][1]):
+                    # A replay counts as written once all of it is: a handle the service
+                    # issued before it had the burst may be read only after the burst's
+                    # first pieces left (the machine sees a replay as one write).
+                    self.machine.written(link.id, last.seq, now)
                 if not replay and item.audio is not None and self._on_audio_sent is not None:
                     self._on_audio_sent(now - item.received_at)
         except Exception as exc:

@@ -45,7 +45,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from gateway.live.events import AudioDropped, ModelAudio, RepeatSkipped, Resumed, TurnComplete
+from gateway.live.events import (
+    AudioDropped,
+    ModelAudio,
+    RepeatSkipped,
+    ReplyAbandoned,
+    Resumed,
+    TurnComplete,
+)
 from gateway.live.machine import (
     BYTES_PER_SECOND,
     DEFAULT_RTT_S,
@@ -176,6 +183,8 @@ class Stats:
     failed: bool = False
     repeated_pieces: int = 0  # 0.1 s pieces of a reply the caller had heard whole, played again
     repeats_skipped: int = 0  # replies recognised as repeats and not played
+    replies_cut: int = 0  # replies in progress lost with their connection (ReplyAbandoned)
+    extra_pieces: int = 0  # 0.1 s pieces played beyond a reply's length: heard twice
 
 
 MachineFactory = Callable[[MachineOptions, random.Random], SessionMachine]
@@ -221,6 +230,7 @@ class Simulation:
         self._max_written = 0
         self._handle_arrival: dict[str, float] = {}
         self._heard_whole: set[tuple[str, int]] = set()  # replies the caller heard to the end
+        self._pieces: dict[tuple[str, int], int] = {}  # pieces of each reply played
         self._held_key: tuple[str, int] | None = None  # the reply being held, judged a repeat?
         self._written_at: dict[tuple[str, int], float] = {}  # ("h<conn>", seq): first write
         self._armed: float | None = None
@@ -309,6 +319,8 @@ class Simulation:
                     raise self.violation("no-drop", f"audio dropped: {action.event.seconds:.2f}s")
                 if isinstance(action.event, Resumed):
                     self.stats.resets += 1
+                if isinstance(action.event, ReplyAbandoned):
+                    self.stats.replies_cut += 1
             elif isinstance(action, Fail):
                 self._on_fail(action)
             elif isinstance(action, Brief | Respond):
@@ -533,6 +545,9 @@ class Simulation:
         """A piece of a reply reaches the caller."""
         if key in self._heard_whole:
             self.stats.repeated_pieces += 1
+        played = self._pieces[key] = self._pieces.get(key, 0) + 1
+        if played > round(REPLY_S / 0.1):
+            self.stats.extra_pieces += 1
         self.heard.append(self.now)
 
     def _reply_done(self, conn: _ServiceConn, key: tuple[str, int]) -> None:
@@ -783,6 +798,8 @@ class Report:
     gave_up: int = 0
     repeated_pieces: int = 0
     repeats_skipped: int = 0
+    replies_cut: int = 0
+    extra_pieces: int = 0
     failures: list[tuple[Schedule, Violation]] = field(default_factory=list)
 
 
@@ -809,6 +826,8 @@ def explore(
         report.gave_up += stats.failed
         report.repeated_pieces += stats.repeated_pieces
         report.repeats_skipped += stats.repeats_skipped
+        report.replies_cut += stats.replies_cut
+        report.extra_pieces += stats.extra_pieces
     return report
 
 
@@ -829,7 +848,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{report.overlap_frames} frames sent twice "
             f"(longest run {report.max_overlap_s:.3f} s), "
             f"{report.gave_up} gave up (justified), {report.repeats_skipped} repeats not "
-            f"played, {report.repeated_pieces} pieces of replies heard again, "
+            f"played, {report.repeated_pieces} pieces of replies heard whole heard again, "
+            f"{report.replies_cut} replies cut, {report.extra_pieces} pieces heard twice, "
             f"{len(report.failures)} failures"
         )
         for schedule, exc in report.failures:
