@@ -535,3 +535,15 @@ def test_a_handle_right_after_a_replay_does_not_replace_one_that_says_as_much() 
     assert m.handle == "H1"
     m.handle_update(new.conn, "H3", True, 2.0)  # well after it: it holds the replay
     assert m.handle == "H3" and m.base == replay.items[-1].seq
+
+
+def test_replies_are_judged_from_when_a_ready_replacement_took_over() -> None:
+    """The window for repeats counts from the replay, not from the setup it waited after."""
+    m, old, new = ready_mid_reply()
+    for k in range(1, 25):  # a long reply: the replacement waits beyond the 5 s window
+        t = 2.0 + k * 0.2
+        assert m.model_output(old, t) is Output.PLAY and m.tick(t) == []
+    m.transcript(old, "model", " We also deliver.")
+    m.turn_complete(old, 7.0)
+    assert m.active is not None and m.active.id == new
+    assert m.model_output(new, 7.2) is Output.HOLD

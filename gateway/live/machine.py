@@ -249,7 +249,7 @@ class Conn:
     cause: ResetCause | None  # why it was opened (None: the call's first)
     requested_at: float
     phase: ConnPhase = ConnPhase.OPENING
-    opened_at: float = 0.0
+    opened_at: float = 0.0  # when it became the active connection (and got its replay)
     sent: int = 0  # newest input queued to it
     writes: deque[tuple[int, float]] = field(default_factory=deque)  # (seq, written at)
     rtt: float = DEFAULT_RTT_S
@@ -496,7 +496,6 @@ class SessionMachine:
         conn = self.opening
         if conn is None or conn.id != conn_id or conn.phase is not ConnPhase.OPENING:
             return [Close(conn_id)]  # no longer wanted
-        conn.opened_at = now
         conn.phase = ConnPhase.READY
         return self._maybe_hand_over(now)
 
@@ -528,6 +527,7 @@ class SessionMachine:
         assert conn is not None and conn.phase is ConnPhase.READY
         self.opening = None
         conn.phase = ConnPhase.ACTIVE
+        conn.opened_at = now
         actions: list[Action] = []
         if conn.handle is None and conn.cause is not None:
             turns = self.history.recent()
