@@ -405,8 +405,8 @@ class SessionMachine:
         if speech:
             self._spoke_at = now
         actions = self._input(Input(0, audio=pcm, received_at=now))
-        if speech and self._ready() is not None:
-            actions += self._maybe_hand_over(now)
+        if speech:
+            actions += self._maybe_hand_over(now)  # a ready replacement: the caller talks over
         return actions
 
     def caller_text(self, text: str, turn_complete: bool, now: float) -> list[Action]:
@@ -574,10 +574,7 @@ class SessionMachine:
             self._nudge_at = now + self.options.resume_nudge_s
         self._trim()
         if conn.goaway and conn.ends_at is not None:
-            # It was announced to end while it waited.
-            self._switch_deadline = max(now, conn.ends_at - self.options.goaway_margin_s)
-            self._switch_forced = False
-            actions += self._maybe_switch(now)
+            actions += self._switch_before(conn.ends_at, now)  # announced while it waited
         return actions
 
     def open_failed(self, conn_id: int, error: OpenError, detail: str, now: float) -> list[Action]:
@@ -764,10 +761,13 @@ class SessionMachine:
         actions: list[Action] = [Emit(GoAwayReceived(time_left_s))]
         if conn.superseded:
             return actions  # its replacement is already being opened
-        margin = self.options.goaway_margin_s
-        self._switch_deadline = now + max(0.0, time_left_s - margin)
+        return actions + self._switch_before(conn.ends_at, now)
+
+    def _switch_before(self, ends_at: float, now: float) -> list[Action]:
+        """Switch at a pause, at the latest `goaway_margin_s` before the connection ends."""
+        self._switch_deadline = max(now, ends_at - self.options.goaway_margin_s)
         self._switch_forced = False
-        return actions + self._maybe_switch(now)
+        return self._maybe_switch(now)
 
     def model_output(self, conn_id: int, now: float) -> Output:
         """A piece of the model's reply arrived on `conn_id`: play it, hold it, or drop it."""

@@ -85,6 +85,8 @@ PAUSE_S = 1.6
 END_OF_SPEECH_S = 0.4
 RESPONSE_DELAY_S = 0.2
 REPLY_S = 0.8
+PIECE_S = 0.1  # a reply reaches the caller in pieces this long
+REPLY_PIECES = round(REPLY_S / PIECE_S)
 SETTLE_S = 6.0
 OPTIONS = MachineOptions(
     replay_limit_s=60.0,
@@ -519,9 +521,8 @@ class Simulation:
         conn.reply_pending_at = None
         conn.replying_until = when + REPLY_S
         conn.lineage.replies.append(when)
-        n = int(REPLY_S / 0.1)
-        for k in range(n):
-            self.at(when + k * 0.1, functools.partial(self._reply_piece, conn, key, k == 0))
+        for k in range(REPLY_PIECES):
+            self.at(when + k * PIECE_S, functools.partial(self._reply_piece, conn, key, k == 0))
         self.at(when + REPLY_S, lambda: self._reply_done(conn, key))
 
     def _reply_piece(self, conn: _ServiceConn, key: tuple[str, int], first: bool) -> None:
@@ -546,7 +547,7 @@ class Simulation:
         if key in self._heard_whole:
             self.stats.repeated_pieces += 1
         played = self._pieces[key] = self._pieces.get(key, 0) + 1
-        if played > round(REPLY_S / 0.1):
+        if played > REPLY_PIECES:
             self.stats.extra_pieces += 1
         self.heard.append(self.now)
 
