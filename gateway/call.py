@@ -45,7 +45,7 @@ from gateway.live.events import (
 from gateway.live.session import SPEECH_RMS, LiveSession, LiveSessionFailed
 from gateway.metrics import Metrics
 from gateway.personas import Persona
-from gateway.tools import CallControl, CallTools, RestError, ToolOutcome
+from gateway.tools import CallTools, ToolOutcome
 from gateway.transcript import CallTranscript
 from gateway.twilio.protocol import (
     Dtmf,
@@ -59,6 +59,7 @@ from gateway.twilio.protocol import (
     mark_message,
     media_message,
 )
+from gateway.twilio.rest import CallControl, RestError
 from gateway.usage import CallUsage
 from gateway.watch import CallWatch, Move
 

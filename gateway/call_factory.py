@@ -17,9 +17,10 @@ from gateway.config import Settings
 from gateway.live.session import LiveOptions, LiveSession
 from gateway.metrics import Metrics
 from gateway.personas import Persona, PersonaTable
-from gateway.tools import CallControl, CallTools, TwilioRest, declarations
+from gateway.tools import CallTools, declarations
 from gateway.transcript import CallTranscript
 from gateway.twilio.protocol import Start
+from gateway.twilio.rest import CallControl, TwilioRest
 
 #: The stream `<Parameter>` (and the voice webhook's `?persona=`) naming the persona.
 PERSONA_PARAMETER = "persona"
@@ -55,12 +56,11 @@ class CallFactory:
         live = LiveSession(
             self.client, live_options(settings, persona), on_audio_sent=latency.observe
         )
+        control = CallControl(self.rest, start.account_sid, start.call_sid, settings.public_url)
         tools = None
         if persona.tools:
             tools = CallTools(
-                self.rest,
-                account_sid=start.account_sid,
-                call_sid=start.call_sid,
+                control,
                 tools=persona.tools,
                 transfer_to=persona.transfer_to,
                 whisper_base=f"{settings.public_url}/twilio/whisper",
@@ -79,6 +79,6 @@ class CallFactory:
             hangup_wait_s=settings.hangup_wait_s,
             batch_frames=settings.caller_audio_batch_ms // FRAME_MS,
             persona=persona,
-            control=CallControl(self.rest, start.account_sid, start.call_sid, settings.public_url),
+            control=control,
             token_prices=settings.token_prices,
         )

@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 from gateway.call_factory import PERSONA_PARAMETER
 from gateway.config import ConfigError, Settings, phone_address
 from gateway.personas import PersonaTable
-from gateway.tools import RestError, TwilioRest
+from gateway.twilio.rest import RestError, TwilioRest
 
 log = logging.getLogger(__name__)
 

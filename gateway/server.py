@@ -36,7 +36,6 @@ from gateway.live import sdk as live_sdk
 from gateway.logs import bind_call, register_secret
 from gateway.metrics import Metrics, watch_gc
 from gateway.personas import PersonaTable
-from gateway.tools import MAX_SUMMARY_CHARS, TwilioRest, whisper_twiml
 from gateway.transcript import append_record
 from gateway.twilio.protocol import (
     CLOSE_GOING_AWAY,
@@ -45,7 +44,14 @@ from gateway.twilio.protocol import (
     MAX_MESSAGE_BYTES,
     StreamProtocolError,
 )
+from gateway.twilio.rest import TwilioRest
 from gateway.twilio.stream import WRITER_LIMIT, MediaStream
+from gateway.twilio.twiml import (
+    MAX_SUMMARY_CHARS,
+    busy_twiml,
+    connect_stream_twiml,
+    whisper_twiml,
+)
 from gateway.twilio.webhooks import (
     SIGNATURE_HEADER,
     SIGNATURE_SETTINGS_HEADER,
@@ -54,8 +60,6 @@ from gateway.twilio.webhooks import (
     SignatureResult,
     StreamTokens,
     TokenResult,
-    busy_twiml,
-    connect_stream_twiml,
     parse_form,
     stream_url,
 )

@@ -1,4 +1,4 @@
-"""Functions the model may call on a phone call, and the Twilio REST requests behind them.
+"""Functions the model may call on a phone call: their declarations and their outcomes.
 
 * `end_call`: the call ends once the caller has heard what the model said (its goodbye):
   `calls(sid).update(status="completed")`.
@@ -7,41 +7,27 @@
   Twilio then ends the media stream.
 
 The model gets its `tool_response` at once (so it can finish speaking); the REST request
-waits for playback, which the call knows from Twilio's marks. REST requests are made with
-the call's own account SID and TWILIO_AUTH_TOKEN through the twilio library's aiohttp
-client; tests hand `TwilioRest` an HTTP client aimed at a local stand-in.
+waits for playback, which the call knows from Twilio's marks. The requests themselves and
+the TwiML they carry are Twilio's side (`gateway.twilio.rest`, `gateway.twilio.twiml`).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlencode
 
-import aiohttp
 from google.genai import types
-from twilio.base.exceptions import TwilioException
-from twilio.http.async_http_client import AsyncTwilioHttpClient
-from twilio.rest import Client
-from twilio.twiml.voice_response import Dial, VoiceResponse
 
 from gateway.config import ToolName
 from gateway.live.events import ToolCall
+from gateway.twilio.rest import CallControl
+from gateway.twilio.twiml import dial_twiml, whisper_url
 
 log = logging.getLogger(__name__)
 
 END_CALL: ToolName = "end_call"
 TRANSFER_CALL: ToolName = "transfer_call"
-REST_TIMEOUT_S = 10.0
-_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
-MAX_SUMMARY_CHARS = 600  # what the person taking a transfer hears, at most (a URL carries it)
-
-
-class RestError(Exception):
-    """A Twilio REST request failed; the message is safe to log."""
 
 
 def declarations(
@@ -105,116 +91,6 @@ def declarations(
     return (types.Tool(function_declarations=functions),)
 
 
-def dial_twiml(target: str, whisper_url: str = "") -> str:
-    """TwiML handing the call to a number or SIP address.
-
-    With `whisper_url` the person who answers first hears the TwiML served there (the
-    gateway's `/twilio/whisper`: the model's summary), then the caller is connected.
-    """
-    response = VoiceResponse()
-    dial = Dial()
-    extra = {"url": whisper_url, "method": "POST"} if whisper_url else {}
-    if target.lower().startswith("sip:"):
-        dial.sip(target, **extra)
-    else:
-        dial.number(target, **extra)
-    response.append(dial)
-    return str(response)
-
-
-def whisper_twiml(summary: str, language: str | None) -> str:
-    """The whisper: the summary said to the person who answers (nothing if there is none)."""
-    response = VoiceResponse()
-    if summary.strip():
-        if language and _LANGUAGE.match(language):
-            response.say(summary, language=language)
-        else:
-            response.say(summary)
-    return str(response)
-
-
-def whisper_url(base: str, summary: str, language: str | None) -> str:
-    """The whisper TwiML's URL: the summary rides in it (Twilio signs the whole URL), so
-    whichever replica Twilio asks can answer."""
-    query = {"summary": summary[:MAX_SUMMARY_CHARS]}
-    if language:
-        query["language"] = language
-    return f"{base}?{urlencode(query)}"
-
-
-class TwilioRest:
-    """The Twilio REST requests the gateway makes, one aiohttp client for all of them.
-
-    `http_client` is a twilio `AsyncHttpClient`; the default talks to api.twilio.com.
-    """
-
-    def __init__(self, auth_token: str, *, http_client: Any = None) -> None:
-        self._auth_token = auth_token
-        self._http = http_client
-        self._clients: dict[str, Any] = {}
-
-    def client(self, account_sid: str) -> Any:
-        """A twilio `Client` for the account (created in the running loop: aiohttp)."""
-        if self._http is None:
-            self._http = AsyncTwilioHttpClient(timeout=REST_TIMEOUT_S)
-        found = self._clients.get(account_sid)
-        if found is None:
-            found = Client(account_sid, self._auth_token, http_client=self._http)
-            self._clients[account_sid] = found
-        return found
-
-    async def hang_up(self, account_sid: str, call_sid: str) -> None:
-        await self._call(account_sid, call_sid, status="completed")
-
-    async def redirect(self, account_sid: str, call_sid: str, twiml: str) -> None:
-        await self._call(account_sid, call_sid, twiml=twiml)
-
-    async def record(self, account_sid: str, call_sid: str, status_callback: str) -> str:
-        """Start a dual-channel recording of the call; returns the recording's SID."""
-        try:
-            recording = await (
-                self.client(account_sid)
-                .calls(call_sid)
-                .recordings.create_async(
-                    recording_channels="dual",
-                    recording_status_callback=status_callback,
-                    recording_status_callback_method="POST",
-                    recording_status_callback_event=["completed", "absent"],
-                )
-            )
-        except (TwilioException, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise RestError(_rest_failure(exc)) from None
-        return str(recording.sid)
-
-    async def create_call(self, account_sid: str, **params: Any) -> str:
-        """Place a call; returns its SID."""
-        try:
-            call = await self.client(account_sid).calls.create_async(**params)
-        except (TwilioException, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise RestError(_rest_failure(exc)) from None
-        return str(call.sid)
-
-    async def _call(self, account_sid: str, call_sid: str, **params: Any) -> None:
-        try:
-            await self.client(account_sid).calls(call_sid).update_async(**params)
-        except (TwilioException, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise RestError(_rest_failure(exc)) from None
-
-    async def close(self) -> None:
-        if self._http is not None and hasattr(self._http, "close"):
-            await self._http.close()
-
-
-def _rest_failure(exc: BaseException) -> str:
-    """What went wrong with a REST request, safe to log: the HTTP status and Twilio's error
-    code, or the exception's type (never its text, which may quote the request)."""
-    status = getattr(exc, "status", None)
-    code = getattr(exc, "code", None)
-    if status is not None:
-        return f"HTTP {status}" + (f" (Twilio error {code})" if code else "")
-    return type(exc).__name__
-
-
 Action = Callable[[], Awaitable[None]]
 
 
@@ -228,24 +104,6 @@ class ToolOutcome:
     ends_call: bool = False
 
 
-@dataclass(frozen=True)
-class CallControl:
-    """The REST requests the gateway makes about one call on its own (not for a tool)."""
-
-    rest: TwilioRest
-    account_sid: str
-    call_sid: str
-    public_url: str
-
-    async def hang_up(self) -> None:
-        await self.rest.hang_up(self.account_sid, self.call_sid)
-
-    async def record(self) -> str:
-        """Record both sides (dual channel); Twilio reports to /twilio/recording."""
-        callback = f"{self.public_url}/twilio/recording"
-        return await self.rest.record(self.account_sid, self.call_sid, callback)
-
-
 class CallTools:
     """The tools of one call: checks the model's request, builds the REST action.
 
@@ -255,18 +113,14 @@ class CallTools:
 
     def __init__(
         self,
-        rest: TwilioRest,
+        control: CallControl,
         *,
-        account_sid: str,
-        call_sid: str,
         tools: tuple[ToolName, ...],
         transfer_to: Mapping[str, str],
         whisper_base: str = "",
         language: str | None = None,
     ) -> None:
-        self._rest = rest
-        self._account_sid = account_sid
-        self._call_sid = call_sid
+        self._control = control
         self._tools = tools
         self._transfer_to = dict(transfer_to)
         self._whisper_base = whisper_base
@@ -283,7 +137,7 @@ class CallTools:
             self._ending = True
             return ToolOutcome(
                 {"result": "The call ends once the caller has heard you."},
-                action=lambda: self._rest.hang_up(self._account_sid, self._call_sid),
+                action=self._control.hang_up,
                 description="hang up",
                 ends_call=True,
             )
@@ -302,7 +156,7 @@ class CallTools:
         twiml = dial_twiml(target, whisper)
         return ToolOutcome(
             {"result": f"Transferring to {destination} once the caller has heard you."},
-            action=lambda: self._rest.redirect(self._account_sid, self._call_sid, twiml),
+            action=lambda: self._control.redirect(twiml),
             description=f"transfer to {destination}" + (" with a summary" if whisper else ""),
             ends_call=True,
         )

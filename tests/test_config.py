@@ -125,7 +125,18 @@ def test_imports_run_one_way() -> None:
         if module.startswith("gateway.twilio"):
             assert not imports(module, "gateway.live"), module
             assert not imports(module, "gateway.call"), module
+            assert not imports(module, "gateway.tools"), module
         if not module.startswith("gateway.testing") and module != "gateway.demo":
             assert not imports(module, "gateway.testing"), module
     assert graph["gateway.config"] == set()
     assert not imports("gateway.call", "gateway.call_factory")
+
+
+def test_twilio_knows_nothing_of_gemini() -> None:
+    """The Twilio side (protocol, webhooks, TwiML, REST) imports no Google library."""
+    for path in (ROOT / "gateway" / "twilio").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "google" for n in names), path

@@ -42,7 +42,8 @@ from gateway.testing.harness import (
 from gateway.testing.live_emulator import EmulatorConfig
 from gateway.testing.twilio_rest import RestRequest, TwilioRestStandIn
 from gateway.testing.twilio_sim import SimulatedCall
-from gateway.tools import CallTools, TwilioRest
+from gateway.tools import CallTools
+from gateway.twilio.rest import CallControl, TwilioRest
 
 # Only the settings a test gives: the repo's config/gateway.toml stays out of it.
 pytestmark = pytest.mark.usefixtures("no_config_file")
@@ -380,11 +381,9 @@ async def test_end_call_hangs_up_through_the_stream_when_the_rest_api_fails() ->
 
 
 def test_tool_requests_outside_the_configuration_are_declined() -> None:
-    rest = TwilioRest(AUTH_TOKEN)
+    control = CallControl(TwilioRest(AUTH_TOKEN), "AC1", "CA1", PUBLIC_URL)
     tools = CallTools(
-        rest,
-        account_sid="AC1",
-        call_sid="CA1",
+        control,
         tools=("transfer_call",),
         transfer_to={"desk": "+15550100099", "pbx": "sip:desk@pbx.example.com"},
     )

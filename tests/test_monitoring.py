@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.testing.harness import AUTH_TOKEN, quick_emulator, test_bed
 from gateway.testing.twilio_rest import RestRequest, TwilioRestStandIn
 from gateway.testing.twilio_sim import SimulatedCall
-from gateway.tools import TwilioRest
+from gateway.twilio.rest import TwilioRest
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "gateway-dashboard.json"

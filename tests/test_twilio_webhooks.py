@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from multidict import MultiDict
 from twilio.request_validator import RequestValidator
 
+from gateway.twilio.twiml import busy_twiml, connect_stream_twiml, dial_twiml, whisper_twiml
 from gateway.twilio.webhooks import (
     FORM_CONTENT_TYPE,
     FormError,
@@ -21,8 +22,6 @@ from gateway.twilio.webhooks import (
     SignatureResult,
     StreamTokens,
     TokenResult,
-    busy_twiml,
-    connect_stream_twiml,
     parse_form,
     stream_url,
 )
@@ -59,6 +58,23 @@ def test_busy_twiml() -> None:
     root = ET.fromstring(busy_twiml())
     (reject,) = list(root)
     assert reject.tag == "Reject" and reject.get("reason") == "busy"
+
+
+def test_dial_twiml_dials_a_number_or_a_sip_address_with_the_whisper() -> None:
+    number = ET.fromstring(dial_twiml("+15550100099")).find("Dial/Number")
+    assert number is not None and number.text == "+15550100099" and number.get("url") is None
+    root = ET.fromstring(dial_twiml("sip:desk@pbx.example.com", "https://h/twilio/whisper?s=1"))
+    sip = root.find("Dial/Sip")
+    assert sip is not None and sip.text == "sip:desk@pbx.example.com"
+    assert sip.get("url") == "https://h/twilio/whisper?s=1" and sip.get("method") == "POST"
+
+
+def test_whisper_twiml_says_the_summary_in_a_well_formed_language_only() -> None:
+    say = ET.fromstring(whisper_twiml("Ann <needs> help", "en-US")).find("Say")
+    assert say is not None and say.text == "Ann <needs> help" and say.get("language") == "en-US"
+    say = ET.fromstring(whisper_twiml("Ann", 'en"><Hangup/>')).find("Say")
+    assert say is not None and say.get("language") is None
+    assert list(ET.fromstring(whisper_twiml("  ", "en-US"))) == []
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from gateway.server import create_app, start_server
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.tls import make_tls
 from gateway.testing.twilio_sim import TwilioCallerSimulator
-from gateway.tools import TwilioRest
+from gateway.twilio.rest import TwilioRest
 
 PUBLIC_URL = "https://gateway.example.test"
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"

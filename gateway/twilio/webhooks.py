@@ -1,4 +1,4 @@
-"""Webhook-side helpers: TwiML, webhook bodies, Twilio signature checks, stream tokens.
+"""Webhook-side helpers: the stream URL, webhook bodies, Twilio signature checks, stream tokens.
 
 Pure functions and small classes; the aiohttp server calls them. Secrets (the auth token,
 the SharedKey secret, the token secret, issued tokens) never appear in return values other
@@ -24,7 +24,6 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import twilio.request_validator as _request_validator
 from twilio.request_validator import RequestValidator
-from twilio.twiml.voice_response import Connect, Parameter, Stream, VoiceResponse
 
 __all__ = [
     "FORM_CONTENT_TYPE",
@@ -35,8 +34,6 @@ __all__ = [
     "SignatureResult",
     "StreamTokens",
     "TokenResult",
-    "busy_twiml",
-    "connect_stream_twiml",
     "parse_form",
     "stream_url",
 ]
@@ -61,29 +58,7 @@ def _settings_algorithm(settings: str) -> str:
     return _HMAC_SHA1
 
 
-# --- TwiML ------------------------------------------------------------------------------
-
-
-def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str]) -> str:
-    """TwiML answering a call with a bidirectional ``<Connect><Stream>``.
-
-    ``parameters`` arrive back in the stream's ``start.customParameters``.
-    """
-    stream = Stream(url=stream_url)
-    for name, value in parameters.items():
-        stream.append(Parameter(name=name, value=value))
-    connect = Connect()
-    connect.append(stream)
-    response = VoiceResponse()
-    response.append(connect)
-    return str(response)
-
-
-def busy_twiml() -> str:
-    """TwiML refusing a call with a busy signal (e.g. at capacity); the call is not billed."""
-    response = VoiceResponse()
-    response.reject(reason="busy")
-    return str(response)
+# --- stream URL -----------------------------------------------------------------------
 
 
 def stream_url(public_url: str, path: str = "/twilio/media") -> str:
