@@ -61,8 +61,8 @@ async def serve(settings: Settings, personas: PersonaTable) -> int:
             start_draining(app)
             stop.set()
         else:
-            calls = len(app[STATE].sockets)
-            log.warning("second signal %d: exiting now, cutting %d call(s)", signum, calls)
+            calls = app[STATE].in_progress()
+            log.warning("second signal %d: exiting now, cutting %s", signum, calls)
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os._exit(128 + signum)
@@ -72,7 +72,7 @@ async def serve(settings: Settings, personas: PersonaTable) -> int:
     await stop.wait()
     all_done = await wait_calls_done(app, settings.drain_timeout)
     if not all_done:
-        log.warning("drain timeout: closing %d call(s) still in progress", len(app[STATE].sockets))
+        log.warning("drain timeout: closing %s still in progress", app[STATE].in_progress())
     await runner.cleanup()
     log.info("stopped")
     return 0

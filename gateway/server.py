@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from google import genai
 from google.genai import types
 
@@ -127,6 +127,16 @@ class GatewayState:
         """MAX_CALLS calls in progress (streams still waiting for `start` do not count)."""
         return len(self.calls) >= self.settings.max_calls
 
+    def in_progress(self) -> str:
+        """What a drain waits for, as its log lines say it: `2 call(s)`, then `and 1
+        stream(s) waiting for start` if any. A stream is a call once its `start` came; one
+        still waiting may yet become one (Twilio sends `start` at once), or it is closed
+        within START_TIMEOUT_S."""
+        text = f"{len(self.calls)} call(s)"
+        if self.waiting:
+            text += f" and {len(self.waiting)} stream(s) waiting for start"
+        return text
+
 
 STATE = web.AppKey("state", GatewayState)
 #: Builds calls with the app's clients; there from startup (cleanup_ctx) to cleanup.
@@ -208,10 +218,22 @@ def create_app(
             web.get("/metrics", metrics_endpoint),
         ]
     )
+    app.on_response_prepare.append(_no_server_header)
     app.cleanup_ctx.append(_clients(client, rest))
     app.on_shutdown.append(_close_streams)
     app.on_cleanup.append(_stop_listening)
     return app
+
+
+async def _no_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Send no `Server` header: aiohttp's default names the Python and aiohttp versions,
+    an attacker's first free hint. Runs for every response the app prepares: webhooks,
+    errors (403, 404, 503, ...) and WebSocket upgrades.
+
+    Not for a request aiohttp cannot parse at all: it answers that 400 itself, before any
+    app sees it, with its default header (aio-libs/aiohttp#6463).
+    """
+    response.headers.popall(hdrs.SERVER, None)
 
 
 async def start_server(
@@ -567,11 +589,12 @@ def start_draining(app: web.Application) -> None:
     state = app[STATE]
     if not state.draining:
         state.draining = True
-        log.info("draining: %d call(s) in progress", len(state.sockets))
+        log.info("draining: %s in progress", state.in_progress())
 
 
 async def wait_calls_done(app: web.Application, limit_s: float) -> bool:
-    """Wait until no call is left or `limit_s` passes; True if all ended."""
+    """Wait until no media stream is left (calls, and streams still waiting for `start`)
+    or `limit_s` passes; True if all ended."""
     state = app[STATE]
     deadline = time.monotonic() + limit_s
     while state.sockets:

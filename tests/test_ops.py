@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twilio.request_validator import RequestValidator
 
 from gateway.logs import JsonFormatter, call_filter
-from gateway.server import STATE, start_draining
+from gateway.server import STATE, start_draining, wait_calls_done
 from gateway.testing.analysis import await_reply, heard_replies
 from gateway.testing.harness import (
     AUTH_TOKEN,
@@ -50,7 +50,7 @@ from gateway.testing.twilio_sim import (
 )
 
 if TYPE_CHECKING:
-    from conftest import Eventually
+    from conftest import Eventually, LogCapture
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEED = 2.0
@@ -125,6 +125,35 @@ async def test_health_and_readiness_follow_calls_and_drain(eventually: Eventuall
         assert await get(bed.http, url + "/healthz") == (200, "ok\n")
         rejected = bed.metrics.registry.get_sample_value
         assert rejected("gateway_requests_rejected_total", {"reason": "busy"}) == 1
+
+
+async def test_the_drain_counts_calls_and_streams_waiting_for_start_apart(
+    logs: LogCapture, eventually: Eventually
+) -> None:
+    """A stream that has not sent `start` is not a call in the drain's log; the drain still
+    waits for it (it may yet start), and its start deadline closes it."""
+    async with test_bed(emulator_config(), start_timeout_s=1.0) as bed:
+        state = bed.app[STATE]
+        call = await bed.caller(speed=SPEED).place_call()
+        await eventually(lambda: state.calls)
+        url = PUBLIC_URL.replace("https://", "wss://") + "/twilio/media"
+        signed = {"X-Twilio-Signature": RequestValidator(AUTH_TOKEN).compute_signature(url, {})}
+        silent = [
+            await bed.http.ws_connect(bed.gateway_url + "/twilio/media", headers=signed)
+            for _ in range(2)
+        ]
+        await eventually(lambda: len(state.waiting) == 2)
+
+        start_draining(bed.app)
+        assert logs.messages("gateway.server", "draining") == [
+            "draining: 1 call(s) and 2 stream(s) waiting for start in progress"
+        ]
+        assert not await wait_calls_done(bed.app, 0.2)  # the call goes on
+        await call.hangup()
+        assert await wait_calls_done(bed.app, 10.0)  # the silent streams were closed
+        assert state.in_progress() == "0 call(s)"
+        for ws in silent:
+            await ws.close()
 
 
 # ------------------------------------------------------ a real call: metrics and logs

@@ -705,3 +705,40 @@ async def test_formatters_redact_secrets_a_library_logs() -> None:
     line = JsonFormatter().format(record)
     assert token not in line and "sk-test-0123456789" not in line
     assert json.loads(line)["msg"] == "token=[redacted] key=[redacted]"
+
+
+# ------------------------------------------------------------------ fingerprint
+
+
+async def test_no_response_names_the_server_software() -> None:
+    """No `Server: Python/3.x aiohttp/3.x` (aiohttp's default) on any response: answers,
+    errors raised by handlers and by the router, refusals and a WebSocket upgrade."""
+    async with test_bed(emulator_config()) as bed, client_session() as http:
+        upgrade = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+            "Sec-WebSocket-Version": "13",
+        }
+        signed = {"X-Twilio-Signature": SIGNER.compute_signature(STREAM_URL, {})}
+        form = voice_params(new_sid("CA"))
+        requests: list[tuple[str, str, dict[str, str], dict[str, str] | None, int]] = [
+            ("GET", "/healthz", {}, None, 200),
+            ("GET", "/metrics", {}, None, 200),
+            ("GET", "/no-such-path", {}, None, 404),
+            ("GET", "/twilio/voice", {}, None, 405),
+            ("POST", "/twilio/voice", {}, None, 400),  # not a form
+            ("POST", "/twilio/voice", {}, form, 403),  # unsigned
+            ("GET", "/twilio/media", upgrade, None, 403),
+            ("GET", "/twilio/media", upgrade | signed, None, 101),
+        ]
+        for method, path, headers, data, status in requests:
+            url = bed.gateway_url + path
+            async with http.request(method, url, headers=headers, data=data) as resp:
+                assert resp.status == status, (method, path)
+                assert "Server" not in resp.headers, (method, path, resp.headers["Server"])
+                if status == 101:
+                    assert resp.headers["Upgrade"].lower() == "websocket"
+        bed.app[STATE].draining = True
+        async with http.get(bed.gateway_url + "/readyz") as resp:
+            assert resp.status == 503 and "Server" not in resp.headers
