@@ -541,7 +541,7 @@ def result(
     speeds: dict[str, float],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """Everything the tables show, as plain data (--json writes it; bench.readme_tables
+    """Everything the tables show, as plain data (--json writes it; bench.doc_tables
     prints the same tables from it)."""
     pause = model_pause(args)
     rows = []

@@ -48,7 +48,7 @@ async def serve(settings: Settings, personas: PersonaTable) -> int:
     log.info("gc: %d objects of the started process frozen", freeze_startup_objects())
 
     loop = asyncio.get_running_loop()
-    # Which loop the process serves on: uvloop is the measured fast path (README, Benchmark).
+    # Which loop the process serves on: uvloop is the measured fast path (docs/benchmarks.md).
     log.info("event loop: %s", loop_name(loop))
     stop = asyncio.Event()
     signals = 0
@@ -155,8 +155,8 @@ def freeze_startup_objects() -> int:
 
     They live as long as the process, yet every full collection walked them all, holding the
     event loop ~40 ms on these machines, for every call at once; frozen, a collection walks
-    only what calls have made since (gateway_gc_pause_seconds times each; the README's
-    benchmark section has the figures).
+    only what calls have made since (gateway_gc_pause_seconds times each; docs/benchmarks.md
+    has the figures).
     """
     gc.collect()
     gc.freeze()

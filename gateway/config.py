@@ -216,13 +216,13 @@ class Settings(BaseSettings):
     live: LiveSettings = LiveSettings()
     # Caller audio sent to the model in pieces of this many ms. 40 (two Twilio frames): half
     # the messages to the model and half the resampler calls of 20 (every frame as it comes),
-    # for 20 ms more on the first frame of each piece, which no caller hears (README,
-    # Benchmark). A replay after a reset may send the last piece again (the service cannot
+    # for 20 ms more on the first frame of each piece, which no caller hears
+    # (docs/benchmarks.md). A replay after a reset may send the last piece again (the service cannot
     # say whether a handle covers it), so the model may hear up to one piece twice there.
     caller_audio_batch_ms: int = Field(default=40, ge=20, le=100, multiple_of=20)
     # Offer permessage-deflate to the Live endpoint. Off: where the endpoint accepts it, every
     # caller audio message is deflated, ~0.1 ms of CPU each for ~30% fewer bytes of speech
-    # (README, Benchmark): worth it only where upstream bytes cost more than CPU.
+    # (docs/benchmarks.md): worth it only where upstream bytes cost more than CPU.
     live_deflate: bool = False
 
     stream_token_ttl_s: float = Field(default=60.0, gt=0)

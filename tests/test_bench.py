@@ -1,8 +1,8 @@
 """The benchmark runs end to end (tiny: 2 calls, seconds) and prints every column; the fast
 paths the benchmark led to say exactly what the SDK's slow paths say.
 
-Speed is never asserted here: these machines are shared and noisy; the numbers are in the
-README, from a full run.
+Speed is never asserted here: these machines are shared and noisy; the numbers are in
+docs/benchmarks.md, from a full run.
 """
 
 from __future__ import annotations
@@ -77,9 +77,9 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
         cells = [cell.strip() for cell in row.split("|")[1:-1]]
         assert cells[1] == "2" and int(cells[2]) >= 2, row  # both calls' connections reset
     assert "caller 8k mu-law -> 16k PCM" in text and "model 24k PCM -> 8k mu-law" in text
-    # The README's tables are printed again from the JSON, exactly as the run printed them.
+    # The doc's tables are printed again from the JSON, exactly as the run printed them.
     again = subprocess.run(
-        [sys.executable, "-m", "bench.readme_tables", str(out)],
+        [sys.executable, "-m", "bench.doc_tables", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -89,8 +89,8 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
     assert again.stdout == text
 
 
-def test_readme_block_is_replaced_between_its_markers() -> None:
-    from bench.readme_tables import replace_block
+def test_doc_block_is_replaced_between_its_markers() -> None:
+    from bench.doc_tables import replace_block
 
     text = "intro\n<!-- bench:main begin -->\nold\n<!-- bench:main end -->\nafter\n"
     new = replace_block(text, "main", ["| a |", "| b |"])

@@ -22,7 +22,7 @@ from gateway.testing.analysis import await_reply, heard_replies
 from gateway.testing.harness import TestBed, free_port, quick_emulator, test_bed
 
 ROOT = Path(__file__).resolve().parent.parent
-# What python -m bench's best configuration runs with (README, Benchmark).
+# What python -m bench's best configuration runs with (docs/benchmarks.md).
 FAST_PATH = ("uvloop", "orjson")
 IMAGE = {"sys_platform": "linux", "python_version": "3.13", "platform_system": "Linux"}
 

@@ -356,7 +356,7 @@ def test_bad_configuration_stops_the_start_with_one_line(
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2  # the README documents it
+    assert done.returncode == 2  # docs/configuration.md documents it
     assert done.stdout == ""
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr

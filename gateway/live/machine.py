@@ -6,8 +6,8 @@ inputs to k, close k, emit a call event, fail). `gateway.live.session` is the th
 asyncio driver; `gateway.testing.explorer` drives this same class against a pure
 simulated service through thousands of generated schedules.
 
-The rules that make it right whatever the service does (the README's survival
-section says which service behaviours each covers):
+The rules that make it right whatever the service does (docs/design.md, "Session
+survival", says which service behaviours each covers):
 
 * Every caller input is numbered (``seq``) and kept until a trusted handle covers it.
 * Each connection knows the handle and the input number it was opened from (its

@@ -239,7 +239,7 @@ class StreamTokens:
     ``memory_s`` after, and no other token for that call redeems meanwhile
     (``SECOND_STREAM``; the same token again is ``REUSED``). :meth:`streamed` lets the
     webhook refuse to issue one at all. A webhook Twilio itself retries before any stream
-    started gets a token that works, once. The memory is this process's: see the README on
+    started gets a token that works, once. The memory is this process's: see docs/security.md on
     replicas.
 
     ``clock`` returns seconds; it defaults to wall-clock ``time.time`` because the expiry

@@ -1,13 +1,13 @@
 """Print the benchmark's tables from a ``python -m bench --json FILE`` result, or write them
-into the README.
+into docs/benchmarks.md.
 
-The README's Benchmark section holds them between marker lines, so regenerating it after a
-run is mechanical:
+The doc holds them between marker lines, so that the published tables are exactly what a run
+printed and regenerating them after a run is mechanical:
 
-    python -m bench.readme_tables FILE                       # print them (as the run did)
-    python -m bench.readme_tables FILE --readme README.md    # replace the "main" block
-    python -m bench.readme_tables FILE --readme README.md --block deflate
-    python -m bench.readme_tables DIR/gateway-50.txt --profile --readme README.md --block profile
+    python -m bench.doc_tables FILE                                  # print them (as the run did)
+    python -m bench.doc_tables FILE --doc docs/benchmarks.md         # replace the "main" block
+    python -m bench.doc_tables FILE --doc docs/benchmarks.md --block deflate
+    python -m bench.doc_tables DIR/gateway-50.txt --profile --doc docs/benchmarks.md --block profile
 
 A block is everything between ``<!-- bench:NAME begin -->`` and ``<!-- bench:NAME end -->``.
 """
@@ -36,12 +36,14 @@ def replace_block(text: str, block: str, body: list[str]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.readme_tables")
+    parser = argparse.ArgumentParser(prog="python -m bench.doc_tables")
     parser.add_argument("json", type=Path, help="a result written by python -m bench --json")
     parser.add_argument(
         "--profile", action="store_true", help="the file is py-spy's (--profile): its summary"
     )
-    parser.add_argument("--readme", type=Path, help="write the tables into this file's block")
+    parser.add_argument(
+        "--doc", type=Path, help="write the tables into this file's block (docs/benchmarks.md)"
+    )
     parser.add_argument("--block", default="main", help="which marked block (default: main)")
     args = parser.parse_args()
     if args.profile:
@@ -54,13 +56,13 @@ def main() -> int:
         ]
     else:
         body = render(json.loads(args.json.read_text()))
-    if args.readme is None:
+    if args.doc is None:
         print("\n".join(body))
         return 0
     try:
-        args.readme.write_text(replace_block(args.readme.read_text(), args.block, body))
+        args.doc.write_text(replace_block(args.doc.read_text(), args.block, body))
     except ValueError as exc:
-        print(f"{args.readme}: {exc}", file=sys.stderr)
+        print(f"{args.doc}: {exc}", file=sys.stderr)
         return 2
     return 0
 
