@@ -22,12 +22,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp import BasicAuth, web
 from twilio.http.async_http_client import AsyncTwilioHttpClient
-from twilio.http.response import Response
 from twilio.request_validator import RequestValidator
 
 API_VERSION = "2010-04-01"
@@ -250,26 +249,34 @@ def _twilio_error(status: int, code: int, message: str) -> web.Response:
 
 
 class StandInHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
-    """The twilio library's aiohttp client, with every URL's scheme and host replaced."""
+    """The twilio library's aiohttp client, with every URL's scheme and host replaced.
+
+    Its own `request` runs unchanged, auth and all, as it does in production; only the
+    session it sends through is `_ToStandIn`.
+    """
 
     def __init__(self, base_url: str) -> None:
-        super().__init__(timeout=10.0)
-        self._base = urlsplit(base_url)
+        super().__init__(pool_connections=False, timeout=10.0)  # no session of its own
+        self.session = _ToStandIn(aiohttp.ClientSession(), urlsplit(base_url))
 
-    async def request(
-        self,
-        method: str,
-        url: str,
-        params: dict[str, object] | None = None,
-        data: dict[str, object] | None = None,
-        headers: dict[str, str] | None = None,
-        auth: tuple[str, str] | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the twilio interface
-        allow_redirects: bool = False,
-    ) -> Response:
+
+class _ToStandIn:
+    """The part of an aiohttp `ClientSession` the twilio client uses (`request`, `close`),
+    sending each request to the stand-in.
+
+    `request` is a plain function returning aiohttp's own awaitable, as the session's is:
+    a coroutine here would sit between the library and aiohttp, and the warnings aiohttp
+    attributes to the library's calls (`stacklevel`) would name this module instead.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, base: SplitResult) -> None:
+        self._session = session
+        self._base = base
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
         parts = urlsplit(url)
         local = urlunsplit((self._base.scheme, self._base.netloc, parts.path, parts.query, ""))
-        response: Response = await super().request(
-            method, local, params, data, headers, auth, timeout, allow_redirects
-        )
-        return response
+        return self._session.request(method, local, **kwargs)
+
+    async def close(self) -> None:
+        await self._session.close()
