@@ -27,7 +27,7 @@ try:  # a dependency except on Windows; the bench's asyncio runs hide it (sys.mo
     UVLOOP: ModuleType | None = _uvloop
 except ImportError:
     UVLOOP = None
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings, required_settings
 from gateway.listener import raise_open_file_limit
 from gateway.logs import configure_logging
 from gateway.personas import PersonaTable
@@ -110,7 +110,14 @@ def check_open_files(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="required settings (environment variables, or keys in config/gateway.toml):\n  "
+        + ", ".join(required_settings())
+        + "\nevery setting, its default and meaning: docs/configuration.md",
+    )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve the gateway (default)")
     demo = sub.add_parser("demo", help="a simulated call against the bundled emulator")

@@ -1,6 +1,6 @@
 """Settings: `config/gateway.toml` defaults overridden by environment variables.
 
-A missing or malformed setting stops the start with one line naming it
+Missing or malformed settings stop the start with one line naming them all
 (`ConfigError`), never a pydantic traceback.
 
 Every setting is declared once, here, with its check and default; `config/gateway.toml`
@@ -39,7 +39,7 @@ DEFAULT_CONFIG_FILE = Path("config/gateway.toml")
 
 
 class ConfigError(Exception):
-    """A setting is missing or malformed; the message names it in one line."""
+    """Settings are missing or malformed; the message names each of them, in one line."""
 
 
 ToolName = Literal["end_call", "transfer_call"]
@@ -327,16 +327,27 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build settings or raise ConfigError naming the first bad setting."""
+    """Build settings or raise ConfigError naming every bad setting in one line: an operator
+    who fixes one missing setting should not have to start again to learn the next."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        first = exc.errors()[0]
-        name = setting_name(first["loc"])
-        if first["type"] == "missing":
-            raise ConfigError(f"missing setting {name}") from None
-        msg = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"invalid setting {name}: {msg}") from None
+        errors = exc.errors()
+    problems = []
+    missing = [setting_name(e["loc"]) for e in errors if e["type"] == "missing"]
+    if missing:
+        plural = "s" if len(missing) > 1 else ""
+        problems.append(f"missing setting{plural} {', '.join(missing)}")
+    for e in errors:
+        if e["type"] != "missing":
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"invalid setting {setting_name(e['loc'])}: {msg}")
+    raise ConfigError("; ".join(problems))
+
+
+def required_settings() -> list[str]:
+    """The settings without a default, as `python -m gateway --help` names them."""
+    return [setting_name((name,)) for name, f in Settings.model_fields.items() if f.is_required()]
 
 
 def setting_name(loc: tuple[int | str, ...]) -> str:
@@ -344,6 +355,10 @@ def setting_name(loc: tuple[int | str, ...]) -> str:
     for a key in a table."""
     if not loc:
         return "configuration"
+    field = Settings.model_fields.get(str(loc[0])) if len(loc) == 1 else None
+    if field is not None and isinstance(field.validation_alias, AliasChoices):
+        # One setting read under several names (GEMINI_API_KEY or GOOGLE_API_KEY).
+        return " or ".join(str(c).upper() for c in field.validation_alias.choices)
     if len(loc) == 2 and loc[0] == "live":
         loc = loc[1:]
     if len(loc) == 1:

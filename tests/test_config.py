@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.call_factory import live_options
-from gateway.config import ConfigError, LiveSettings, Settings, load_settings
+from gateway.config import ConfigError, LiveSettings, Settings, load_settings, required_settings
 from gateway.live.session import LiveOptions
 from gateway.personas import PersonaTable
 from gateway.testing.harness import PUBLIC_URL, test_settings
@@ -84,6 +84,33 @@ def test_a_bad_live_setting_is_named_by_its_variable(monkeypatch: pytest.MonkeyP
     with pytest.raises(ConfigError) as caught:
         load_settings(**REQUIRED)
     assert str(caught.value).startswith("invalid setting REPLAY_LIMIT_S: ")
+
+
+def test_every_missing_setting_is_named_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PUBLIC_URL", "TWILIO_AUTH_TOKEN", "GEMINI_API_KEY", "GOOGLE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        "missing settings PUBLIC_URL, TWILIO_AUTH_TOKEN, GEMINI_API_KEY or GOOGLE_API_KEY"
+    )
+    # One missing reads as one; an invalid setting beside it is still named, on the same line.
+    monkeypatch.setenv("PORT", "eighty")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(public_url=PUBLIC_URL, gemini_api_key="k")
+    message = str(caught.value)
+    assert message.startswith("missing setting TWILIO_AUTH_TOKEN; invalid setting PORT: "), message
+    assert "\n" not in message
+
+
+def test_the_required_settings_are_the_ones_without_a_default() -> None:
+    assert required_settings() == [
+        "PUBLIC_URL",
+        "TWILIO_AUTH_TOKEN",
+        "GEMINI_API_KEY or GOOGLE_API_KEY",
+    ]
+    # Given them, nothing else is needed.
+    assert load_settings(**REQUIRED).public_url == PUBLIC_URL
 
 
 # ---------------------------------------------------------------- imports run one way

@@ -334,6 +334,10 @@ def base_env(**values: str) -> dict[str, str]:
             "gateway: missing setting PUBLIC_URL",
         ),
         (
+            {"GOOGLE_API_KEY": "k"},
+            "gateway: missing settings PUBLIC_URL, TWILIO_AUTH_TOKEN",
+        ),
+        (
             {
                 "PUBLIC_URL": PUBLIC_URL,
                 "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
@@ -343,7 +347,7 @@ def base_env(**values: str) -> dict[str, str]:
             "gateway: invalid setting PORT: ",
         ),
     ],
-    ids=["missing-public-url", "malformed-port"],
+    ids=["missing-public-url", "missing-two", "malformed-port"],
 )
 def test_bad_configuration_stops_the_start_with_one_line(
     env: dict[str, str], expected: str, tmp_path: Path
@@ -362,6 +366,22 @@ def test_bad_configuration_stops_the_start_with_one_line(
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(expected), lines
     assert AUTH_TOKEN not in done.stderr
+
+
+def test_help_names_the_required_settings_and_the_docs(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "--help"],
+        cwd=tmp_path,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in ("PUBLIC_URL", "TWILIO_AUTH_TOKEN", "GEMINI_API_KEY or GOOGLE_API_KEY"):
+        assert name in done.stdout
+    assert "docs/configuration.md" in done.stdout
+    assert (ROOT / "docs" / "configuration.md").exists()
 
 
 # --------------------------------------------------------------- drain, as a process
