@@ -258,29 +258,47 @@ def test_invalid_persona_configuration_fails_naming_the_key(
     assert "\n" not in text
 
 
-def test_the_shipped_configuration_has_two_numbered_personas_and_a_default(
+def test_the_shipped_configuration_answers_every_number_with_the_default_persona(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The image's config/gateway.toml: no persona tables, nothing recorded or transferred;
+    the example personas are a file of their own (config/personas.example.toml)."""
     root = Path(__file__).resolve().parent.parent
     monkeypatch.setenv("GATEWAY_CONFIG", str(root / "config" / "gateway.toml"))
+    settings = load_settings(public_url=PUBLIC_URL, twilio_auth_token="t", gemini_api_key="k")
+    table = PersonaTable.from_settings(settings)
+    assert list(table.by_name) == ["default"] and dict(table.by_number) == {}
+    assert table.for_number("+15550100001") is table.default
+    default = table.default
+    assert (default.tools, dict(default.transfer_to), default.record) == ((), {}, False)
+    # A fresh install greets like a phone system: the file and the code agree on it.
+    assert default.greeting == GREETING_DEFAULT == Settings.model_fields["greeting"].default
+    # The file shows every new key at its default (a fresh install behaves as documented).
+    shipped = tomllib.loads((root / "config" / "gateway.toml").read_text())
+    assert "personas" not in shipped
+    for key in (
+        "record", "voicemail", "max_call_s", "max_call_tokens", "wrap_up_at", "wrap_up",
+        "silence_timeout_s", "silence_prompt", "silence_goodbye", "token_prices",
+    ):  # fmt: skip
+        assert shipped[key] == Settings.model_fields[key].default, key
+
+
+def test_the_example_personas_load_and_validate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config/personas.example.toml, which the docs point to, is a configuration the gateway
+    starts with: numbered personas, each answering its numbers, over the defaults."""
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.setenv("GATEWAY_CONFIG", str(root / "config" / "personas.example.toml"))
     settings = load_settings(public_url=PUBLIC_URL, twilio_auth_token="t", gemini_api_key="k")
     table = PersonaTable.from_settings(settings)
     numbered = [p for p in table.by_name.values() if p.numbers]
     assert len(numbered) >= 2
     for persona in numbered:
         assert table.for_number(persona.numbers[0]) is persona
-    # A fresh install greets like a phone system: the file and the code agree on it.
-    assert table.default.greeting == GREETING_DEFAULT == Settings.model_fields["greeting"].default
+    assert table.default.greeting == GREETING_DEFAULT
     assert table.by_name["soporte"].greeting != GREETING_DEFAULT  # its own, in Spanish
-    # The file shows every new key at its default (a fresh install behaves as documented).
-    shipped = tomllib.loads((root / "config" / "gateway.toml").read_text())
-    for key in (
-        "record", "voicemail", "max_call_s", "max_call_tokens", "wrap_up_at", "wrap_up",
-        "silence_timeout_s", "silence_prompt", "silence_goodbye", "token_prices",
-    ):  # fmt: skip
-        assert shipped[key] == Settings.model_fields[key].default, key
     dental = table.by_name["dental"]
     assert dental.record and dental.voicemail and dental.silence_timeout_s == 8.0
+    assert set(dental.transfer_to) == {"reception", "billing"}
     assert dental.wrap_up == Settings.model_fields["wrap_up"].default  # inherited
 
 
