@@ -1,6 +1,6 @@
 """The README and docs/ stay true to the code: the two setup commands open the README, every
-link resolves, every setting is documented, and every published benchmark table names the one
-command from this repository that reproduces it."""
+link resolves, every setting, module and metric is documented, and every published benchmark
+table names the one command from this repository that reproduces it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import LiveSettings, Settings
+from gateway.testing.harness import quick_emulator, test_bed
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -97,3 +98,45 @@ def test_the_architecture_map_has_a_row_for_every_module() -> None:
         elif path not in paths:
             missing.append(path)
     assert not missing, f"docs/design.md's module table has no row for {missing}"
+
+
+async def exported_families() -> dict[str, str]:
+    """Each `gateway_*` family the app's /metrics declares, with its type, as Prometheus
+    scrapes it (counters with their `_total`)."""
+    async with test_bed(quick_emulator()) as bed:
+        async with bed.http.get(bed.gateway_url + "/metrics") as resp:
+            text = await resp.text()
+    declared = dict(re.findall(r"^# TYPE (gateway_\w+) (\w+)$", text, re.M))
+    # prometheus_client declares a counter's or histogram's creation time as a gauge of its
+    # own (`gateway_calls_created`): part of that family, not one more.
+    return {
+        name: kind
+        for name, kind in declared.items()
+        if not (
+            name.endswith("_created")
+            and {name.removesuffix("_created"), name.replace("_created", "_total")} & set(declared)
+        )
+    }
+
+
+def documented_families() -> dict[str, str]:
+    """The families docs/operations.md's metrics table lists (a row may name several), with
+    the type its row gives."""
+    text = (DOCS / "operations.md").read_text()
+    table = text.split("| family | type |", 1)[1].split("\n\n", 1)[0]
+    found: dict[str, str] = {}
+    for row in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        for name in re.findall(r"`(gateway_\w+)`", cells[0]):
+            assert name not in found, f"{name} has two rows"
+            found[name] = cells[1]
+    return found
+
+
+async def test_the_metrics_table_lists_exactly_what_the_app_exports() -> None:
+    exported = await exported_families()
+    documented = documented_families()
+    assert len(exported) > 20, exported  # the app's own families, not a parse that found none
+    assert sorted(exported.keys() - documented.keys()) == [], "exported, not in the table"
+    assert sorted(documented.keys() - exported.keys()) == [], "in the table, not exported"
+    assert {n: t for n, t in documented.items() if exported[n] != t} == {}, "wrong type"
