@@ -98,7 +98,7 @@ def check_open_files(settings: Settings) -> None:
         log.info("open-file limit %d (raised from %d; hard limit %s)", now, before, shown)
     else:
         log.info("open-file limit %d (hard limit %s)", now, shown)
-    needed = settings.max_calls * FILES_PER_CALL + settings.max_waiting_streams + FILES_RESERVE
+    needed = settings.max_calls * FILES_PER_CALL + FILES_RESERVE
     if now != resource.RLIM_INFINITY and now < needed:
         log.warning(
             "open-file limit %d is low for MAX_CALLS=%d: raise the hard limit to at least %d "

@@ -225,15 +225,13 @@ class Settings(BaseSettings):
     # (docs/benchmarks.md): worth it only where upstream bytes cost more than CPU.
     live_deflate: bool = False
 
+    # Also how long a call answered with <Connect><Stream> holds its slot for its stream.
     stream_token_ttl_s: float = Field(default=60.0, gt=0)
     # A call's CallSid is remembered this long after its stream ended: a replayed voice
     # webhook for it opens no second stream meanwhile (one entry per call, ~200 bytes).
     call_memory_s: float = Field(default=86400.0, ge=0)
     start_timeout_s: float = Field(default=5.0, gt=0)  # an upgraded stream's `start`
     idle_timeout_s: float = Field(default=30.0, gt=0)
-    # Upgraded streams without `start` yet: their own limit, not MAX_CALLS; past it the
-    # oldest waiting one is closed.
-    max_waiting_streams: int = Field(default=32, ge=1)
     # Caller audio may arrive this many times faster than real time, and run this far
     # ahead of the clock; beyond, the stream is closed (1008). Twilio sends in real time;
     # test beds that compress time raise the rate.

@@ -291,6 +291,17 @@ class Metrics:
         self.streams_waiting = Gauge(
             "gateway_streams_waiting", "Media streams upgraded but not started yet", registry=r
         )
+        self.calls_reserved = Gauge(
+            "gateway_calls_reserved",
+            "Calls answered with a stream whose stream has not started: slots held for them",
+            registry=r,
+        )
+        self.stream_start_wait = Histogram(
+            "gateway_stream_start_wait_seconds",
+            "From a media stream's upgrade to its start read (genuine starts only)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

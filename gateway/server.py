@@ -8,9 +8,9 @@ What a stream carries is read by `gateway.twilio.stream`; the call it becomes is
 built by `gateway.call_factory`.
 
 Anyone can reach these routes, so what a peer may hold is bounded before any signature
-holds (`gateway.listener`): request deadlines, streams waiting for `start` in their own
-small pool (not `MAX_CALLS`), and whatever a peer can trigger at will logged through a
-throttle, never a line per event.
+holds (`gateway.listener`): request deadlines, and whatever a peer can trigger at will logged
+through a throttle, never a line per event. Which calls and streams are taken on (one count of
+capacity for the webhook and the stream; streams waiting for `start`) is `gateway.admission`'s.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from aiohttp import hdrs, web
 from google import genai
 from google.genai import types
 
+from gateway.admission import START_GRACE_S, Admission
 from gateway.call import Call
 from gateway.call_factory import PERSONA_PARAMETER, CallFactory
 from gateway.config import Settings
@@ -41,6 +42,7 @@ from gateway.twilio.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
     MAX_MESSAGE_BYTES,
     StreamProtocolError,
 )
@@ -67,6 +69,8 @@ from gateway.twilio.webhooks import (
 log = logging.getLogger(__name__)
 
 TOKEN_PARAMETER = "token"
+#: Twilio's CallStatus values for a call that is over.
+FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 EARLY_ANSWERS_KEPT = 1000
 #: Lines a throttle logs as they come in an interval before it only counts: enough that a
 #: test or an operator sees each of a handful of bad peers, few enough that a flood is a
@@ -113,19 +117,19 @@ class GatewayState:
     personas: PersonaTable
     logs: PeerLogs
     deadlines: ConnectionDeadlines
+    admission: Admission[MediaStream]
     calls: set[Call] = field(default_factory=set)
     # Answering-machine results that came before their call's stream started.
     answered_early: dict[str, str] = field(default_factory=dict)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
-    # Upgraded streams without `start` yet, oldest first: their own pool, not MAX_CALLS.
-    waiting: dict[MediaStream, None] = field(default_factory=dict)
     draining: bool = False
     calls_idle: asyncio.Event = field(default_factory=asyncio.Event)
     stop_listening: list[Callable[[], None]] = field(default_factory=list)
 
     def at_capacity(self) -> bool:
-        """MAX_CALLS calls in progress (streams still waiting for `start` do not count)."""
-        return len(self.calls) >= self.settings.max_calls
+        """MAX_CALLS calls in progress or answered and reserved for their streams (streams
+        still waiting for `start` do not count)."""
+        return self.admission.full(len(self.calls))
 
     def in_progress(self) -> str:
         """What a drain waits for, as its log lines say it: `2 call(s)`, then `and 1
@@ -200,6 +204,11 @@ def create_app(
         personas=personas,
         logs=logs,
         deadlines=deadlines,
+        admission=Admission(
+            settings.max_calls,
+            reservation_s=settings.stream_token_ttl_s,
+            grace_s=min(START_GRACE_S, settings.start_timeout_s),
+        ),
     )
     app[STATE].calls_idle.set()
     state = app[STATE]
@@ -254,7 +263,8 @@ async def start_server(
     state = app[STATE]
     state.deadlines.watch(server)
     state.metrics.connections_open.set_function(lambda: len(server.connections))
-    state.metrics.streams_waiting.set_function(lambda: len(state.waiting))
+    state.metrics.streams_waiting.set_function(lambda: len(state.admission.waiting))
+    state.metrics.calls_reserved.set_function(lambda: state.admission.reserved)
     loop = asyncio.get_running_loop()
     state.stop_listening += [
         state.deadlines.stop,
@@ -375,7 +385,7 @@ async def voice_webhook(request: web.Request) -> web.Response:
         # A replayed webhook (signatures carry no timestamp): the call had its stream.
         _refuse(state, request, "replayed", "the call already has had its stream")
         return web.Response(text=busy_twiml(), content_type="text/xml")
-    if state.draining or state.at_capacity():
+    if state.draining or not state.admission.reserve(call_sid, len(state.calls)):
         reason = "draining" if state.draining else "busy"
         state.metrics.rejected.labels(reason=reason).inc()
         log.info("turned a call away (%s)", reason)
@@ -391,6 +401,8 @@ async def voice_webhook(request: web.Request) -> web.Response:
 async def status_webhook(request: web.Request) -> web.Response:
     """Twilio's call status callback: logged, so an operator sees how calls ended."""
     params = await _checked_form(request)
+    if params.get("CallStatus") in FINAL_STATUSES:  # a reserved slot its stream never took
+        request.app[STATE].admission.release(params.get("CallSid", ""))
     record = {
         "type": "status",
         "status": params.get("CallStatus", "unknown"),
@@ -477,7 +489,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         reason = f"stream_signature_{signature.value}"
         _refuse(state, request, reason, f"{signature.value} signature on the stream upgrade")
         raise web.HTTPForbidden()
-    if state.draining or state.at_capacity():
+    if state.draining or not state.admission.may_upgrade(len(state.calls)):
         reason = "draining" if state.draining else "busy"
         state.metrics.rejected.labels(reason=f"stream_{reason}").inc()
         raise web.HTTPServiceUnavailable(text=reason)
@@ -498,18 +510,12 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     )
     state.sockets.add(ws)
     state.calls_idle.clear()
-    if len(state.waiting) >= settings.max_waiting_streams:
-        # A signed upgrade is the same for every call, so anyone who saw one can hold
-        # streams open without `start`: the oldest waiting makes room, so Twilio's, which
-        # starts at once, gets in however many are held.
-        oldest = next(iter(state.waiting))
-        del state.waiting[oldest]
-        oldest.evict("too many streams waiting for start")
-    state.waiting[stream] = None
+    for quiet in state.admission.wait(stream, len(state.calls)):
+        quiet.evict("too many streams waiting for start")
     try:
         await _serve_stream(state, request.app[CALLS], stream)
     finally:
-        state.waiting.pop(stream, None)
+        state.admission.left(stream)
         await stream.aclose()
         state.metrics.caller_backlog.observe(stream.peak_queued_audio_s)
         state.sockets.discard(ws)
@@ -524,7 +530,7 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
     """Wait for `start`, check its token, run the call; close on bad input, with a reason."""
     try:
         start = await stream.wait_start(state.settings.start_timeout_s)
-        state.waiting.pop(stream, None)
+        waited = state.admission.left(stream)
         if start is None:
             log.debug("stream closed before start")
             return
@@ -537,6 +543,12 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
         )
         if verdict is not TokenResult.OK:
             raise StreamProtocolError(CLOSE_POLICY_VIOLATION, f"stream token {verdict.value}")
+        if waited is not None:
+            state.metrics.stream_start_wait.observe(waited)
+        if not state.admission.start(start.call_sid, len(state.calls)):
+            state.tokens.ended(start.call_sid)
+            state.metrics.rejected.labels(reason="stream_busy").inc()
+            raise StreamProtocolError(CLOSE_TRY_AGAIN_LATER, "at call limit")
         try:
             call = calls.build(start, stream.send)
             early = state.answered_early.pop(start.call_sid, None)

@@ -620,6 +620,22 @@ class TwilioCallerSimulator:
         extra_params: Mapping[str, str] | None = None,
     ) -> SimulatedCall:
         """Run the voice webhook, then open and start the media stream."""
+        answered = await self.answer(
+            call_sid=call_sid, from_=from_, to=to, extra_params=extra_params
+        )
+        return await self.open_stream(answered)
+
+    async def answer(
+        self,
+        *,
+        call_sid: str | None = None,
+        from_: str = "+15005550006",
+        to: str = "+15005550001",
+        extra_params: Mapping[str, str] | None = None,
+    ) -> CallRecord:
+        """Run the voice webhook only: the record holds the TwiML's stream URL and
+        parameters, for :meth:`open_stream` (a burst answers every call first, then opens
+        all their streams at once, as Twilio does for calls answered together)."""
         call_sid = call_sid or _sid("CA")
         rec = CallRecord(call_sid=call_sid, account_sid=self._account_sid, speed=self._speed)
         params = {
@@ -655,7 +671,11 @@ class TwilioCallerSimulator:
             rec.event("twiml_warning", "Twilio requires a wss:// stream url")
         if urlsplit(stream_url).query:
             rec.event("twiml_warning", "Twilio does not pass query strings on stream urls")
+        return rec
 
+    async def open_stream(self, rec: CallRecord) -> SimulatedCall:
+        """Open and start the media stream of a call :meth:`answer` answered."""
+        stream_url = rec.stream_url
         ws_signature = self._validator.compute_signature(stream_url, {})
         try:
             ws = await self._http.ws_connect(

@@ -32,6 +32,7 @@ __all__ = [
     "CLOSE_MESSAGE_TOO_BIG",
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_PROTOCOL_ERROR",
+    "CLOSE_TRY_AGAIN_LATER",
     "CLOSE_UNSUPPORTED_DATA",
     "MAX_MEDIA_PAYLOAD_BYTES",
     "MAX_MESSAGE_BYTES",
@@ -59,6 +60,7 @@ CLOSE_INVALID_DATA: Final = 1007  # text that is not UTF-8
 CLOSE_POLICY_VIOLATION: Final = 1008
 CLOSE_MESSAGE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL_ERROR: Final = 1011  # the call's Live session failed
+CLOSE_TRY_AGAIN_LATER: Final = 1013  # no call capacity left for the stream's call
 
 #: Largest inbound text frame accepted, in UTF-8 bytes. A Twilio media frame is ~300 bytes;
 #: a start frame grows with custom parameters but stays far below this.
