@@ -137,8 +137,8 @@ class GatewayState:
         still waiting may yet become one (Twilio sends `start` at once), or it is closed
         within START_TIMEOUT_S."""
         text = f"{len(self.calls)} call(s)"
-        if self.waiting:
-            text += f" and {len(self.waiting)} stream(s) waiting for start"
+        if waiting := len(self.admission.waiting):
+            text += f" and {waiting} stream(s) waiting for start"
         return text
 
 

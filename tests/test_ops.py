@@ -142,7 +142,7 @@ async def test_the_drain_counts_calls_and_streams_waiting_for_start_apart(
             await bed.http.ws_connect(bed.gateway_url + "/twilio/media", headers=signed)
             for _ in range(2)
         ]
-        await eventually(lambda: len(state.waiting) == 2)
+        await eventually(lambda: len(state.admission.waiting) == 2)
 
         start_draining(bed.app)
         assert logs.messages("gateway.server", "draining") == [
