@@ -27,6 +27,7 @@ try:  # a dependency except on Windows; the bench's asyncio runs hide it (sys.mo
     UVLOOP: ModuleType | None = _uvloop
 except ImportError:
     UVLOOP = None
+from gateway.backend import Backend, resolve
 from gateway.config import ConfigError, Settings, load_settings, required_settings
 from gateway.listener import raise_open_file_limit
 from gateway.logs import configure_logging
@@ -36,10 +37,11 @@ from gateway.server import STATE, create_app, start_draining, start_server, wait
 log = logging.getLogger("gateway")
 
 
-async def serve(settings: Settings, personas: PersonaTable) -> int:
+async def serve(settings: Settings, personas: PersonaTable, backend: Backend) -> int:
     """Run the server until a signal, then drain."""
     check_open_files(settings)
-    app = create_app(settings, personas)
+    log.info("live backend: %s", backend.describe())
+    app = create_app(settings, personas, backend=backend)
     # shutdown_timeout: what the calls left after the drain get to close, not the drain.
     runner = await start_server(
         app, settings.host, settings.port, handle_signals=False, shutdown_timeout=5.0
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="required settings (environment variables, or keys in config/gateway.toml):\n  "
         + ", ".join(required_settings())
+        + "\n  (Vertex AI instead of a key: GOOGLE_GENAI_USE_VERTEXAI=true, GOOGLE_CLOUD_PROJECT,"
+        + " GOOGLE_CLOUD_LOCATION and Application Default Credentials)"
         + "\nevery setting, its default and meaning: docs/configuration.md",
     )
     sub = parser.add_subparsers(dest="command")
@@ -152,8 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 
         command = run_call_command(settings, personas, args.to, args.persona, args.from_)
         return asyncio.run(command)
+    try:  # the Live backend's credentials and the model's location, checked at start
+        backend = resolve(settings, (settings.gemini_model,))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(serve(settings, personas))
+        return runner.run(serve(settings, personas, backend))
 
 
 def freeze_startup_objects() -> int:

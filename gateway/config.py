@@ -24,10 +24,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -179,9 +181,24 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     public_url: str
     twilio_auth_token: SecretStr
-    gemini_api_key: SecretStr = Field(
-        validation_alias=AliasChoices("gemini_api_key", "google_api_key")
+    # The Live backend, read as the google-genai SDK reads it (gateway.backend builds the
+    # client): the Gemini API with a key, or Vertex AI (GOOGLE_GENAI_USE_VERTEXAI, or the
+    # SDK's newer GOOGLE_GENAI_USE_ENTERPRISE, which wins) with a project, a location
+    # (empty: global, as the SDK has it) and Application Default Credentials, or a Vertex
+    # express-mode key (GEMINI_API_KEY or GOOGLE_API_KEY, used when no project is set).
+    vertexai: bool = Field(
+        default=False,
+        validation_alias=AliasChoices(
+            "google_genai_use_enterprise", "google_genai_use_vertexai", "vertexai"
+        ),
     )
+    gemini_api_key: SecretStr | None = Field(  # after vertexai: its check reads it
+        default=None,
+        validate_default=True,
+        validation_alias=AliasChoices("gemini_api_key", "google_api_key"),
+    )
+    google_cloud_project: str = ""
+    google_cloud_location: str = ""
     gemini_model: str = "gemini-live-2.5-flash-preview"
     system_instruction: str = "You are a friendly, concise phone assistant. Keep answers short."
     voice: str = "Puck"
@@ -264,6 +281,16 @@ class Settings(BaseSettings):
         rest = {k: v for k, v in data.items() if k not in flat}
         return {**rest, "live": {**nested, **{k.lower(): v for k, v in flat.items()}}}
 
+    @field_validator("gemini_api_key")
+    @classmethod
+    def _key_on_the_gemini_api(
+        cls, value: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        """Required on the Gemini API; Vertex AI finds its credentials at start."""
+        if value is None and info.data.get("vertexai") is False:
+            raise PydanticCustomError("missing", "Field required")
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _public_url_is_http(cls, value: str) -> str:
@@ -344,8 +371,13 @@ def load_settings(**overrides: object) -> Settings:
 
 
 def required_settings() -> list[str]:
-    """The settings without a default, as `python -m gateway --help` names them."""
-    return [setting_name((name,)) for name, f in Settings.model_fields.items() if f.is_required()]
+    """The settings without a default, as `python -m gateway --help` names them (the key:
+    on the Gemini API)."""
+    return [
+        setting_name((name,))
+        for name, f in Settings.model_fields.items()
+        if f.is_required() or name == "gemini_api_key"
+    ]
 
 
 def setting_name(loc: tuple[int | str, ...]) -> str:

@@ -29,6 +29,7 @@ from google import genai
 from google.genai import types
 
 from gateway.admission import START_GRACE_S, Admission
+from gateway.backend import Backend, resolve
 from gateway.call import Call
 from gateway.call_factory import PERSONA_PARAMETER, CallFactory
 from gateway.config import Settings
@@ -154,17 +155,20 @@ def create_app(
     client: genai.Client | None = None,
     rest: TwilioRest | None = None,
     metrics: Metrics | None = None,
+    backend: Backend | None = None,
 ) -> web.Application:
     """Build the gateway application.
 
-    The Live client honours GOOGLE_GEMINI_BASE_URL and SSL_CERT_FILE as the
-    SDK reads them when it is created, at the app's startup; tests and the demo
-    point it at the emulator that way. A `client` or `rest` passed in stays the
+    The Live client is made at the app's startup for `backend` (else the one the settings
+    name, `gateway.backend.resolve`); it honours GOOGLE_GEMINI_BASE_URL (or, on Vertex AI,
+    GOOGLE_VERTEX_BASE_URL) and SSL_CERT_FILE as the SDK reads them then; tests and the
+    demo point it at the emulator that way. A `client` or `rest` passed in stays the
     caller's to close; those the app creates, it closes at cleanup.
     """
     auth_token = settings.twilio_auth_token.get_secret_value()
     register_secret(auth_token)
-    register_secret(settings.gemini_api_key.get_secret_value())
+    if settings.gemini_api_key is not None:
+        register_secret(settings.gemini_api_key.get_secret_value())
     # Shared by every replica that has the same auth token, so a stream may land on
     # another replica than its webhook did.
     token_secret = hmac.new(auth_token.encode(), b"gateway-stream-token", hashlib.sha256).digest()
@@ -228,7 +232,7 @@ def create_app(
         ]
     )
     app.on_response_prepare.append(_no_server_header)
-    app.cleanup_ctx.append(_clients(client, rest))
+    app.cleanup_ctx.append(_clients(client, rest, backend))
     app.on_shutdown.append(_close_streams)
     app.on_cleanup.append(_stop_listening)
     return app
@@ -283,16 +287,21 @@ async def _stop_listening(app: web.Application) -> None:
 
 
 def _clients(
-    client: genai.Client | None, rest: TwilioRest | None
+    client: genai.Client | None, rest: TwilioRest | None, backend: Backend | None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """The app's long-lived clients (Gemini, Twilio REST), from startup to cleanup."""
 
     async def clients(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
         settings = state.settings
-        live = client or genai.Client(
-            api_key=settings.gemini_api_key.get_secret_value(), http_options=live_http(settings)
-        )
+        if client is not None:
+            live = client
+        else:
+            found = backend
+            if found is None:
+                models = (settings.gemini_model,)
+                found = await asyncio.to_thread(resolve, settings, models)
+            live = found.client(live_http(settings))
         twilio = rest or TwilioRest(settings.twilio_auth_token.get_secret_value())
         app[CALLS] = CallFactory(settings, state.personas, live, twilio, state.metrics)
         try:

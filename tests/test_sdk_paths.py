@@ -18,7 +18,15 @@ def test_every_fast_path_works_with_the_pinned_sdk() -> None:
     paths = sdk.probe()
     assert paths.socket, "AsyncSession no longer keeps its websocket in _ws"
     assert paths.converter, "the SDK's live message converter moved"
+    assert paths.vertex_converter, "the SDK's Vertex AI live message converter moved"
     assert paths.fast and paths.describe().startswith("fast")
+    assert paths.fast_on(vertex=True) and paths.fast_on(vertex=False)
+
+
+def test_a_missing_converter_falls_back_on_its_backend_only() -> None:
+    paths = sdk.SdkPaths(socket=True, converter=True, vertex_converter=False)
+    assert paths.fast_on(vertex=False) and not paths.fast_on(vertex=True)
+    assert not paths.fast and "Vertex converter" in paths.describe()
 
 
 def test_the_path_is_logged_once_at_first_use(caplog: pytest.LogCaptureFixture) -> None:

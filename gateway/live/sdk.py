@@ -10,9 +10,10 @@ caps google-genai to the versions the tests ran on.
   nothing but model audio skip the SDK's models (~90 µs each, 25 a second per reply); and
   the connection is pinged once after setup to measure the round trip, which places
   resumption handles (`gateway.live.machine`).
-* ``google.genai._live_converters._LiveServerMessage_from_mldev``: the SDK's own wire to
-  model converter, for every message that is not audio only (the public ``receive()``
-  calls it too, after reading the socket itself).
+* ``google.genai._live_converters._LiveServerMessage_from_mldev`` and, on Vertex AI,
+  ``_LiveServerMessage_from_vertex`` (which also renames Vertex's usage fields): the SDK's
+  own wire to model converters, for every message that is not audio only (the public
+  ``receive()`` calls them too, after reading the socket itself).
 * ``LiveServerMessage._from_response``: the SDK's own model construction from it.
 
 Without them everything goes through the public API: slower, and handles are placed
@@ -46,17 +47,27 @@ class SdkPaths:
 
     socket: bool  # AsyncSession keeps its websocket in `_ws`
     converter: bool  # _LiveServerMessage_from_mldev + LiveServerMessage._from_response work
+    vertex_converter: bool = False  # _LiveServerMessage_from_vertex too
 
     @property
     def fast(self) -> bool:
-        return self.socket and self.converter
+        """Every fast path works, on both backends."""
+        return self.socket and self.converter and self.vertex_converter
+
+    def fast_on(self, vertex: bool) -> bool:
+        """The fast receive path works on this backend."""
+        return self.socket and (self.vertex_converter if vertex else self.converter)
 
     def describe(self) -> str:
         if self.fast:
             return "fast (direct socket writes, audio-only messages decoded without the SDK)"
         missing = [
             name
-            for name, ok in (("AsyncSession._ws", self.socket), ("converter", self.converter))
+            for name, ok in (
+                ("AsyncSession._ws", self.socket),
+                ("converter", self.converter),
+                ("Vertex converter", self.vertex_converter),
+            )
             if not ok
         ]
         return "public SDK API (missing: " + ", ".join(missing) + ")"
@@ -74,24 +85,43 @@ def probe() -> SdkPaths:
         socket = getattr(session, "_ws", None) is marker
     except Exception:
         socket = False
-    converter = False
+    return SdkPaths(
+        socket=socket,
+        converter=_converts("_LiveServerMessage_from_mldev", "responseTokenCount"),
+        vertex_converter=_converts("_LiveServerMessage_from_vertex", "candidatesTokenCount"),
+    )
+
+
+def _converts(name: str, output_tokens: str) -> bool:
+    """The SDK's converter `name` turns a sample message (with usage as that backend words
+    it) into the model the public ``receive()`` returns."""
     try:
-        convert = getattr(_live_converters, "_LiveServerMessage_from_mldev", None)
-        if convert is not None:
-            sample = {
-                "serverContent": {"turnComplete": True},
-                "sessionResumptionUpdate": {"newHandle": "h", "resumable": True},
-            }
-            message = types.LiveServerMessage._from_response(response=convert(sample), kwargs={})
-            converter = (
-                message.server_content is not None
-                and message.server_content.turn_complete is True
-                and message.session_resumption_update is not None
-                and message.session_resumption_update.new_handle == "h"
-            )
+        convert = getattr(_live_converters, name, None)
+        if convert is None:
+            return False
+        sample = {
+            "serverContent": {"turnComplete": True},
+            "sessionResumptionUpdate": {
+                "newHandle": "h",
+                "resumable": True,
+                "lastConsumedClientMessageIndex": "7",
+            },
+            "usageMetadata": {"promptTokenCount": 3, output_tokens: 5},
+        }
+        message = types.LiveServerMessage._from_response(response=convert(sample), kwargs={})
+        update = message.session_resumption_update
+        usage = message.usage_metadata
+        return (
+            message.server_content is not None
+            and message.server_content.turn_complete is True
+            and update is not None
+            and update.new_handle == "h"
+            and update.last_consumed_client_message_index == 7
+            and usage is not None
+            and usage.response_token_count == 5
+        )
     except Exception:
-        converter = False
-    return SdkPaths(socket=socket, converter=converter)
+        return False
 
 
 _PATHS: SdkPaths | None = None
@@ -138,13 +168,17 @@ async def measure_rtt(session: AsyncSession, timeout_s: float = 2.0) -> float | 
 async def receive(session: AsyncSession) -> AsyncIterator[types.LiveServerMessage | list[bytes]]:
     """A connection's messages until it ends, as ``session.receive()`` parses them, except that
     a message carrying nothing but model audio comes as its decoded PCM chunks."""
-    vertex = getattr(getattr(session, "_api_client", None), "vertexai", True)
-    if not paths().fast or vertex:
+    vertex = bool(getattr(getattr(session, "_api_client", None), "vertexai", False))
+    if not paths().fast_on(vertex):
         while True:
             async for message in session.receive():
                 yield message
     ws = session._ws
-    converter = _live_converters._LiveServerMessage_from_mldev
+    converter = (
+        _live_converters._LiveServerMessage_from_vertex
+        if vertex
+        else _live_converters._LiveServerMessage_from_mldev
+    )
     while True:
         try:
             raw = await ws.recv(decode=False)

@@ -437,7 +437,11 @@ class LiveSession:
                 trigger_tokens=opts.compression_trigger_tokens,
                 sliding_window=types.SlidingWindow(target_tokens=opts.compression_target_tokens),
             ),
-            session_resumption=types.SessionResumptionConfig(handle=handle),
+            # Vertex AI only (the SDK refuses it on the Gemini API): each handle then names
+            # the last of the connection's messages it holds.
+            session_resumption=types.SessionResumptionConfig(
+                handle=handle, transparent=True if self._client.vertexai else None
+            ),
             input_audio_transcription=types.AudioTranscriptionConfig(),
             output_audio_transcription=types.AudioTranscriptionConfig(),
             tools=list(opts.tools) or None,

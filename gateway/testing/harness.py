@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
@@ -24,12 +24,18 @@ from gateway.metrics import Metrics
 from gateway.personas import PersonaTable
 from gateway.server import create_app, start_server
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
-from gateway.testing.tls import make_tls
+from gateway.testing.service_account import service_account_file
+from gateway.testing.tls import TestTLS, make_tls
 from gateway.testing.twilio_sim import TwilioCallerSimulator
 from gateway.twilio.rest import TwilioRest
 
 PUBLIC_URL = "https://gateway.example.test"
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+VERTEX_PROJECT = "gateway-test-project"
+VERTEX_LOCATION = "us-central1"
+#: The Live backend a test bed's gateway uses: the Gemini API (a key), Vertex AI with a
+#: service account (the real OAuth exchange with the emulator), Vertex AI express mode.
+BackendKind = Literal["gemini", "vertex", "vertex_express"]
 
 
 def quick_emulator(speed: float = 2.0, **overrides: object) -> EmulatorConfig:
@@ -95,7 +101,7 @@ class TestBed:
         )
 
 
-def test_settings(api_key: str, **overrides: Any) -> Settings:
+def test_settings(api_key: str | None, **overrides: Any) -> Settings:
     """Gateway settings for the test bed (no config file, no environment)."""
     values: dict[str, Any] = {
         "public_url": PUBLIC_URL,
@@ -115,12 +121,31 @@ def test_settings(api_key: str, **overrides: Any) -> Settings:
     return Settings.model_validate(values)
 
 
+def backend_setup(
+    backend: BackendKind, emulator: LiveEmulator, tls: TestTLS, directory: Path
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """The environment a test bed's gateway starts in and the settings it gets for
+    `backend`, each pointing at the emulator as an operator would point the SDK anywhere."""
+    env = {"SSL_CERT_FILE": tls.ca_pem_path}
+    if backend == "gemini":
+        return {**env, "GOOGLE_GEMINI_BASE_URL": emulator.base_url}, {}
+    env["GOOGLE_VERTEX_BASE_URL"] = emulator.base_url
+    values: dict[str, Any] = {"vertexai": True, "google_cloud_location": VERTEX_LOCATION}
+    if backend == "vertex_express":
+        return env, {**values, "gemini_api_key": emulator.config.vertex_api_key}
+    account = service_account_file(directory / "gcp", emulator, VERTEX_PROJECT)
+    env["GOOGLE_APPLICATION_CREDENTIALS"] = str(account)
+    env["REQUESTS_CA_BUNDLE"] = tls.ca_pem_path  # the token exchange goes through requests
+    return env, {**values, "gemini_api_key": None, "google_cloud_project": VERTEX_PROJECT}
+
+
 @asynccontextmanager
 async def test_bed(
     emulator_config: EmulatorConfig | None = None,
     workdir: Path | None = None,
     *,
     rest: TwilioRest | None = None,
+    backend: BackendKind = "gemini",
     **settings_overrides: Any,
 ) -> AsyncIterator[TestBed]:
     """Start the emulator and the gateway; stop both (and every call) on exit.
@@ -133,27 +158,30 @@ async def test_bed(
         emulator = LiveEmulator(emulator_config or EmulatorConfig(), tls)
         await emulator.start()
         try:
-            settings = test_settings(emulator.config.api_key, **settings_overrides)
+            env, values = backend_setup(backend, emulator, tls, Path(tmp))
+            key = values.pop("gemini_api_key", emulator.config.api_key)
+            settings = test_settings(key, **values, **settings_overrides)
             personas = PersonaTable.from_settings(settings)
             metrics = Metrics()
             app = create_app(settings, personas, rest=rest, metrics=metrics)
-            # The app creates its Live client at startup, reading these as the SDK does.
-            with environment(
-                GOOGLE_GEMINI_BASE_URL=emulator.base_url, SSL_CERT_FILE=tls.ca_pem_path
-            ):
+            # The app creates its Live client at startup, reading these as the SDK does (and
+            # google-auth reads REQUESTS_CA_BUNDLE at each token refresh: set throughout).
+            with environment(**env):
                 runner = await start_server(app, "127.0.0.1", 0)
             port = runner.addresses[0][1]
             connector = aiohttp.TCPConnector(limit=0)
+            token_ca = {k: v for k, v in env.items() if k == "REQUESTS_CA_BUNDLE"}
             async with aiohttp.ClientSession(connector=connector) as http:
                 try:
-                    yield TestBed(
-                        emulator=emulator,
-                        app=app,
-                        settings=settings,
-                        metrics=metrics,
-                        gateway_url=f"http://127.0.0.1:{port}",
-                        http=http,
-                    )
+                    with environment(**token_ca):
+                        yield TestBed(
+                            emulator=emulator,
+                            app=app,
+                            settings=settings,
+                            metrics=metrics,
+                            gateway_url=f"http://127.0.0.1:{port}",
+                            http=http,
+                        )
                 finally:
                     await runner.cleanup()
         finally:

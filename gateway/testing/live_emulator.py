@@ -157,6 +157,7 @@ from typing import Any, Literal
 
 import numpy as np
 from aiohttp import WSMsgType, web
+from google.auth import jwt as google_jwt
 
 from gateway.testing.tls import TestTLS
 
@@ -195,6 +196,38 @@ _PATH = re.compile(
     r"^/ws/google\.ai\.generativelanguage\.(v1|v1beta|v1alpha)\.GenerativeService\."
     r"(BidiGenerateContent|BidiGenerateContentConstrained)$"
 )
+# Vertex AI: the Live path, a model as the SDK names it there (the ADC path prefixes project
+# and location; express mode does not), and the OAuth token endpoint a test service
+# account's `token_uri` names (see VertexService).
+_VERTEX_PATH = re.compile(
+    r"^/ws/google\.cloud\.aiplatform\.(v1|v1beta1)\.LlmBidiService/BidiGenerateContent$"
+)
+_VERTEX_MODEL = re.compile(
+    r"^(?:projects/([^/]+)/locations/([^/]+)/)?publishers/google/models/([^/]+)$"
+)
+TOKEN_PATH = "/token"
+# "Gemini Live API 2.5 models are not available in global" (Firebase AI Logic's locations
+# page; live-models.md §5); a location that does not serve the model closes 1008 (litellm
+# PR 39851), reason as a third-party table quotes it.
+VERTEX_REGIONAL_ONLY = (
+    "gemini-live-2.5-flash-native-audio",
+    "gemini-live-2.5-flash-preview-native-audio-09-2025",
+)
+REASON_MODEL_NOT_FOUND = "Publisher model was not found."
+# Google's standard UNAUTHENTICATED texts; over the Live socket, as the other refusals here,
+# a close 1008 after the setup (how Vertex refuses a socket's credentials is not documented).
+REASON_NO_CREDENTIALS = (
+    "Request is missing required authentication credential. Expected OAuth 2 access token, "
+    "login cookie or other valid authentication credential."
+)
+REASON_BAD_CREDENTIALS = (
+    "Request had invalid authentication credentials. Expected OAuth 2 access token, "
+    "login cookie or other valid authentication credential."
+)
+_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# The audience google-auth puts in a service account's assertion, whatever its token_uri.
+_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
+_CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 _CLIENT_KEYS = frozenset(
     {"setup", "clientContent", "realtimeInput", "toolResponse", "contextUpdate"}
 )
@@ -266,6 +299,14 @@ class EmulatorConfig:
     # Function calling: a clientContent text turn containing a key gets a reply whose first
     # audio chunk is followed by toolCall{name, args} (the value). Recorded as events.
     tool_call_on_text: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    # Vertex AI (VertexService): its express-mode key, the life of the OAuth tokens it
+    # issues, the models it does not serve in `global`, where an express-mode connection is
+    # served, and how a connection's end after its goAway is closed.
+    vertex_api_key: str = "test-vertex-key"
+    vertex_token_ttl: float = 3600.0
+    vertex_regional_only: tuple[str, ...] = VERTEX_REGIONAL_ONLY
+    vertex_express_location: str = "global"
+    vertex_goaway_close_code: int = 1000
 
 
 @dataclass
@@ -543,6 +584,9 @@ class _Connection:
         self._pong_wake = asyncio.Event()
         self._ponger: asyncio.Task[None] | None = None
         self._last_pong_at = 0.0
+        self.vertex = False  # reached on the Vertex AI path
+        self.transparent = False  # Vertex: handles name the last client message they hold
+        self.consumed = 0  # index of the last client message processed (the setup is 0)
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -625,7 +669,7 @@ class _Connection:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def run(self, api_key: str | None, refusal: RefusalKind | None) -> None:
+    async def run(self, denied: tuple[int, str] | None, refusal: RefusalKind | None) -> None:
         cfg = self.emu.config
         first = await self._first_message()
         if first is None:
@@ -638,10 +682,8 @@ class _Connection:
             raw_setup = raw.get("setup") if isinstance(raw, dict) else None
             if isinstance(raw_setup, dict):
                 self.rec.setup = raw_setup
-        if not api_key:
-            raise _Refused(1008, REASON_NO_KEY, "refused")
-        if api_key != cfg.api_key:
-            raise _Refused(1007, REASON_BAD_KEY, "refused")
+        if denied is not None:  # credentials refused
+            raise _Refused(*denied, "refused")
         if refusal == "reset":  # the line drops while the service works on the setup
             self.abort("refused")
             return
@@ -651,6 +693,8 @@ class _Connection:
         if "setup" not in message:
             raise _Refused(1008, "The first message must be 'setup'.", "error")
         # The setup reaches the service input_delay after it was sent; answering takes a while.
+        if self.vertex:
+            self.transparent = self.emu.vertex.check_setup(message["setup"])
         self.rec.setup_latency = _uniform(self.emu._rng, cfg.setup_latency)
         wait = received_at + cfg.input_delay + self.rec.setup_latency - time.monotonic()
         if wait > 0:
@@ -868,7 +912,9 @@ class _Connection:
         self.emu.record.event("goaway", f"conn={self.rec.id}")
         await self.send({"goAway": {"timeLeft": format_duration(time_left)}})
         await asyncio.sleep(max(0.0, end_at - time.monotonic()))
-        code = self.emu.config.goaway_close_code if code is None else code
+        if code is None:
+            cfg = self.emu.config
+            code = cfg.vertex_goaway_close_code if self.vertex else cfg.goaway_close_code
         self.request_close(code, GOAWAY_REASONS.get(code, REASON_DEADLINE), "goaway")
 
     async def _session_limit(self, end_at: float) -> None:
@@ -917,7 +963,10 @@ class _Connection:
             ),
         )
         self.rec.handles_issued += 1
-        await self.send({"sessionResumptionUpdate": {"newHandle": handle, "resumable": True}})
+        update: dict[str, Any] = {"newHandle": handle, "resumable": True}
+        if self.transparent and self.superseded_by is None:
+            update["lastConsumedClientMessageIndex"] = str(self.consumed)  # int64: a string
+        await self.send({"sessionResumptionUpdate": update})
 
     # --- client messages ------------------------------------------------------------------
 
@@ -927,6 +976,7 @@ class _Connection:
             self.rec.dropped_messages += 1
             self.rec.dropped_audio_bytes += _audio_bytes(msg)
             return
+        self.consumed += 1  # in the state from now on (a handle issued while it is processed)
         await self._on_message(msg)
 
     async def _on_message(self, msg: dict[str, Any]) -> None:
@@ -1159,6 +1209,8 @@ class _Connection:
             ],
             "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": response}],
         }
+        if self.vertex:
+            usage = vertex_usage(usage)
         await self.send({"serverContent": {"turnComplete": True}, "usageMetadata": usage})
         self.emu.record.event("turn_complete", f"conn={self.rec.id} n={turn.index}")
         if self.resumption:
@@ -1180,6 +1232,7 @@ class LiveEmulator:
         self._refuse_until: float | None = None
         self._refusals: deque[RefusalKind] = deque()
         self._rng = random.Random(config.seed)
+        self.vertex = VertexService(self)
 
     async def __aenter__(self) -> LiveEmulator:
         await self.start()
@@ -1195,6 +1248,7 @@ class LiveEmulator:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         app = web.Application()
+        app.router.add_post(TOKEN_PATH, self.vertex.token)
         app.router.add_get("/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
@@ -1287,6 +1341,21 @@ class LiveEmulator:
             if not c.closing and c.setup_received and not c.setup_done
         ]
 
+    def _key_denial(self, request: web.Request) -> tuple[int, str] | None:
+        """Why the Gemini API refuses the request's key (None: it is the one served)."""
+        auth = request.headers.get("Authorization", "")
+        api_key = (
+            request.headers.get("x-goog-api-key")
+            or request.query.get("key")
+            or request.query.get("access_token")
+            or (auth[len("Token ") :] if auth.startswith("Token ") else None)
+        )
+        if not api_key:
+            return 1008, REASON_NO_KEY
+        if api_key != self.config.api_key:
+            return 1007, REASON_BAD_KEY
+        return None
+
     def _refusing(self) -> bool:
         until = self._refuse_until
         return until is not None and time.monotonic() < until
@@ -1305,6 +1374,7 @@ class LiveEmulator:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         match = _PATH.match(request.path)
+        vertex = match is None and (match := _VERTEX_PATH.match(request.path)) is not None
         if match is None:
             return web.Response(status=404, text="Not found")
         refusal: RefusalKind | None = None
@@ -1329,13 +1399,7 @@ class LiveEmulator:
             rec.closed_at, rec.close_kind, rec.close_code = time.monotonic(), "refused", 503
             self.record.event("refused", f"conn={rec.id} http 503")
             return web.Response(status=503, text=REASON_UNAVAILABLE)
-        auth = request.headers.get("Authorization", "")
-        api_key = (
-            request.headers.get("x-goog-api-key")
-            or request.query.get("key")
-            or request.query.get("access_token")
-            or (auth[len("Token ") :] if auth.startswith("Token ") else None)
-        )
+        denied = self.vertex.denial(request) if vertex else self._key_denial(request)
         ws = web.WebSocketResponse(
             compress=self.config.compress,
             autoping=False,  # pongs go out after input_delay, in order (_Connection._ping)
@@ -1345,10 +1409,11 @@ class LiveEmulator:
         await ws.prepare(request)
         rec.compressed = bool(ws.compress)
         conn = _Connection(self, ws, request.transport, rec)
+        conn.vertex = vertex
         self._conns[rec.id] = conn
         self.record.event("open", f"conn={rec.id} version={match.group(1)}")
         try:
-            await conn.run(api_key, refusal)
+            await conn.run(denied, refusal)
         except _Refused as exc:
             if exc.kind == "refused" and refused:
                 rec.close_kind = "refused"
@@ -1370,6 +1435,114 @@ class LiveEmulator:
         return ws
 
 
+# ------------------------------------------------------------------------------- Vertex AI
+
+
+def vertex_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """A Gemini API ``usageMetadata`` in Vertex AI's shape: output tokens are
+    ``candidatesTokenCount`` / ``candidatesTokensDetails`` there (the SDK's
+    ``_UsageMetadata_from_vertex`` maps them back)."""
+    renamed = {"responseTokenCount": "candidatesTokenCount"}
+    renamed["responseTokensDetails"] = "candidatesTokensDetails"
+    return {renamed.get(key, key): value for key, value in usage.items()}
+
+
+class VertexService:
+    """The emulator's Vertex AI side: an OAuth token endpoint, who may open a Live socket on
+    the Vertex path, and which models a location serves.
+
+    Tokens come the way google-auth gets them for a service account: a POST to the account
+    file's ``token_uri`` with a JWT assertion (RS256, signed with the account's private key;
+    ``iss`` the account, ``aud`` the endpoint, ``scope`` cloud-platform). The emulator checks
+    the signature against the public key registered for the account
+    (:meth:`register_service_account`) and answers with an access token it then accepts as
+    ``Authorization: Bearer`` for ``vertex_token_ttl`` seconds. Errors are OAuth's
+    (``invalid_grant``, as Google words them), which google-auth raises as ``RefreshError``.
+    Express mode sends ``vertex_api_key`` as ``x-goog-api-key`` instead.
+    """
+
+    def __init__(self, emu: LiveEmulator) -> None:
+        self.emu = emu
+        self.accounts: dict[str, str] = {}  # client_email -> public key PEM
+        self.tokens: dict[str, tuple[str, float]] = {}  # access token -> (account, expires)
+        self.exchanges: list[str] = []  # accounts, in the order their assertions were accepted
+
+    @property
+    def token_uri(self) -> str:
+        return self.emu.base_url + TOKEN_PATH
+
+    def register_service_account(self, email: str, public_key_pem: str) -> None:
+        """Accept assertions signed by the private half of `public_key_pem` for `email`."""
+        self.accounts[email] = public_key_pem
+
+    async def token(self, request: web.Request) -> web.Response:
+        """POST /token: a JWT-bearer grant in, an access token out."""
+        form = await request.post()
+        if form.get("grant_type") != _JWT_BEARER:
+            return _oauth_error("unsupported_grant_type", "Invalid grant_type.")
+        assertion = form.get("assertion")
+        if not isinstance(assertion, str):
+            return _oauth_error("invalid_request", "Missing required parameter: assertion")
+        try:
+            claims = google_jwt.decode(assertion, verify=False)  # type: ignore[no-untyped-call]
+        except ValueError:
+            return _oauth_error("invalid_grant", "Invalid JWT.")
+        email = str(claims.get("iss", ""))
+        key = self.accounts.get(email)
+        if key is None:
+            return _oauth_error("invalid_grant", "Invalid grant: account not found")
+        try:  # signature, then iat/exp (with google-auth's clock skew) and aud
+            audience = [_TOKEN_AUDIENCE, self.token_uri]
+            google_jwt.decode(assertion, certs=key, audience=audience)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            text = str(exc)
+            if "signature" in text:
+                return _oauth_error("invalid_grant", "Invalid JWT Signature.")
+            return _oauth_error("invalid_grant", f"Invalid JWT: {text}")
+        if _CLOUD_PLATFORM not in str(claims.get("scope", "")).split():
+            return _oauth_error("invalid_scope", "Invalid OAuth scope or ID token audience.")
+        ttl = self.emu.config.vertex_token_ttl
+        access = "ya29.emulator-" + secrets.token_urlsafe(24)
+        self.tokens[access] = (email, time.monotonic() + ttl)
+        self.exchanges.append(email)
+        self.emu.record.event("token", f"account={email}")
+        body = {"access_token": access, "expires_in": int(ttl), "token_type": "Bearer"}
+        return web.json_response(body)
+
+    def denial(self, request: web.Request) -> tuple[int, str] | None:
+        """Why a Live socket on the Vertex path is refused (None: its credentials hold)."""
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            found = self.tokens.get(auth[len("Bearer ") :])
+            if found is None or found[1] < time.monotonic():
+                return 1008, REASON_BAD_CREDENTIALS
+            return None
+        key = request.headers.get("x-goog-api-key") or request.query.get("key")
+        if key is None:
+            return 1008, REASON_NO_CREDENTIALS
+        if key != self.emu.config.vertex_api_key:
+            return 1007, REASON_BAD_KEY
+        return None
+
+    def check_setup(self, setup: Any) -> bool:
+        """Refuse (1008) a model not named as on Vertex or not served in its location;
+        whether the session asked for transparent resumption."""
+        model = setup.get("model") if isinstance(setup, dict) else None
+        found = _VERTEX_MODEL.match(model) if isinstance(model, str) else None
+        if found is None:
+            raise _Refused(1008, REASON_MODEL_NOT_FOUND, "refused")
+        cfg = self.emu.config
+        location = found.group(2) or cfg.vertex_express_location
+        if location == "global" and found.group(3) in cfg.vertex_regional_only:
+            raise _Refused(1008, REASON_MODEL_NOT_FOUND, "refused")
+        resumption = setup.get("sessionResumption")
+        return isinstance(resumption, dict) and resumption.get("transparent") is True
+
+
+def _oauth_error(error: str, description: str) -> web.Response:
+    return web.json_response({"error": error, "error_description": description}, status=400)
+
+
 __all__ = [
     "CLOSE_REASONS",
     "AfterCutReply",
@@ -1383,6 +1556,7 @@ __all__ = [
     "SessionRecord",
     "SessionState",
     "TurnRecord",
+    "VertexService",
     "format_duration",
     "reply_freq",
 ]
