@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the Live backend's credentials and the model's location, checked at start
         backend = resolve(settings, (settings.gemini_model,))
     except ConfigError as exc:
-        log.error("%s", exc)
+        print(f"gateway: {exc}", file=sys.stderr)
         return 2
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(serve(settings, personas, backend))
