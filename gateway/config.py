@@ -179,7 +179,10 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
-    public_url: str
+    # Twilio opens media streams only over wss:// (its error 31922), which the gateway derives
+    # from PUBLIC_URL: http:// is refused unless allowed, for a test bed without Twilio.
+    allow_http_public_url: bool = False
+    public_url: str  # after allow_http_public_url: its check reads it
     twilio_auth_token: SecretStr
     # The Live backend, read as the google-genai SDK reads it (gateway.backend builds the
     # client): the Gemini API with a key, or Vertex AI (GOOGLE_GENAI_USE_VERTEXAI, or the
@@ -293,9 +296,14 @@ class Settings(BaseSettings):
 
     @field_validator("public_url")
     @classmethod
-    def _public_url_is_http(cls, value: str) -> str:
+    def _public_url_is_http(cls, value: str, info: ValidationInfo) -> str:
         if not value.startswith(("https://", "http://")) or "://" == value[-3:]:
             raise ValueError("must be an absolute http(s) URL, e.g. https://voice.example.com")
+        if value.startswith("http://") and not info.data.get("allow_http_public_url"):
+            raise ValueError(
+                "must be https:// (Twilio opens media streams only over wss://); "
+                "ALLOW_HTTP_PUBLIC_URL=true allows http:// for a test bed without Twilio"
+            )
         return value.rstrip("/")
 
     @field_validator("transfer_to")

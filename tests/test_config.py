@@ -16,6 +16,7 @@ from gateway.config import ConfigError, LiveSettings, Settings, load_settings, r
 from gateway.live.session import LiveOptions
 from gateway.personas import PersonaTable
 from gateway.testing.harness import PUBLIC_URL, test_settings
+from gateway.twilio.webhooks import stream_url
 
 ROOT = Path(__file__).resolve().parent.parent
 TOML = ROOT / "config" / "gateway.toml"
@@ -111,6 +112,24 @@ def test_the_required_settings_are_the_ones_without_a_default() -> None:
     ]
     # Given them, nothing else is needed.
     assert load_settings(**REQUIRED).public_url == PUBLIC_URL
+
+
+def test_an_http_public_url_is_refused_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twilio opens media streams only over wss://, which the TwiML derives from PUBLIC_URL:
+    http:// would start and then never get a stream. A test bed without Twilio may allow it."""
+    plain = {**REQUIRED, "public_url": "http://gateway.example.test"}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(**plain)
+    assert str(caught.value) == (
+        "invalid setting PUBLIC_URL: must be https:// (Twilio opens media streams only over "
+        "wss://); ALLOW_HTTP_PUBLIC_URL=true allows http:// for a test bed without Twilio"
+    )
+    monkeypatch.setenv("ALLOW_HTTP_PUBLIC_URL", "true")
+    settings = load_settings(**plain)
+    assert settings.public_url == "http://gateway.example.test"
+    assert stream_url(settings.public_url) == "ws://gateway.example.test/twilio/media"
+    monkeypatch.setenv("ALLOW_HTTP_PUBLIC_URL", "false")
+    assert load_settings(**REQUIRED).public_url == PUBLIC_URL  # https needs no permission
 
 
 # ---------------------------------------------------------------- imports run one way

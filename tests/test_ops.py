@@ -346,8 +346,16 @@ def base_env(**values: str) -> dict[str, str]:
             },
             "gateway: invalid setting PORT: ",
         ),
+        (
+            {
+                "PUBLIC_URL": "http://gateway.example.test",
+                "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                "GEMINI_API_KEY": "k",
+            },
+            "gateway: invalid setting PUBLIC_URL: must be https://",
+        ),
     ],
-    ids=["missing-public-url", "missing-two", "malformed-port"],
+    ids=["missing-public-url", "missing-two", "malformed-port", "http-public-url"],
 )
 def test_bad_configuration_stops_the_start_with_one_line(
     env: dict[str, str], expected: str, tmp_path: Path
