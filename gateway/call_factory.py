@@ -34,7 +34,7 @@ def live_options(settings: Settings, persona: Persona) -> LiveOptions:
         voice=persona.voice,
         language=persona.language,
         tools=declarations(persona.tools, persona.transfer_to),
-        **settings.live.model_dump(),
+        settings=settings.live,
     )
 
 

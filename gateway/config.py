@@ -4,9 +4,9 @@ Missing or malformed settings stop the start with one line naming them all
 (`ConfigError`), never a pydantic traceback.
 
 Every setting is declared once, here, with its check and default; `config/gateway.toml`
-documents the same defaults (a test holds the two together). The Live session's settings
-are one nested model, `Settings.live`, whose fields are `LiveOptions` fields of the same
-name, so a call's options are built from it directly; they are still read from flat keys
+documents the same defaults (a test holds the two together). The Live session's knobs are
+declared in `gateway.live.settings.LiveSettings` (the Live package reads them there) and
+nest here as `Settings.live`, handed to each call as they are; they are read from flat keys
 and variables (`REPLAY_LIMIT_S`), as operators have always set them.
 """
 
@@ -36,6 +36,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from gateway.live.settings import LiveSettings as LiveSettings  # nested as `Settings.live`
 
 DEFAULT_CONFIG_FILE = Path("config/gateway.toml")
 
@@ -136,28 +138,6 @@ def _language_code(value: str) -> str:
     if value and not _LANGUAGE.match(value):
         raise ValueError(f"not a BCP-47 language code such as en-US: {value!r}")
     return value
-
-
-class LiveSettings(BaseModel):
-    """How hard each call's Live session tries to stay connected: `LiveOptions` fields.
-
-    Set as top-level keys and variables (`replay_limit_s`, `REPLAY_LIMIT_S`); `Settings`
-    gathers them here.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    compression_trigger_tokens: int = Field(default=25600, ge=1000)
-    compression_target_tokens: int = Field(default=12800, ge=100)
-    replay_limit_s: float = Field(default=60.0, gt=0)  # caller audio kept for replay
-    reconnect_total_s: float = Field(default=30.0, gt=0)
-    reconnect_max_attempts: int = Field(default=12, ge=1)
-    goaway_margin_s: float = Field(default=1.0, ge=0)
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    caller_pause_s: float = Field(default=0.4, gt=0)
-    resume_nudge_s: float = Field(default=1.5, gt=0)  # prompt a model silent after a reset
-    # hold a resumed model's first reply this long at most, to tell a repeat (0: never hold)
-    repeat_judge_s: float = Field(default=1.5, ge=0)
 
 
 class _LiveVariables(PydanticBaseSettingsSource):

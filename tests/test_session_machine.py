@@ -11,7 +11,6 @@ failing schedules are kept as named regressions for the real machine.
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 
 import pytest
 
@@ -35,7 +34,6 @@ from gateway.live.machine import (
     Fail,
     FailureReason,
     LossKind,
-    MachineOptions,
     Open,
     OpenError,
     Output,
@@ -45,10 +43,11 @@ from gateway.live.machine import (
     Write,
 )
 from gateway.live.repeats import same_reply
+from gateway.live.settings import LiveSettings
 from gateway.testing.explorer import Concurrency, Fault, Schedule, explore, run
 
 FRAME = b"\x00" * 640
-OPTIONS = MachineOptions(goaway_margin_s=0.5, caller_pause_s=0.4)
+OPTIONS = LiveSettings(goaway_margin_s=0.5, caller_pause_s=0.4)
 SCHEDULES_PER_MODE = 1000  # python -m gateway.testing.explorer --count N for more
 
 
@@ -105,8 +104,8 @@ def test_explorer_finds_input_in_flight_without_the_guard() -> None:
     assert report.failures and report.failures[0][1].check == "no-loss"
 
 
-def never_judging(options: MachineOptions, rng: random.Random) -> SessionMachine:
-    return SessionMachine(replace(options, repeat_judge_s=0.0), rng)
+def never_judging(options: LiveSettings, rng: random.Random) -> SessionMachine:
+    return SessionMachine(options.model_copy(update={"repeat_judge_s": 0.0}), rng)
 
 
 def test_replies_heard_in_full_are_rarely_heard_again() -> None:

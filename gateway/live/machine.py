@@ -71,6 +71,7 @@ from gateway.live.events import (
     TurnState,
 )
 from gateway.live.repeats import same_reply
+from gateway.live.settings import LiveSettings
 
 INPUT_RATE = 16000
 BYTES_PER_SECOND = INPUT_RATE * 2
@@ -135,21 +136,6 @@ class FailureReason(StrEnum):
     TIMED_OUT = "timed_out"
     GARBAGE = "garbage"
     UNREACHABLE = "unreachable"
-
-
-@dataclass(frozen=True)
-class MachineOptions:
-    """The session manager's knobs (a subset of `LiveOptions`)."""
-
-    replay_limit_s: float = 60.0
-    reconnect_total_s: float = 30.0
-    reconnect_max_attempts: int = 12
-    backoff_initial_s: float = 0.1
-    backoff_max_s: float = 2.0
-    goaway_margin_s: float = 1.0
-    caller_pause_s: float = 0.4
-    resume_nudge_s: float = 1.5  # after a reset that cut a reply: prompt the model if it is silent
-    repeat_judge_s: float = 1.5  # longest a resumed model's first reply is held to tell a repeat
 
 
 @dataclass(slots=True)
@@ -292,7 +278,7 @@ class _History:
 class SessionMachine:
     """One conversation over as many connections as it takes; pure, single-threaded."""
 
-    def __init__(self, options: MachineOptions, rng: random.Random | None = None) -> None:
+    def __init__(self, options: LiveSettings, rng: random.Random | None = None) -> None:
         self.options = options
         self._rng = rng or random.Random()
         self.phase = Phase.CONNECTING

@@ -53,7 +53,6 @@ from gateway.live.machine import (
     FailureReason,
     Input,
     LossKind,
-    MachineOptions,
     Open,
     OpenError,
     Output,
@@ -62,6 +61,7 @@ from gateway.live.machine import (
     Write,
 )
 from gateway.live.sdk import INPUT_MIME, audio_message, receive
+from gateway.live.settings import LiveSettings
 
 __all__ = [
     "INPUT_MIME",
@@ -79,7 +79,7 @@ REPLAY_CHUNK_BYTES = BYTES_PER_SECOND // 2  # replay in half-second messages
 # Close codes with which the service refuses a resumption handle (bad or expired).
 REFUSAL_CODES = frozenset({1007, 1008})
 # Caller speech, for choosing when to switch connections: RMS above about -40 dBFS,
-# held for a short hangover (LiveOptions.caller_pause_s) so pauses between words do not
+# held for a short hangover (LiveSettings.caller_pause_s) so pauses between words do not
 # count as silence.
 SPEECH_RMS = 330
 RTT_INTERVAL_S = 10.0
@@ -96,38 +96,14 @@ class LiveSessionFailed(Exception):
 
 @dataclass(frozen=True)
 class LiveOptions:
-    """How to talk to the Live service and how hard to try to stay connected."""
+    """One call's Live session: its model and persona, and the operator's knobs."""
 
     model: str
     system_instruction: str
     voice: str | None = None
     language: str | None = None  # BCP-47 speech language; None: the model's choice
-    compression_trigger_tokens: int = 25600
-    compression_target_tokens: int = 12800
-    replay_limit_s: float = 60.0
-    reconnect_total_s: float = 30.0
-    reconnect_max_attempts: int = 12
-    backoff_initial_s: float = 0.1
-    backoff_max_s: float = 2.0
-    goaway_margin_s: float = 1.0
-    connect_timeout_s: float = 10.0
-    caller_pause_s: float = 0.4
-    resume_nudge_s: float = 1.5
-    repeat_judge_s: float = 1.5
     tools: tuple[types.Tool, ...] = ()
-
-    def machine(self) -> MachineOptions:
-        return MachineOptions(
-            replay_limit_s=self.replay_limit_s,
-            reconnect_total_s=self.reconnect_total_s,
-            reconnect_max_attempts=self.reconnect_max_attempts,
-            backoff_initial_s=self.backoff_initial_s,
-            backoff_max_s=self.backoff_max_s,
-            goaway_margin_s=self.goaway_margin_s,
-            caller_pause_s=self.caller_pause_s,
-            resume_nudge_s=self.resume_nudge_s,
-            repeat_judge_s=self.repeat_judge_s,
-        )
+    settings: LiveSettings = field(default_factory=LiveSettings)
 
 
 @dataclass(eq=False)
@@ -166,7 +142,7 @@ class LiveSession:
         self._options = options
         self._on_audio_sent = on_audio_sent
         self._log_extra = log_context or {}
-        self.machine = SessionMachine(options.machine(), rng)
+        self.machine = SessionMachine(options.settings, rng)
         self._events: asyncio.Queue[LiveEvent] = asyncio.Queue()
         self._links: dict[int, _Link] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -434,8 +410,10 @@ class LiveSession:
             ),
             speech_config=speech,
             context_window_compression=types.ContextWindowCompressionConfig(
-                trigger_tokens=opts.compression_trigger_tokens,
-                sliding_window=types.SlidingWindow(target_tokens=opts.compression_target_tokens),
+                trigger_tokens=opts.settings.compression_trigger_tokens,
+                sliding_window=types.SlidingWindow(
+                    target_tokens=opts.settings.compression_target_tokens
+                ),
             ),
             # Vertex AI only (the SDK refuses it on the Gemini API): each handle then names
             # the last of the connection's messages it holds.
@@ -453,7 +431,7 @@ class LiveSession:
         error: OpenError | None = None
         detail = ""
         try:
-            async with asyncio.timeout(self._options.connect_timeout_s):
+            async with asyncio.timeout(self._options.settings.connect_timeout_s):
                 session = await stack.enter_async_context(
                     self._client.aio.live.connect(
                         model=self._options.model, config=self._config(handle)

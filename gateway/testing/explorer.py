@@ -64,7 +64,6 @@ from gateway.live.machine import (
     Fail,
     Input,
     LossKind,
-    MachineOptions,
     Open,
     OpenError,
     Output,
@@ -73,6 +72,7 @@ from gateway.live.machine import (
     SessionMachine,
     Write,
 )
+from gateway.live.settings import LiveSettings
 
 Concurrency = Literal["fork", "takeover", "refuse"]
 FaultKind = Literal[
@@ -88,7 +88,7 @@ REPLY_S = 0.8
 PIECE_S = 0.1  # a reply reaches the caller in pieces this long
 REPLY_PIECES = round(REPLY_S / PIECE_S)
 SETTLE_S = 6.0
-OPTIONS = MachineOptions(
+OPTIONS = LiveSettings(
     replay_limit_s=60.0,
     reconnect_total_s=30.0,
     reconnect_max_attempts=12,
@@ -189,7 +189,7 @@ class Stats:
     extra_pieces: int = 0  # 0.1 s pieces played beyond a reply's length: heard twice
 
 
-MachineFactory = Callable[[MachineOptions, random.Random], SessionMachine]
+MachineFactory = Callable[[LiveSettings, random.Random], SessionMachine]
 
 
 def _piece(key: tuple[str, int]) -> bytes:
