@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return asyncio.run(run_demo(out=args.out))
 
+    if args.command == "call":  # Twilio's settings only
+        from gateway.outbound import call_main
+
+        return asyncio.run(call_main(args.to, args.persona, args.from_))
     try:
         settings = load_settings()
         personas = PersonaTable.from_settings(settings)  # the one table, checked at start
@@ -151,11 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    if args.command == "call":
-        from gateway.outbound import run_call_command
-
-        command = run_call_command(settings, personas, args.to, args.persona, args.from_)
-        return asyncio.run(command)
     try:  # the Live backend's credentials and the model's location, checked at start
         backend = resolve(settings, (settings.gemini_model,))
     except ConfigError as exc:

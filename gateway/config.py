@@ -339,11 +339,12 @@ class Settings(BaseSettings):
         )
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(kind: type[Settings] = Settings, /, **overrides: object) -> Settings:
     """Build settings or raise ConfigError naming every bad setting in one line: an operator
-    who fixes one missing setting should not have to start again to learn the next."""
+    who fixes one missing setting should not have to start again to learn the next. `kind`:
+    a command's own view of them (`gateway.outbound.CallSettings`)."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return kind(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         errors = exc.errors()
     problems = []

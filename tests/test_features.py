@@ -29,7 +29,7 @@ from gateway.config import GREETING as GREETING_DEFAULT
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.live.events import ToolCall, Usage
 from gateway.live.session import LiveSession
-from gateway.outbound import place_call, run_call_command
+from gateway.outbound import call_main, place_call, run_call_command
 from gateway.personas import PersonaTable
 from gateway.server import CALLS, STATE
 from gateway.testing.analysis import heard_replies
@@ -579,6 +579,38 @@ async def test_the_call_command_names_a_missing_setting(capsys: pytest.CaptureFi
     assert "missing setting TWILIO_FROM_NUMBER" in capsys.readouterr().err
     assert await run_call_command(settings, personas, "+15557654321", "nobody", "+15550100011") == 2
     assert "unknown persona 'nobody'" in capsys.readouterr().err
+
+
+async def test_the_call_command_asks_for_twilios_settings_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m gateway call` needs PUBLIC_URL, TWILIO_AUTH_TOKEN, TWILIO_ACCOUNT_SID and a
+    caller ID, named together when missing; never a Gemini key (nor Vertex AI's settings)."""
+    for name in ("PUBLIC_URL", "TWILIO_AUTH_TOKEN", "TWILIO_ACCOUNT_SID", "TWILIO_FROM_NUMBER"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI"):
+        monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()  # the command configures logging: the test's is put back
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    assert await call_main("+15557654321", None, None) == 2
+    assert capsys.readouterr().err == (
+        "gateway: missing settings PUBLIC_URL, TWILIO_AUTH_TOKEN, TWILIO_ACCOUNT_SID\n"
+    )
+    account = "AC" + "1" * 32
+    monkeypatch.setenv("PUBLIC_URL", PUBLIC_URL)
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", account)
+    monkeypatch.setenv("TWILIO_FROM_NUMBER", SALES)
+    async with TwilioRestStandIn(AUTH_TOKEN) as rest:
+        client = TwilioRest(AUTH_TOKEN, http_client=rest.http_client())
+        try:
+            assert await call_main("+15557654321", None, None, rest=client) == 0
+        finally:
+            await client.close()
+    (create,) = rest.record.creates()
+    assert (create.user, create.form["From"], create.form["To"]) == (account, SALES, "+15557654321")
+    assert capsys.readouterr().out.startswith("CA")
 
 
 # ------------------------------------------------------------------------ usage and cost

@@ -392,6 +392,19 @@ def test_help_names_the_required_settings_and_the_docs(tmp_path: Path) -> None:
     assert (ROOT / "docs" / "configuration.md").exists()
 
 
+def test_the_call_command_names_the_twilio_settings_it_misses_and_no_key(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "call", "--to", "+15557654321"],
+        cwd=tmp_path,
+        env=base_env(PUBLIC_URL=PUBLIC_URL),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr == "gateway: missing settings TWILIO_AUTH_TOKEN, TWILIO_ACCOUNT_SID\n"
+
+
 # --------------------------------------------------------------- drain, as a process
 
 
