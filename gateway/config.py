@@ -230,6 +230,12 @@ class Settings(BaseSettings):
     # A call's CallSid is remembered this long after its stream ended: a replayed voice
     # webhook for it opens no second stream meanwhile (one entry per call, ~200 bytes).
     call_memory_s: float = Field(default=86400.0, ge=0)
+    # Where calls' state is shared by replicas (a Redis URL: redis://, rediss://, unix://);
+    # unset: in this process (gateway.store). A replica that cannot reach it does not start.
+    redis_url: SecretStr | None = None
+    # A call's shared state outlives its last write this long (Twilio's default longest
+    # call); an open stream's single-use memory lasts at most this long too.
+    call_state_ttl_s: float = Field(default=14400.0, gt=0)
     start_timeout_s: float = Field(default=5.0, gt=0)  # an upgraded stream's `start`
     idle_timeout_s: float = Field(default=30.0, gt=0)
     # Caller audio may arrive this many times faster than real time, and run this far

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 from google import genai
@@ -38,6 +39,7 @@ from gateway.live import sdk as live_sdk
 from gateway.logs import bind_call, register_secret
 from gateway.metrics import Metrics, watch_gc
 from gateway.personas import PersonaTable
+from gateway.store import CallStore, StoreError, open_store
 from gateway.transcript import append_record
 from gateway.twilio.protocol import (
     CLOSE_GOING_AWAY,
@@ -72,7 +74,6 @@ log = logging.getLogger(__name__)
 TOKEN_PARAMETER = "token"
 #: Twilio's CallStatus values for a call that is over.
 FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
-EARLY_ANSWERS_KEPT = 1000
 #: Lines a throttle logs as they come in an interval before it only counts: enough that a
 #: test or an operator sees each of a handful of bad peers, few enough that a flood is a
 #: couple of lines a second.
@@ -119,9 +120,8 @@ class GatewayState:
     logs: PeerLogs
     deadlines: ConnectionDeadlines
     admission: Admission[MediaStream]
+    store: CallStore  # what replicas share: stream memory, answering-machine results
     calls: set[Call] = field(default_factory=set)
-    # Answering-machine results that came before their call's stream started.
-    answered_early: dict[str, str] = field(default_factory=dict)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     draining: bool = False
     calls_idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -197,12 +197,20 @@ def create_app(
             "logger": PeerErrorLog(logs.connections, metrics.peer_errors),
         },
     )
+    redis_url = settings.redis_url.get_secret_value() if settings.redis_url else ""
+    register_secret(redis_url)
+    register_secret(urlsplit(redis_url).password or "")
+    store = open_store(redis_url, settings.call_state_ttl_s)
     app[STATE] = GatewayState(
         settings=settings,
         metrics=metrics,
         signatures=SignatureChecker(auth_token),
         tokens=StreamTokens(
-            token_secret, ttl_s=settings.stream_token_ttl_s, memory_s=settings.call_memory_s
+            token_secret,
+            ttl_s=settings.stream_token_ttl_s,
+            memory_s=settings.call_memory_s,
+            store=store,
+            live_s=settings.call_state_ttl_s,
         ),
         stream_url=stream_url(settings.public_url),
         personas=personas,
@@ -213,6 +221,7 @@ def create_app(
             reservation_s=settings.stream_token_ttl_s,
             grace_s=min(START_GRACE_S, settings.start_timeout_s),
         ),
+        store=store,
     )
     app[STATE].calls_idle.set()
     state = app[STATE]
@@ -233,6 +242,7 @@ def create_app(
     )
     app.on_response_prepare.append(_no_server_header)
     app.cleanup_ctx.append(_clients(client, rest, backend))
+    app.cleanup_ctx.append(_answers)
     app.on_shutdown.append(_close_streams)
     app.on_cleanup.append(_stop_listening)
     return app
@@ -315,6 +325,42 @@ def _clients(
     return clients
 
 
+async def _answers(app: web.Application) -> AsyncIterator[None]:
+    """The store from startup to cleanup: subscribed to answering-machine results before
+    the first call (a replica that cannot reach Redis does not start), each delivered to
+    the call it is for if this replica holds it."""
+    state = app[STATE]
+    try:
+        async with state.store.answer_feed() as feed:
+            task = asyncio.create_task(_deliver_answers(state, feed), name="answer-feed")
+            try:
+                yield
+            finally:
+                task.cancel()
+                await asyncio.wait({task})
+    finally:
+        await state.store.aclose()
+
+
+async def _deliver_answers(state: GatewayState, feed: AsyncIterator[str | None]) -> None:
+    """Answering-machine results posted on any replica, to the calls held here (None: some
+    may have been missed, so every call held looks)."""
+    async for call_sid in feed:
+        for call in [c for c in state.calls if call_sid in (None, c.start.call_sid)]:
+            await _take_answer(state, call)
+
+
+async def _take_answer(state: GatewayState, call: Call) -> None:
+    """The call's stored answering-machine result, if there is one (one taker wins)."""
+    try:
+        answer = await state.store.take_answer(call.start.call_sid)
+    except StoreError as error:
+        log.warning("answering-machine result not read: %s", error)
+        return
+    if answer is not None:
+        call.answered_by(answer)
+
+
 def live_http(settings: Settings) -> types.HttpOptions:
     """The Live client's transport: permessage-deflate offered only with LIVE_DEFLATE.
 
@@ -390,7 +436,12 @@ async def voice_webhook(request: web.Request) -> web.Response:
     if expected and account_sid != expected:
         _refuse(state, request, "wrong_account", "AccountSid is not TWILIO_ACCOUNT_SID")
         raise web.HTTPForbidden()
-    if state.tokens.streamed(call_sid):
+    try:
+        streamed = await state.tokens.streamed(call_sid)
+    except StoreError as error:
+        _refuse(state, request, "store_unavailable", str(error))
+        raise web.HTTPServiceUnavailable(text="call store unavailable\n") from None
+    if streamed:
         # A replayed webhook (signatures carry no timestamp): the call had its stream.
         _refuse(state, request, "replayed", "the call already has had its stream")
         return web.Response(text=busy_twiml(), content_type="text/xml")
@@ -437,10 +488,12 @@ async def amd_webhook(request: web.Request) -> web.Response:
     if call is not None:
         call.answered_by(answered_by)
     elif call_sid:  # its stream has not started (yet), or it is on another replica
-        state.answered_early[call_sid] = answered_by
-        while len(state.answered_early) > EARLY_ANSWERS_KEPT:
-            state.answered_early.pop(next(iter(state.answered_early)))
-        log.info("answered by %s before the stream started", answered_by)
+        try:
+            await state.store.post_answer(call_sid, answered_by)
+        except StoreError as error:
+            _refuse(state, request, "store_unavailable", str(error))
+            raise web.HTTPServiceUnavailable(text="call store unavailable\n") from None
+        log.info("answered by %s: kept for the call's stream", answered_by)
     return web.Response(status=204)
 
 
@@ -544,32 +597,34 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
             log.debug("stream closed before start")
             return
         bind_call(call_sid=start.call_sid, stream_sid=start.stream_sid)
-        verdict = state.tokens.redeem(
-            start.custom_parameters.get(TOKEN_PARAMETER, ""),
-            start.call_sid,
-            account_sid=start.account_sid,
-            persona=start.custom_parameters.get(PERSONA_PARAMETER, ""),
-        )
+        try:
+            verdict = await state.tokens.redeem(
+                start.custom_parameters.get(TOKEN_PARAMETER, ""),
+                start.call_sid,
+                account_sid=start.account_sid,
+                persona=start.custom_parameters.get(PERSONA_PARAMETER, ""),
+            )
+        except StoreError as error:
+            reason = f"call store unavailable: {error}"
+            raise StreamProtocolError(CLOSE_INTERNAL_ERROR, reason) from None
         if verdict is not TokenResult.OK:
             raise StreamProtocolError(CLOSE_POLICY_VIOLATION, f"stream token {verdict.value}")
         if waited is not None:
             state.metrics.stream_start_wait.observe(waited)
         if not state.admission.start(start.call_sid, len(state.calls)):
-            state.tokens.ended(start.call_sid)
+            await _stream_ended(state, start.call_sid)
             state.metrics.rejected.labels(reason="stream_busy").inc()
             raise StreamProtocolError(CLOSE_TRY_AGAIN_LATER, "at call limit")
         try:
             call = calls.build(start, stream.send)
-            early = state.answered_early.pop(start.call_sid, None)
-            if early is not None:
-                call.answered_by(early)
-            state.calls.add(call)
+            state.calls.add(call)  # before the store is read: a result posted now reaches it
             try:
+                await _take_answer(state, call)
                 await call.run(stream.messages)
             finally:
                 state.calls.discard(call)
         finally:
-            state.tokens.ended(start.call_sid)  # remembered a while more: no second stream
+            await _stream_ended(state, start.call_sid)
         if call.stats.failure and not stream.closed:
             await stream.close(CLOSE_INTERNAL_ERROR, "live session failed")
     except StreamProtocolError as error:
@@ -577,6 +632,14 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
         state.metrics.stream_errors.labels(reason=label).inc()
         state.logs.streams.note(label, "stream closed: %s", reason, close_code=error.close_code)
         await stream.close(error.close_code, reason)
+
+
+async def _stream_ended(state: GatewayState, call_sid: str) -> None:
+    """The call's stream is over: remembered a while more (no second stream)."""
+    try:
+        await state.tokens.ended(call_sid)
+    except StoreError as error:  # its claim lapses after CALL_STATE_TTL_S instead
+        log.warning("stream end not stored: %s", error)
 
 
 def _label(reason: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.logs import LIBRARY_LEVELS, quiet_libraries
+from gateway.testing.redis_server import RedisMissing, RedisServer
 
 Eventually = Callable[..., Awaitable[None]]
 
@@ -65,6 +66,21 @@ class NewTasks:
             if not extra or loop.time() > deadline:
                 return {t.get_name() for t in extra}
             await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server for this test process (each xdist worker has its own), on a
+    unix socket; a test that needs it fails, never skips, where none is installed."""
+    try:
+        server = RedisServer()
+        server.start()
+    except RedisMissing as missing:
+        pytest.fail(str(missing), pytrace=False)
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from multidict import MultiDict
 from twilio.request_validator import RequestValidator
 
+from gateway.store import MemoryStore
 from gateway.twilio.twiml import busy_twiml, connect_stream_twiml, dial_twiml, whisper_twiml
 from gateway.twilio.webhooks import (
     FORM_CONTENT_TYPE,
@@ -249,110 +251,112 @@ class FakeClock:
         return self.now
 
 
-def test_token_ok_then_reused() -> None:
+async def test_token_ok_then_reused() -> None:
     tokens = StreamTokens(SECRET)
     token = tokens.issue(CALL)
     assert token.isascii() and "." in token and len(token) < 300
-    assert tokens.redeem(token, CALL) is TokenResult.OK
-    assert tokens.redeem(token, CALL) is TokenResult.REUSED
+    assert await tokens.redeem(token, CALL) is TokenResult.OK
+    assert await tokens.redeem(token, CALL) is TokenResult.REUSED
 
 
-def test_tokens_are_distinct_and_a_call_gets_one_stream() -> None:
+async def test_tokens_are_distinct_and_a_call_gets_one_stream() -> None:
     tokens = StreamTokens(SECRET)
     first, second = tokens.issue(CALL), tokens.issue(CALL)
     assert first != second
-    assert not tokens.streamed(CALL)
-    assert tokens.redeem(second, CALL) is TokenResult.OK
-    assert tokens.streamed(CALL)
+    assert not await tokens.streamed(CALL)
+    assert await tokens.redeem(second, CALL) is TokenResult.OK
+    assert await tokens.streamed(CALL)
     # A replayed webhook's token for the same call opens no second stream, then or later.
-    assert tokens.redeem(first, CALL) is TokenResult.SECOND_STREAM
-    tokens.ended(CALL)
-    assert tokens.redeem(first, CALL) is TokenResult.SECOND_STREAM
-    assert tokens.redeem(second, CALL) is TokenResult.REUSED
+    assert await tokens.redeem(first, CALL) is TokenResult.SECOND_STREAM
+    await tokens.ended(CALL)
+    assert await tokens.redeem(first, CALL) is TokenResult.SECOND_STREAM
+    assert await tokens.redeem(second, CALL) is TokenResult.REUSED
 
 
-def test_token_binds_account_and_persona() -> None:
+async def test_token_binds_account_and_persona() -> None:
     tokens = StreamTokens(SECRET)
     token = tokens.issue(CALL, account_sid=ACCOUNT, persona="sales")
-    assert tokens.redeem(token, CALL, account_sid="AC" + "f" * 32, persona="sales") is (
+    assert await tokens.redeem(token, CALL, account_sid="AC" + "f" * 32, persona="sales") is (
         TokenResult.WRONG_ACCOUNT
     )
-    assert tokens.redeem(token, CALL, account_sid=ACCOUNT, persona="support") is (
+    assert await tokens.redeem(token, CALL, account_sid=ACCOUNT, persona="support") is (
         TokenResult.WRONG_PERSONA
     )
-    assert tokens.redeem(token, CALL, account_sid=ACCOUNT) is TokenResult.WRONG_PERSONA
+    assert await tokens.redeem(token, CALL, account_sid=ACCOUNT) is TokenResult.WRONG_PERSONA
     # None of the refusals consumed it.
-    assert tokens.redeem(token, CALL, account_sid=ACCOUNT, persona="sales") is TokenResult.OK
+    assert await tokens.redeem(token, CALL, account_sid=ACCOUNT, persona="sales") is TokenResult.OK
 
 
-def test_token_wrong_call_does_not_consume() -> None:
+async def test_token_wrong_call_does_not_consume() -> None:
     tokens = StreamTokens(SECRET)
     token = tokens.issue(CALL)
-    assert tokens.redeem(token, "CAother") is TokenResult.WRONG_CALL
-    assert tokens.redeem(token, CALL) is TokenResult.OK
+    assert await tokens.redeem(token, "CAother") is TokenResult.WRONG_CALL
+    assert await tokens.redeem(token, CALL) is TokenResult.OK
 
 
-def test_token_expired() -> None:
+async def test_token_expired() -> None:
     clock = FakeClock()
     tokens = StreamTokens(SECRET, ttl_s=60.0, clock=clock)
     token = tokens.issue(CALL)
     clock.now += 59.9
     late = tokens.issue(CALL)
     clock.now += 0.1
-    assert tokens.redeem(token, CALL) is TokenResult.EXPIRED
-    assert tokens.redeem(late, CALL) is TokenResult.OK
+    assert await tokens.redeem(token, CALL) is TokenResult.EXPIRED
+    assert await tokens.redeem(late, CALL) is TokenResult.OK
 
 
-def test_calls_are_remembered_while_open_and_for_the_memory_after() -> None:
+async def test_calls_are_remembered_while_open_and_for_the_memory_after() -> None:
     clock = FakeClock()
-    tokens = StreamTokens(SECRET, ttl_s=10.0, clock=clock, memory_s=100.0)
+    store = MemoryStore(clock=clock)
+    tokens = StreamTokens(SECRET, ttl_s=10.0, clock=clock, memory_s=100.0, store=store)
     calls = [f"CA{n:032d}" for n in range(30)]
     for call in calls:
-        assert tokens.redeem(tokens.issue(call), call) is TokenResult.OK
+        assert await tokens.redeem(tokens.issue(call), call) is TokenResult.OK
     for call in calls[:20]:
-        tokens.ended(call)
-    clock.now += 1000.0  # an hour-long call stays remembered however long it runs
-    assert tokens.remembered == 30
-    # The 20 that ended are forgotten `memory_s` after; the 10 still open are not.
+        await tokens.ended(call)
+    clock.now += 1000.0  # an open call stays remembered (up to live_s: 4 h by default)
+    # The 20 that ended were forgotten `memory_s` after; the 10 still open were not.
+    assert await tokens.streamed(calls[0]) is False and store.keys == 10
     for call in calls[20:]:
-        tokens.ended(call)
+        await tokens.ended(call)
     clock.now += 50.0
     replay = tokens.issue(calls[25])
-    assert tokens.redeem(replay, calls[25]) is TokenResult.SECOND_STREAM
-    assert tokens.streamed(calls[0]) is False and tokens.remembered == 10
+    assert await tokens.redeem(replay, calls[25]) is TokenResult.SECOND_STREAM
+    assert store.keys == 10
     clock.now += 50.0
-    assert tokens.remembered == 10  # purged lazily: nothing asked yet
-    assert not tokens.streamed(calls[25])
-    assert tokens.remembered == 0
+    assert not await tokens.streamed(calls[25])
+    assert store.keys == 0
     # Once forgotten, a replay issued afterwards opens a stream again: the memory's limit.
-    assert tokens.redeem(tokens.issue(calls[25]), calls[25]) is TokenResult.OK
+    assert await tokens.redeem(tokens.issue(calls[25]), calls[25]) is TokenResult.OK
 
 
-def test_memory_outlasts_every_token_issued_for_the_call() -> None:
+async def test_memory_outlasts_every_token_issued_for_the_call() -> None:
     clock = FakeClock()
-    tokens = StreamTokens(SECRET, ttl_s=60.0, clock=clock, memory_s=0.0)
+    store = MemoryStore(clock=clock)
+    tokens = StreamTokens(SECRET, ttl_s=60.0, clock=clock, memory_s=0.0, store=store)
     early, late = tokens.issue(CALL), None
     clock.now += 30.0
     late = tokens.issue(CALL)
-    assert tokens.redeem(early, CALL) is TokenResult.OK
-    tokens.ended(CALL)  # a very short call
+    assert await tokens.redeem(early, CALL) is TokenResult.OK
+    await tokens.ended(CALL)  # a very short call
     clock.now += 59.0
-    assert tokens.redeem(late, CALL) is TokenResult.SECOND_STREAM
+    assert await tokens.redeem(late, CALL) is TokenResult.SECOND_STREAM
     clock.now += 2.0
-    assert tokens.redeem(late, CALL) is TokenResult.EXPIRED
-    assert tokens.remembered == 0
+    assert await tokens.redeem(late, CALL) is TokenResult.EXPIRED
+    assert store.keys == 0
 
 
-def test_ended_without_a_stream_is_harmless() -> None:
-    tokens = StreamTokens(SECRET)
-    tokens.ended(CALL)
-    assert tokens.remembered == 0
-    assert tokens.redeem(tokens.issue(CALL), CALL) is TokenResult.OK
+async def test_ended_without_a_stream_is_harmless() -> None:
+    store = MemoryStore()
+    tokens = StreamTokens(SECRET, store=store)
+    await tokens.ended(CALL)
+    assert store.keys == 0
+    assert await tokens.redeem(tokens.issue(CALL), CALL) is TokenResult.OK
 
 
-def test_token_from_other_secret_is_bad_signature() -> None:
+async def test_token_from_other_secret_is_bad_signature() -> None:
     token = StreamTokens(b"o" * 32).issue(CALL)
-    assert StreamTokens(SECRET).redeem(token, CALL) is TokenResult.BAD_SIGNATURE
+    assert await StreamTokens(SECRET).redeem(token, CALL) is TokenResult.BAD_SIGNATURE
 
 
 def _tamper_payload(token: str, **changes: object) -> str:
@@ -363,20 +367,20 @@ def _tamper_payload(token: str, **changes: object) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode() + "." + sig
 
 
-def test_tampered_token_is_bad_signature() -> None:
+async def test_tampered_token_is_bad_signature() -> None:
     clock = FakeClock()
     tokens = StreamTokens(SECRET, clock=clock)
     token = tokens.issue(CALL)
     body, sig = token.split(".")
     flipped = sig[:-2] + ("A" if sig[-2] != "A" else "B") + sig[-1]
-    assert tokens.redeem(f"{body}.{flipped}", CALL) is TokenResult.BAD_SIGNATURE
-    assert tokens.redeem(_tamper_payload(token, c="CAother"), "CAother") is (
+    assert await tokens.redeem(f"{body}.{flipped}", CALL) is TokenResult.BAD_SIGNATURE
+    assert await tokens.redeem(_tamper_payload(token, c="CAother"), "CAother") is (
         TokenResult.BAD_SIGNATURE
     )
-    assert tokens.redeem(_tamper_payload(token, e=clock.now + 1e9), CALL) is (
+    assert await tokens.redeem(_tamper_payload(token, e=clock.now + 1e9), CALL) is (
         TokenResult.BAD_SIGNATURE
     )
-    assert tokens.redeem(token, CALL) is TokenResult.OK
+    assert await tokens.redeem(token, CALL) is TokenResult.OK
 
 
 @pytest.mark.parametrize(
@@ -394,14 +398,17 @@ def test_tampered_token_is_bad_signature() -> None:
         "x" * 2000 + "." + "y" * 43,
     ],
 )
-def test_garbage_token_is_malformed(garbage: str) -> None:
-    assert StreamTokens(SECRET).redeem(garbage, CALL) is TokenResult.MALFORMED
+async def test_garbage_token_is_malformed(garbage: str) -> None:
+    assert await StreamTokens(SECRET).redeem(garbage, CALL) is TokenResult.MALFORMED
 
 
 @given(st.text(max_size=200))
 def test_any_text_redeems_without_exceptions(text: str) -> None:
     tokens = StreamTokens(SECRET)
-    assert tokens.redeem(text, CALL) in (TokenResult.MALFORMED, TokenResult.BAD_SIGNATURE)
+    assert asyncio.run(tokens.redeem(text, CALL)) in (
+        TokenResult.MALFORMED,
+        TokenResult.BAD_SIGNATURE,
+    )
 
 
 def test_token_secret_and_ttl_validation() -> None:
@@ -412,6 +419,8 @@ def test_token_secret_and_ttl_validation() -> None:
         StreamTokens(SECRET, ttl_s=0)
     with pytest.raises(ValueError):
         StreamTokens(SECRET, memory_s=-1)
+    with pytest.raises(ValueError):
+        StreamTokens(SECRET, live_s=0)
     with pytest.raises(ValueError):
         StreamTokens(SECRET).issue("")
 

@@ -11,10 +11,8 @@ import base64
 import binascii
 import enum
 import hashlib
-import heapq
 import hmac
 import json
-import math
 import re
 import secrets
 import time
@@ -24,6 +22,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import twilio.request_validator as _request_validator
 from twilio.request_validator import RequestValidator
+
+from gateway.store import DEFAULT_TTL_S, CallStore, MemoryStore
 
 __all__ = [
     "FORM_CONTENT_TYPE",
@@ -212,7 +212,6 @@ _TOKEN_RE: Final = re.compile(r"([A-Za-z0-9_-]{1,1024})\.([A-Za-z0-9_-]{43})", r
 # version issues still redeems on a replica not yet updated during a rollout.
 _TOKEN_DOMAIN: Final = b"gateway.stream-token.v1."
 _MIN_SECRET_BYTES: Final = 16
-_LIVE: Final = math.inf  # a remembered call whose stream is still open
 
 
 def _b64url(data: bytes) -> str:
@@ -225,7 +224,7 @@ def _unb64url(text: str) -> bytes:
 
 class StreamTokens:
     """Short-lived tokens tying a Media Stream to the webhook that created it, and at most
-    one stream per call.
+    one stream per call, on every replica that shares the call store.
 
     The voice webhook (signature-checked) issues a token for its CallSid, AccountSid and
     persona and puts it in a ``<Parameter>``; the stream's ``start`` message carries it back
@@ -234,20 +233,22 @@ class StreamTokens:
     binds those three, an expiry and a random nonce.
 
     Twilio's signatures carry no timestamp, so a captured voice webhook can be replayed at
-    any time and gets a fresh token. What stops it is the call memory: the first stream a
-    CallSid redeems is remembered while it runs (:meth:`ended` starts the countdown) and
-    ``memory_s`` after, and no other token for that call redeems meanwhile
-    (``SECOND_STREAM``; the same token again is ``REUSED``). :meth:`streamed` lets the
-    webhook refuse to issue one at all. A webhook Twilio itself retries before any stream
-    started gets a token that works, once. The memory is this process's: see docs/security.md on
-    replicas.
+    any time and gets a fresh token. What stops it is the call memory in the store
+    (:meth:`CallStore.claim_stream`): the first stream a CallSid redeems is remembered while
+    it runs (at most ``live_s``; :meth:`ended` starts the countdown) and ``memory_s`` after,
+    and no other token for that call redeems meanwhile (``SECOND_STREAM``; the same token
+    again is ``REUSED``). :meth:`streamed` lets the webhook refuse to issue one at all. A
+    webhook Twilio itself retries before any stream started gets a token that works, once.
+    With the Redis store that holds on every replica; with the in-process one (the default),
+    on this one (docs/security.md on replicas).
 
     ``clock`` returns seconds; it defaults to wall-clock ``time.time`` because the expiry
     travels inside the token and must mean the same thing in every process sharing the
-    secret and across restarts (a monotonic clock does not).
+    secret and across restarts (a monotonic clock does not). The default store, this
+    process's own, runs on the same clock.
     """
 
-    __slots__ = ("_calls", "_clock", "_forget", "_memory", "_secret", "_ttl")
+    __slots__ = ("_clock", "_live", "_memory", "_secret", "_store", "_ttl")
 
     def __init__(
         self,
@@ -256,6 +257,8 @@ class StreamTokens:
         clock: Callable[[], float] = time.time,
         *,
         memory_s: float = 86400.0,
+        store: CallStore | None = None,
+        live_s: float = DEFAULT_TTL_S,
     ) -> None:
         if len(secret) < _MIN_SECRET_BYTES:
             raise ValueError(f"secret must be at least {_MIN_SECRET_BYTES} bytes")
@@ -263,13 +266,14 @@ class StreamTokens:
             raise ValueError("ttl_s must be positive")
         if not memory_s >= 0:
             raise ValueError("memory_s must not be negative")
+        if not live_s > 0:
+            raise ValueError("live_s must be positive")
         self._secret = bytes(secret)
         self._ttl = ttl_s
         self._memory = memory_s
+        self._live = live_s
         self._clock = clock
-        # CallSid -> (the nonce that opened its stream, when to forget the call).
-        self._calls: dict[str, tuple[str, float]] = {}
-        self._forget: list[tuple[float, str]] = []  # heap of (forget at, CallSid)
+        self._store: CallStore = store or MemoryStore(clock=clock)
 
     def _sign(self, body: str) -> str:
         mac = hmac.new(self._secret, _TOKEN_DOMAIN + body.encode("ascii"), hashlib.sha256)
@@ -288,11 +292,12 @@ class StreamTokens:
         body = _b64url(json.dumps(payload, separators=(",", ":")).encode("utf-8"))
         return f"{body}.{self._sign(body)}"
 
-    def redeem(
+    async def redeem(
         self, token: str, call_sid: str, *, account_sid: str = "", persona: str = ""
     ) -> TokenResult:
         """Check a ``start``'s token against what the ``start`` says; OK opens the call's
-        one stream (call :meth:`ended` when it closes). A refusal consumes nothing."""
+        one stream (call :meth:`ended` when it closes). A refusal consumes nothing.
+        The store's :class:`~gateway.store.StoreError` goes through."""
         match = _TOKEN_RE.fullmatch(token) if isinstance(token, str) else None
         if match is None:
             return TokenResult.MALFORMED
@@ -315,41 +320,18 @@ class StreamTokens:
             return TokenResult.WRONG_ACCOUNT
         if token_persona != persona:
             return TokenResult.WRONG_PERSONA
-        now = self._clock()
-        self._purge(now)
-        if not now < expiry:
+        if not self._clock() < expiry:
             return TokenResult.EXPIRED
-        seen = self._calls.get(call_sid)
-        if seen is not None:
-            return TokenResult.REUSED if seen[0] == nonce else TokenResult.SECOND_STREAM
-        self._calls[call_sid] = (nonce, _LIVE)
-        return TokenResult.OK
+        held = await self._store.claim_stream(call_sid, nonce, self._live)
+        if held is None:
+            return TokenResult.OK
+        return TokenResult.REUSED if held == nonce else TokenResult.SECOND_STREAM
 
-    def streamed(self, call_sid: str) -> bool:
+    async def streamed(self, call_sid: str) -> bool:
         """Whether the call has (or recently had) its stream: a webhook for it is a replay."""
-        self._purge(self._clock())
-        return call_sid in self._calls
+        return await self._store.stream_claimed(call_sid)
 
-    def ended(self, call_sid: str) -> None:
+    async def ended(self, call_sid: str) -> None:
         """The call's stream closed: remember the call ``memory_s`` more (at least until
         any token issued for it has expired), then forget it."""
-        seen = self._calls.get(call_sid)
-        if seen is None or seen[1] != _LIVE:
-            return
-        forget_at = self._clock() + max(self._memory, self._ttl)
-        self._calls[call_sid] = (seen[0], forget_at)
-        heapq.heappush(self._forget, (forget_at, call_sid))
-
-    def _purge(self, now: float) -> None:
-        """Forget calls whose memory ran out: their tokens have all expired by then."""
-        heap = self._forget
-        while heap and heap[0][0] <= now:
-            forget_at, call_sid = heapq.heappop(heap)
-            seen = self._calls.get(call_sid)
-            if seen is not None and seen[1] == forget_at:
-                del self._calls[call_sid]
-
-    @property
-    def remembered(self) -> int:
-        """How many calls are remembered, open or ended (for tests and metrics)."""
-        return len(self._calls)
+        await self._store.stream_ended(call_sid, max(self._memory, self._ttl))

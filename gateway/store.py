@@ -1,0 +1,403 @@
+"""Call state shared by the gateway's replicas: one small async interface, two stores.
+
+* :class:`MemoryStore` keeps it in this process: the default, and all one replica needs.
+* :class:`RedisStore` keeps it in Redis (``REDIS_URL``, the ``redis.asyncio`` client), so
+  that every replica sees every call: a stream token opens one stream per call on all of
+  them, an answering-machine result reaches the replica that holds the call, and a replica
+  can take a call over from another.
+
+Per call (by CallSid) a store holds:
+
+* the stream's single-use state: the nonce of the token that opened the call's stream,
+  while it runs and for a while after (:meth:`CallStore.claim_stream`);
+* :class:`CallState`: the newest trusted resumption handle and what it covers, the persona,
+  whether the greeting was played, the answering-machine result, the usage so far;
+* the conversation so far, as turns, to brief a fresh Live session when a handle is
+  refused or has expired;
+* an answering-machine result not yet delivered, and a feed telling every replica which
+  call has one (:meth:`CallStore.answer_feed`): the replica holding the call takes it.
+
+Every key expires: a call's state and turns ``ttl_s`` after their last write, its stream
+memory when :meth:`CallStore.stream_ended` says. Keys carry the CallSid in braces, so a
+call's keys share one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+__all__ = [
+    "TURNS_KEPT",
+    "CallState",
+    "CallStore",
+    "MemoryStore",
+    "RedisStore",
+    "StoreError",
+    "open_store",
+]
+
+log = logging.getLogger(__name__)
+
+#: Turns of conversation kept per call: a fresh session's brief needs the recent ones only.
+TURNS_KEPT: Final = 64
+#: How long Twilio keeps a call up by default (``timeLimit``, 4 hours): a call's state
+#: outlives its last write by this much unless told otherwise.
+DEFAULT_TTL_S: Final = 4 * 3600.0
+#: Answering-machine results are announced on this channel (the message is the CallSid).
+ANSWERS_CHANNEL: Final = "gw:answers"
+#: A replica's subscription that lost Redis tries again after this long.
+RESUBSCRIBE_S: Final = 1.0
+
+
+#: ``async with store.answer_feed() as feed: async for call_sid in feed``: subscribed once
+#: the block is entered. A ``None`` says announcements may have been missed (the
+#: subscription was lost and is back): look at every call held.
+AnswerFeed = AbstractAsyncContextManager[AsyncIterator[str | None]]
+
+
+class StoreError(Exception):
+    """The store could not be reached or answered badly; the message is safe to log."""
+
+
+@dataclass
+class CallState:
+    """What another replica needs to take a call over (the conversation is kept apart)."""
+
+    persona: str = ""
+    greeted: bool = False  # the greeting was played: a continued call is not greeted again
+    handle: str | None = None  # the newest trusted resumption handle
+    handle_replies: int = 0  # model replies the handle's state holds
+    handle_turns: int = 0  # stored turns the handle's state holds
+    answered_by: str | None = None  # the answering-machine result, once delivered
+    usage: dict[str, int] = field(default_factory=dict)  # tokens so far, by kind
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> CallState:
+        """Parse what :meth:`to_json` wrote; :class:`StoreError` for anything else."""
+        try:
+            data = json.loads(text)
+            state = cls(**data)
+        except (ValueError, TypeError) as error:
+            raise StoreError(f"unreadable call state: {type(error).__name__}") from None
+        ok = (
+            isinstance(state.persona, str)
+            and isinstance(state.greeted, bool)
+            and isinstance(state.handle, str | None)
+            and isinstance(state.handle_replies, int)
+            and isinstance(state.handle_turns, int)
+            and isinstance(state.answered_by, str | None)
+            and isinstance(state.usage, dict)
+            and all(isinstance(k, str) and isinstance(v, int) for k, v in state.usage.items())
+        )
+        if not ok:
+            raise StoreError("unreadable call state: wrong types")
+        return state
+
+
+class CallStore(Protocol):
+    """Where the state of calls lives; every method may raise :class:`StoreError`."""
+
+    async def claim_stream(self, call_sid: str, nonce: str, live_s: float) -> str | None:
+        """Open the call's one stream for the token ``nonce``: None if it was free (it is
+        now taken, for ``live_s`` at most), else the nonce holding it ("" if unknown)."""
+        ...
+
+    async def stream_ended(self, call_sid: str, memory_s: float) -> None:
+        """The call's stream closed: its claim is kept ``memory_s`` more, then forgotten."""
+        ...
+
+    async def stream_claimed(self, call_sid: str) -> bool:
+        """Whether the call has (or recently had) its stream."""
+        ...
+
+    async def save(self, call_sid: str, state: CallState) -> None:
+        """Store the call's state (replacing what was there)."""
+        ...
+
+    async def load(self, call_sid: str) -> CallState | None:
+        """The call's state, or None if none was saved (or it expired)."""
+        ...
+
+    async def add_turn(self, call_sid: str, role: str, text: str) -> None:
+        """Append a turn of the conversation (the last :data:`TURNS_KEPT` are kept)."""
+        ...
+
+    async def turns(self, call_sid: str) -> list[tuple[str, str]]:
+        """The conversation so far, oldest first, as (role, text)."""
+        ...
+
+    async def post_answer(self, call_sid: str, answered_by: str) -> None:
+        """An answering-machine result for the call: kept, and announced on the feed."""
+        ...
+
+    async def take_answer(self, call_sid: str) -> str | None:
+        """The call's undelivered answering-machine result, removed (one taker wins)."""
+        ...
+
+    def answer_feed(self) -> AnswerFeed:
+        """Announcements of answering-machine results, from every replica."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; the state stays where it is."""
+        ...
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+class MemoryStore:
+    """The store of one process: dictionaries with expiry (purged lazily, by a heap)."""
+
+    def __init__(
+        self, ttl_s: float = DEFAULT_TTL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not ttl_s > 0:
+            raise ValueError("ttl_s must be positive")
+        self._ttl = ttl_s
+        self._clock = clock
+        self._values: dict[tuple[str, str], tuple[Any, float]] = {}  # (kind, sid) -> value
+        self._expiry: list[tuple[float, tuple[str, str]]] = []  # heap of (expires at, key)
+        self._feeds: set[asyncio.Queue[str | None]] = set()
+
+    def _get(self, key: tuple[str, str]) -> Any:
+        self._purge()
+        found = self._values.get(key)
+        return None if found is None else found[0]
+
+    def _put(self, key: tuple[str, str], value: Any, keep_s: float) -> None:
+        expires = self._clock() + keep_s
+        self._values[key] = (value, expires)
+        heapq.heappush(self._expiry, (expires, key))
+
+    def _purge(self) -> None:
+        now, heap = self._clock(), self._expiry
+        while heap and heap[0][0] <= now:
+            expires, key = heapq.heappop(heap)
+            found = self._values.get(key)
+            if found is not None and found[1] == expires:
+                del self._values[key]
+
+    @property
+    def keys(self) -> int:
+        """How many keys are held (expired ones go when next looked at)."""
+        self._purge()
+        return len(self._values)
+
+    async def claim_stream(self, call_sid: str, nonce: str, live_s: float) -> str | None:
+        held: str | None = self._get(("stream", call_sid))
+        if held is not None:
+            return held
+        self._put(("stream", call_sid), nonce, live_s)
+        return None
+
+    async def stream_ended(self, call_sid: str, memory_s: float) -> None:
+        held = self._get(("stream", call_sid))
+        if held is not None:
+            self._put(("stream", call_sid), held, memory_s)
+
+    async def stream_claimed(self, call_sid: str) -> bool:
+        return self._get(("stream", call_sid)) is not None
+
+    async def save(self, call_sid: str, state: CallState) -> None:
+        self._put(("state", call_sid), state.to_json(), self._ttl)
+
+    async def load(self, call_sid: str) -> CallState | None:
+        text = self._get(("state", call_sid))
+        return None if text is None else CallState.from_json(text)
+
+    async def add_turn(self, call_sid: str, role: str, text: str) -> None:
+        turns: list[tuple[str, str]] = list(self._get(("turns", call_sid)) or ())
+        turns.append((role, text))
+        self._put(("turns", call_sid), turns[-TURNS_KEPT:], self._ttl)
+
+    async def turns(self, call_sid: str) -> list[tuple[str, str]]:
+        return list(self._get(("turns", call_sid)) or ())
+
+    async def post_answer(self, call_sid: str, answered_by: str) -> None:
+        self._put(("answer", call_sid), answered_by, self._ttl)
+        for feed in self._feeds:
+            feed.put_nowait(call_sid)
+
+    async def take_answer(self, call_sid: str) -> str | None:
+        answer: str | None = self._get(("answer", call_sid))
+        if answer is not None:
+            del self._values[("answer", call_sid)]
+        return answer
+
+    def answer_feed(self) -> AnswerFeed:
+        return self._subscribe()
+
+    @asynccontextmanager
+    async def _subscribe(self) -> AsyncIterator[AsyncIterator[str | None]]:
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._feeds.add(queue)
+
+        async def announcements() -> AsyncIterator[str | None]:
+            while True:
+                yield await queue.get()
+
+        try:
+            yield announcements()
+        finally:
+            self._feeds.discard(queue)
+
+    async def aclose(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------- Redis
+
+
+def _text(value: bytes | str | None) -> str | None:
+    """A reply of the client (which decodes them: ``decode_responses``) as str."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _ms(seconds: float) -> int:
+    """Seconds as Redis' PX milliseconds (at least 1: 0 would be refused or delete)."""
+    return max(1, round(seconds * 1000))
+
+
+class RedisStore:
+    """The store in Redis: one string key per kind of state, a list for the turns, a
+    pub/sub channel for answering-machine announcements."""
+
+    def __init__(self, url: str, ttl_s: float = DEFAULT_TTL_S, *, timeout_s: float = 2.0) -> None:
+        if not ttl_s > 0:
+            raise ValueError("ttl_s must be positive")
+        self._ttl = ttl_s
+        try:
+            self._redis: aioredis.Redis = aioredis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+            )
+        except ValueError as error:  # the URL: its text may hold a password, so not shown
+            raise ValueError(f"REDIS_URL is not a Redis URL ({type(error).__name__})") from None
+
+    @staticmethod
+    def _key(call_sid: str, kind: str) -> str:
+        return f"gw:{{{call_sid}}}:{kind}"
+
+    async def claim_stream(self, call_sid: str, nonce: str, live_s: float) -> str | None:
+        key = self._key(call_sid, "stream")
+        async with _errors("claim a stream"):
+            if await self._redis.set(key, nonce, nx=True, px=_ms(live_s)):
+                return None
+            held = _text(await self._redis.get(key))
+        return held or ""
+
+    async def stream_ended(self, call_sid: str, memory_s: float) -> None:
+        async with _errors("end a stream"):
+            await self._redis.pexpire(self._key(call_sid, "stream"), _ms(memory_s))
+
+    async def stream_claimed(self, call_sid: str) -> bool:
+        async with _errors("look a stream up"):
+            return bool(await self._redis.exists(self._key(call_sid, "stream")))
+
+    async def save(self, call_sid: str, state: CallState) -> None:
+        async with _errors("save a call"):
+            await self._redis.set(self._key(call_sid, "state"), state.to_json(), px=_ms(self._ttl))
+
+    async def load(self, call_sid: str) -> CallState | None:
+        async with _errors("load a call"):
+            text = _text(await self._redis.get(self._key(call_sid, "state")))
+        return None if text is None else CallState.from_json(text)
+
+    async def add_turn(self, call_sid: str, role: str, text: str) -> None:
+        key = self._key(call_sid, "turns")
+        async with _errors("add a turn"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, json.dumps([role, text]))
+            pipe.ltrim(key, -TURNS_KEPT, -1)
+            pipe.pexpire(key, _ms(self._ttl))
+            await pipe.execute()
+
+    async def turns(self, call_sid: str) -> list[tuple[str, str]]:
+        async with _errors("read the turns"):
+            items = await self._redis.lrange(self._key(call_sid, "turns"), 0, -1)
+        out = []
+        for item in items:
+            try:
+                role, text = json.loads(item)
+            except (ValueError, TypeError):
+                raise StoreError("unreadable turn") from None
+            out.append((str(role), str(text)))
+        return out
+
+    async def post_answer(self, call_sid: str, answered_by: str) -> None:
+        async with _errors("post an answer"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(call_sid, "answer"), answered_by, px=_ms(self._ttl))
+            pipe.publish(ANSWERS_CHANNEL, call_sid)
+            await pipe.execute()
+
+    async def take_answer(self, call_sid: str) -> str | None:
+        async with _errors("take an answer"):
+            return _text(await self._redis.getdel(self._key(call_sid, "answer")))
+
+    def answer_feed(self) -> AnswerFeed:
+        return self._subscribe()
+
+    @asynccontextmanager
+    async def _subscribe(self) -> AsyncIterator[AsyncIterator[str | None]]:
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            async with _errors("subscribe"):
+                await pubsub.subscribe(ANSWERS_CHANNEL)
+            yield self._announcements(pubsub)
+        finally:
+            try:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            except (RedisError, OSError):
+                pass
+
+    async def _announcements(self, pubsub: Any) -> AsyncIterator[str | None]:
+        """Messages as they come; on a lost connection, a warning, a pause, a new
+        subscription and a ``None`` (what came meanwhile was missed)."""
+        while True:
+            try:
+                message = await pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as error:
+                log.warning("answer feed lost Redis (%s): resubscribing", type(error).__name__)
+                await asyncio.sleep(RESUBSCRIBE_S)
+                try:
+                    await pubsub.aclose()  # drops the connection; subscribe takes one
+                    await pubsub.subscribe(ANSWERS_CHANNEL)
+                except (RedisError, OSError):
+                    continue
+                yield None
+                continue
+            if message is not None and message.get("type") == "message":
+                yield str(message["data"])
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+@asynccontextmanager
+async def _errors(doing: str) -> AsyncIterator[None]:
+    """Redis' and the socket's errors as :class:`StoreError` (the URL and data unsaid)."""
+    try:
+        yield
+    except (RedisError, OSError) as error:
+        raise StoreError(f"Redis failed to {doing}: {type(error).__name__}") from None
+
+
+def open_store(redis_url: str, ttl_s: float = DEFAULT_TTL_S) -> CallStore:
+    """The Redis store when ``redis_url`` is set, else the store of this process."""
+    return RedisStore(redis_url, ttl_s) if redis_url else MemoryStore(ttl_s)

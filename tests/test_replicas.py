@@ -1,0 +1,127 @@
+"""Two real gateway replicas sharing one real Redis: what one knows of a call, the other does.
+
+A load balancer may send any request to any replica: the voice webhook to one, the stream
+to another, an answering-machine callback to a third. These tests put the requests where
+a single replica's memory would not see them.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
+
+from aiohttp import ClientSession
+from twilio.request_validator import RequestValidator
+
+from gateway.server import STATE
+from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, quick_emulator
+from gateway.testing.peers import closed_with, new_sid, say_and_hear, start_message, voice_params
+from gateway.testing.replicas import replicas
+from gateway.testing.twilio_sim import TwilioCallerSimulator
+
+if TYPE_CHECKING:
+    from conftest import Eventually
+
+SIGNER = RequestValidator(AUTH_TOKEN)
+STREAM_URL = PUBLIC_URL.replace("https://", "wss://") + "/twilio/media"
+
+
+async def post_signed(bed: TestBed, path: str, params: dict[str, str]) -> tuple[int, str]:
+    """A webhook as Twilio signs it, to this replica."""
+    signature = SIGNER.compute_signature(PUBLIC_URL + path, params)
+    async with bed.http.post(
+        bed.gateway_url + path, data=params, headers={"X-Twilio-Signature": signature}
+    ) as resp:
+        return resp.status, await resp.text()
+
+
+async def replay_start(bed: TestBed, http: ClientSession, start: str) -> tuple[int | None, str]:
+    """Open a signed stream to this replica, send ``start``, read how it closes."""
+    ws = await http.ws_connect(
+        bed.gateway_url + "/twilio/media",
+        headers={"X-Twilio-Signature": SIGNER.compute_signature(STREAM_URL, {})},
+    )
+    try:
+        await ws.send_str(start)
+        return await closed_with(ws)
+    finally:
+        await ws.close()
+
+
+def stream_errors(bed: TestBed, reason: str) -> float:
+    value = bed.metrics.registry.get_sample_value("gateway_stream_errors_total", {"reason": reason})
+    return value or 0.0
+
+
+async def test_a_stream_token_is_single_use_on_every_replica(redis_url: str) -> None:
+    async with replicas(2, redis_url, quick_emulator()) as (one, two):
+        caller = TwilioCallerSimulator(one.http, one.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=2)
+        call = await caller.place_call()
+        await say_and_hear(call, 1)
+        record = call.record
+        replay = start_message(
+            record.call_sid,
+            record.custom_parameters,
+            stream_sid=record.stream_sid,
+            account_sid=record.account_sid,
+        )
+        # The same start on the other replica, while the call runs and after it ended.
+        assert await replay_start(two, one.http, replay) == (1008, "stream token reused")
+        # A replayed voice webhook: the other replica issues no token for the call.
+        status, twiml = await post_signed(
+            two, "/twilio/voice", voice_params(record.call_sid, record.account_sid)
+        )
+        assert status == 200 and ET.fromstring(twiml).find("./Reject") is not None
+        await call.hangup()
+        assert await replay_start(two, one.http, replay) == (1008, "stream token reused")
+        assert stream_errors(two, "stream_token_reused") == 2
+        assert len(one.emulator.record.connections) == 1  # one Live session, on replica one
+
+
+async def test_a_token_issued_by_one_replica_opens_the_stream_on_another(
+    redis_url: str, eventually: Eventually
+) -> None:
+    """The webhook on one, the stream on the other: the call goes on as usual."""
+    async with replicas(2, redis_url, quick_emulator()) as (one, two):
+        call_sid = new_sid("CA")
+        status, twiml = await post_signed(one, "/twilio/voice", voice_params(call_sid))
+        assert status == 200
+        stream = ET.fromstring(twiml).find("./Connect/Stream")
+        assert stream is not None
+        parameters = {p.get("name", ""): p.get("value", "") for p in stream.iter("Parameter")}
+        start = start_message(call_sid, parameters)
+        ws = await one.http.ws_connect(
+            two.gateway_url + "/twilio/media",
+            headers={"X-Twilio-Signature": SIGNER.compute_signature(STREAM_URL, {})},
+        )
+        try:
+            await ws.send_str(start)
+            await eventually(lambda: bool(two.app[STATE].calls))
+            # Now a replay of the same start on replica one is refused.
+            assert await replay_start(one, one.http, start) == (1008, "stream token reused")
+        finally:
+            await ws.close()
+
+
+async def test_an_answering_machine_result_reaches_the_replica_holding_the_call(
+    redis_url: str, eventually: Eventually
+) -> None:
+    async with replicas(2, redis_url, quick_emulator()) as (one, two):
+        caller = TwilioCallerSimulator(one.http, one.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=2)
+        async with await caller.place_call() as call:
+            await say_and_hear(call, 1)
+            params = {
+                "CallSid": call.record.call_sid,
+                "AccountSid": call.record.account_sid,
+                "AnsweredBy": "human",
+                "MachineDetectionDuration": "2210",
+            }
+            assert await post_signed(two, "/twilio/amd", params) == (204, "")
+            labels = {"persona": "default", "answered_by": "human"}
+            await eventually(
+                lambda: one.metrics.registry.get_sample_value("gateway_answered_by_total", labels)
+            )
+            assert two.metrics.registry.get_sample_value("gateway_answered_by_total", labels) in (
+                None,
+                0.0,
+            )

@@ -1,0 +1,233 @@
+"""The call-state store: one contract, run against the in-process store and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.store import (
+    TURNS_KEPT,
+    CallState,
+    CallStore,
+    MemoryStore,
+    RedisStore,
+    StoreError,
+    open_store,
+)
+from gateway.testing.redis_server import INSTALL_HINT, RedisMissing, RedisServer
+
+MakeStore = Callable[..., CallStore]
+
+
+def new_call() -> str:
+    return "CA" + secrets.token_hex(16)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
+    """Stores of one kind; every Redis one on the same server (replicas sharing it)."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    made: list[CallStore] = []
+
+    def make(ttl_s: float = 60.0) -> CallStore:
+        store = RedisStore(url, ttl_s) if url else MemoryStore(ttl_s)
+        made.append(store)
+        return store
+
+    try:
+        yield make
+    finally:
+        for store in made:
+            await store.aclose()
+
+
+async def wait_gone(check: Callable[[], Awaitable[object]], limit_s: float = 5.0) -> None:
+    """Wait until an expiring key is gone (Redis expires it within a few ms of its PX)."""
+    for _ in range(round(limit_s / 0.02)):
+        if not await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the key never expired")
+
+
+async def test_a_call_has_one_stream(make_store: MakeStore) -> None:
+    store, call = make_store(), new_call()
+    assert not await store.stream_claimed(call)
+    assert await store.claim_stream(call, "nonce-a", 60.0) is None
+    assert await store.stream_claimed(call)
+    assert await store.claim_stream(call, "nonce-a", 60.0) == "nonce-a"  # the same token
+    assert await store.claim_stream(call, "nonce-b", 60.0) == "nonce-a"  # another one
+    assert not await store.stream_claimed(new_call())
+
+
+async def test_a_stream_is_remembered_for_its_memory_after_it_ended(make_store: MakeStore) -> None:
+    store, call = make_store(), new_call()
+    assert await store.claim_stream(call, "nonce-a", 60.0) is None
+    await store.stream_ended(call, 0.3)
+    assert await store.claim_stream(call, "nonce-b", 60.0) == "nonce-a"
+    await wait_gone(lambda: store.stream_claimed(call))
+    assert await store.claim_stream(call, "nonce-b", 60.0) is None
+
+
+async def test_a_claim_lapses_after_its_live_limit(make_store: MakeStore) -> None:
+    store, call = make_store(), new_call()
+    assert await store.claim_stream(call, "nonce-a", 0.2) is None
+    await wait_gone(lambda: store.stream_claimed(call))
+
+
+async def test_ending_a_stream_that_never_was_claims_nothing(make_store: MakeStore) -> None:
+    store, call = make_store(), new_call()
+    await store.stream_ended(call, 60.0)
+    assert not await store.stream_claimed(call)
+    assert await store.claim_stream(call, "nonce-a", 60.0) is None
+
+
+async def test_state_round_trips_and_is_replaced(make_store: MakeStore) -> None:
+    store, call = make_store(), new_call()
+    assert await store.load(call) is None
+    first = CallState(persona="sales", greeted=True, handle="h-1", handle_replies=2)
+    await store.save(call, first)
+    assert await store.load(call) == first
+    second = CallState(
+        persona="sales",
+        greeted=True,
+        handle="h-2",
+        handle_replies=3,
+        handle_turns=5,
+        answered_by="human",
+        usage={"prompt_audio": 120, "response_audio": 80},
+    )
+    await store.save(call, second)
+    assert await store.load(call) == second
+    assert await store.load(new_call()) is None
+
+
+async def test_state_and_turns_expire_after_the_ttl(make_store: MakeStore) -> None:
+    store, call = make_store(ttl_s=0.3), new_call()
+    await store.save(call, CallState(persona="p"))
+    await store.add_turn(call, "user", "hello")
+    assert await store.load(call) is not None
+    await wait_gone(lambda: store.load(call))
+    await wait_gone(lambda: store.turns(call))
+
+
+async def test_turns_keep_their_order_and_the_last_ones(make_store: MakeStore) -> None:
+    store, call = make_store(), new_call()
+    assert await store.turns(call) == []
+    await store.add_turn(call, "user", "Hi, it's Ann — about my order ✓")
+    await store.add_turn(call, "model", "Sure, which one?")
+    assert await store.turns(call) == [
+        ("user", "Hi, it's Ann — about my order ✓"),
+        ("model", "Sure, which one?"),
+    ]
+    for n in range(TURNS_KEPT):
+        await store.add_turn(call, "user", f"turn {n}")
+    turns = await store.turns(call)
+    assert len(turns) == TURNS_KEPT
+    assert turns[0] == ("user", "turn 0") and turns[-1] == ("user", f"turn {TURNS_KEPT - 1}")
+
+
+async def test_an_answer_is_announced_and_taken_once(make_store: MakeStore) -> None:
+    store, call = make_store(), new_call()
+    async with store.answer_feed() as feed:
+        await store.post_answer(call, "machine_end_beep")
+        async with asyncio.timeout(5):
+            announced = await anext(feed)
+    assert announced == call
+    assert await store.take_answer(call) == "machine_end_beep"
+    assert await store.take_answer(call) is None
+
+
+async def test_an_answer_waits_for_its_call(make_store: MakeStore) -> None:
+    """Posted before the call's stream started (no one listening): kept until taken."""
+    store, call = make_store(), new_call()
+    await store.post_answer(call, "human")
+    assert await store.take_answer(new_call()) is None
+    assert await store.take_answer(call) == "human"
+
+
+async def test_open_store_picks_by_url(redis_url: str) -> None:
+    assert isinstance(open_store(""), MemoryStore)
+    store = open_store(redis_url)
+    try:
+        assert isinstance(store, RedisStore)
+    finally:
+        await store.aclose()
+
+
+# ------------------------------------------------------------ Redis: replicas, failures
+
+
+async def test_replicas_sharing_redis_see_one_another(redis_url: str) -> None:
+    async with AsyncExitStack() as stack:
+        one, two = RedisStore(redis_url), RedisStore(redis_url)
+        stack.push_async_callback(one.aclose)
+        stack.push_async_callback(two.aclose)
+        call = new_call()
+        assert await one.claim_stream(call, "nonce-a", 60.0) is None
+        assert await two.claim_stream(call, "nonce-a", 60.0) == "nonce-a"
+        await two.save(call, CallState(persona="sales", handle="h"))
+        assert await one.load(call) == CallState(persona="sales", handle="h")
+        feed = await stack.enter_async_context(one.answer_feed())
+        await two.post_answer(call, "fax")
+        async with asyncio.timeout(5):
+            assert await anext(feed) == call
+        assert await one.take_answer(call) == "fax"
+        assert await two.take_answer(call) is None
+
+
+async def test_feed_comes_back_after_losing_redis(redis_url: str) -> None:
+    """The subscription's connection is killed: the feed says so (None), resubscribes and
+    announces again."""
+    store, admin = RedisStore(redis_url), aioredis.from_url(redis_url)
+    try:
+        async with store.answer_feed() as feed:
+            await admin.client_kill_filter(_type="pubsub")
+            call = new_call()
+            async with asyncio.timeout(10):
+                assert await anext(feed) is None
+                await store.post_answer(call, "human")
+                assert await anext(feed) == call
+    finally:
+        await store.aclose()
+        await admin.aclose()
+
+
+async def test_unreachable_redis_is_a_store_error_without_the_url() -> None:
+    url = "redis://:s3cret-password@127.0.0.1:1/0"  # nothing listens on port 1
+    store = RedisStore(url, timeout_s=0.5)
+    try:
+        with pytest.raises(StoreError) as caught:
+            await store.claim_stream(new_call(), "nonce", 60.0)
+        assert "s3cret" not in str(caught.value) and "Redis failed" in str(caught.value)
+    finally:
+        await store.aclose()
+
+
+def test_bad_state_is_a_store_error() -> None:
+    for text in ("{", "[]", '{"persona": 3}', '{"nope": 1}', '{"usage": {"a": "b"}}'):
+        with pytest.raises(StoreError):
+            CallState.from_json(text)
+
+
+def test_without_redis_server_the_redis_tests_fail_saying_how_to_get_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a skip: a machine without redis-server must not pass the suite silently."""
+    monkeypatch.setenv("REDIS_SERVER", "/nonexistent/redis-server")
+    with pytest.raises(RedisMissing, match="apt-get install redis-server"):
+        RedisServer().start()
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+         f"{__file__}::test_open_store_picks_by_url"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout[-2000:]
+    assert "1 error" in run.stdout and INSTALL_HINT.split(":")[0] in run.stdout
