@@ -128,9 +128,12 @@ The "model": an energy VAD on the 16 kHz input (20 ms windows, audio time). Afte
 ``reply_freq(n)`` Hz, n = model turns the session's state holds + 1, whose level rises evenly
 from ``REPLY_LEVELS[0]`` to ``REPLY_LEVELS[1]`` of full scale over the reply, so a listener can
 tell where in a reply a sound is (:func:`reply_position`): a reply that plays on after a stall
-from one said again from its start. Speech during a reply interrupts it. Config knobs are
-read when used: timers, the setup latency and ``input_delay`` when a connection opens, VAD and
-reply settings on each use.
+from one said again from its start. Speech during a reply interrupts it. Each model turn ends with a
+``usageMetadata`` (on ``turnComplete``, or on ``interrupted`` for its share of the reply) as
+:mod:`gateway.testing.billing` bills it for the setup's model (``billing_profiles``): the
+session's whole context again each turn; ``SessionRecord.bill`` sums what it was sent.
+Config knobs are read when used: timers, the setup latency and ``input_delay`` when a
+connection opens, VAD and reply settings on each use.
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 from google.auth import jwt as google_jwt
 
+from gateway.testing import billing
 from gateway.testing.tls import TestTLS
 
 log = logging.getLogger(__name__)
@@ -307,6 +311,10 @@ class EmulatorConfig:
     vertex_regional_only: tuple[str, ...] = VERTEX_REGIONAL_ONLY
     vertex_express_location: str = "global"
     vertex_goaway_close_code: int = 1000
+    # How each model's sessions are billed (gateway.testing.billing: rates, re-billing).
+    billing_profiles: dict[str, billing.BillingProfile] = field(
+        default_factory=lambda: dict(billing.PROFILES)
+    )
 
 
 @dataclass
@@ -336,6 +344,7 @@ class SessionState:
     history_text: list[tuple[str, str]] = field(default_factory=list)
     model_turns: int = 0  # finished or interrupted replies + "model" turns given as history
     utterances: int = 0
+    context: billing.Context = field(default_factory=billing.Context)  # in tokens
 
 
 @dataclass(frozen=True)
@@ -353,6 +362,7 @@ class _Snapshot:
     # partial window): the session's listening state is part of what it holds, so an
     # utterance begun before a reset and finished after it is still one turn.
     vad: tuple[int, int, bool, bytes] = (0, 0, False, b"")
+    context: billing.Context = billing.EMPTY
 
     def restore(self) -> SessionState:
         s = self.state
@@ -366,6 +376,7 @@ class _Snapshot:
             history_text=s.history_text[: self.n_history],
             model_turns=self.model_turns,
             utterances=self.utterances,
+            context=self.context,
         )
 
 
@@ -410,6 +421,7 @@ class SessionRecord:
     # connection; with after_cut_reply="wait" a resumed lineage treats them as answered.
     cut_replies: set[int] = field(default_factory=set)
     withheld: list[int] = field(default_factory=list)  # utterances left unanswered ("wait")
+    bill: billing.Bill = field(default_factory=billing.Bill)  # every usage report it was sent
 
     @property
     def audio(self) -> bytearray:
@@ -858,7 +870,9 @@ class _Connection:
             sid = f"s{len(emu.record.sessions) + 1}-{secrets.token_hex(4)}"
             compression = setup.get("contextWindowCompression") is not None
             self.state = SessionState(session_id=sid, created_at=now, compression=compression)
+            self.state.context = billing.start(setup)
             session = SessionRecord(id=sid, created_at=now, connection_ids=[], state=self.state)
+            session.bill.profile = billing.profile_for(setup["model"], emu.config.billing_profiles)
             emu.record.sessions[sid] = session
         self.session = session
         session.connection_ids.append(self.rec.id)
@@ -938,6 +952,21 @@ class _Connection:
             await asyncio.sleep(max(0.01, self._handle_interval()))
             await self._resumption_update()
 
+    def _bill(self, reply_s: float) -> dict[str, Any]:
+        """The ``usageMetadata`` of a model turn (:mod:`gateway.testing.billing`), billed."""
+        st, session = self.state, self.session
+        assert st is not None and session is not None
+        st.context, usage = billing.bill_turn(
+            session.bill.profile,
+            st.context,
+            audio_bytes=st.audio_bytes,
+            history=[text for _, text in st.history_text[st.context.text_entries :]],
+            history_len=len(st.history_text),
+            reply_s=reply_s,
+        )
+        session.bill.add(usage)
+        return vertex_usage(usage) if self.vertex else usage
+
     async def _resumption_update(self) -> None:
         if self.closing:
             return
@@ -960,6 +989,7 @@ class _Connection:
                 st.utterances,
                 now,
                 (src._voiced, src._silent, src._speech_confirmed, src._pending),
+                st.context,
             ),
         )
         self.rec.handles_issued += 1
@@ -1133,6 +1163,7 @@ class _Connection:
             n, trigger, time.monotonic(), None, False, reply_freq(n), utterance=utterance
         )
         st.turns.append(self.turn)
+        self.reply_frames = self.reply_frames_left = 0  # none of it generated yet
         self.emu.record.event("turn", f"conn={self.rec.id} n={n} trigger={trigger}")
         self.reply_task = self.spawn(self._reply(self.turn))
 
@@ -1157,9 +1188,11 @@ class _Connection:
         turn.interrupted = True
         turn.finished_at = time.monotonic()
         st.model_turns += 1
+        said = 1 - self.reply_frames_left / self.reply_frames if self.reply_frames else 0.0
+        usage = self._bill(self.emu.config.reply_s * said)
         st.history_text.append(("model", f"reply {turn.index}"))
         self.emu.record.event("interrupted", f"conn={self.rec.id} n={turn.index}")
-        await self.send({"serverContent": {"interrupted": True}})
+        await self.send({"serverContent": {"interrupted": True}, "usageMetadata": usage})
         if self.resumption:
             await self._resumption_update()
 
@@ -1194,23 +1227,8 @@ class _Connection:
         self.reply_task = self.turn = None
         turn.finished_at = time.monotonic()
         st.model_turns += 1
+        usage = self._bill(cfg.reply_s)
         st.history_text.append(("model", f"reply {turn.index}"))
-        prompt_audio = st.audio_bytes // (2 * IN_RATE) * 32  # 32 tokens a second, as billed
-        prompt_text = 4 * len(st.history_text)
-        prompt = prompt_audio + prompt_text
-        response = max(1, round(cfg.reply_s * 25))
-        usage = {
-            "promptTokenCount": prompt,
-            "responseTokenCount": response,
-            "totalTokenCount": prompt + response,
-            "promptTokensDetails": [
-                {"modality": "AUDIO", "tokenCount": prompt_audio},
-                {"modality": "TEXT", "tokenCount": prompt_text},
-            ],
-            "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": response}],
-        }
-        if self.vertex:
-            usage = vertex_usage(usage)
         await self.send({"serverContent": {"turnComplete": True}, "usageMetadata": usage})
         self.emu.record.event("turn_complete", f"conn={self.rec.id} n={turn.index}")
         if self.resumption:
