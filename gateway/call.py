@@ -2,15 +2,17 @@
 
 Caller audio: Twilio `media` (8 kHz mu-law, 20 ms) -> PCM 16 kHz -> LiveSession.
 Model audio: LiveSession (24 kHz PCM) -> 8 kHz mu-law -> Twilio `media`, with a
-`mark` at the end of each reply so the call knows what the caller has heard.
-Barge-in: on `interrupted` the call sends Twilio `clear` at once and drops
-whatever of the old reply is still in the resampler.
-Tools (`end_call`, `transfer_call`): the model gets its answer at once; the REST
-request waits until the caller has heard what the model said (the marks tell).
-The gateway's own moves (`gateway.watch`: a silent caller, the persona's limits; an
-answering machine on an outbound call) end a call the same way: an instruction to the
-model, its words heard, then the REST hang-up. Tokens the service reports are summed
-per call (`gateway.usage`): the call-ended log line, the transcript, the metrics.
+`mark` at the end of each reply so the call knows what the caller has heard
+(`gateway.playback`). Barge-in: on `interrupted` the call sends Twilio `clear` at once
+and drops whatever of the old reply is still in the resampler.
+
+Every ending begins in `Call.end` with its reason (`gateway.ending`): the model's tools
+(`end_call`, `transfer_call`: the model gets its answer at once, the REST request waits
+until the caller has heard what the model said), the gateway's own moves
+(`gateway.watch`: a silent caller, the persona's limits), an answering machine on an
+outbound call (an instruction to the model, its words heard, then the REST hang-up), and
+the line going away. Tokens the service reports are summed per call (`gateway.usage`):
+the call-ended log line, the transcript, the metrics.
 
 The call owns every task it starts; when it returns, none is left.
 """
@@ -18,15 +20,23 @@ The call owns every task it starts; when it returns, none is left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
-from gateway.audio import MODEL_OUTPUT_RATE, CallerToModel, ModelToCaller, speech_level
+from gateway.audio import MODEL_OUTPUT_RATE, CallerToModel, speech_level
+from gateway.ending import (
+    CallOutcome,
+    Ending,
+    EndReason,
+    Finish,
+    Plan,
+    Prelude,
+    answer_ending,
+    answered_by_kind,
+)
 from gateway.live.events import (
     AudioDropped,
     GenerationComplete,
@@ -45,6 +55,7 @@ from gateway.live.events import (
 from gateway.live.session import SPEECH_RMS, LiveSession, LiveSessionFailed
 from gateway.metrics import Metrics
 from gateway.personas import Persona
+from gateway.playback import Speaker
 from gateway.tools import CallTools, ToolOutcome
 from gateway.transcript import CallTranscript
 from gateway.twilio.protocol import (
@@ -55,51 +66,28 @@ from gateway.twilio.protocol import (
     Start,
     Stop,
     StreamProtocolError,
-    clear_message,
-    mark_message,
-    media_message,
 )
 from gateway.twilio.rest import CallControl, RestError
 from gateway.usage import CallUsage
 from gateway.watch import CallWatch, Move
+
+__all__ = ["Call", "CallOutcome", "CallStats", "EndReason", "SendText"]
 
 log = logging.getLogger(__name__)
 
 SendText = Callable[[str], Awaitable[None]]
 
 
-def answered_by_kind(answered_by: str) -> str:
-    """Twilio's AnsweredBy (`human`, `machine_end_beep`, `fax`, ...) as human, machine,
-    fax or unknown (a metric label)."""
-    value = answered_by.strip().lower()
-    if value.startswith("machine"):
-        return "machine"
-    return value if value in ("human", "fax") else "unknown"
-
-
-class CallOutcome(StrEnum):
-    """How a call ended (a metric label)."""
-
-    COMPLETED = "completed"  # Twilio said stop
-    HANGUP = "hangup"  # the stream closed without stop
-    LIVE_FAILED = "live_failed"
-    PROTOCOL_ERROR = "protocol_error"
-    SHUTDOWN = "shutdown"
-    ENDED_BY_GATEWAY = "ended_by_gateway"  # end_call, when the REST hang-up failed
-
-
 @dataclass
 class CallStats:
-    """What happened on the call, for logs and tests."""
+    """What happened on the call, for logs and tests (what was heard: `Call.playback`)."""
 
+    started_at: float = field(default_factory=time.monotonic)
     caller_frames: int = 0
-    replies_sent: int = 0
-    replies_heard: int = 0
     barge_ins: int = 0
     resets: int = 0
     outcome: CallOutcome | None = None
     failure: str | None = None
-    marks_pending: set[str] = field(default_factory=set)
 
 
 class Call:
@@ -112,7 +100,6 @@ class Call:
         send: SendText,
         metrics: Metrics,
         *,
-        greeting: str = "",
         tools: CallTools | None = None,
         transcript: CallTranscript | None = None,
         hangup_wait_s: float = 20.0,
@@ -123,43 +110,42 @@ class Call:
     ) -> None:
         self.start = start
         self.live = live
-        self._send = send
-        self._metrics = metrics
-        self._greeting = greeting
-        self._tools = tools
         self.transcript = transcript or CallTranscript(None, start.call_sid)
-        self._hangup_wait_s = hangup_wait_s
-        self._batch_frames = max(1, batch_frames)  # Twilio frames per piece sent to the model
-        self._tool_tasks: set[asyncio.Task[object]] = set()  # the call's own tasks
-        self._end_stream = asyncio.Event()  # the gateway ends the call itself
-        self.shutting_down = False  # set by the server when a drain runs out of time
-        self._turns_completed = 0
-        self._model_audio_at = 0.0
-        self._caller_audio = CallerToModel()
-        self._model_audio = ModelToCaller()
-        self._stream_sid = start.stream_sid
-        self._reply_open = False
-        self.stats = CallStats()
-        self.started_at = time.monotonic()
         self.persona = persona or Persona(name="default", system_instruction="")
+        self._metrics = metrics
+        self.stats = CallStats()
+        self.usage = CallUsage(prices=dict(token_prices or {}))
+        self.watch = CallWatch(self.persona, self.stats.started_at)
+        self.playback = Speaker(
+            send,
+            start.stream_sid,
+            lambda: live.turn_state is TurnState.MODEL_SPEAKING,
+            wait_limit_s=hangup_wait_s,
+            on_sent=metrics.added_latency.labels(direction="model_to_caller").observe,
+        )
+        self._ending = Ending()
+        self._closing = asyncio.Event()  # the gateway closes the stream itself
+        self._tools = tools
         self._control = control
-        self._prices = dict(token_prices or {})
-        self.usage = CallUsage()
-        self.watch = CallWatch(self.persona, self.started_at)
-        self._watch_changed = asyncio.Event()
-        self.ending: str | None = None  # why the gateway is ending the call, once it is
-        self._in_turn = False  # model audio of the current turn has come
-        self._turn_began_at = 0.0
-        self._last_turn_began_at = -1.0  # when the newest completed turn's audio began
-        self._running = False
-        self._early_answer: str | None = None  # answered_by() before run()
+        self._tasks: set[asyncio.Task[object]] = set()  # the call's own tasks
+        self._batch_frames = max(1, batch_frames)  # Twilio frames per piece sent to the model
+        self._early_answers: list[str] | None = []  # answered_by() before run(); None after
+
+    @property
+    def shutting_down(self) -> bool:
+        """Set by the server when a drain runs out of time: the stream's close is a shutdown."""
+        return self._ending.shutting_down
+
+    @shutting_down.setter
+    def shutting_down(self, value: bool) -> None:
+        self._ending.shutting_down = value
 
     async def run(self, inbound: AsyncIterator[InboundMessage]) -> CallOutcome:
         """Run the call until the caller hangs up, the stream breaks or Live fails."""
         live_task = asyncio.create_task(self.live.run(), name="live")
         caller_task = asyncio.create_task(self._caller_to_model(inbound), name="caller")
         model_task = asyncio.create_task(self._model_to_caller(), name="model")
-        end_task = asyncio.create_task(self._end_stream.wait(), name="end")
+        end_task = asyncio.create_task(self._closing.wait(), name="end")
         tasks = (live_task, caller_task, model_task, end_task)
         # The call counts its Live connections: later ones from `Resumed`, the first here.
         first_task = asyncio.create_task(self._count_first_connection(), name="first-conn")
@@ -169,85 +155,94 @@ class Call:
             self._spawn(self._watch_loop(), "watch")
         if self.persona.record:
             self._spawn(self._record(), "record")
-        if self._greeting:
-            self.transcript.event("greeting", text=self._greeting)
-            await self.live.send_text(self._greeting)
-        self._running = True
-        if self._early_answer is not None:
-            self.answered_by(self._early_answer)
-        outcome = CallOutcome.HANGUP
+        if self.persona.greeting:
+            self.transcript.event("greeting", text=self.persona.greeting)
+            await self.live.send_text(self.persona.greeting)
+        early, self._early_answers = self._early_answers or [], None
+        for answered_by in early:
+            self.answered_by(answered_by)
         protocol_error: StreamProtocolError | None = None
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if caller_task in done:
                 error = caller_task.exception()
                 if isinstance(error, StreamProtocolError):
-                    outcome = CallOutcome.PROTOCOL_ERROR
                     self.stats.failure = error.reason
                     protocol_error = error
+                    self.end(EndReason.PROTOCOL_ERROR)
                 elif error is not None:
                     raise error
                 else:
-                    outcome = caller_task.result()
-                    if outcome is CallOutcome.HANGUP and self.shutting_down:
-                        outcome = CallOutcome.SHUTDOWN
+                    self.end(caller_task.result())
             elif live_task in done:
-                error = live_task.exception()
-                outcome = CallOutcome.LIVE_FAILED
-                if isinstance(error, LiveSessionFailed):
-                    reason = error.detail
-                elif error is not None:
-                    reason = type(error).__name__
-                else:
-                    reason = "live session ended"
-                self.stats.failure = reason
-                self._metrics.live_errors.labels(reason=_reason_label(error)).inc()
-                log.warning("call ended: live session failed: %s", reason)
+                self._live_failed(live_task.exception())
             elif model_task in done:
                 error = model_task.exception()
                 if error is not None:
                     raise error
             elif end_task in done:
-                outcome = CallOutcome.ENDED_BY_GATEWAY
+                self._ending.closed()
         except asyncio.CancelledError:
-            outcome = CallOutcome.SHUTDOWN
+            self.end(EndReason.SHUTDOWN)
             raise
         finally:
             self.live.close()
-            for task in (*tasks, first_task, *self._tool_tasks):
+            for task in (*tasks, first_task, *self._tasks):
                 task.cancel()
-            await asyncio.gather(*tasks, first_task, *self._tool_tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, first_task, *self._tasks, return_exceptions=True)
             self._metrics.calls_active.dec()
-            self.stats.outcome = outcome
-            usage = self.usage.summary(self._prices)
-            self.transcript.close(
-                outcome=outcome.value,
-                replies_heard=self.stats.replies_heard,
-                barge_ins=self.stats.barge_ins,
-                resets=self.stats.resets,
-                **({"ended_by": self.ending} if self.ending else {}),
-                usage=usage,
-            )
-            self._metrics.calls.labels(outcome=outcome.value).inc()
-            self._metrics.call_duration.observe(time.monotonic() - self.started_at)
-            cost = usage.get("cost_usd")
-            log.info(
-                "call ended (%s): %d replies sent, %d heard, %d barge-ins, %d resets, "
-                "%d tokens (%d prompt, %d response)%s",
-                outcome.value,
-                self.stats.replies_sent,
-                self.stats.replies_heard,
-                self.stats.barge_ins,
-                self.stats.resets,
-                self.usage.total_tokens,
-                self.usage.prompt_tokens,
-                self.usage.response_tokens,
-                f", ${cost:.4f}" if cost is not None else "",
-                extra={"persona": self.persona.name, **usage, "ended_by": self.ending},
-            )
+            self.stats.outcome = outcome = self._ending.outcome or CallOutcome.HANGUP
+            self._log_end(outcome)
         if protocol_error is not None:
             raise protocol_error
         return outcome
+
+    def _live_failed(self, error: BaseException | None) -> None:
+        if isinstance(error, LiveSessionFailed):
+            reason = error.detail
+        elif error is not None:
+            reason = type(error).__name__
+        else:
+            reason = "live session ended"
+        self.stats.failure = reason
+        self._metrics.live_errors.labels(reason=_reason_label(error)).inc()
+        log.warning("call ended: live session failed: %s", reason)
+        self.end(EndReason.LIVE_FAILED)
+
+    def _log_end(self, outcome: CallOutcome) -> None:
+        """The transcript's end line, the call metrics and the call-ended log line."""
+        heard = self.playback.state
+        ended_by = self._ending.ended_by
+        usage = self.usage.summary()
+        self.transcript.close(
+            outcome=outcome.value,
+            replies_heard=heard.replies_heard,
+            barge_ins=self.stats.barge_ins,
+            resets=self.stats.resets,
+            **({"ended_by": ended_by.value} if ended_by else {}),
+            usage=usage,
+        )
+        self._metrics.calls.labels(outcome=outcome.value).inc()
+        self._metrics.call_duration.observe(time.monotonic() - self.stats.started_at)
+        cost = usage.get("cost_usd")
+        log.info(
+            "call ended (%s): %d replies sent, %d heard, %d barge-ins, %d resets, "
+            "%d tokens (%d prompt, %d response)%s",
+            outcome.value,
+            heard.replies_sent,
+            heard.replies_heard,
+            self.stats.barge_ins,
+            self.stats.resets,
+            self.usage.total_tokens,
+            self.usage.prompt_tokens,
+            self.usage.response_tokens,
+            f", ${cost:.4f}" if cost is not None else "",
+            extra={
+                "persona": self.persona.name,
+                **usage,
+                "ended_by": ended_by.value if ended_by else None,
+            },
+        )
 
     async def _count_first_connection(self) -> None:
         await self.live.wait_started()
@@ -255,9 +250,9 @@ class Call:
 
     # ------------------------------------------------------------ caller side
 
-    async def _caller_to_model(self, inbound: AsyncIterator[InboundMessage]) -> CallOutcome:
+    async def _caller_to_model(self, inbound: AsyncIterator[InboundMessage]) -> EndReason:
         frames = self._metrics.caller_frames
-        convert = self._caller_audio.convert
+        convert = CallerToModel().convert
         send_audio = self.live.send_audio
         batch = self._batch_frames
         held: list[bytes] = []  # frames waiting to fill a piece (only when batching)
@@ -291,7 +286,8 @@ class Call:
                 if pcm:
                     await send_audio(pcm, received)
             elif isinstance(message, Mark):
-                self._on_mark(message.name)
+                if self.playback.mark(message.name):
+                    self._bot_quiet()
             elif isinstance(message, Dtmf):
                 if held:
                     await send_held()  # the key press follows the audio before it
@@ -300,81 +296,46 @@ class Call:
             elif isinstance(message, Stop):
                 if held:
                     await send_held()  # the caller's last words, not dropped with the piece
-                return CallOutcome.COMPLETED
+                return EndReason.COMPLETED
         if held:
             await send_held()
-        return CallOutcome.HANGUP
-
-    def _on_mark(self, name: str) -> None:
-        if name in self.stats.marks_pending:
-            self.stats.marks_pending.discard(name)
-            if name.startswith("reply-"):
-                self.stats.replies_heard += 1
-            if not self.stats.marks_pending and not self._reply_open:
-                self._bot_quiet()
+        return EndReason.HANGUP
 
     def _bot_quiet(self) -> None:
         """The caller has heard all the bot said: the silence watch may start counting."""
         self.watch.bot_quiet(time.monotonic())
-        self._watch_changed.set()
 
     # ------------------------------------------------------------- model side
 
     async def _model_to_caller(self) -> None:
         model_audio_s = self._metrics.model_audio
-        latency = self._metrics.added_latency.labels(direction="model_to_caller")
+        playback = self.playback
         async for event in self.live.events():
             if type(event) is ModelAudio:
-                ulaw = self._model_audio.convert(event.pcm)
-                if not self._in_turn:
-                    self._in_turn = True
-                    self._turn_began_at = event.received_at
+                if not playback.state.in_turn:
                     self.watch.bot_speaking()
-                self._reply_open = True
-                self._model_audio_at = event.received_at
-                if ulaw:
-                    await self._send(media_message(self._stream_sid, ulaw))
-                    latency.observe(time.monotonic() - event.received_at)
+                await playback.play(event.pcm, event.received_at)
                 model_audio_s.inc(len(event.pcm) / (2 * MODEL_OUTPUT_RATE))
             elif isinstance(event, Interrupted):
-                self._in_turn = False
+                playback.turn_cut()
                 await self._clear_playback()
                 self.stats.barge_ins += 1
                 self._metrics.barge_ins.inc()
                 self.transcript.event("interrupted")
             elif isinstance(event, ReplyAbandoned):
-                self._in_turn = False
+                playback.turn_cut()
                 await self._clear_playback()
                 self.transcript.event("reply_lost", cause=event.cause.value)
             elif isinstance(event, RepeatSkipped):
                 self._metrics.repeats_skipped.inc()
                 self.transcript.event("repeat_skipped", held_s=round(event.held_s, 3))
             elif isinstance(event, GenerationComplete | TurnComplete):
-                await self._end_reply()
+                await playback.end_reply()
                 if isinstance(event, TurnComplete):
-                    self._turns_completed += 1
-                    if self._in_turn:
-                        self._last_turn_began_at = self._turn_began_at
-                    self._in_turn = False
+                    playback.turn_complete()
                     self.transcript.flush_turn(speaker="model")
             elif isinstance(event, Resumed):
-                self.transcript.event(
-                    "reset",
-                    cause=event.cause.value,
-                    gap_s=round(event.gap_s, 3),
-                    replayed_s=round(event.replayed_s, 3),
-                    fresh=event.fresh,
-                )
-                self.stats.resets += 1
-                cause = event.cause.value
-                self._metrics.live_resumptions.labels(cause=cause).inc()
-                self._metrics.live_connections.labels(
-                    kind="fallback" if event.fresh else "resumed"
-                ).inc()
-                self._metrics.reset_gap.labels(cause=cause).observe(event.gap_s)
-                self._metrics.replayed_audio.labels(cause=cause).observe(event.replayed_s)
-                if event.mode:
-                    self._metrics.switches.labels(mode=event.mode).inc()
+                self._on_resumed(event)
             elif isinstance(event, GoAwayReceived):
                 self._metrics.goaway.inc()
             elif isinstance(event, AudioDropped):
@@ -388,15 +349,37 @@ class Call:
             elif isinstance(event, Usage):
                 self._on_usage(event)
 
+    async def _clear_playback(self) -> None:
+        """Barge-in: Twilio drops its queue at once; our resampler forgets the old reply."""
+        await self.playback.clear()
+        self._bot_quiet()
+
+    def _on_resumed(self, event: Resumed) -> None:
+        self.transcript.event(
+            "reset",
+            cause=event.cause.value,
+            gap_s=round(event.gap_s, 3),
+            replayed_s=round(event.replayed_s, 3),
+            fresh=event.fresh,
+        )
+        self.stats.resets += 1
+        cause = event.cause.value
+        self._metrics.live_resumptions.labels(cause=cause).inc()
+        self._metrics.live_connections.labels(kind="fallback" if event.fresh else "resumed").inc()
+        self._metrics.reset_gap.labels(cause=cause).observe(event.gap_s)
+        self._metrics.replayed_audio.labels(cause=cause).observe(event.replayed_s)
+        if event.mode:
+            self._metrics.switches.labels(mode=event.mode).inc()
+
     # ------------------------------------------------------------ usage, limits
 
     def _on_usage(self, event: Usage) -> None:
         persona = self.persona.name
-        before = self.usage.cost_usd(self._prices)
+        before = self.usage.cost_usd()
         for kind, tokens in self.usage.add(event).items():
             side, modality = kind.split("_", 1)
             self._metrics.tokens.labels(persona=persona, kind=side, modality=modality).inc(tokens)
-        after = self.usage.cost_usd(self._prices)
+        after = self.usage.cost_usd()
         if before is not None and after is not None:
             self._metrics.cost.labels(persona=persona).inc(after - before)
         move = self.watch.tokens(self.usage.total_tokens)
@@ -410,11 +393,7 @@ class Call:
             if move is not None:
                 self._move(move)
                 continue
-            self._watch_changed.clear()
-            delay = None if wake is None else max(0.0, wake - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._watch_changed.wait()
+            await self.playback.changes.wait(wake)  # the bot quiet moves the silence watch
 
     def _move(self, move: Move) -> None:
         persona = self.persona
@@ -422,13 +401,13 @@ class Call:
             log.info("caller silent for %.0f s: checking in", persona.silence_timeout_s)
             self._spawn(self._instruct(move.value, persona.silence_prompt), "check-in")
         elif move is Move.SILENCE:
-            self._end(move.value, persona.silence_goodbye)
-        elif move in (Move.WRAP_UP_DURATION, Move.WRAP_UP_TOKENS):
-            self._end(move.value, persona.wrap_up)
+            self.end(EndReason.SILENCE, persona.silence_goodbye)
+        elif move is Move.WRAP_UP_DURATION:
+            self.end(EndReason.MAX_DURATION, persona.wrap_up)
+        elif move is Move.WRAP_UP_TOKENS:
+            self.end(EndReason.MAX_TOKENS, persona.wrap_up)
         elif move is Move.LIMIT:  # whatever is happening, even another ending
-            self.ending = self.ending or move.value
-            self.watch.ending = True
-            self._spawn(self._hang_up(move.value), "limit")
+            self.end(EndReason.DURATION_LIMIT)
 
     async def _instruct(self, reason: str, text: str) -> float:
         """Tell the model something as a text turn; returns when it was sent."""
@@ -437,26 +416,42 @@ class Call:
         await self.live.send_text(text)
         return sent
 
-    def _end(self, reason: str, instruction: str = "", *, interrupt: bool = False) -> bool:
-        """End the call: say `instruction` (if any), once heard hang up. False if the call
-        is already ending."""
-        if self.ending is not None:
+    # ----------------------------------------------------------------- ending
+
+    def end(self, reason: EndReason, say: str = "", *, tool: ToolOutcome | None = None) -> bool:
+        """Begin ending the call for `reason`: every ending starts here.
+
+        `say` is the instruction for the model when the reason's prelude says something;
+        `tool` the tool whose REST request ends the call. What follows is `_carry_out`'s.
+        False when the call is already ending (the reason is dropped).
+        """
+        plan = self._ending.begin(reason, say)
+        if plan is None:
             return False
-        self.ending = reason
         self.watch.ending = True
-        self._spawn(self._end_after_heard(reason, instruction, interrupt), f"end-{reason}")
+        if plan.finish is not Finish.NONE:
+            self._spawn(self._carry_out(plan, tool), f"end-{reason.value}")
         return True
 
-    async def _end_after_heard(self, reason: str, instruction: str, interrupt: bool) -> None:
-        log.info("ending the call (%s)", reason)
-        if instruction:
-            if interrupt:  # what plays is moot (an answering machine does not listen)
-                await self._clear_playback()
-            else:  # let the model finish what it is saying first
-                await self._wait_quiet()
-            sent = await self._instruct(reason, instruction)
-            await self.wait_heard(turn_after=sent)
-        await self._hang_up(reason)
+    async def _carry_out(self, plan: Plan, tool: ToolOutcome | None) -> None:
+        """The plan's prelude (what the caller hears first), then its finish."""
+        reason = plan.reason.value
+        heard = True
+        if plan.prelude is Prelude.LAST_WORDS:
+            heard = await self.playback.wait_heard()
+        elif plan.prelude in (Prelude.SAY, Prelude.SAY_NOW):
+            log.info("ending the call (%s)", reason)
+            if plan.say:
+                if plan.prelude is Prelude.SAY_NOW:  # what plays is moot (a machine)
+                    await self._clear_playback()
+                else:  # let the model finish what it is saying first
+                    await self.playback.wait_quiet()
+                sent = await self._instruct(reason, plan.say)
+                await self.playback.wait_heard(turn_after=sent)
+        if plan.finish is Finish.HANG_UP:
+            await self._hang_up(reason)
+        elif plan.finish is Finish.TOOL and tool is not None:
+            await self._run_tool(reason, tool, heard)
 
     async def _hang_up(self, reason: str) -> None:
         """Hang up through the REST API; if that fails, close the stream (Twilio then
@@ -464,14 +459,30 @@ class Call:
         self._metrics.hangups.labels(persona=self.persona.name, reason=reason).inc()
         self.transcript.event("hangup", reason=reason)
         if self._control is None:
-            self._end_stream.set()
+            self._closing.set()
             return
         try:
             await self._control.hang_up()
         except RestError as exc:
             log.warning("hang-up (%s) failed: %s; closing the stream", reason, exc)
             self._metrics.rest_errors.labels(action="hang_up").inc()
-            self._end_stream.set()
+            self._closing.set()
+
+    async def _run_tool(self, name: str, outcome: ToolOutcome, heard: bool) -> None:
+        """The tool's REST request, once the caller heard the model; if it fails, close
+        the stream (no verb follows <Connect>: Twilio hangs up)."""
+        assert outcome.action is not None
+        log.info("tool %s: %s (reply heard: %s)", name, outcome.description, heard)
+        self._metrics.hangups.labels(persona=self.persona.name, reason=name).inc()
+        try:
+            await outcome.action()
+        except RestError as exc:
+            log.warning("tool %s failed: %s", name, exc)
+            self._metrics.rest_errors.labels(action=name).inc()
+            self.transcript.event("tool_result", name=name, ok=False, error=str(exc))
+            self._closing.set()
+            return
+        self.transcript.event("tool_result", name=name, ok=True, detail=outcome.description)
 
     async def _record(self) -> None:
         """Ask Twilio to record the call (dual channel); its callback brings the URL."""
@@ -491,134 +502,43 @@ class Call:
 
         A machine gets the persona's voicemail message (the model says it after the
         machine's greeting, then the call ends once it was heard), or a hang-up when the
-        persona has none; a fax a hang-up; a person (or unknown) the call as usual.
+        persona has none; a fax a hang-up; a person (or unknown) the call as usual. A
+        result before `run` waits for the greeting to be sent.
         """
-        if not self._running:
-            self._early_answer = answered_by
+        if self._early_answers is not None:
+            self._early_answers[:] = [answered_by]
             return
         kind = answered_by_kind(answered_by)
         log.info("answered by %s", answered_by or "unknown")
         self.transcript.event("answered_by", answered_by=answered_by, result=kind)
         self._metrics.answered_by.labels(persona=self.persona.name, answered_by=kind).inc()
-        if kind == "machine" and self.persona.voicemail:
-            self._end("voicemail", self.persona.voicemail, interrupt=True)
-        elif kind in ("machine", "fax"):
-            if self.ending is None:
-                self.ending = kind
-                self.watch.ending = True
-                self._spawn(self._hang_up(kind), "hang-up")
+        reason = answer_ending(kind, self.persona.voicemail)
+        if reason is not None:
+            self.end(reason, self.persona.voicemail)
 
     def _spawn(self, work: Coroutine[Any, Any, object], name: str) -> None:
         """A task of the call's own; cancelled (if still running) when the call ends."""
         task = asyncio.create_task(work, name=name)
-        self._tool_tasks.add(task)
-        task.add_done_callback(self._tool_tasks.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ tools
 
     async def _on_tool_call(self, event: ToolCall) -> None:
-        """Answer the model now; run the REST action once the caller heard the reply."""
+        """Answer the model now; a tool that ends the call begins its ending first."""
         self.transcript.event("tool_call", name=event.name, args=event.args)
         if self._tools is None:
             outcome = ToolOutcome({"error": f"unknown function {event.name}"})
-        elif self.ending is not None:
+        elif self._ending.reason is not None:
             outcome = ToolOutcome({"error": "the call is already ending"})
         else:
             outcome = self._tools.prepare(event)
-            if outcome.ends_call:
-                self.ending = event.name
-                self.watch.ending = True
+        if outcome.ends is not None:
+            self.end(outcome.ends, tool=outcome)
         await self.live.send_tool_response(event.call_id, event.name, outcome.response)
-        action = outcome.action
-        if action is None:
+        if outcome.action is None:
             log.info("tool %s declined: %s", event.name, outcome.response.get("error"))
             self.transcript.event("tool_result", name=event.name, ok=False, **outcome.response)
-            return
-
-        async def run_when_heard() -> None:
-            heard = await self.wait_heard()
-            log.info("tool %s: %s (reply heard: %s)", event.name, outcome.description, heard)
-            if outcome.ends_call:
-                self._metrics.hangups.labels(persona=self.persona.name, reason=event.name).inc()
-            try:
-                await action()
-            except RestError as exc:
-                log.warning("tool %s failed: %s", event.name, exc)
-                self._metrics.rest_errors.labels(action=event.name).inc()
-                self.transcript.event("tool_result", name=event.name, ok=False, error=str(exc))
-                if outcome.ends_call:
-                    self._end_stream.set()  # no verb follows <Connect>: Twilio hangs up
-                return
-            self.transcript.event(
-                "tool_result", name=event.name, ok=True, detail=outcome.description
-            )
-
-        self._spawn(run_when_heard(), f"tool-{event.name}")
-
-    async def wait_heard(
-        self, settle_s: float = 1.0, poll_s: float = 0.05, *, turn_after: float | None = None
-    ) -> bool:
-        """Wait until the caller has heard everything the model said, and it says no more.
-
-        Done when no reply is playing or unconfirmed (every mark echoed) and the model's
-        turn is over: a turn completed since the wait began, or `settle_s` passed without
-        model audio (the model may speak after a tool response). With `turn_after`, only
-        a whole turn whose audio began after that time will do (the answer to an
-        instruction sent then). False on the time limit.
-        """
-        began = time.monotonic()
-        turns = self._turns_completed
-        deadline = began + self._hangup_wait_s
-        while True:
-            now = time.monotonic()
-            playing = self._playing()
-            quiet = now - max(began, self._model_audio_at) >= settle_s
-            if turn_after is not None:
-                done = self._last_turn_began_at >= turn_after
-            else:
-                done = self._turns_completed > turns or quiet
-            if not playing and done:
-                return True
-            if now >= deadline:
-                return False
-            await asyncio.sleep(poll_s)
-
-    def _playing(self) -> bool:
-        """A reply is playing or not yet confirmed heard, or the model is speaking."""
-        return (
-            self._reply_open
-            or bool(self.stats.marks_pending)
-            or self.live.turn_state is TurnState.MODEL_SPEAKING
-        )
-
-    async def _wait_quiet(self, poll_s: float = 0.05) -> None:
-        """Until nothing plays (at most `hangup_wait_s`)."""
-        deadline = time.monotonic() + self._hangup_wait_s
-        while True:
-            if not self._playing() or time.monotonic() >= deadline:
-                return
-            await asyncio.sleep(poll_s)
-
-    async def _end_reply(self) -> None:
-        """Flush the resampler and mark the end of the reply, once per reply."""
-        if not self._reply_open:
-            return
-        self._reply_open = False
-        tail = self._model_audio.flush()
-        if tail:
-            await self._send(media_message(self._stream_sid, tail))
-        self.stats.replies_sent += 1
-        name = f"reply-{self.stats.replies_sent}"
-        self.stats.marks_pending.add(name)
-        await self._send(mark_message(self._stream_sid, name))
-
-    async def _clear_playback(self) -> None:
-        """Barge-in: Twilio drops its queue at once; our resampler forgets the old reply."""
-        self._model_audio.reset()
-        self._reply_open = False
-        await self._send(clear_message(self._stream_sid))
-        self.stats.marks_pending.clear()
-        self._bot_quiet()
 
 
 def _reason_label(error: BaseException | None) -> str:

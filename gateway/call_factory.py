@@ -73,7 +73,6 @@ class CallFactory:
             live,
             send,
             self.metrics,
-            greeting=persona.greeting,
             tools=tools,
             transcript=transcript,
             hangup_wait_s=settings.hangup_wait_s,

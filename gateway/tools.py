@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from google.genai import types
 
 from gateway.config import ToolName
+from gateway.ending import EndReason
 from gateway.live.events import ToolCall
 from gateway.twilio.rest import CallControl
 from gateway.twilio.twiml import dial_twiml, whisper_url
@@ -96,12 +97,13 @@ Action = Callable[[], Awaitable[None]]
 
 @dataclass(frozen=True)
 class ToolOutcome:
-    """What to answer the model now, and what to do once the caller heard it (if anything)."""
+    """What to answer the model now, and the REST request that ends the call once the
+    caller heard it (declined: none)."""
 
     response: dict[str, object]
     action: Action | None = None
     description: str = ""  # for logs and the transcript
-    ends_call: bool = False
+    ends: EndReason | None = None  # the call's ending, with `action`
 
 
 class CallTools:
@@ -139,7 +141,7 @@ class CallTools:
                 {"result": "The call ends once the caller has heard you."},
                 action=self._control.hang_up,
                 description="hang up",
-                ends_call=True,
+                ends=EndReason.END_CALL,
             )
         destination = str(call.args.get("destination") or "")
         if not destination and len(self._transfer_to) == 1:
@@ -158,5 +160,5 @@ class CallTools:
             {"result": f"Transferring to {destination} once the caller has heard you."},
             action=lambda: self._control.redirect(twiml),
             description=f"transfer to {destination}" + (" with a summary" if whisper else ""),
-            ends_call=True,
+            ends=EndReason.TRANSFER,
         )

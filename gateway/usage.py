@@ -30,6 +30,7 @@ class CallUsage:
     total_tokens: int = 0
     turns: int = 0  # usage reports received
     by_kind: dict[str, int] = field(default_factory=dict)  # "prompt_audio" -> tokens
+    prices: Mapping[str, float] = field(default_factory=dict)  # USD per million, by kind
 
     def add(self, usage: Usage) -> dict[str, int]:
         """Count one report; returns its tokens by kind (for the metrics)."""
@@ -54,13 +55,14 @@ class CallUsage:
             self.by_kind[key] = self.by_kind.get(key, 0) + tokens
         return kinds
 
-    def cost_usd(self, prices: Mapping[str, float]) -> float | None:
+    def cost_usd(self) -> float | None:
         """The price of the tokens so far; None without prices."""
+        prices = self.prices
         if not prices:
             return None
         return sum(tokens * prices.get(kind, 0.0) for kind, tokens in self.by_kind.items()) / 1e6
 
-    def summary(self, prices: Mapping[str, float]) -> dict[str, object]:
+    def summary(self) -> dict[str, object]:
         """For the transcript's `end` line."""
         out: dict[str, object] = {
             "prompt_tokens": self.prompt_tokens,
@@ -68,7 +70,7 @@ class CallUsage:
             "total_tokens": self.total_tokens,
             "tokens_by_kind": dict(sorted(self.by_kind.items())),
         }
-        cost = self.cost_usd(prices)
+        cost = self.cost_usd()
         if cost is not None:
             out["cost_usd"] = round(cost, 6)
         return out

@@ -27,6 +27,7 @@ from gateway.call import Call
 from gateway.call_factory import live_options
 from gateway.config import GREETING as GREETING_DEFAULT
 from gateway.config import ConfigError, Settings, load_settings
+from gateway.ending import EndReason
 from gateway.live.events import ToolCall, Usage
 from gateway.live.session import LiveSession
 from gateway.outbound import call_main, place_call, run_call_command
@@ -412,7 +413,7 @@ def test_tool_requests_outside_the_configuration_are_declined() -> None:
     unknown = tools.prepare(ToolCall("2", "transfer_call", {"destination": "moon"}))
     assert unknown.action is None and "desk, pbx" in str(unknown.response["error"])
     first = tools.prepare(ToolCall("3", "transfer_call", {"destination": "desk"}))
-    assert first.action is not None and first.ends_call
+    assert first.action is not None and first.ends is EndReason.TRANSFER
     again = tools.prepare(ToolCall("4", "transfer_call", {"destination": "pbx"}))
     assert again.action is None  # the call is already being handed over
 
