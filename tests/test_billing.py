@@ -183,7 +183,8 @@ async def test_the_gateways_usage_and_metrics_agree_with_the_emulators_bill_acro
     assert len(session.connection_ids) == 2  # one session, resumed once
     assert session.bill.reports == usage.turns == 3
     assert usage.by_kind == session.bill.tokens
-    assert usage.cost_usd(profile.prices) == pytest.approx(session.bill.cost_usd)
+    assert usage.prices == profile.prices  # the call prices its tokens itself
+    assert usage.cost_usd() == pytest.approx(session.bill.cost_usd)
     persona = {"persona": "default"}
     assert metric(text, "gateway_live_cost_usd_total", **persona) == pytest.approx(
         session.bill.cost_usd
