@@ -363,7 +363,15 @@ async def test_a_call_end_to_end_on_vertex(backend: BackendKind) -> None:
         exchanges = bed.emulator.vertex.exchanges
         assert len(exchanges) == (1 if backend == "vertex" else 0)
         sent = len(call.record.sent_ulaw) * 4
-        held = next(iter(record.sessions.values())).state.audio_bytes
+        (session,) = record.sessions.values()
+        held = session.state.audio_bytes
         assert abs(held - sent) <= 0.02 * sent, (held, sent)
         sample = bed.metrics.registry.get_sample_value
         assert sample("gateway_calls_total", {"outcome": "completed"}) == 1
+        # Usage in Vertex's words (candidatesTokenCount, candidatesTokensDetails): counted
+        # as the emulator billed it.
+        assert session.bill.tokens.get("response_audio", 0) > 0
+        for kind, tokens in session.bill.tokens.items():
+            side, modality = kind.split("_")
+            labels = {"persona": "default", "kind": side, "modality": modality}
+            assert sample("gateway_live_tokens_total", labels) == tokens, kind
