@@ -42,6 +42,7 @@ __all__ = [
     "WRITER_LIMIT",
     "IdleWatch",
     "MediaStream",
+    "Outbox",
     "RealTimePace",
 ]
 
@@ -111,43 +112,35 @@ class IdleWatch:
         self.loop.call_at(due, self._check)
 
 
-class MediaStream:
-    """A Twilio media stream on an accepted WebSocket.
+class Outbox:
+    """What goes to the caller, without ever waiting on the socket.
 
-    ``messages`` yields every message in order until the socket closes; it is one generator
-    for the stream's life, so the wait for ``start`` and the call read the same sequence.
+    Written at once while the transport has room; otherwise queued, in order, for a writer
+    task. More than ``send_buffer_s`` of audio queued makes the caller a slow consumer: the
+    queue is dropped and the connection cut (:attr:`slow`).
     """
 
     def __init__(
         self,
         ws: web.WebSocketResponse,
-        idle_timeout_s: float,
-        *,
-        transport: asyncio.Transport | None = None,
-        audio_rate: float = 1.0,
-        audio_burst_s: float = 2.0,
-        send_buffer_s: float = 2.0,
+        transport: asyncio.Transport | None,
+        send_buffer_s: float,
     ) -> None:
         self._ws = ws
-        self._idle_timeout_s = idle_timeout_s
-        self._pace = RealTimePace(audio_rate, audio_burst_s)
         self._transport = transport
-        self._send_limit = send_buffer_s * _TEXT_BYTES_PER_AUDIO_S
+        self._limit = send_buffer_s * _TEXT_BYTES_PER_AUDIO_S
         # The socket's own buffers hold about as much again: the transport's half of it, the
         # kernel's (which Linux doubles) the other half.
-        self._high_water = int(self._send_limit / 2)
+        self._high_water = int(self._limit / 2)
         if transport is not None:
             _small_send_buffers(transport, self._high_water)
         self._queue: deque[str] = deque()
         self._queued_bytes = 0
-        self.peak_queued_bytes = 0  # the most ever queued (tests and the benchmark read it)
+        self.peak_queued_bytes = 0  # the most ever queued
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._writing = False
         self.slow = False  # cut as a slow consumer
-        self._start_waiter: asyncio.Task[object] | None = None
-        self._evicted = ""
-        self.messages: AsyncGenerator[InboundMessage] = self._read()
 
     @property
     def closed(self) -> bool:
@@ -155,54 +148,14 @@ class MediaStream:
 
     @property
     def queued(self) -> int:
-        """Messages waiting for the caller's socket."""
         return len(self._queue)
 
     @property
-    def queued_audio_s(self) -> float:
-        """About how much audio waits for the caller's socket (frames counted whole)."""
-        return self._queued_bytes / _TEXT_BYTES_PER_AUDIO_S
-
-    @property
-    def peak_queued_audio_s(self) -> float:
-        """The most audio that ever waited for the caller's socket."""
-        return self.peak_queued_bytes / _TEXT_BYTES_PER_AUDIO_S
-
-    async def wait_start(self, timeout_s: float) -> Start | None:
-        """The stream's ``start``, or None if the socket closed before it."""
-        self._start_waiter = task = asyncio.current_task()
-        try:
-            async with asyncio.timeout(timeout_s):
-                async for message in self.messages:
-                    if isinstance(message, Start):
-                        return message
-        except TimeoutError:
-            raise StreamProtocolError(
-                CLOSE_POLICY_VIOLATION, "no start before the deadline"
-            ) from None
-        except asyncio.CancelledError:
-            if self._evicted and task is not None and task.uncancel() == 0:
-                raise StreamProtocolError(CLOSE_POLICY_VIOLATION, self._evicted) from None
-            raise
-        finally:
-            self._start_waiter = None
-        return None
-
-    def evict(self, reason: str) -> None:
-        """End the wait for ``start`` now: :meth:`wait_start` raises with ``reason``."""
-        if self._start_waiter is not None and not self._evicted:
-            self._evicted = reason
-            self._start_waiter.cancel()
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
 
     async def send(self, text: str) -> None:
-        """Send one text frame to the caller without ever waiting on the socket.
-
-        Written at once while the transport has room for it (the write cannot block then);
-        otherwise queued behind what waits already, for the writer task. A caller that lets
-        more than ``send_buffer_s`` of audio pile up is cut (:attr:`slow`); its reading side
-        then ends the call with :data:`SLOW_CONSUMER`. Nothing is sent once the caller is
-        gone: the reading side ends the call then too.
-        """
+        """Send one text frame (see :meth:`MediaStream.send`)."""
         if self.closed:
             return
         size = len(text) + 8  # the frame's header, at most
@@ -221,7 +174,7 @@ class MediaStream:
         self._queued_bytes += size
         if self._queued_bytes > self.peak_queued_bytes:
             self.peak_queued_bytes = self._queued_bytes
-        if self._queued_bytes > self._send_limit:
+        if self._queued_bytes > self._limit:
             self._cut_slow_consumer()
         elif self._writer is None:
             self._writer = asyncio.create_task(self._write(), name="to-caller")
@@ -258,8 +211,103 @@ class MediaStream:
             self._transport.abort()
         self._wake.set()
 
+    async def aclose(self) -> None:
+        """Stop the writer task."""
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None
+
+
+class MediaStream:
+    """A Twilio media stream on an accepted WebSocket.
+
+    ``messages`` yields every message in order until the socket closes; it is one generator
+    for the stream's life, so the wait for ``start`` and the call read the same sequence.
+    What goes the other way is the :class:`Outbox`'s.
+    """
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        idle_timeout_s: float,
+        *,
+        transport: asyncio.Transport | None = None,
+        audio_rate: float = 1.0,
+        audio_burst_s: float = 2.0,
+        send_buffer_s: float = 2.0,
+    ) -> None:
+        self._ws = ws
+        self._idle_timeout_s = idle_timeout_s
+        self._pace = RealTimePace(audio_rate, audio_burst_s)
+        self._out = Outbox(ws, transport, send_buffer_s)
+        self._start_waiter: asyncio.Task[object] | None = None
+        self._evicted = ""
+        self.messages: AsyncGenerator[InboundMessage] = self._read()
+
+    @property
+    def closed(self) -> bool:
+        return self._out.closed
+
+    @property
+    def slow(self) -> bool:
+        """Cut as a slow consumer."""
+        return self._out.slow
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the caller's socket."""
+        return self._out.queued
+
+    @property
+    def queued_audio_s(self) -> float:
+        """About how much audio waits for the caller's socket (frames counted whole)."""
+        return self._out.queued_bytes / _TEXT_BYTES_PER_AUDIO_S
+
+    @property
+    def peak_queued_audio_s(self) -> float:
+        """The most audio that ever waited for the caller's socket."""
+        return self._out.peak_queued_bytes / _TEXT_BYTES_PER_AUDIO_S
+
+    async def wait_start(self, timeout_s: float) -> Start | None:
+        """The stream's ``start``, or None if the socket closed before it."""
+        self._start_waiter = task = asyncio.current_task()
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for message in self.messages:
+                    if isinstance(message, Start):
+                        return message
+        except TimeoutError:
+            raise StreamProtocolError(
+                CLOSE_POLICY_VIOLATION, "no start before the deadline"
+            ) from None
+        except asyncio.CancelledError:
+            if self._evicted and task is not None and task.uncancel() == 0:
+                raise StreamProtocolError(CLOSE_POLICY_VIOLATION, self._evicted) from None
+            raise
+        finally:
+            self._start_waiter = None
+        return None
+
+    def evict(self, reason: str) -> None:
+        """End the wait for ``start`` now: :meth:`wait_start` raises with ``reason``."""
+        if self._start_waiter is not None and not self._evicted:
+            self._evicted = reason
+            self._start_waiter.cancel()
+
+    async def send(self, text: str) -> None:
+        """Send one text frame to the caller without ever waiting on the socket.
+
+        Written at once while the transport has room for it (the write cannot block then);
+        otherwise queued behind what waits already, for the writer task. A caller that lets
+        more than ``send_buffer_s`` of audio pile up is cut (:attr:`slow`); its reading side
+        then ends the call with :data:`SLOW_CONSUMER`. Nothing is sent once the caller is
+        gone: the reading side ends the call then too.
+        """
+        await self._out.send(text)
+
     async def close(self, code: int, reason: str) -> None:
-        if self.slow:
+        if self._out.slow:
             return  # cut already; nothing can reach the caller
         await self._ws.close(code=code, message=reason.encode()[:_MAX_REASON_BYTES])
 
@@ -267,14 +315,12 @@ class MediaStream:
         """Stop reading (the generator's ``finally``) and writing; the socket is the
         server's to close."""
         await self.messages.aclose()
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
-            self._writer = None
+        await self._out.aclose()
 
     async def _read(self) -> AsyncGenerator[InboundMessage]:
         parser = StreamParser()
         ws = self._ws
+        out = self._out
         idle = IdleWatch(ws, self._idle_timeout_s)
         admit = self._pace.admit
         clock = idle.loop.time
@@ -296,7 +342,7 @@ class MediaStream:
                 if type(message) is Media and not admit(len(message.payload), clock()):
                     raise StreamProtocolError(CLOSE_POLICY_VIOLATION, TOO_FAST)
                 yield message
-            elif self.slow:
+            elif out.slow:
                 raise StreamProtocolError(CLOSE_POLICY_VIOLATION, SLOW_CONSUMER)
             elif msg.type is WSMsgType.BINARY:
                 parser.parse_bytes(msg.data)
