@@ -30,7 +30,7 @@ with warnings.catch_warnings():
     import audioop
 
 CLIENT = web.AppKey("client", genai.Client)
-MODEL = os.environ.get("GEMINI_MODEL", "gemini-live-2.5-flash-preview")
+MODEL = os.environ.get("GEMINI_MODEL", "gemini-3.8-live")
 DIRECT_JSON = os.environ.get("NAIVE_SEND") == "json"
 
 

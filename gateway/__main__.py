@@ -1,6 +1,9 @@
 """`python -m gateway` serves; `python -m gateway demo` runs a self-contained call;
 `python -m gateway call --to +E164 [--persona NAME]` places an outbound call (gateway.outbound).
 
+Serving starts once the backend's models API accepts the key and every model a persona uses;
+a refusal stops the start with one line naming the setting, exit code 2 (gateway.live.models).
+
 Serving drains gracefully: the first SIGTERM/SIGINT fails readiness and turns new
 calls away while calls in progress go on (up to DRAIN_TIMEOUT, then they are closed),
 and the process exits 0. A second signal ends the process at once with 128 + the
@@ -30,6 +33,7 @@ except ImportError:
 from gateway.backend import Backend, resolve
 from gateway.config import ConfigError, Settings, load_settings, required_settings
 from gateway.listener import raise_open_file_limit
+from gateway.live.models import BackendRefused
 from gateway.logs import configure_logging
 from gateway.personas import PersonaTable
 from gateway.server import STATE, create_app, start_draining, start_server, wait_calls_done
@@ -156,12 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:  # the Live backend's credentials and the model's location, checked at start
-        backend = resolve(settings, (settings.gemini_model,))
+        backend = resolve(settings, tuple(personas.models()))
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(serve(settings, personas, backend))
+        try:
+            return runner.run(serve(settings, personas, backend))
+        except BackendRefused as exc:  # the key or a model, as the backend's models API says
+            print(f"gateway: {exc}", file=sys.stderr)
+            return 2
 
 
 def freeze_startup_objects() -> int:

@@ -29,7 +29,7 @@ PERSONA_PARAMETER = "persona"
 def live_options(settings: Settings, persona: Persona) -> LiveOptions:
     """The Live session options of a call answered by `persona`."""
     return LiveOptions(
-        model=settings.gemini_model,
+        model=persona.model,
         system_instruction=persona.system_instruction,
         voice=persona.voice,
         language=persona.language,

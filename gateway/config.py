@@ -98,6 +98,7 @@ class PersonaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     numbers: list[str] = []
+    gemini_model: str | None = None
     system_instruction: str | None = None
     voice: str | None = None
     language: str | None = None
@@ -182,7 +183,10 @@ class Settings(BaseSettings):
     )
     google_cloud_project: str = ""
     google_cloud_location: str = ""
-    gemini_model: str = "gemini-live-2.5-flash-preview"
+    gemini_model: str = "gemini-3.8-live"
+    # How often the key and the models are checked again with the backend's models API
+    # (at start, a refusal stops the gateway; later, /readyz fails while it lasts).
+    model_check_interval_s: float = Field(default=300.0, gt=0)
     system_instruction: str = "You are a friendly, concise phone assistant. Keep answers short."
     voice: str = "Puck"
     greeting: str = GREETING

@@ -129,7 +129,18 @@ class Metrics:
         # Read at each scrape from the app's state (the server sets their functions).
         self.ready = Gauge(
             "gateway_ready",
-            "1 while /readyz answers 200, else 0 (draining, at MAX_CALLS)",
+            "1 while /readyz answers 200, else 0 (draining, at MAX_CALLS, backend refusing)",
+            registry=r,
+        )
+        self.backend_refusing = Gauge(
+            "gateway_live_backend_refusing",
+            "1 while the Live backend refuses the key or a model (its models API says so)",
+            registry=r,
+        )
+        self.backend_checks = Counter(
+            "gateway_live_backend_checks",
+            "Answers of the backend's models API about the key and each model, by result",
+            ["result"],
             registry=r,
         )
         self.draining = Gauge("gateway_draining", "1 once the replica drains (SIGTERM)", registry=r)

@@ -27,6 +27,8 @@ class Persona:
 
     name: str
     system_instruction: str
+    model: str = ""  # the Live model
+    model_setting: str = "GEMINI_MODEL"  # where `model` was set, for what the backend says of it
     voice: str | None = None
     language: str | None = None
     greeting: str = ""  # a text turn sent at the start so the bot speaks first; "" = off
@@ -78,6 +80,7 @@ class PersonaTable:
     def from_settings(cls, settings: Settings) -> PersonaTable:
         """Resolve inheritance and check what a single key cannot: raises ConfigError."""
         base = PersonaConfig(
+            gemini_model=settings.gemini_model,
             system_instruction=settings.system_instruction,
             voice=settings.voice,
             language=settings.language,
@@ -89,7 +92,7 @@ class PersonaTable:
         configs = dict(settings.personas)
         default_config = configs.pop(DEFAULT, PersonaConfig())
         default_key = f"personas.{DEFAULT}" if DEFAULT in settings.personas else ""
-        default = _resolve(DEFAULT, default_config, base, default_key)
+        default = _resolve(DEFAULT, default_config, base, default_key, "GEMINI_MODEL")
         # Named personas inherit the top level, then what [personas.default] changed.
         inherited = base.model_copy(update=default_config.model_dump(exclude_unset=True))
         by_name = {DEFAULT: default}
@@ -98,7 +101,9 @@ class PersonaTable:
                 raise ConfigError(
                     f"invalid setting personas.{name}: a name is 1-40 letters, digits, - or _"
                 )
-            by_name[name] = _resolve(name, config, inherited, f"personas.{name}")
+            by_name[name] = _resolve(
+                name, config, inherited, f"personas.{name}", default.model_setting
+            )
         by_number: dict[str, Persona] = {}
         for persona in by_name.values():
             for number in persona.numbers:
@@ -110,6 +115,13 @@ class PersonaTable:
                     )
                 by_number[number] = persona
         return cls(default=default, by_name=by_name, by_number=by_number)
+
+    def models(self) -> dict[str, str]:
+        """Every model a persona uses, with the setting that chose it (the first one)."""
+        found: dict[str, str] = {}
+        for persona in self.by_name.values():
+            found.setdefault(persona.model, persona.model_setting)
+        return found
 
 
 # Keys of the gateway's own moves during a call, inherited like the others.
@@ -132,8 +144,11 @@ def _pick(own: T | None, inherited: T | None, fallback: T) -> T:
     return inherited if inherited is not None else fallback
 
 
-def _resolve(name: str, config: PersonaConfig, base: PersonaConfig, key: str) -> Persona:
-    """`key` is where the table lives (`personas.NAME`), or "" for the top-level settings."""
+def _resolve(
+    name: str, config: PersonaConfig, base: PersonaConfig, key: str, base_model: str
+) -> Persona:
+    """`key` is where the table lives (`personas.NAME`), or "" for the top-level settings;
+    `base_model` is the setting the inherited model comes from."""
 
     def where(setting: str) -> str:
         return f"{key}.{setting}" if key else setting.upper()
@@ -150,6 +165,9 @@ def _resolve(name: str, config: PersonaConfig, base: PersonaConfig, key: str) ->
                 f"invalid setting {where('transfer_to')}.{target}: "
                 "a name is 1-40 letters, digits, - or _"
             )
+    model = _pick(config.gemini_model, base.gemini_model, "")
+    if not model.strip():
+        raise ConfigError(f"invalid setting {where('gemini_model')}: must not be empty")
     instruction = _pick(config.system_instruction, base.system_instruction, "")
     if not instruction.strip():
         raise ConfigError(f"invalid setting {where('system_instruction')}: must not be empty")
@@ -167,6 +185,8 @@ def _resolve(name: str, config: PersonaConfig, base: PersonaConfig, key: str) ->
     return Persona(
         name=name,
         system_instruction=instruction,
+        model=model,
+        model_setting=where("gemini_model") if config.gemini_model is not None else base_model,
         voice=_pick(config.voice, base.voice, "") or None,
         language=_pick(config.language, base.language, "") or None,
         greeting=_pick(config.greeting, base.greeting, ""),

@@ -16,6 +16,7 @@ capacity for the webhook and the stream; streams waiting for `start`) is `gatewa
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -36,6 +37,7 @@ from gateway.call_factory import PERSONA_PARAMETER, CallFactory
 from gateway.config import Settings
 from gateway.listener import ConnectionDeadlines, PeerErrorLog, Throttle, watch_accept_errors
 from gateway.live import sdk as live_sdk
+from gateway.live.models import BackendWatch, probe
 from gateway.logs import bind_call, register_secret
 from gateway.metrics import Metrics, watch_gc
 from gateway.personas import PersonaTable
@@ -124,6 +126,7 @@ class GatewayState:
     calls: set[Call] = field(default_factory=set)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     draining: bool = False
+    backend: BackendWatch | None = None  # the key and models checked with the backend
     calls_idle: asyncio.Event = field(default_factory=asyncio.Event)
     stop_listening: list[Callable[[], None]] = field(default_factory=list)
 
@@ -141,6 +144,15 @@ class GatewayState:
         if waiting := len(self.admission.waiting):
             text += f" and {waiting} stream(s) waiting for start"
         return text
+
+    def unready(self) -> str:
+        """Why /readyz fails now, or "" when it does not."""
+        if self.draining:
+            return "draining"
+        if self.at_capacity():
+            return "at call limit"
+        refusal = self.backend.refusal if self.backend is not None else None
+        return f"live backend refuses: {refusal}" if refusal else ""
 
 
 STATE = web.AppKey("state", GatewayState)
@@ -225,7 +237,7 @@ def create_app(
     )
     app[STATE].calls_idle.set()
     state = app[STATE]
-    metrics.ready.set_function(lambda: float(not (state.draining or state.at_capacity())))
+    metrics.ready.set_function(lambda: float(not state.unready()))
     metrics.draining.set_function(lambda: float(state.draining))
     app.add_routes(
         [
@@ -304,19 +316,34 @@ def _clients(
     async def clients(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
         settings = state.settings
+        key_setting = "GEMINI_API_KEY"
         if client is not None:
             live = client
         else:
             found = backend
             if found is None:
-                models = (settings.gemini_model,)
+                models = tuple(state.personas.models())
                 found = await asyncio.to_thread(resolve, settings, models)
             live = found.client(live_http(settings))
+            if found.vertex and found.project is not None:
+                key_setting = "GOOGLE_APPLICATION_CREDENTIALS"
         twilio = rest or TwilioRest(settings.twilio_auth_token.get_secret_value())
         app[CALLS] = CallFactory(settings, state.personas, live, twilio, state.metrics)
+        metrics = state.metrics
+        state.backend = BackendWatch(
+            functools.partial(probe, live),
+            state.personas.models(),
+            key_setting=key_setting,
+            interval_s=settings.model_check_interval_s,
+            on_result=lambda result: metrics.backend_checks.labels(result=result).inc(),
+        )
+        watch = state.backend
+        metrics.backend_refusing.set_function(lambda: float(watch.refusal is not None))
         try:
+            await watch.start()  # BackendRefused: the start stops
             yield
         finally:
+            await watch.stop()
             if rest is None:
                 await twilio.close()
             if client is None:
@@ -655,11 +682,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    if state.draining:
-        return web.Response(status=503, text="draining\n")
-    if state.at_capacity():
-        return web.Response(status=503, text="at call limit\n")
+    reason = request.app[STATE].unready()
+    if reason:
+        return web.Response(status=503, text=f"{reason}\n")
     return web.Response(text="ready\n")
 
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from conftest import Eventually
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = "gemini-live-2.5-flash-preview"
+MODEL = "gemini-3.8-live"
 
 
 def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:

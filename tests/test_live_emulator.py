@@ -31,7 +31,7 @@ from gateway.testing.live_emulator import (
 )
 from gateway.testing.tls import TestTLS, make_tls
 
-MODEL = "gemini-live-2.5-flash-preview"
+MODEL = "gemini-3.8-live"
 STEP_TIMEOUT = 5.0  # generous bound on any single wait; a hang fails instead of blocking
 PATH = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
 
@@ -445,17 +445,19 @@ async def test_refusals(emulator_factory: Factory, tls: TestTLS) -> None:
         ({"x-goog-api-key": "test-key"}, ['{"realtime_input": {"text": "hi"}}'], 1008),
         (
             {"x-goog-api-key": "test-key"},
-            ['{"setup": {"model": "models/x"}}', '{"bogus": {}}'],
+            ['{"setup": {"model": "models/gemini-3.8-live"}}', '{"bogus": {}}'],
             1007,
         ),
         (
             {"x-goog-api-key": "test-key"},
             [
-                '{"setup": {"model": "models/x"}}',
+                '{"setup": {"model": "models/gemini-3.8-live"}}',
                 '{"realtimeInput": {"audio": {"data": "!!!", "mimeType": "audio/pcm"}}}',
             ],
             1007,
         ),
+        # a retired model: refused at its setup
+        ({"x-goog-api-key": "test-key"}, ['{"setup": {"model": "models/x"}}'], 1008),
     ],
 )
 async def test_bad_input_is_closed_with_a_code(
@@ -799,7 +801,7 @@ async def test_pings_are_answered_after_the_delay(
     url = emu.base_url.replace("https", "wss") + PATH
     headers = {"x-goog-api-key": "test-key"}
     async with ws_connect(url, ssl=tls.client_ssl, additional_headers=headers) as ws:
-        await ws.send(json.dumps({"setup": {"model": "models/x"}}))
+        await ws.send(json.dumps({"setup": {"model": f"models/{MODEL}"}}))
         assert "setupComplete" in json.loads(await ws.recv())
         waiters = [await ws.ping(f"p{i}") for i in range(3)]
         latencies = [await w for w in waiters]

@@ -566,7 +566,9 @@ class RogueLive:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return await self._forward(request)  # the models API, as the emulator answers
         ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024)
         await ws.prepare(request)
         if self.garbage:
@@ -574,6 +576,20 @@ class RogueLive:
         else:
             await self._relay(request, ws)
         return ws
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        assert self.emulator.tls is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "x-goog-api-key"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                self.emulator.base_url + request.path_qs,
+                headers=headers,
+                ssl=self.emulator.tls.client_ssl,
+            ) as answer,
+        ):
+            body = await answer.read()
+            return web.Response(status=answer.status, body=body, content_type="application/json")
 
     async def _junk(self, ws: web.WebSocketResponse) -> None:
         garbage = LIVE_GARBAGE[len(self.served) % len(LIVE_GARBAGE)]

@@ -21,6 +21,8 @@ Wire protocol, as checked against google-genai 3.6 (``live.py``, ``_api_client.p
   ======================================  ====  ==================================================
   no API key                              1008  "Method doesn't allow unregistered callers ..."
   wrong API key                           1007  "API key not valid. Please pass a valid API key."
+  model not served (``config.models``)    1008  "models/X is not found for API version v1, or is
+                                                not supported for bidiGenerateContent. ..."
   unknown / expired / ended handle        1008  "Session resumption handle is invalid or expired."
   outage (:meth:`refuse_connections`)     1011  "The service is currently unavailable."
   malformed JSON / unknown field / b64    1007  "Invalid JSON payload received. ..."
@@ -29,6 +31,13 @@ Wire protocol, as checked against google-genai 3.6 (``live.py``, ``_api_client.p
 
   With ``EmulatorConfig.refuse_with_http`` an outage is an HTTP 503 at the handshake instead;
   the SDK does not wrap that: ``websockets.exceptions.InvalidStatus`` escapes ``connect()``.
+* The models API the SDK's ``client.aio.models.get`` calls: ``GET /{v1,v1beta,v1alpha}/
+  models/{id}`` with ``x-goog-api-key`` answers the model resource of ``config.models``
+  (``supportedGenerationMethods`` lists ``bidiGenerateContent`` for a Live model); a wrong key
+  is ``400 INVALID_ARGUMENT`` with reason ``API_KEY_INVALID``, no key ``403
+  PERMISSION_DENIED``, a model not served ``404 NOT_FOUND`` (the real message for models.get
+  was not found; the Live close reason above is quoted by several client projects), an
+  outage (:meth:`refuse_connections`) ``503 UNAVAILABLE``. Errors have Google's JSON shape.
 * Connection lifetime: ``goAway{timeLeft:"9.5s"}`` (protobuf Duration string) at
   ``lifetime - goaway_lead`` (at once, announcing what is left, when the lead is longer than
   that), then a close at ``lifetime`` with ``goaway_close_code``: **1011 "Deadline expired
@@ -232,6 +241,112 @@ _JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 # The audience google-auth puts in a service account's assertion, whatever its token_uri.
 _TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
 _CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+_MODELS_PATH = re.compile(r"^/(v1|v1beta|v1alpha)/models/([^/]+)$")
+LIVE_METHOD = "bidiGenerateContent"
+
+
+def _model_resource(
+    model: str, display: str, methods: list[str], tokens_in: int, tokens_out: int
+) -> dict[str, Any]:
+    """A Gemini API model resource as ``GET /{version}/models/{id}`` answers it."""
+    return {
+        "name": f"models/{model}",
+        "version": "001",
+        "displayName": display,
+        "description": display,
+        "inputTokenLimit": tokens_in,
+        "outputTokenLimit": tokens_out,
+        "supportedGenerationMethods": methods,
+        "temperature": 1,
+        "topP": 0.95,
+        "topK": 64,
+        "maxTemperature": 2,
+        "thinking": True,
+    }
+
+
+#: Models the emulator's Gemini API knows (live-models.md, the model table and §9 rows 1,
+#: 31, 32: [G38][G38ET][G31][G25][D167186]); ``gemini-2.5-flash`` is a model without Live
+#: support. ``gemini-live-2.5-flash-preview`` is absent: shut down 2025-12-09 [GCHGzh][GDEP6].
+MODELS: dict[str, dict[str, Any]] = {
+    m[0]: _model_resource(*m)
+    for m in (
+        ("gemini-3.8-live", "Gemini 3.8 Live", [LIVE_METHOD, "countTokens"], 131072, 65536),
+        (
+            "gemini-3.8-live-extended-thinking",
+            "Gemini 3.8 Live Extended Thinking",
+            [LIVE_METHOD, "countTokens"],
+            131072,
+            65536,
+        ),
+        (
+            "gemini-3.1-flash-live-preview",
+            "Gemini 3.1 Flash Live Preview",
+            [LIVE_METHOD, "countTokens"],
+            131072,
+            65536,
+        ),
+        (
+            "gemini-2.5-flash-native-audio-preview-12-2025",
+            "Gemini 2.5 Flash Native Audio Preview 12-2025",
+            [LIVE_METHOD, "countTokens"],
+            131072,
+            8192,
+        ),
+        (
+            "gemini-2.5-flash-native-audio-preview-09-2025",
+            "Gemini 2.5 Flash Native Audio Preview 09-2025",
+            [LIVE_METHOD, "countTokens"],
+            131072,
+            8192,
+        ),
+        (
+            "gemini-2.5-flash",
+            "Gemini 2.5 Flash",
+            ["generateContent", "countTokens", "createCachedContent", "batchGenerateContent"],
+            1048576,
+            65536,
+        ),
+    )
+}
+#: Models the emulator's Vertex AI knows (live-models.md, the model table and §5: [V25]
+#: [V38][V25-09]); which locations serve them: VertexService.check_setup.
+VERTEX_MODELS = (
+    "gemini-3.8-live",
+    "gemini-live-2.5-flash-native-audio",
+    "gemini-live-2.5-flash-preview-native-audio-09-2025",
+)
+_VERTEX_MODELS_PATH = re.compile(
+    r"^/(v1|v1beta1)/(?:projects/([^/]+)/locations/([^/]+)/)?publishers/google/models/([^/]+)$"
+)
+#: Shut-down models, with the day (what a 404 for one of them stands for).
+RETIRED_MODELS = {"gemini-live-2.5-flash-preview": "2025-12-09"}
+
+
+def _google_error(status: int, code: str, message: str, reason: str = "") -> web.Response:
+    """An error as Google APIs answer one (``{"error": {code, message, status, details}}``)."""
+    error: dict[str, Any] = {"code": status, "message": message, "status": code}
+    if reason:
+        error["details"] = [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": reason,
+                "domain": "googleapis.com",
+                "metadata": {"service": "generativelanguage.googleapis.com"},
+            }
+        ]
+    return web.json_response({"error": error}, status=status)
+
+
+def not_found_reason(model: str, version: str) -> str:
+    """The close reason of a Live setup naming a model the service does not serve."""
+    return (
+        f"models/{model} is not found for API version {version}, or is not supported for "
+        "bidiGenerateContent. Call ListModels to see the list of available models and their "
+        "supported methods."
+    )
+
+
 _CLIENT_KEYS = frozenset(
     {"setup", "clientContent", "realtimeInput", "toolResponse", "contextUpdate"}
 )
@@ -300,6 +415,12 @@ class EmulatorConfig:
     audio_head_bytes: int = 0  # without record_audio: keep this much of each lineage's start
     setup_timeout: float = 10.0
     close_timeout: float = 2.0
+    # The models the service serves (the models API's answers, the models a Live setup may
+    # name): id -> model resource. Take one out to retire it while the emulator runs.
+    models: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(MODELS))
+    # A setup naming a model not served (or one without bidiGenerateContent) closes with this
+    # code and not_found_reason(): 1008, as client projects quote the real service.
+    unknown_model_close: int = 1008
     # Function calling: a clientContent text turn containing a key gets a reply whose first
     # audio chunk is followed by toolCall{name, args} (the value). Recorded as events.
     tool_call_on_text: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
@@ -405,6 +526,7 @@ class ConnectionRecord:
     dropped_audio_bytes: int = 0  # takeover: caller audio among them
     in_flight_lost_bytes: int = 0  # input_delay: caller audio still in flight at the server's
     # close or cut (never processed)
+    api_version: str = "v1"  # of its URL
 
 
 @dataclass
@@ -704,6 +826,7 @@ class _Connection:
         message = self._parse(first.data)
         if "setup" not in message:
             raise _Refused(1008, "The first message must be 'setup'.", "error")
+        self._check_model(message["setup"])
         # The setup reaches the service input_delay after it was sent; answering takes a while.
         if self.vertex:
             self.transparent = self.emu.vertex.check_setup(message["setup"])
@@ -830,6 +953,17 @@ class _Connection:
             name = unknown[0] if unknown else ""
             raise _Refused(1007, f'Invalid JSON payload received. Unknown name "{name}".', "error")
         return norm
+
+    def _check_model(self, setup: Any) -> None:
+        """A model the service does not serve for Live: refused before anything else."""
+        name = setup.get("model") if isinstance(setup, dict) else None
+        if not isinstance(name, str):
+            return  # _setup refuses it
+        model = name.removeprefix("models/")
+        found = self.emu.config.models.get(model)
+        if found is None or LIVE_METHOD not in found.get("supportedGenerationMethods", []):
+            reason = not_found_reason(model, self.rec.api_version)
+            raise _Refused(self.emu.config.unknown_model_close, reason, "refused")
 
     def _setup(self, setup: Any) -> None:
         if not isinstance(setup, dict) or not isinstance(setup.get("model"), str):
@@ -1390,7 +1524,29 @@ class LiveEmulator:
         self._snapshots[handle] = snap
         self.record.handles_issued[handle] = (snap.state.session_id, snap.issued_at)
 
+    def _get_model(self, request: web.Request, version: str, model: str) -> web.Response:
+        """The models API's ``models.get``: the key checked first, then the model."""
+        key = request.headers.get("x-goog-api-key") or request.query.get("key")
+        self.record.event("models_get", f"{version} {model}")
+        if not key:
+            return _google_error(403, "PERMISSION_DENIED", REASON_NO_KEY)
+        if key != self.config.api_key:
+            return _google_error(400, "INVALID_ARGUMENT", REASON_BAD_KEY, "API_KEY_INVALID")
+        if self._refusing():
+            return _google_error(503, "UNAVAILABLE", REASON_UNAVAILABLE)
+        found = self.config.models.get(model)
+        if found is None:
+            text = f"models/{model} is not found for API version {version}."
+            return _google_error(404, "NOT_FOUND", text)
+        return web.json_response(found)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        models = _MODELS_PATH.match(request.path)
+        if models is not None:
+            return self._get_model(request, models.group(1), models.group(2))
+        vertex_model = _VERTEX_MODELS_PATH.match(request.path)
+        if vertex_model is not None:
+            return self.vertex.get_model(request, *vertex_model.groups()[1:])
         match = _PATH.match(request.path)
         vertex = match is None and (match := _VERTEX_PATH.match(request.path)) is not None
         if match is None:
@@ -1411,6 +1567,7 @@ class LiveEmulator:
             setup={},
             resumed_from=None,
             refused=refused,
+            api_version=match.group(1),
         )
         self.record.connections.append(rec)
         if refusal == "http":
@@ -1542,6 +1699,33 @@ class VertexService:
             return 1007, REASON_BAD_KEY
         return None
 
+    def get_model(
+        self, request: web.Request, project: str | None, location: str | None, model: str
+    ) -> web.Response:
+        """Vertex AI's ``models.get`` of a publisher model (no generation methods listed):
+        credentials as for a Live socket (401 UNAUTHENTICATED, or 400 API_KEY_INVALID for a
+        wrong express-mode key), then 404 for a model not served in the location."""
+        self.emu.record.event("models_get", f"vertex {location} {model}")
+        denied = self.denial(request)
+        if denied is not None:
+            code, reason = denied
+            if code == 1007:
+                return _google_error(400, "INVALID_ARGUMENT", reason, "API_KEY_INVALID")
+            return _google_error(401, "UNAUTHENTICATED", reason)
+        cfg = self.emu.config
+        where = location or cfg.vertex_express_location
+        name = f"publishers/google/models/{model}"
+        if model not in VERTEX_MODELS or (
+            where == "global" and model in cfg.vertex_regional_only
+        ):
+            full = f"projects/{project}/locations/{where}/{name}" if project else name
+            text = (
+                f"Publisher Model `{full}` was not found or your project does not have access "
+                "to it."
+            )
+            return _google_error(404, "NOT_FOUND", text)
+        return web.json_response({"name": name, "versionId": "001", "launchStage": "GA"})
+
     def check_setup(self, setup: Any) -> bool:
         """Refuse (1008) a model not named as on Vertex or not served in its location;
         whether the session asked for transparent resumption."""
@@ -1563,6 +1747,9 @@ def _oauth_error(error: str, description: str) -> web.Response:
 
 __all__ = [
     "CLOSE_REASONS",
+    "MODELS",
+    "RETIRED_MODELS",
+    "VERTEX_MODELS",
     "AfterCutReply",
     "ConcurrentResume",
     "ConnectionRecord",
