@@ -19,6 +19,7 @@ from google.genai import errors, types
 from test_ops import base_env, samples
 
 from gateway.live.models import (
+    BackendRefused,
     Problem,
     Verdict,
     check,
@@ -26,7 +27,14 @@ from gateway.live.models import (
     verdict_of_error,
     verdict_of_model,
 )
-from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, free_port, quick_emulator, test_bed
+from gateway.testing.harness import (
+    AUTH_TOKEN,
+    PUBLIC_URL,
+    BackendKind,
+    free_port,
+    quick_emulator,
+    test_bed,
+)
 from gateway.testing.live_emulator import MODELS, RETIRED_MODELS, EmulatorConfig, LiveEmulator
 from gateway.testing.tls import TestTLS, make_tls
 
@@ -281,3 +289,34 @@ async def test_readiness_fails_while_the_backend_refuses_the_key() -> None:
         bed.emulator.refuse_connections(float("inf"))
         await asyncio.sleep(0.5)
         assert await ready() == (200, "ready\n")
+
+
+# ---------------------------------------------------------------------------- Vertex AI
+
+
+@pytest.mark.parametrize("backend", ["vertex", "vertex_express"])
+async def test_on_vertex_a_model_it_does_not_serve_stops_the_start(backend: BackendKind) -> None:
+    model = "gemini-3.1-flash-live-preview"  # a Gemini API model; no Vertex id is known
+    with pytest.raises(BackendRefused) as caught:
+        async with test_bed(quick_emulator(), backend=backend, gemini_model=model):
+            pass
+    assert str(caught.value).startswith(f"GEMINI_MODEL {model}: model not found (404 NOT_FOUND: ")
+    assert f"publishers/google/models/{model}" in str(caught.value)
+
+
+async def test_on_vertex_readiness_fails_while_the_express_key_is_refused() -> None:
+    async with test_bed(
+        quick_emulator(), backend="vertex_express", model_check_interval_s=0.2
+    ) as bed:
+        key = bed.emulator.config.vertex_api_key
+        bed.emulator.config.vertex_api_key = "rotated"
+        for _ in range(100):
+            async with bed.http.get(bed.gateway_url + "/readyz") as response:
+                if response.status == 503:
+                    text = await response.text()
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("/readyz never failed")
+        assert text.startswith("live backend refuses: GEMINI_API_KEY: key refused (400 ")
+        bed.emulator.config.vertex_api_key = key

@@ -826,10 +826,11 @@ class _Connection:
         message = self._parse(first.data)
         if "setup" not in message:
             raise _Refused(1008, "The first message must be 'setup'.", "error")
-        self._check_model(message["setup"])
-        # The setup reaches the service input_delay after it was sent; answering takes a while.
         if self.vertex:
             self.transparent = self.emu.vertex.check_setup(message["setup"])
+        else:
+            self._check_model(message["setup"])
+        # The setup reaches the service input_delay after it was sent; answering takes a while.
         self.rec.setup_latency = _uniform(self.emu._rng, cfg.setup_latency)
         wait = received_at + cfg.input_delay + self.rec.setup_latency - time.monotonic()
         if wait > 0:
@@ -1715,9 +1716,7 @@ class VertexService:
         cfg = self.emu.config
         where = location or cfg.vertex_express_location
         name = f"publishers/google/models/{model}"
-        if model not in VERTEX_MODELS or (
-            where == "global" and model in cfg.vertex_regional_only
-        ):
+        if model not in VERTEX_MODELS or (where == "global" and model in cfg.vertex_regional_only):
             full = f"projects/{project}/locations/{where}/{name}" if project else name
             text = (
                 f"Publisher Model `{full}` was not found or your project does not have access "
@@ -1736,6 +1735,8 @@ class VertexService:
         cfg = self.emu.config
         location = found.group(2) or cfg.vertex_express_location
         if location == "global" and found.group(3) in cfg.vertex_regional_only:
+            raise _Refused(1008, REASON_MODEL_NOT_FOUND, "refused")
+        if found.group(3) not in VERTEX_MODELS:
             raise _Refused(1008, REASON_MODEL_NOT_FOUND, "refused")
         resumption = setup.get("sessionResumption")
         return isinstance(resumption, dict) and resumption.get("transparent") is True
