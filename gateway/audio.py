@@ -32,9 +32,11 @@ per 20 ms frame, median, in-process A/B; the table's x RT is from before that.)
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -101,6 +103,107 @@ def _kaiser_lowpass(num_taps: int, cutoff_hz: float, rate: float, atten_db: floa
     return unity
 
 
+@dataclass(frozen=True, eq=False)
+class HalfBand:
+    """The half-band shortcut of a filter that doubles the rate (see `PolyphaseResampler`):
+    output 2p is input window p's sample at `copy_at`; output 2p + 1 correlates window p
+    from `odd_at` with `odd_taps`."""
+
+    copy_at: int
+    odd_at: int
+    odd_taps: FloatArray
+    # The interpolated samples can only overshoot int16 when the input's peak times the
+    # taps' absolute sum does: below that (every frame but near-full-scale ones), no clip.
+    odd_peak_gain: float
+
+
+@dataclass(frozen=True, eq=False)
+class PolyphaseFilter:
+    """A rational resampler's FIR, designed once (`design_filter`) and shared, read-only,
+    by every resampler with the same rates and band: its polyphase branches, its delay and,
+    for a half-band filter, the shortcut."""
+
+    up: int
+    down: int
+    in_rate: int
+    out_rate: int
+    num_taps: int
+    taps: int  # taps per polyphase branch
+    branches: FloatArray  # branch p: taps p, p + up, ... reversed (a plain correlation)
+    subbranches: list[list[FloatArray]]  # a branch split again by input phase
+    latency_samples: int
+    halfband: HalfBand | None
+
+    @property
+    def latency_ms(self) -> float:
+        return 1000.0 * self.latency_samples / self.out_rate
+
+
+@functools.cache
+def design_filter(
+    in_rate: int,
+    out_rate: int,
+    passband_hz: float,
+    stopband_hz: float,
+    atten_db: float = 80.0,
+    *,
+    fast: bool = True,
+) -> PolyphaseFilter:
+    """The filter of a `PolyphaseResampler` (see there); one design per set of arguments."""
+    g = math.gcd(in_rate, out_rate)
+    up, down = out_rate // g, in_rate // g
+    high_rate = in_rate * up  # the filter runs at the common multiple rate
+    width = (stopband_hz - passband_hz) / high_rate
+    estimate = math.ceil((atten_db - 7.95) / (2.285 * 2 * math.pi * width)) + 1
+    # Odd length with a group delay that is a whole number of output samples, so trimming
+    # it keeps the output exactly aligned.
+    step = 2 * down
+    num_taps = step * math.ceil((estimate - 1) / step) + 1
+    h = _kaiser_lowpass(num_taps, (passband_hz + stopband_hz) / 2, high_rate, atten_db)
+    # Zero-stuffing by ``up`` divides the level by ``up``; each branch gets unity DC gain,
+    # so a constant input comes out constant (no image at half the output rate).
+    for p in range(up):
+        h[p::up] /= h[p::up].sum()
+    # Taps on a 2^-k grid, at most 2^30 steps: every product with an int16 sample and every
+    # partial sum is then exact in float64, so each output is bit-identical whatever the
+    # summation order (BLAS kernels vary with the matrix shape, i.e. with the chunking).
+    grid = 2.0 ** (_TAP_BITS - math.ceil(math.log2(np.abs(h).max())))
+    h = np.round(h * grid) / grid
+    taps = -(-num_taps // up)  # taps per polyphase branch
+    padded = np.zeros(taps * up)
+    padded[:num_taps] = h
+    # Polyphase: branch p holds taps p, p + up, p + 2 up, ... (zero-stuffed inputs skipped),
+    # stored reversed so that an output is a plain correlation with its input window.
+    branches: FloatArray = padded.reshape(taps, up).T[:, ::-1].copy()
+    subbranches = [[branch[q::down].copy() for q in range(min(down, taps))] for branch in branches]
+    return PolyphaseFilter(
+        up=up,
+        down=down,
+        in_rate=in_rate,
+        out_rate=out_rate,
+        num_taps=num_taps,
+        taps=taps,
+        branches=branches,
+        subbranches=subbranches,
+        latency_samples=(num_taps - 1) // 2 // down,
+        halfband=_find_halfband(up, down, branches) if fast else None,
+    )
+
+
+def _find_halfband(up: int, down: int, branches: FloatArray) -> HalfBand | None:
+    """The half-band shortcut, if the filter is one (see `PolyphaseResampler`)."""
+    if (up, down) != (2, 1):
+        return None
+    copied, computed = branches
+    (ones,) = np.nonzero(copied)
+    if len(ones) != 1 or copied[ones[0]] != 1.0:
+        return None
+    (nonzero,) = np.nonzero(computed)
+    lo, hi = int(nonzero[0]), int(nonzero[-1])
+    odd_taps: FloatArray = computed[lo : hi + 1].copy()
+    return HalfBand(int(ones[0]), lo, odd_taps, float(np.abs(odd_taps).sum()))
+
+
 class PolyphaseResampler:
     """Streaming rational resampler with a linear-phase FIR; PCM16 samples in and out.
 
@@ -108,7 +211,8 @@ class PolyphaseResampler:
     gives the same samples as one call. Output is time-aligned with the input (the filter's
     group delay is trimmed at the start and drained by ``flush``), so over a stream the output
     count is exactly ceil(inputs * out_rate / in_rate), and what is held inside is just the
-    group delay (``latency_samples``).
+    group delay (``latency_samples``). The filter itself (`PolyphaseFilter`) is designed once
+    and shared.
 
     Doubling the rate with the cutoff at the old Nyquist (8 -> 16 kHz, cutoff 4 kHz) makes a
     half-band filter: one of its two polyphase branches is a single tap of exactly 1, i.e. the
@@ -128,77 +232,32 @@ class PolyphaseResampler:
         *,
         fast: bool = True,
     ) -> None:
-        g = math.gcd(in_rate, out_rate)
-        self.up, self.down = out_rate // g, in_rate // g
-        self.in_rate, self.out_rate = in_rate, out_rate
-        high_rate = in_rate * self.up  # the filter runs at the common multiple rate
-        width = (stopband_hz - passband_hz) / high_rate
-        estimate = math.ceil((atten_db - 7.95) / (2.285 * 2 * math.pi * width)) + 1
-        # Odd length with a group delay that is a whole number of output samples, so trimming
-        # it keeps the output exactly aligned.
-        step = 2 * self.down
-        num_taps = step * math.ceil((estimate - 1) / step) + 1
-        h = _kaiser_lowpass(num_taps, (passband_hz + stopband_hz) / 2, high_rate, atten_db)
-        # Zero-stuffing by ``up`` divides the level by ``up``; each branch gets unity DC gain,
-        # so a constant input comes out constant (no image at half the output rate).
-        for p in range(self.up):
-            h[p :: self.up] /= h[p :: self.up].sum()
-        # Taps on a 2^-k grid, at most 2^30 steps: every product with an int16 sample and every
-        # partial sum is then exact in float64, so each output is bit-identical whatever the
-        # summation order (BLAS kernels vary with the matrix shape, i.e. with the chunking).
-        grid = 2.0 ** (_TAP_BITS - math.ceil(math.log2(np.abs(h).max())))
-        h = np.round(h * grid) / grid
-        self._taps = -(-num_taps // self.up)  # taps per polyphase branch
-        padded = np.zeros(self._taps * self.up)
-        padded[:num_taps] = h
-        # Polyphase: branch p holds taps p, p + up, p + 2 up, ... (zero-stuffed inputs skipped),
-        # stored reversed so that an output is a plain correlation with its input window.
-        self._branches: FloatArray = padded.reshape(self._taps, self.up).T[:, ::-1].copy()
-        self._subbranches = [
-            [branch[q :: self.down].copy() for q in range(min(self.down, self._taps))]
-            for branch in self._branches
-        ]
-        self.num_taps = num_taps
-        self.latency_samples = (num_taps - 1) // 2 // self.down
-        self.latency_ms = 1000.0 * self.latency_samples / out_rate
-        self._halfband = fast and self._find_halfband()
+        self.filter = design_filter(
+            in_rate, out_rate, passband_hz, stopband_hz, atten_db, fast=fast
+        )
+        self.up, self.down = self.filter.up, self.filter.down
+        self.latency_samples = self.filter.latency_samples
+        self.latency_ms = self.filter.latency_ms
         self.reset()
-
-    def _find_halfband(self) -> bool:
-        """Set up the half-band path if this filter is one (see the class docstring)."""
-        if (self.up, self.down) != (2, 1):
-            return False
-        copied, computed = self._branches
-        (ones,) = np.nonzero(copied)
-        if len(ones) != 1 or copied[ones[0]] != 1.0:
-            return False
-        (nonzero,) = np.nonzero(computed)
-        lo, hi = int(nonzero[0]), int(nonzero[-1])
-        self._copy_at = int(ones[0])  # output 2p is input window p's sample at this index
-        self._odd_at = lo  # output 2p + 1 correlates window p from here with these taps
-        self._odd_taps: FloatArray = computed[lo : hi + 1].copy()
-        # The interpolated samples can only overshoot int16 when the input's peak times the
-        # taps' absolute sum does: below that (every frame but near-full-scale ones), no clip.
-        self._odd_peak_gain = float(np.abs(self._odd_taps).sum())
-        return True
 
     def reset(self) -> None:
         """Forget all input: the next sample starts a fresh stream."""
-        self._hist: FloatArray = np.zeros(self._taps - 1)
-        self._held = bytes(2 * (self._taps - 1))  # the same, as PCM16 (half-band path)
+        taps = self.filter.taps
+        self._hist: FloatArray = np.zeros(taps - 1)
+        self._held = bytes(2 * (taps - 1))  # the same, as PCM16 (half-band path)
         self._n_in = 0
         self._n_out = 0  # untrimmed outputs computed so far
         self._trim = self.latency_samples
 
     def process(self, samples: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
         """Feed input samples; return every output sample that is now fully determined."""
-        if self._halfband:
+        if self.filter.halfband is not None:
             return self._trimmed(self._halfband_filter(samples.astype(_PCM16).tobytes()))
         return self._trimmed(_to_int16(self._filter(samples)))
 
     def process_pcm(self, pcm: bytes) -> bytes:
         """``process`` on PCM16 LE bytes (an even count), straight from and to the wire."""
-        if self._halfband:
+        if self.filter.halfband is not None:
             return self._trimmed(self._halfband_filter(pcm)).tobytes()
         samples = np.frombuffer(pcm, _PCM16).astype(np.int16, copy=False)
         return self.process(samples).astype(_PCM16, copy=False).tobytes()
@@ -218,7 +277,7 @@ class PolyphaseResampler:
             return np.zeros(0, np.int16)
         wanted = -(-self._n_in * self.up // self.down) + self.latency_samples - self._n_out
         zeros = max(-(-(self._n_out + wanted) * self.down // self.up) - self._n_in, 0)
-        if self._halfband:
+        if self.filter.halfband is not None:
             tail = self._halfband_filter(bytes(2 * zeros))
         else:
             tail = _to_int16(self._filter(np.zeros(zeros)))
@@ -236,16 +295,18 @@ class PolyphaseResampler:
         n = len(pcm) // 2
         if not n:
             return np.zeros(0, _PCM16)
+        half = self.filter.halfband
+        assert half is not None
         data = self._held + pcm
         self._held = data[len(data) - len(self._held) :]
         x = np.frombuffer(data, _PCM16)
         y = np.empty(2 * n, _PCM16)
-        y[0::2] = x[self._copy_at : self._copy_at + n]
-        taps = self._odd_taps
-        window = x[self._odd_at : self._odd_at + n + len(taps) - 1].astype(np.float64)
+        y[0::2] = x[half.copy_at : half.copy_at + n]
+        taps = half.odd_taps
+        window = x[half.odd_at : half.odd_at + n + len(taps) - 1].astype(np.float64)
         odd: FloatArray = np.correlate(window, taps)  # twice as fast on float64 as on int16
         np.rint(odd, out=odd)
-        if audioop.max(data, 2) * self._odd_peak_gain > 32767.0:
+        if audioop.max(data, 2) * half.odd_peak_gain > 32767.0:
             np.minimum(odd, 32767.0, out=odd)
             np.maximum(odd, -32768.0, out=odd)
         y[1::2] = odd
@@ -268,19 +329,20 @@ class PolyphaseResampler:
         # meet inputs q, q + down, ...), so only the outputs kept are computed. Each sample is
         # a sum of the same products however the stream was chunked, exact (see the tap grid),
         # so chunk joins are seamless.
-        for r in range(min(self.up, count)):
-            pos, phase = divmod((self._n_out + r) * self.down, self.up)
-            n = (count - r + self.up - 1) // self.up
+        up, down, subbranches = self.up, self.down, self.filter.subbranches
+        for r in range(min(up, count)):
+            pos, phase = divmod((self._n_out + r) * down, up)
+            n = (count - r + up - 1) // up
             start = pos - n_prev
             out: FloatArray | None = None
-            for q, taps in enumerate(self._subbranches[phase]):
-                inputs = buf[start + q :: self.down][: n - 1 + len(taps)]
+            for q, taps in enumerate(subbranches[phase]):
+                inputs = buf[start + q :: down][: n - 1 + len(taps)]
                 part: FloatArray = np.correlate(inputs, taps, "valid")
                 out = part if out is None else out + part
-            y[r :: self.up] = out
+            y[r::up] = out
         self._n_out = max(end, self._n_out)
-        if self._taps > 1:
-            self._hist = buf[len(buf) - (self._taps - 1) :]
+        if self.filter.taps > 1:
+            self._hist = buf[len(buf) - (self.filter.taps - 1) :]
         return y
 
 

@@ -236,7 +236,7 @@ def test_chunked_equals_one_shot_caller() -> None:
 def test_caller_half_band_path_gives_the_general_paths_samples() -> None:
     # The fast path computes one branch and copies the other; the general path computes both.
     fast, general = caller_resampler(), caller_resampler(fast=False)
-    assert fast._halfband and not general._halfband
+    assert fast.filter.halfband is not None and general.filter.halfband is None
     rng = np.random.default_rng(7)
     loud = rng.integers(-32768, 32768, 8000).astype(np.int16)  # full scale: overshoot saturates
     loud[::2] = 32767  # the worst case for the interpolated samples
