@@ -604,6 +604,10 @@ def render(data: dict[str, Any]) -> list[str]:
         out += ["", *gc_table(data["runs"])]
     if data["resets"]:
         out += ["", *reset_table(data["resets"])]
+    if data.get("cost"):
+        from bench.cost import table as cost_table
+
+        out += ["", *cost_table(data["cost"])]
     out += ["", "| transcoding | × real time per core |", "|---|---|"]
     out += [f"| {name} | {speed:.0f} |" for name, speed in data["transcoding"].items()]
     if any(r["impl"] == "naive" for r in data["runs"]):  # a comparison run: the targets
@@ -807,9 +811,14 @@ async def main(args: argparse.Namespace) -> int:
                     gaps = reset_gaps(reset_run, times, reset_run.extra["time_left"])
         finally:
             await emulator.stop()
+        costs = []
+        if args.cost_calls:
+            from bench.cost import stage
+
+            costs = await stage(args, logs, Path(tmp) / "cost")
     speeds = transcoding(args.transcode_seconds)
 
-    data = result(runs, gaps, speeds, args)
+    data = result(runs, gaps, speeds, args) | {"cost": costs}
     print("\n".join(render(data)))
     if args.json:
         write_json(Path(args.json), data)
@@ -894,6 +903,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 calls, seconds")
     parser.add_argument("--no-warm-call", dest="warm_call", action="store_false")
+    from bench.cost import cost_args
+
+    cost_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.calls = "2"
@@ -903,6 +915,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reset_calls = min(args.reset_calls, 2)
         args.reset_seconds = min(args.reset_seconds, 8.0)
         args.transcode_seconds = 2
+        args.cost_calls = min(args.cost_calls, 1)
+        args.cost_minutes = min(args.cost_minutes, 0.5)
     args.calls = [int(n) for n in str(args.calls).split(",") if n.strip()]
     args.baseline = [str(Path(d).resolve()) for d in args.baseline]
     return args

@@ -10,6 +10,8 @@ are ordered through the control server (the emulator's cut/goAway live in its ev
 * ``GET /sessions``              per session: the caller audio its newest lineage holds
   (bytes) and the pitch of the first speech in it (with ``--audio-head-s``: how the soak
   tells whose call a session is), connections, whether it ended;
+* ``GET /bills``                 per session: what the emulator billed it for
+  (gateway.testing.billing: reports, tokens by kind, dollars), its caller audio, its model;
 * ``GET /chaos``                 the disruptions made so far (gateway.testing.chaos);
 * ``POST /chaos?every=MIN,MAX``  random disruptions from now on, one every U(MIN, MAX) s over
   all connections (``every=off``: stop); ``--chaos-every`` starts them at once.
@@ -129,6 +131,20 @@ async def _sessions(request: web.Request) -> web.Response:
     return web.json_response(found)
 
 
+async def _bills(request: web.Request) -> web.Response:
+    emulator = request.app[EMULATOR]
+    found: list[dict[str, Any]] = [
+        {
+            "id": session.id,
+            "audio_s": session.state.audio_bytes / 32000,
+            "connections": len(session.connection_ids),
+            **session.bill.summary(),
+        }
+        for session in emulator.record.sessions.values()
+    ]
+    return web.json_response(found)
+
+
 async def _chaos(request: web.Request) -> web.Response:
     chaos = request.app.get(CHAOS)
     return web.json_response([asdict(d) for d in chaos.done] if chaos is not None else [])
@@ -184,6 +200,7 @@ async def serve(args: argparse.Namespace) -> None:
         audio_head_bytes=int(args.audio_head_s * 32000),
         compress=args.deflate,
         seed=args.seed,
+        speed=args.speed,
     )
     emulator = LiveEmulator(config, tls)
     await emulator.start()
@@ -201,6 +218,7 @@ async def serve(args: argparse.Namespace) -> None:
             web.post("/goaway", _goaway),
             web.get("/stats", _stats),
             web.get("/sessions", _sessions),
+            web.get("/bills", _bills),
             web.get("/chaos", _chaos),
             web.post("/chaos", _chaos_rate),
         ]
@@ -249,6 +267,9 @@ def main() -> None:
     )
     parser.add_argument("--chaos-kinds", default=",".join(KINDS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--speed", type=float, default=1.0, help="compress the model's pauses and replies"
+    )
     args = parser.parse_args()
     run(serve(args))  # with uvloop when installed: the emulator is not what is measured
 

@@ -77,6 +77,18 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
         cells = [cell.strip() for cell in row.split("|")[1:-1]]
         assert cells[1] == "2" and int(cells[2]) >= 2, row  # both calls' connections reset
     assert "caller 8k mu-law -> 16k PCM" in text and "model 24k PCM -> 8k mu-law" in text
+    # The model's bill per call shape, both bridges; the gateway counted what was billed.
+    cost = [line.split("|") for line in lines if line.startswith(("| short call", "| 0.5 min"))]
+    assert [(c[1].strip(), c[2].strip()) for c in cost] == [
+        (shape, bridge)
+        for shape in ("short call", "0.5 min, talkative", "0.5 min, quiet")
+        for bridge in ("gateway", "naive")
+    ], text
+    for cells in cost:
+        heard, turns = cells[11].strip().split("/")
+        assert heard == turns != "0", cells  # every reply heard whole
+        assert float(cells[8].strip()) > 0, cells  # dollars per call-minute
+    assert all(c[10].strip().startswith("= bill") for c in cost[::2]), cost
     # The doc's tables are printed again from the JSON, exactly as the run printed them.
     again = subprocess.run(
         [sys.executable, "-m", "bench.doc_tables", str(out)],
