@@ -115,7 +115,7 @@ class Call:
         self._metrics = metrics
         self.stats = CallStats()
         self.usage = CallUsage(prices=dict(token_prices or {}))
-        self.watch = CallWatch(self.persona, self.stats.started_at)
+        self.watch = CallWatch(self.persona.policy, self.stats.started_at)
         self.playback = Speaker(
             send,
             start.stream_sid,
@@ -153,7 +153,7 @@ class Call:
         log.info("call started")
         if self.watch.timed:
             self._spawn(self._watch_loop(), "watch")
-        if self.persona.record:
+        if self.persona.policy.record:
             self._spawn(self._record(), "record")
         if self.persona.greeting:
             self.transcript.event("greeting", text=self.persona.greeting)
@@ -396,16 +396,16 @@ class Call:
             await self.playback.changes.wait(wake)  # the bot quiet moves the silence watch
 
     def _move(self, move: Move) -> None:
-        persona = self.persona
+        policy = self.persona.policy
         if move is Move.CHECK_IN:
-            log.info("caller silent for %.0f s: checking in", persona.silence_timeout_s)
-            self._spawn(self._instruct(move.value, persona.silence_prompt), "check-in")
+            log.info("caller silent for %.0f s: checking in", policy.silence_timeout_s)
+            self._spawn(self._instruct(move.value, policy.silence_prompt), "check-in")
         elif move is Move.SILENCE:
-            self.end(EndReason.SILENCE, persona.silence_goodbye)
+            self.end(EndReason.SILENCE, policy.silence_goodbye)
         elif move is Move.WRAP_UP_DURATION:
-            self.end(EndReason.MAX_DURATION, persona.wrap_up)
+            self.end(EndReason.MAX_DURATION, policy.wrap_up)
         elif move is Move.WRAP_UP_TOKENS:
-            self.end(EndReason.MAX_TOKENS, persona.wrap_up)
+            self.end(EndReason.MAX_TOKENS, policy.wrap_up)
         elif move is Move.LIMIT:  # whatever is happening, even another ending
             self.end(EndReason.DURATION_LIMIT)
 
@@ -512,9 +512,10 @@ class Call:
         log.info("answered by %s", answered_by or "unknown")
         self.transcript.event("answered_by", answered_by=answered_by, result=kind)
         self._metrics.answered_by.labels(persona=self.persona.name, answered_by=kind).inc()
-        reason = answer_ending(kind, self.persona.voicemail)
+        voicemail = self.persona.policy.voicemail
+        reason = answer_ending(kind, voicemail)
         if reason is not None:
-            self.end(reason, self.persona.voicemail)
+            self.end(reason, voicemail)
 
     def _spawn(self, work: Coroutine[Any, Any, object], name: str) -> None:
         """A task of the call's own; cancelled (if still running) when the call ends."""

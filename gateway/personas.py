@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
 from gateway.config import ConfigError, PersonaConfig, Settings, ToolName, address_key
@@ -19,6 +19,22 @@ from gateway.config import ConfigError, PersonaConfig, Settings, ToolName, addre
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    """The gateway's own moves during a persona's calls (`gateway.watch`, `gateway.ending`):
+    recording, the voicemail message, the limits and the silence watch."""
+
+    record: bool = False  # ask Twilio to record the call (dual channel) when it starts
+    voicemail: str = ""  # an outbound call reached a machine: leave this message; "" = hang up
+    max_call_s: float = 0.0  # 0 = no limit
+    max_call_tokens: int = 0  # 0 = no limit
+    wrap_up_at: float = 0.9  # the share of either limit at which the model is told `wrap_up`
+    wrap_up: str = ""
+    silence_timeout_s: float = 0.0  # caller silent this long after the bot spoke; 0 = off
+    silence_prompt: str = ""
+    silence_goodbye: str = ""
 
 
 @dataclass(frozen=True)
@@ -35,15 +51,7 @@ class Persona:
     tools: tuple[ToolName, ...] = ()
     transfer_to: Mapping[str, str] = field(default_factory=dict)
     numbers: tuple[str, ...] = ()
-    record: bool = False  # ask Twilio to record the call (dual channel) when it starts
-    voicemail: str = ""  # an outbound call reached a machine: leave this message; "" = hang up
-    max_call_s: float = 0.0  # 0 = no limit
-    max_call_tokens: int = 0  # 0 = no limit
-    wrap_up_at: float = 0.9  # the share of either limit at which the model is told `wrap_up`
-    wrap_up: str = ""
-    silence_timeout_s: float = 0.0  # caller silent this long after the bot spoke; 0 = off
-    silence_prompt: str = ""
-    silence_goodbye: str = ""
+    policy: CallPolicy = field(default_factory=CallPolicy)
 
 
 @dataclass(frozen=True)
@@ -124,18 +132,8 @@ class PersonaTable:
         return found
 
 
-# Keys of the gateway's own moves during a call, inherited like the others.
-_POLICY_KEYS = (
-    "record",
-    "voicemail",
-    "max_call_s",
-    "max_call_tokens",
-    "wrap_up_at",
-    "wrap_up",
-    "silence_timeout_s",
-    "silence_prompt",
-    "silence_goodbye",
-)
+# Keys of the gateway's own moves during a call (`CallPolicy`), inherited like the others.
+_POLICY_KEYS = tuple(f.name for f in fields(CallPolicy))
 
 
 def _pick(own: T | None, inherited: T | None, fallback: T) -> T:
@@ -193,5 +191,5 @@ def _resolve(
         tools=tools,
         transfer_to=dict(transfer_to),
         numbers=tuple(config.numbers),
-        **policy,
+        policy=CallPolicy(**policy),
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from gateway.personas import Persona
+from gateway.personas import CallPolicy
 
 
 class Move(StrEnum):
@@ -35,11 +35,11 @@ class Move(StrEnum):
 class CallWatch:
     """When a call's silence and limit moves are due."""
 
-    def __init__(self, persona: Persona, started_at: float) -> None:
-        self._silence_s = persona.silence_timeout_s
-        self._max_s = persona.max_call_s
-        self._max_tokens = persona.max_call_tokens
-        self._wrap_up_at = persona.wrap_up_at
+    def __init__(self, policy: CallPolicy, started_at: float) -> None:
+        self._silence_s = policy.silence_timeout_s
+        self._max_s = policy.max_call_s
+        self._max_tokens = policy.max_call_tokens
+        self._wrap_up_at = policy.wrap_up_at
         self._started_at = started_at
         self._caller_spoke_at = started_at
         self._bot_quiet_since: float | None = started_at

@@ -272,7 +272,7 @@ def test_the_shipped_configuration_answers_every_number_with_the_default_persona
     assert list(table.by_name) == ["default"] and dict(table.by_number) == {}
     assert table.for_number("+15550100001") is table.default
     default = table.default
-    assert (default.tools, dict(default.transfer_to), default.record) == ((), {}, False)
+    assert (default.tools, dict(default.transfer_to), default.policy.record) == ((), {}, False)
     # A fresh install greets like a phone system: the file and the code agree on it.
     assert default.greeting == GREETING_DEFAULT == Settings.model_fields["greeting"].default
     # The file shows every new key at its default (a fresh install behaves as documented).
@@ -299,9 +299,10 @@ def test_the_example_personas_load_and_validate(monkeypatch: pytest.MonkeyPatch)
     assert table.default.greeting == GREETING_DEFAULT
     assert table.by_name["soporte"].greeting != GREETING_DEFAULT  # its own, in Spanish
     dental = table.by_name["dental"]
-    assert dental.record and dental.voicemail and dental.silence_timeout_s == 8.0
+    assert dental.policy.record and dental.policy.voicemail
+    assert dental.policy.silence_timeout_s == 8.0
     assert set(dental.transfer_to) == {"reception", "billing"}
-    assert dental.wrap_up == Settings.model_fields["wrap_up"].default  # inherited
+    assert dental.policy.wrap_up == Settings.model_fields["wrap_up"].default  # inherited
 
 
 async def test_the_default_persona_greets_and_a_persona_can_turn_it_off() -> None:
