@@ -144,6 +144,22 @@ async def test_the_speaker_marks_each_reply_and_a_wait_ends_on_the_mark() -> Non
     assert delays and speaker.state.replies_heard == 1
 
 
+async def test_a_turn_the_session_ends_without_an_event_still_ends_the_wait() -> None:
+    """A held or skipped repeat: the session says the model speaks, the call sees no audio
+    and gets no event when it stops; the wait notices by looking again."""
+
+    async def send(text: str) -> None:
+        pass
+
+    speaking = [True]
+    speaker = Speaker(send, "MZ1", lambda: speaking[0], wait_limit_s=30.0, on_sent=lambda _: None)
+    waiting = asyncio.create_task(speaker.wait_quiet())
+    await asyncio.sleep(2 * UNSEEN_TURN_RECHECK_S)
+    assert not waiting.done()
+    speaking[0] = False  # no notify: nothing tells the call
+    await asyncio.wait_for(waiting, 5)
+
+
 async def test_a_wait_gives_up_at_its_limit() -> None:
     async def send(text: str) -> None:
         pass
