@@ -389,13 +389,23 @@ async def _take_answer(state: GatewayState, call: Call) -> None:
 
 
 def live_http(settings: Settings) -> types.HttpOptions:
-    """The Live client's transport: permessage-deflate offered only with LIVE_DEFLATE.
+    """The Live client's transport: permessage-deflate offered only with LIVE_DEFLATE, and
+    websockets' keepalive off.
 
-    websockets' connect offers it unless told ``compression=None``; the SDK (google-genai
-    1.23 on) passes ``async_client_args`` that websockets' connect takes on to it, and its
-    HTTP clients drop them.
+    websockets' connect offers deflate unless told ``compression=None``, and closes a
+    connection whose pong is 20 s late however much else arrives (the Live service's pongs
+    take up to 30 s): the gateway decides liveness itself (`gateway.live.liveness`). The SDK
+    (google-genai 1.23 on) passes ``async_client_args`` that websockets' connect takes on to
+    it, and its HTTP clients drop them; checked here, since nothing else would tell.
     """
-    args: dict[str, Any] = {} if settings.live_deflate else {"compression": None}
+    args: dict[str, Any] = {"ping_interval": None}
+    if not settings.live_deflate:
+        args["compression"] = None
+    if not live_sdk.passes_socket_args(args):
+        log.warning(
+            "google-genai does not pass websocket options on: the Live socket keeps "
+            "websockets' keepalive (a pong 20 s late closes it) and offers deflate"
+        )
     return types.HttpOptions(async_client_args=args)
 
 

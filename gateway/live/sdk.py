@@ -8,16 +8,21 @@ caps google-genai to the versions the tests ran on.
   wire JSON directly, because ``send_realtime_input`` spends ~80 µs of pydantic per
   message, fifty times a second per call; raw frames are read so that messages carrying
   nothing but model audio skip the SDK's models (~90 µs each, 25 a second per reply); and
-  the connection is pinged once after setup to measure the round trip, which places
+  the connection is pinged now and then: any pong, however late, is a sign of life
+  (`gateway.live.liveness`), and a prompt one measures the round trip, which places
   resumption handles (`gateway.live.machine`).
 * ``google.genai._live_converters._LiveServerMessage_from_mldev`` and, on Vertex AI,
   ``_LiveServerMessage_from_vertex`` (which also renames Vertex's usage fields): the SDK's
   own wire to model converters, for every message that is not audio only (the public
   ``receive()`` calls them too, after reading the socket itself).
 * ``LiveServerMessage._from_response``: the SDK's own model construction from it.
+* ``BaseApiClient._ensure_websocket_ssl_ctx``: the SDK's filter of ``async_client_args`` for
+  websockets' ``connect``, to check at start that the options the gateway gives the Live
+  socket (keepalive off, compression) reach it (:func:`passes_socket_args`).
 
-Without them everything goes through the public API: slower, and handles are placed
-with the default round trip (more input is replayed twice at a reset, none is lost).
+Without them everything goes through the public API: slower, handles are placed with the
+default round trip (more input is replayed twice at a reset, none is lost), and a stalled
+connection is noticed only when its socket fails.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from google.genai import _live_converters, errors, types
+from google.genai import _api_client, _live_converters, errors, types
 from google.genai.live import AsyncSession
 from websockets.exceptions import ConnectionClosed
 
@@ -152,17 +157,27 @@ async def write_audio(session: AsyncSession, pcm16k: bytes) -> None:
     await session._ws.send(audio_message(pcm16k))
 
 
-async def measure_rtt(session: AsyncSession, timeout_s: float = 2.0) -> float | None:
-    """One WebSocket ping's round trip, in seconds (None if it cannot be measured)."""
+async def ping(session: AsyncSession) -> asyncio.Future[float] | None:
+    """Send a WebSocket ping; its pong completes the future with the round trip in seconds
+    (None without the socket path, or if the ping could not be sent)."""
     if not paths().socket:
         return None
     try:
-        async with asyncio.timeout(timeout_s):
-            pong = await session._ws.ping()
-            latency = await pong
+        pong = await session._ws.ping()
     except Exception:
         return None
-    return float(latency) if isinstance(latency, int | float) else None
+    return pong if isinstance(pong, asyncio.Future) else None
+
+
+def passes_socket_args(args: dict[str, Any]) -> bool:
+    """Whether the SDK hands these ``HttpOptions.async_client_args`` on to websockets'
+    ``connect`` as they are (google-genai 1.23 on keeps those that ``connect`` takes)."""
+    try:
+        options = types.HttpOptions(async_client_args=args)
+        passed = _api_client.BaseApiClient._ensure_websocket_ssl_ctx(options)
+    except Exception:
+        return False
+    return all(key in passed and passed[key] == value for key, value in args.items())
 
 
 async def receive(session: AsyncSession) -> AsyncIterator[types.LiveServerMessage | list[bytes]]:

@@ -43,6 +43,7 @@ from gateway.live.events import (
     TurnState,
     Usage,
 )
+from gateway.live.liveness import Liveness
 from gateway.live.machine import (
     BYTES_PER_SECOND,
     Action,
@@ -82,7 +83,9 @@ REFUSAL_CODES = frozenset({1007, 1008})
 # held for a short hangover (LiveSettings.caller_pause_s) so pauses between words do not
 # count as silence.
 SPEECH_RMS = 330
-RTT_INTERVAL_S = 10.0
+# A pong later than this measures the service's pong handling, not the network (its pongs
+# have been seen 8-30 s late): it proves the connection alive but gives no round trip.
+PROMPT_PONG_S = 2.0
 
 
 class LiveSessionFailed(Exception):
@@ -113,6 +116,7 @@ class _Link:
     id: int
     session: AsyncSession
     stack: AsyncExitStack
+    liveness: Liveness
     outbox: deque[tuple[Input | Brief, bool]] = field(default_factory=deque)
     pumping: bool = False
     gone: bool = False  # closed by us or lost: nothing more is read or written
@@ -460,21 +464,40 @@ class LiveSession:
         if error is not None:
             await self._execute(self.machine.open_failed(conn_id, error, detail, time.monotonic()))
             return
-        link = _Link(conn_id, session, stack)
+        liveness = Liveness(time.monotonic(), self._options.settings.live_stall_s)
+        link = _Link(conn_id, session, stack, liveness)
         self._links[conn_id] = link
         self._spawn(self._read(link), f"live-read-{conn_id}")
-        self._spawn(self._measure(link), f"live-rtt-{conn_id}")
+        self._spawn(self._watch(link), f"live-watch-{conn_id}")
         log.debug("live connection %d open", conn_id, extra=self._log_extra)
         await self._execute(self.machine.opened(conn_id, time.monotonic()))
         self._started.set()
 
-    async def _measure(self, link: _Link) -> None:
-        """Ping after setup, then now and then: the round trip places handles."""
+    async def _watch(self, link: _Link) -> None:
+        """Ping now and then; end the connection once nothing at all has come for the stall
+        limit (`gateway.live.liveness`). A prompt pong's round trip places handles. Without
+        the socket path there are no pings to answer, and no judging from silence alone."""
+        if not sdk.paths().socket:
+            return
+        liveness = link.liveness
+
+        def pong(done: asyncio.Future[float]) -> None:
+            if done.cancelled() or done.exception() is not None or link.gone:
+                return
+            liveness.heard = time.monotonic()
+            if done.result() <= PROMPT_PONG_S:
+                self.machine.rtt(link.id, done.result())
+
         while not link.gone:
-            rtt = await sdk.measure_rtt(link.session)
-            if rtt is not None and not link.gone:
-                self.machine.rtt(link.id, rtt)
-            await asyncio.sleep(RTT_INTERVAL_S)
+            if liveness.stalled(time.monotonic()):
+                await self._lost(
+                    link, LossKind.NETWORK, f"nothing received for {liveness.stall_s:g} s"
+                )
+                return
+            waiter = await sdk.ping(link.session)
+            if waiter is not None:
+                waiter.add_done_callback(pong)
+            await asyncio.sleep(liveness.interval)
 
     async def _lost(self, link: _Link, kind: LossKind, detail: str) -> None:
         if link.gone:
@@ -492,6 +515,7 @@ class LiveSession:
             async for message in receive(link.session):
                 if link.gone:
                     return
+                link.liveness.heard = time.monotonic()
                 if isinstance(message, list):  # nothing but model audio
                     now = time.monotonic()
                     verdict = self.machine.model_output(link.id, now)

@@ -35,3 +35,6 @@ class LiveSettings(BaseModel):
     resume_nudge_s: float = Field(default=1.5, gt=0)  # prompt a model silent after a reset
     # hold a resumed model's first reply this long at most, to tell a repeat (0: never hold)
     repeat_judge_s: float = Field(default=1.5, ge=0)
+    # nothing at all received from a connection this long (no message, no pong): stalled,
+    # resumed on a new one; above the service's pong delay (up to 30 s seen) + 5 s
+    live_stall_s: float = Field(default=45.0, gt=0)

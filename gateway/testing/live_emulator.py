@@ -54,6 +54,9 @@ Wire protocol, as checked against google-genai 3.6 (``live.py``, ``_api_client.p
   with a code (:data:`CLOSE_REASONS`: 1000, 1007, 1008, 1011, each with a reason reported for
   it). :meth:`LiveEmulator.refuse_next` refuses the next N connections: HTTP 503 at the
   handshake, a reset during the setup, or a close code after it.
+* Stalls (:meth:`LiveEmulator.stall`): a connection stops sending anything, pongs included,
+  while its socket stays open and its input is still read (a wedged service behind a live
+  TCP stack): only the client's own liveness check can tell.
 * Server frames are camelCase JSON sent as binary frames; ``setupComplete`` is ``{}`` (the
   Developer API does not send a session id).
 
@@ -98,9 +101,13 @@ knob                        default             rests on
                                                 a handle. The Gemini API cannot say what a
                                                 handle covers (``lastConsumedClientMessage
                                                 Index`` needs ``transparent``, Vertex only).
-``pong_delay``              0 s                 Extra pong delay, in order. sip-to-ai PR #14
-                                                measured Gemini pongs at 8-30 s: a ping's
-                                                round trip need not measure the network.
+``pong_delay``              0 s                 Extra pong delay, U(min, max) s, in order;
+                                                any value plays, (0, 30) too. sip-to-ai PR
+                                                #14 measured Gemini pongs at 8-30 s
+                                                (/work/shared/live-service-notes.md): a
+                                                ping's round trip need not measure the
+                                                network, and a keepalive that waits 20 s
+                                                for a pong cuts healthy connections.
 ``goaway_lead``             50 s                ``goAway{timeLeft:"50s"}`` on the Gemini API
                                                 (kizuna-ai-lab/sokuji#179); ~30 s on Vertex
                                                 (third-party), ~60 s (Firebase docs).
@@ -706,6 +713,7 @@ class _Connection:
         self.setup_received = False  # its first message was read
         self.setup_done = False  # setupComplete sent
         self.superseded_by: _Connection | None = None  # takeover
+        self.stalled = False  # sends nothing more, pongs included (LiveEmulator.stall)
         self._pending = b""
         self._voiced = 0  # voiced windows in the current utterance
         self._silent = 0  # silent windows since the last voiced one
@@ -740,7 +748,7 @@ class _Connection:
         self.request_close(1011, f"Internal error encountered: {type(exc).__name__}", "error")
 
     async def send(self, message: dict[str, Any] | bytes) -> None:
-        if self.closing or self.ws.closed:
+        if self.closing or self.ws.closed or self.stalled:
             return
         data = message if isinstance(message, bytes) else _dumps(message)
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -937,7 +945,7 @@ class _Connection:
             at, data = self._pongs.popleft()
             if at > time.monotonic():
                 await asyncio.sleep(at - time.monotonic())
-            if not self.closing and not self.ws.closed:
+            if not self.closing and not self.ws.closed and not self.stalled:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await self.ws.pong(data)
 
@@ -1464,6 +1472,16 @@ class LiveEmulator:
         if conn is None or conn.closing or not conn.setup_done:
             return False
         conn.spawn(conn.announce(time_left, code))
+        return True
+
+    def stall(self, connection_id: int) -> bool:
+        """Connection ``connection_id`` sends nothing more, pongs included, its socket left
+        open and its input still read. False if it is not open."""
+        conn = self._conns.get(connection_id)
+        if conn is None or conn.closing or not conn.setup_done:
+            return False
+        conn.stalled = True
+        self.record.event("stall", f"conn={connection_id}")
         return True
 
     def open_connections(self) -> list[int]:
