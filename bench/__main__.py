@@ -19,7 +19,13 @@ callers time each turn from their own end of speech to the first sound of the re
 beyond the model's own pause). A reset run then gives every call an announced reset (goAway)
 and an abrupt one (TCP reset) and measures the caller's extra wait for the replies around it.
 
-Run: ``python -m bench`` (about 10 minutes); ``python -m bench --quick`` (a smoke run).
+A burst run (``--burst N,...``) answers N calls, then opens all their streams at the same moment
+(as Twilio does for calls answered together), against the gateway with ``MAX_CALLS=N`` and
+against the naive bridge: streams admitted and calls completed (one turn each), how long the
+upgrades took, and how late the gateway read each ``start``.
+
+Run: ``python -m bench`` (about 10 minutes); ``python -m bench --quick`` (a smoke run);
+``python -m bench --calls '' --reset-calls 0 --burst 50,100,200`` (bursts only).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from gateway.testing.harness import free_port
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW_S = 0.02  # the emulator's VAD window
 LATENCY = "gateway_added_latency_seconds"
+START_WAIT = "gateway_stream_start_wait_seconds"
 GC_PAUSE = "gateway_gc_pause_seconds"
 DIRECTIONS = ("caller_to_model", "model_to_caller")
 MIB = 1024 * 1024
@@ -255,7 +262,9 @@ class Bench:
         extra = dict(kv.split("=", 1) for kv in self.args.gateway_env)
         return extra | gateway_env(self.emulator_info, port)
 
-    async def start_gateway(self, impl: str) -> tuple[Proc, str]:
+    async def start_gateway(
+        self, impl: str, settings: dict[str, str] | None = None
+    ) -> tuple[Proc, str]:
         port = free_port()
         module = "bench.naive_gateway" if impl == "naive" else "gateway"
         argv = ["-m", module]
@@ -268,14 +277,17 @@ class Bench:
         env = self.gateway_env(port)
         if kind == "variant":
             env |= variant_env(self.args.variant[int(index)])
+        env |= settings or {}
         name = impl.replace(":", "-")
         proc = await spawn(name, argv, env, self.logs, self.args.nice, cwd=cwd)
         url = f"http://127.0.0.1:{port}"
         await wait_healthy(self.http, url, proc)
         return proc, url
 
-    async def callers(self, url: str, calls: int, **options: Any) -> Proc:
-        argv = ["-m", "bench.callers", "--url", url, "--calls", str(calls)]
+    async def callers(
+        self, url: str, calls: int, flags: Sequence[str] = (), **options: Any
+    ) -> Proc:
+        argv = ["-m", "bench.callers", "--url", url, "--calls", str(calls), *flags]
         argv += ["--reply-s", str(self.args.reply_s)]
         if self.args.line_noise_db is not None:
             argv += ["--line-noise-db", str(self.args.line_noise_db)]
@@ -395,6 +407,24 @@ class Bench:
             stderr=asyncio.subprocess.DEVNULL,
         )
 
+    async def burst(self, impl: str, calls: int) -> Burst:
+        """``calls`` calls answered, then all their streams opened at once, one turn each,
+        against ``impl`` (the gateway with MAX_CALLS = ``calls``)."""
+        gateway, url = await self.start_gateway(impl, {"MAX_CALLS": str(calls)})
+        try:
+            callers = await self.callers(url, calls, flags=("--burst",), turns=1)
+            while (msg := await callers.line(limit_s=180))["event"] != "result":
+                pass
+            await callers.stop()
+            wait = None
+            if impl != "naive":
+                async with self.http.get(url + "/metrics") as resp:
+                    text = await resp.text()
+                wait = histograms(text, START_WAIT, "").get("")
+            return Burst(impl, calls, msg["calls"], wait)
+        finally:
+            await gateway.stop()
+
     async def resets(self, calls: int, seconds: float) -> tuple[Run, dict[str, float]]:
         """A run in which every connection gets a goAway, then later dies abruptly."""
         time_left = min(5.0, seconds * 0.2)
@@ -410,6 +440,56 @@ class Bench:
 
         run = await self.run("gateway", calls, seconds, during=resets)
         return run, {"goaway": run.extra["goaway"]["at"], "abrupt": run.extra["abrupt"]["at"]}
+
+
+# --- bursts ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Burst:
+    """One burst: every call's result (bench.callers --burst) and the gateway's start waits."""
+
+    impl: str
+    calls: int
+    results: list[dict[str, Any]]
+    start_wait: Histogram | None  # the gateway's gateway_stream_start_wait_seconds
+
+    def row(self) -> dict[str, Any]:
+        sent = [r["upgrade_sent"] for r in self.results if r["upgrade_sent"] is not None]
+        t0 = min(sent, default=math.nan)
+        opened = [r["upgraded"] - t0 for r in self.results if r["upgraded"] is not None]
+        admitted = sum(r["upgraded"] is not None and r["close_code"] is None for r in self.results)
+        wait = self.start_wait
+        return {
+            "impl": self.impl,
+            "calls": self.calls,
+            "sent_within_ms": 1000 * (max(sent, default=math.nan) - t0),
+            "open_ms": [1000 * percentile(opened, 0.5), 1000 * max(opened, default=math.nan)],
+            "admitted": admitted,
+            "completed": sum(bool(r["heard_ok"]) for r in self.results),
+            "errors": sorted({r["error"] for r in self.results if r["error"]}),
+            "start_wait_ms": None
+            if wait is None
+            else [1000 * wait.quantile(0.5), 1000 * wait.top_bound()],
+        }
+
+
+def burst_table(bursts: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| burst | bridge | upgrades sent within ms | streams open ms p50 / last "
+        "| admitted | completed | start read ms p50 / at most |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for b in bursts:
+        wait = b["start_wait_ms"]
+        read = "-" if wait is None else f"{ms(wait[0])} / {ms(wait[1])}"
+        bridge = "gateway (MAX_CALLS = burst)" if b["impl"] == "gateway" else b["impl"]
+        lines.append(
+            f"| {b['calls']} | {bridge} | {ms(b['sent_within_ms'])} "
+            f"| {ms(b['open_ms'][0])} / {ms(b['open_ms'][1])} "
+            f"| {b['admitted']}/{b['calls']} | {b['completed']}/{b['calls']} | {read} |"
+        )
+    return lines
 
 
 # --- reset gap ------------------------------------------------------------------------------
@@ -540,6 +620,7 @@ def result(
     gaps: list[ResetGap],
     speeds: dict[str, float],
     args: argparse.Namespace,
+    bursts: Sequence[Burst] = (),
 ) -> dict[str, Any]:
     """Everything the tables show, as plain data (--json writes it; bench.doc_tables
     prints the same tables from it)."""
@@ -593,13 +674,15 @@ def result(
             for g in gaps
         ],
         "transcoding": speeds,
+        "bursts": [b.row() for b in bursts],
     }
 
 
 def render(data: dict[str, Any]) -> list[str]:
     """The tables, in markdown, from `result` (or its JSON)."""
     out = [f"machine: {data['machine']}", f"command: {data['command']}", ""]
-    out += table(data["runs"], data["saturated_above"])
+    if data["runs"]:
+        out += table(data["runs"], data["saturated_above"])
     if any(r.get("gc") for r in data["runs"]):
         out += ["", *gc_table(data["runs"])]
     if data["resets"]:
@@ -608,6 +691,8 @@ def render(data: dict[str, Any]) -> list[str]:
         from bench.cost import table as cost_table
 
         out += ["", *cost_table(data["cost"])]
+    if data.get("bursts"):
+        out += [*([""] if out[-1] else []), *burst_table(data["bursts"])]
     out += ["", "| transcoding | × real time per core |", "|---|---|"]
     out += [f"| {name} | {speed:.0f} |" for name, speed in data["transcoding"].items()]
     if any(r["impl"] == "naive" for r in data["runs"]):  # a comparison run: the targets
@@ -804,6 +889,13 @@ async def main(args: argparse.Namespace) -> int:
                             f"  {run.cpu_per_call_minute:.3f} core-s/call-min, "
                             f"heard {run.heard_ok[0]}/{run.heard_ok[1]}"
                         )
+                bursts: list[Burst] = []
+                for n in args.burst:
+                    for impl in ("gateway", *([] if args.no_naive else ["naive"])):
+                        log(f"{impl}: a burst of {n} calls ...")
+                        bursts.append(await bench.burst(impl, n))
+                        row = bursts[-1].row()
+                        log(f"  admitted {row['admitted']}/{n}, completed {row['completed']}/{n}")
                 gaps: list[ResetGap] = []
                 if args.reset_calls:
                     log(f"resets: {args.reset_calls} calls for {args.reset_seconds:.0f} s ...")
@@ -818,7 +910,7 @@ async def main(args: argparse.Namespace) -> int:
             costs = await stage(args, logs, Path(tmp) / "cost")
     speeds = transcoding(args.transcode_seconds)
 
-    data = result(runs, gaps, speeds, args) | {"cost": costs}
+    data = result(runs, gaps, speeds, args, bursts) | {"cost": costs}
     print("\n".join(render(data)))
     if args.json:
         write_json(Path(args.json), data)
@@ -840,6 +932,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=3.0, help="after the last call is up")
     parser.add_argument("--rate", type=float, default=40.0, help="calls placed per second")
     parser.add_argument("--reset-calls", type=int, default=50, help="calls in the reset run")
+    parser.add_argument(
+        "--burst",
+        default="",
+        help="bursts: N calls whose streams open at once, comma list (e.g. 50,100,200)",
+    )
     parser.add_argument("--reset-seconds", type=float, default=24.0)
     parser.add_argument("--reply-s", type=float, default=0.8, help="the emulator's replies")
     parser.add_argument("--end-of-speech-s", type=float, default=0.5)
@@ -917,7 +1014,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.transcode_seconds = 2
         args.cost_calls = min(args.cost_calls, 1)
         args.cost_minutes = min(args.cost_minutes, 0.5)
+        args.burst = args.burst or "2"
     args.calls = [int(n) for n in str(args.calls).split(",") if n.strip()]
+    args.burst = [int(n) for n in str(args.burst).split(",") if n.strip()]
     args.baseline = [str(Path(d).resolve()) for d in args.baseline]
     return args
 

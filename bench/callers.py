@@ -11,6 +11,11 @@ With ``--line-noise-db`` the quiet parts carry white noise at that level (dBFS R
 of digital silence, as a phone line does: audio then compresses as real calls do (matters
 for permessage-deflate, not for the emulator's VAD, which ignores anything below -40 dB).
 
+With ``--burst`` the calls come at once instead: every voice webhook is answered first, then
+all the streams are opened at the same moment (as Twilio opens those of calls answered
+together), and each call talks ``--turns`` turns; each call's result says when its upgrade was
+sent and done, and whether its stream was refused.
+
 Started as ``python -m bench.callers --url http://127.0.0.1:PORT --calls N ...``; writes JSON
 lines on stdout.
 """
@@ -22,6 +27,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,6 +69,9 @@ class CallResult:
     heard_ok: bool = False
     error: str | None = None
     protocol_errors: int = 0
+    upgrade_sent: float | None = None  # --burst: when its stream's upgrade went out
+    upgraded: float | None = None  # and when the stream was open and started
+    close_code: int | None = None  # the gateway's close of the stream, if it closed it
 
 
 class Quiet:
@@ -131,7 +140,7 @@ async def await_reply(
 
 
 async def talk(
-    sim: TwilioCallerSimulator,
+    place: Callable[[], Awaitable[SimulatedCall]],
     window: Window,
     reply_s: float,
     turns: int | None,
@@ -141,7 +150,7 @@ async def talk(
     result = CallResult()
     min_bytes = int(0.9 * reply_s * SAMPLE_RATE)
     try:
-        call = await sim.place_call()
+        call = await place()
     except Exception as exc:
         result.error = f"place_call: {type(exc).__name__}: {exc}"
         on_placed.set()
@@ -164,6 +173,8 @@ async def talk(
             await quiet.send(call, PAUSE_S)
     record = call.record
     result.protocol_errors = len(record.protocol_errors)
+    if record.closed_by == "gateway":
+        result.close_code = record.close_code
     complete = [r.n for r in heard_replies(record) if r.duration_s >= 0.8 * reply_s]
     result.heard = [n for i, n in enumerate(complete) if i == 0 or complete[i - 1] != n]
     result.heard_ok = (
@@ -178,7 +189,37 @@ def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, "t": time.monotonic(), **fields}), flush=True)
 
 
+async def burst(args: argparse.Namespace) -> None:
+    """All calls answered, then all their streams opened at once; ``--turns`` turns each."""
+    window = Window()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        sim = TwilioCallerSimulator(http, args.url, PUBLIC_URL, AUTH_TOKEN)
+        answered = await asyncio.gather(*(sim.answer() for _ in range(args.calls)))
+        emit("answered")
+
+        async def one(record: CallRecord) -> CallResult:
+            times: dict[str, float] = {}
+
+            async def place() -> SimulatedCall:
+                times["sent"] = time.monotonic()
+                call = await sim.open_stream(record)
+                times["open"] = time.monotonic()
+                return call
+
+            quiet = Quiet(args.line_noise_db, seed=0)
+            result = await talk(place, window, args.reply_s, args.turns, asyncio.Event(), quiet)
+            result.upgrade_sent, result.upgraded = times.get("sent"), times.get("open")
+            return result
+
+        finished = await asyncio.gather(*(one(record) for record in answered))
+    emit("result", calls=[asdict(r) for r in finished])
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.burst:
+        await burst(args)
+        return
     window = Window()
     interval = 1.0 / args.rate
     connector = aiohttp.TCPConnector(limit=0)
@@ -194,7 +235,7 @@ async def main(args: argparse.Namespace) -> None:
             event = asyncio.Event()
             placed.append(event)
             quiet = Quiet(args.line_noise_db, seed=i)
-            talking = talk(sim, window, args.reply_s, args.turns, event, quiet)
+            talking = talk(sim.place_call, window, args.reply_s, args.turns, event, quiet)
             tasks.append(asyncio.create_task(talking))
         for event in placed:
             await event.wait()
@@ -218,6 +259,9 @@ def cli() -> None:
     parser.add_argument("--rate", type=float, default=40.0, help="calls placed per second")
     parser.add_argument("--reply-s", type=float, default=0.8, help="the emulator's reply length")
     parser.add_argument("--turns", type=int, default=None, help="fixed turns, no window")
+    parser.add_argument(
+        "--burst", action="store_true", help="answer all calls, then open their streams at once"
+    )
     parser.add_argument(
         "--line-noise-db", type=float, default=None, help="noise in the quiet parts (dBFS)"
     )
