@@ -57,6 +57,7 @@ from gateway.twilio.twiml import (
     MAX_SUMMARY_CHARS,
     busy_twiml,
     connect_stream_twiml,
+    end_twiml,
     whisper_twiml,
 )
 from gateway.twilio.webhooks import (
@@ -74,6 +75,8 @@ from gateway.twilio.webhooks import (
 log = logging.getLogger(__name__)
 
 TOKEN_PARAMETER = "token"
+#: The voice webhook's `<Connect action>`: Twilio asks it what next when a stream ends.
+CONNECT_ACTION_PATH = "/twilio/connect-action"
 #: Twilio's CallStatus values for a call that is over.
 FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 #: Lines a throttle logs as they come in an interval before it only counts: enough that a
@@ -247,6 +250,7 @@ def create_app(
             web.post("/twilio/amd", amd_webhook),
             web.post("/twilio/recording", recording_webhook),
             web.post("/twilio/whisper", whisper_webhook),
+            web.post(CONNECT_ACTION_PATH, connect_action),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics_endpoint),
@@ -490,9 +494,22 @@ async def voice_webhook(request: web.Request) -> web.Response:
     persona = state.personas.answering(params, request.query.get(PERSONA_PARAMETER))
     token = state.tokens.issue(call_sid, account_sid=account_sid, persona=persona.name)
     twiml = connect_stream_twiml(
-        state.stream_url, {TOKEN_PARAMETER: token, PERSONA_PARAMETER: persona.name}
+        state.stream_url,
+        {TOKEN_PARAMETER: token, PERSONA_PARAMETER: persona.name},
+        action=state.settings.public_url + CONNECT_ACTION_PATH,
     )
     return web.Response(text=twiml, content_type="text/xml")
+
+
+async def connect_action(request: web.Request) -> web.Response:
+    """Twilio's request once a call's stream closed (the `<Connect action>`): the call has
+    nothing more to do here, so an empty `<Response/>` ends it."""
+    params = await _checked_form(request)
+    log.info(
+        "stream over: the call ends",
+        extra={"call_sid": params.get("CallSid", ""), "call_status": params.get("CallStatus")},
+    )
+    return web.Response(text=end_twiml(), content_type="text/xml")
 
 
 async def status_webhook(request: web.Request) -> web.Response:

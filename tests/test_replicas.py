@@ -7,6 +7,7 @@ a single replica's memory would not see them.
 
 from __future__ import annotations
 
+import time
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
@@ -125,3 +126,45 @@ async def test_an_answering_machine_result_reaches_the_replica_holding_the_call(
                 None,
                 0.0,
             )
+
+
+async def test_a_caller_spread_over_replicas_is_served(redis_url: str) -> None:
+    """Through a load balancer: the webhook on one replica, the stream on the other."""
+    async with replicas(2, redis_url, quick_emulator()) as (one, two):
+        bases = [one.gateway_url, two.gateway_url]
+        caller = TwilioCallerSimulator(one.http, bases, PUBLIC_URL, AUTH_TOKEN, speed=2)
+        async with await caller.place_call() as call:
+            await say_and_hear(call, 1)
+            assert len(two.app[STATE].calls) == 1 and not one.app[STATE].calls
+
+
+async def test_the_connect_action_ends_a_call_whose_stream_ended(redis_url: str) -> None:
+    """The gateway closes the stream (its Live session failed for good): Twilio asks the
+    action, on whichever replica, and gets an empty <Response/>: the call ends."""
+    async with replicas(2, redis_url, quick_emulator(), reconnect_total_s=1.0) as (one, two):
+        bases = [one.gateway_url, two.gateway_url]
+        caller = TwilioCallerSimulator(one.http, bases, PUBLIC_URL, AUTH_TOKEN, speed=2)
+        call = await caller.place_call()
+        await say_and_hear(call, 1)
+        one.emulator.refuse_connections(until=time.monotonic() + 3600)
+        await one.emulator.cut_all(abrupt=True)
+        await call.wait_closed(timeout=15)
+        record = call.record
+        assert record.close_code == 1011 and len(record.streams) == 1
+        (action,) = [c for c in record.callbacks if c[0] == "action"]
+        assert action[1] == "/twilio/connect-action" and action[3] == 200
+        assert action[2]["CallSid"] == record.call_sid
+        assert "action_ended_call" in [kind for _, kind, _ in record.events]
+        await call.hangup()
+
+
+async def test_the_connect_action_is_signature_checked(redis_url: str) -> None:
+    async with replicas(1, redis_url, quick_emulator()) as (one,):
+        params = voice_params(new_sid("CA"))
+        assert (await post_signed(one, "/twilio/connect-action", params))[0] == 200
+        async with one.http.post(
+            one.gateway_url + "/twilio/connect-action",
+            data=params,
+            headers={"X-Twilio-Signature": "forged"},
+        ) as resp:
+            assert resp.status == 403

@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
 import aiohttp
@@ -39,6 +39,8 @@ from gateway.testing.analysis import (
 )
 from gateway.testing.live_emulator import REPLY_LEVELS, reply_freq
 from gateway.testing.twilio_sim import (
+    FRAME_BYTES,
+    FRAME_SECONDS,
     CallRecord,
     CallRejected,
     HeardAudio,
@@ -48,6 +50,9 @@ from gateway.testing.twilio_sim import (
     dominant_frequency,
     tone_ulaw,
 )
+
+if TYPE_CHECKING:
+    from conftest import Eventually
 
 TOKEN = "test-auth-token"
 PUBLIC = "https://gw.example.com"
@@ -61,6 +66,7 @@ class Stream:
     """Server side of one Media Stream: what arrived, and the socket to answer on."""
 
     ws: web.WebSocketResponse
+    transport: asyncio.BaseTransport | None = None  # to cut the connection without a close
     inbox: asyncio.Queue[tuple[float, dict[str, Any] | None]] = field(default_factory=asyncio.Queue)
     stream_sid: str = ""
 
@@ -107,6 +113,21 @@ class Seen:
 
     forms: list[dict[str, Any]] = field(default_factory=list)
     streams: asyncio.Queue[Stream] = field(default_factory=asyncio.Queue)
+    # <Connect action> requests and stream status callbacks, as (path, form).
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+    # What each action request is answered with, in turn (then an empty <Response/>).
+    next_twiml: list[str] = field(default_factory=list)
+    hits: list[str] = field(default_factory=list)  # every request's path, in order
+
+
+#: A <Connect> that goes on to its (relative) action and reports its stream's status.
+CONNECT_WITH_ACTION = (
+    '<Response><Connect action="/twilio/next">'
+    f'<Stream url="{STREAM_URL}" statusCallback="/twilio/stream-status">'
+    '<Parameter name="leg" value="{leg}"/>'
+    "</Stream></Connect></Response>"
+)
 
 
 def make_app(seen: Seen) -> web.Application:
@@ -119,8 +140,11 @@ def make_app(seen: Seen) -> web.Application:
         if not validator.validate(PUBLIC + "/twilio/voice", form, sig):
             return web.Response(status=403, text="bad signature")
         seen.forms.append(form)
+        seen.hits.append(request.path)
         if form["To"] == "+15550000000":
             twiml = "<Response><Reject/></Response>"
+        elif form["To"] == "+15550000001":
+            twiml = CONNECT_WITH_ACTION.replace("{leg}", "1")
         else:
             twiml = (
                 "<Response><Connect>"
@@ -135,9 +159,10 @@ def make_app(seen: Seen) -> web.Application:
         sig = request.headers.get("X-Twilio-Signature", "")
         if not validator.validate(STREAM_URL, {}, sig):
             return web.Response(status=403, text="bad stream signature")
+        seen.hits.append(request.path)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        conn = Stream(ws)
+        conn = Stream(ws, request.transport)
         seen.streams.put_nowait(conn)
         async for msg in ws:
             if msg.type is aiohttp.WSMsgType.TEXT:
@@ -148,8 +173,23 @@ def make_app(seen: Seen) -> web.Application:
         conn.inbox.put_nowait((time.monotonic(), None))
         return ws
 
+    async def callback(request: web.Request) -> web.Response:
+        form = dict(await request.post())
+        sig = request.headers.get("X-Twilio-Signature", "")
+        if not validator.validate(PUBLIC + request.path, form, sig):
+            return web.Response(status=403, text="bad signature")
+        seen.hits.append(request.path)
+        if request.path == "/twilio/stream-status":
+            seen.statuses.append(form)
+            return web.Response(status=204)
+        seen.actions.append(form)
+        twiml = seen.next_twiml.pop(0) if seen.next_twiml else "<Response/>"
+        return web.Response(text=twiml, content_type="text/xml")
+
     app.router.add_post("/twilio/voice", voice)
     app.router.add_get("/twilio/stream", stream)
+    app.router.add_post("/twilio/next", callback)
+    app.router.add_post("/twilio/stream-status", callback)
     return app
 
 
@@ -483,3 +523,118 @@ async def test_many_concurrent_calls(harness: Harness) -> None:
                 break
             events.append(msg["event"])
         assert events == ["connected", "start", *["media"] * 10, "stop"]
+
+
+# ------------------------------------------------------------ <Connect action>, status callbacks
+
+
+async def start_of(harness: Harness) -> Stream:
+    conn: Stream = await asyncio.wait_for(harness.seen.streams.get(), 5)
+    assert (await conn.next())["event"] == "connected"
+    assert (await conn.next())["event"] == "start"
+    return conn
+
+
+async def test_connect_action_continues_the_call_on_a_new_stream(
+    harness: Harness, eventually: Eventually
+) -> None:
+    seen = harness.seen
+    seen.next_twiml.append(CONNECT_WITH_ACTION.replace("{leg}", "2"))
+    call = await harness.sim(speed=4.0).place_call(to="+15550000001")
+    first = await start_of(harness)
+    await first.ws.close(code=1000, message=b"handing over")
+    second = await start_of(harness)
+    record = call.record
+    assert not call.closed and len(record.streams) == 2
+    assert record.streams[0] != record.streams[1] == record.stream_sid
+    assert record.custom_parameters == {"leg": "2"}
+    # The action was signed, for the same call, as a call in progress.
+    (action,) = seen.actions
+    assert action["CallSid"] == record.call_sid and action["CallStatus"] == "in-progress"
+    assert action["From"] == seen.forms[0]["From"] and action["To"] == "+15550000001"
+    # Each stream's status: started, stopped (a close frame), started.
+    await eventually(lambda: len(seen.statuses) == 3)
+    assert [(f["StreamSid"], f["StreamEvent"]) for f in seen.statuses] == [
+        (record.streams[0], "stream-started"),
+        (record.streams[0], "stream-stopped"),
+        (record.streams[1], "stream-started"),
+    ]
+    # The new stream carries the caller's audio, numbered from its own start.
+    await call.speak_tone(400.0, 0.1)
+    media = [await second.next_event("media") for _ in range(5)]
+    assert [m["media"]["chunk"] for _, m in media] == ["1", "2", "3", "4", "5"]
+    assert all(m["streamSid"] == record.stream_sid for _, m in media)
+    # The second action answers <Response/>: the call ends with the stream.
+    await second.ws.close(code=1000)
+    await call.wait_closed(timeout=5)
+    assert len(seen.actions) == 2 and record.closed_by == "gateway"
+    assert [kind for kind, *_ in record.callbacks].count("action") == 2
+    await call.hangup()
+
+
+async def test_caller_audio_between_streams_is_kept_as_unsent(harness: Harness) -> None:
+    seen = harness.seen
+    seen.next_twiml.append(CONNECT_WITH_ACTION.replace("{leg}", "2"))
+    call = await harness.sim(speed=4.0).place_call(to="+15550000001")
+    first = await start_of(harness)
+    speaking = asyncio.create_task(call.speak_tone(300.0, 2.0))
+    await first.next_event("media")
+    await first.ws.close(code=1000)
+    second = await start_of(harness)
+    await speaking
+    sent_first = sent_second = 0
+    while (msg := (await first.inbox.get())[1]) is not None:
+        sent_first += msg["event"] == "media"
+    await call.hangup()
+    while (msg := (await second.inbox.get())[1]) is not None:
+        sent_second += msg["event"] == "media"
+    frames = round(2.0 / FRAME_SECONDS)
+    unsent = len(call.record.unsent_ulaw) // FRAME_BYTES
+    assert sent_first + 1 + sent_second + unsent == frames  # +1: the media read above
+    assert call.record.closed_by == "caller" and call.closed
+
+
+@pytest.mark.parametrize("goes_on", [True, False])
+async def test_a_stream_lost_without_a_close_frame(harness: Harness, goes_on: bool) -> None:
+    """stream-error, then the action or not, as the knob says (Twilio does not document it)."""
+    seen = harness.seen
+    seen.next_twiml.append(CONNECT_WITH_ACTION.replace("{leg}", "2"))
+    sim = TwilioCallerSimulator(
+        harness.http, harness.base_url, PUBLIC, TOKEN, action_after_abnormal_close=goes_on
+    )
+    call = await sim.place_call(to="+15550000001")
+    first = await start_of(harness)
+    assert isinstance(first.transport, asyncio.Transport)
+    first.transport.abort()  # a crashed server: no close frame
+    if goes_on:
+        await start_of(harness)
+        assert len(call.record.streams) == 2 and not call.closed
+        await call.hangup()
+    else:
+        await call.wait_closed(timeout=5)
+        assert seen.actions == []
+    errors = [f for f in seen.statuses if f["StreamEvent"] == "stream-error"]
+    assert [f["StreamSid"] for f in errors] == [call.record.streams[0]]
+    closed = [detail for _, kind, detail in call.record.events if kind == "stream_closed"]
+    assert closed[0] in ("1006 gateway", "None gateway"), closed
+
+
+async def test_requests_spread_over_base_urls(
+    aiohttp_server: ServerFactory, eventually: Eventually
+) -> None:
+    """Round robin over two servers: webhook, stream, status, action, stream, status..."""
+    seens = [Seen(), Seen()]
+    servers = [await aiohttp_server(make_app(seen)) for seen in seens]
+    seens[0].next_twiml.append(CONNECT_WITH_ACTION.replace("{leg}", "2"))
+    seens[1].next_twiml.append(CONNECT_WITH_ACTION.replace("{leg}", "2"))
+    async with aiohttp.ClientSession() as http:
+        bases = [str(server.make_url("")).rstrip("/") for server in servers]
+        sim = TwilioCallerSimulator(http, bases, PUBLIC, TOKEN)
+        call = await sim.place_call(to="+15550000001")
+        first = await asyncio.wait_for(seens[1].streams.get(), 5)
+        assert (await first.next())["event"] == "connected"
+        await first.ws.close(code=1000)
+        await eventually(lambda: len(call.record.streams) == 2)
+        await call.hangup()
+    assert seens[0].hits[0] == "/twilio/voice" and seens[1].hits[0] == "/twilio/stream"
+    assert len(seens[0].hits) >= 3 and len(seens[1].hits) >= 3  # both served the call

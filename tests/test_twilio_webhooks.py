@@ -16,7 +16,13 @@ from multidict import MultiDict
 from twilio.request_validator import RequestValidator
 
 from gateway.store import MemoryStore
-from gateway.twilio.twiml import busy_twiml, connect_stream_twiml, dial_twiml, whisper_twiml
+from gateway.twilio.twiml import (
+    busy_twiml,
+    connect_stream_twiml,
+    dial_twiml,
+    end_twiml,
+    whisper_twiml,
+)
 from gateway.twilio.webhooks import (
     FORM_CONTENT_TYPE,
     FormError,
@@ -54,6 +60,16 @@ def test_connect_stream_twiml_without_parameters() -> None:
     root = ET.fromstring(connect_stream_twiml("wss://h/twilio/media", {}))
     stream = root.find("Connect/Stream")
     assert stream is not None and list(stream) == []
+
+
+def test_connect_stream_twiml_with_an_action_and_the_end() -> None:
+    action = "https://voice.example.com/twilio/connect-action"
+    root = ET.fromstring(connect_stream_twiml("wss://h/twilio/media", {}, action=action))
+    connect = root.find("Connect")
+    assert connect is not None and connect.get("action") == action
+    assert connect.find("Stream") is not None
+    end = ET.fromstring(end_twiml())
+    assert end.tag == "Response" and list(end) == []
 
 
 def test_busy_twiml() -> None:

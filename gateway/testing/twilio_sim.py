@@ -11,7 +11,19 @@ What it does, like Twilio does for an inbound call answered with ``<Connect><Str
 * plays the gateway's outbound audio at real time (a virtual playout clock, no busy loop),
   echoes ``mark`` once the audio queued before it has played, and on ``clear`` drops the
   unplayed audio and echoes the pending marks at once;
-* validates every message from the gateway and records bad ones as ``protocol_error``.
+* validates every message from the gateway and records bad ones as ``protocol_error``;
+* when the gateway closes the stream while the call is up and the ``<Connect>`` has an
+  ``action``, requests that URL (signed, with the call's standard parameters, ``CallStatus``
+  ``in-progress``) and runs the TwiML it gets: a new ``<Connect><Stream>`` opens a new stream
+  for the same CallSid (a new StreamSid; the caller's audio meanwhile reaches no one and is
+  kept in ``unsent_ulaw``), anything else (``<Response/>``, ``<Hangup/>``) ends the call.
+  Twilio documents that it resumes the TwiML only after the server closes the WebSocket; what
+  it does after a connection lost without a close frame (a crashed server) is not documented:
+  ``action_after_abnormal_close`` says whether the simulator goes on to the action then;
+* posts a ``<Stream statusCallback>`` (signed) on ``stream-started``, ``stream-stopped``
+  and, for a stream lost without a close frame (1006), ``stream-error``;
+* spreads its requests over several gateway base URLs, round robin, as a load balancer
+  in front of replicas would.
 
 ``speed`` compresses time (2.0 sends and plays twice as fast) so tests stay short.
 Many simulators can share one event loop: each call costs one reader task, one player task
@@ -39,11 +51,13 @@ import time
 import warnings
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import cycle
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
 import numpy as np
@@ -58,6 +72,7 @@ with warnings.catch_warnings():  # stdlib audioop warns on 3.11/3.12; audioop-lt
 __all__ = [
     "CallRecord",
     "CallRejected",
+    "ConnectTwiml",
     "HeardAudio",
     "SimulatedCall",
     "StreamRejected",
@@ -111,9 +126,15 @@ class CallRecord:
     events: list[tuple[float, str, str]] = field(default_factory=list)
     call_sid: str = ""
     account_sid: str = ""
-    stream_sid: str = ""
+    params: dict[str, str] = field(default_factory=dict)  # the call's standard parameters
+    stream_sid: str = ""  # the newest stream's
+    streams: list[str] = field(default_factory=list)  # every StreamSid of the call, in order
+    # Caller audio said while no stream was open (between a stream's end and the next one).
+    unsent_ulaw: bytearray = field(default_factory=bytearray)
+    # Requests the simulator made after answering: (kind, URL path, form, HTTP status).
+    callbacks: list[tuple[str, str, dict[str, str], int]] = field(default_factory=list)
     speed: float = 1.0
-    closed_by: str | None = None  # "gateway" or "caller"
+    closed_by: str | None = None  # the newest stream's: "gateway" or "caller"
 
     def event(self, kind: str, detail: str = "") -> None:
         self.events.append((time.monotonic(), kind, detail))
@@ -189,13 +210,21 @@ class _Queued:
 
 
 class SimulatedCall:
-    """One live call: caller audio out, gateway audio played back, marks echoed."""
+    """One live call: caller audio out, gateway audio played back, marks echoed; its
+    streams one after the other when a ``<Connect action>`` continues it."""
 
     def __init__(
-        self, ws: aiohttp.ClientWebSocketResponse, record: CallRecord, speed: float
+        self,
+        sim: TwilioCallerSimulator,
+        record: CallRecord,
+        params: Mapping[str, str],
+        speed: float,
     ) -> None:
         self.record = record
-        self._ws = ws
+        self._sim = sim
+        self._params = dict(params)  # the call's standard parameters, as the webhook had them
+        self._twiml = ConnectTwiml("")
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._speed = speed
         self._seq = 0
         self._chunk = 0
@@ -216,6 +245,7 @@ class SimulatedCall:
         self._hung_up = False
         self._reader: asyncio.Task[None] | None = None
         self._player: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
 
     @property
     def stream_sid(self) -> str:
@@ -223,9 +253,36 @@ class SimulatedCall:
 
     @property
     def closed(self) -> bool:
+        """The call is over (not just a stream of it)."""
         return self._closed.is_set()
 
+    @property
+    def streaming(self) -> bool:
+        """A stream of the call is open now."""
+        return self._ws is not None and not self._ws.closed
+
     # ---- lifecycle -------------------------------------------------------------------------
+
+    async def _start_stream(self, twiml: ConnectTwiml) -> None:
+        """Open the stream ``twiml`` asks for and start it (raises StreamRejected)."""
+        rec = self.record
+        rec.stream_url = twiml.stream_url
+        rec.custom_parameters = dict(twiml.parameters)
+        if urlsplit(twiml.stream_url).scheme != "wss":
+            rec.event("twiml_warning", "Twilio requires a wss:// stream url")
+        if urlsplit(twiml.stream_url).query:
+            rec.event("twiml_warning", "Twilio does not pass query strings on stream urls")
+        ws = await self._sim._ws_connect(twiml.stream_url)
+        self._twiml = twiml
+        self._ws = ws
+        self._seq = 0
+        self._chunk = 0
+        self._last_ts = -FRAME_SECONDS * 1000
+        rec.stream_sid = _sid("MZ")
+        rec.streams.append(rec.stream_sid)
+        rec.closed_by = rec.close_code = rec.close_reason = None
+        await self._open()
+        await self._stream_status("stream-started")
 
     async def _open(self) -> None:
         rec = self.record
@@ -252,16 +309,17 @@ class SimulatedCall:
         rec.event("start_tx", rec.stream_sid)
         self._stream_t0 = time.monotonic()
         self._reader = asyncio.create_task(self._read_loop(), name=f"twilio-sim-rx-{rec.call_sid}")
-        self._player = asyncio.create_task(
-            self._play_loop(), name=f"twilio-sim-play-{rec.call_sid}"
-        )
+        if self._player is None:
+            self._player = asyncio.create_task(
+                self._play_loop(), name=f"twilio-sim-play-{rec.call_sid}"
+            )
 
     async def hangup(self) -> None:
         """Caller hangs up: send ``stop``, close the socket, stop tasks. Idempotent."""
         if self._hung_up:
             return
         self._hung_up = True
-        if not self.closed:
+        if self._ws is not None and not self._ws.closed:
             rec = self.record
             await self._send(
                 {
@@ -282,6 +340,9 @@ class SimulatedCall:
         if self._reader is not None:
             await asyncio.wait({self._reader}, timeout=5.0)
             self._reader.cancel()
+        if self._follower is not None:  # its status callback, or an action under way
+            await asyncio.wait({self._follower}, timeout=5.0)
+            self._follower.cancel()
         self._mark_closed()
         if self._player is not None:
             self._player.cancel()
@@ -343,7 +404,9 @@ class SimulatedCall:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 if not await self._send_media(frame, due):
-                    return
+                    if self.closed or self._hung_up:
+                        return
+                    self.record.unsent_ulaw += frame  # between two streams: no one hears it
                 due += step
                 self._next_frame_at = due
 
@@ -393,7 +456,7 @@ class SimulatedCall:
 
     async def _send_locked(self, msg: dict[str, Any], *, seq: bool = True) -> bool:
         # sequenceNumber is taken under the lock so wire order matches numbering.
-        if self._ws.closed:
+        if self._ws is None or self._ws.closed:
             return False
         if seq:
             self._seq += 1
@@ -409,9 +472,11 @@ class SimulatedCall:
 
     async def _read_loop(self) -> None:
         rec = self.record
+        ws = self._ws
+        assert ws is not None
         try:
             while True:
-                msg = await self._ws.receive()
+                msg = await ws.receive()
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     await self._on_text(msg.data)
                 elif msg.type is aiohttp.WSMsgType.BINARY:
@@ -431,8 +496,73 @@ class SimulatedCall:
         finally:
             if rec.closed_by is None:
                 rec.closed_by = "gateway"
-            rec.close_code = self._ws.close_code
-            self._mark_closed()
+            rec.close_code = ws.close_code
+            self._stream_closed()
+
+    def _stream_closed(self) -> None:
+        """The stream is gone: what it had queued will not play; the call goes on to the
+        ``<Connect action>`` if there is one (and the caller did not hang up)."""
+        rec = self.record
+        self._truncate_playing(time.monotonic())
+        self._queue.clear()
+        self._pending_echo.clear()
+        rec.event("stream_closed", f"{rec.close_code} {rec.closed_by}")
+        self._notify()
+        if self.closed:
+            return
+        self._follower = asyncio.create_task(
+            self._follow(), name=f"twilio-sim-follow-{rec.call_sid}"
+        )
+
+    async def _follow(self) -> None:
+        """After a stream: its status callback, then the action's TwiML, or the call's end."""
+        rec = self.record
+        continued = False
+        try:
+            lost = rec.close_code in (None, 1006) and rec.closed_by == "gateway"
+            await self._stream_status("stream-error" if lost else "stream-stopped")
+            action = self._twiml.action
+            if self._hung_up or not action or (lost and not self._sim.action_after_abnormal_close):
+                return
+            form = {**self._params, "CallStatus": "in-progress"}
+            status, body = await self._sim._post("action", self, action, form)
+            if self._hung_up:
+                return
+            if status != 200:
+                rec.event("action_failed", f"HTTP {status}")
+                return
+            twiml = _parse_twiml(body, self._twiml.action)
+            if twiml is None or not twiml.stream_url:
+                rec.event("action_ended_call", body[:200])
+                return
+            rec.twiml = body
+            await self._start_stream(twiml)
+            continued = True
+        except (aiohttp.ClientError, OSError, CallRejected, RuntimeError) as exc:
+            rec.event("action_failed", repr(exc))  # RuntimeError: the HTTP session closed
+        finally:
+            if not continued:
+                self._mark_closed()
+
+    async def _stream_status(self, event: str) -> None:
+        """The stream's ``statusCallback``, if its TwiML asked for one."""
+        twiml, rec = self._twiml, self.record
+        if not twiml.status_callback:
+            return
+        form = {
+            "AccountSid": rec.account_sid,
+            "CallSid": rec.call_sid,
+            "StreamSid": rec.stream_sid,
+            "StreamName": twiml.stream_name or rec.stream_sid,
+            "StreamEvent": event,
+            "Timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        }
+        if event == "stream-error":
+            form["StreamError"] = f"connection lost ({rec.close_code})"
+        try:
+            await self._sim._post("status", self, twiml.status_callback, form)
+        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+            rec.event("status_callback_failed", repr(exc))
 
     def _mark_closed(self) -> None:
         if self.closed:
@@ -590,26 +720,38 @@ class SimulatedCall:
 
 
 class TwilioCallerSimulator:
-    """Places simulated inbound calls the way Twilio does, against a gateway at ``base_url``."""
+    """Places simulated inbound calls the way Twilio does, against a gateway at ``base_url``
+    (or several: each request goes to the next, round robin, as through a load balancer).
+
+    ``action_after_abnormal_close``: whether a ``<Connect action>`` is requested after a
+    stream was lost without a close frame (a crashed server). Twilio documents the action
+    after "your server closes the WebSocket connection"; after a lost connection it does not
+    say, so both are playable.
+    """
 
     def __init__(
         self,
         http: aiohttp.ClientSession,
-        base_url: str,
+        base_url: str | Sequence[str],
         public_url: str,
         auth_token: str,
         *,
         speed: float = 1.0,
         account_sid: str | None = None,
+        action_after_abnormal_close: bool = True,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be positive")
+        bases = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not bases:
+            raise ValueError("base_url: at least one")
         self._http = http
-        self._base = urlsplit(base_url)
+        self._bases = cycle([urlsplit(base) for base in bases])
         self._public_url = public_url.rstrip("/")
         self._validator = RequestValidator(auth_token)
         self._speed = speed
         self._account_sid = account_sid or _sid("AC")
+        self.action_after_abnormal_close = action_after_abnormal_close
 
     async def place_call(
         self,
@@ -650,6 +792,7 @@ class TwilioCallerSimulator:
             "To": to,
             **(extra_params or {}),
         }
+        rec.params = params
         webhook_url = self._public_url + "/twilio/voice"
         signature = self._validator.compute_signature(webhook_url, params)
         rec.event("webhook_tx", webhook_url)
@@ -664,52 +807,93 @@ class TwilioCallerSimulator:
         rec.event("webhook_rx", str(status))
         if status != 200:
             raise CallRejected(status, body)
-        stream_url, custom = _parse_connect_stream(body, status)
-        rec.stream_url = stream_url
-        rec.custom_parameters = custom
-        if urlsplit(stream_url).scheme != "wss":
-            rec.event("twiml_warning", "Twilio requires a wss:// stream url")
-        if urlsplit(stream_url).query:
-            rec.event("twiml_warning", "Twilio does not pass query strings on stream urls")
+        twiml = _parse_twiml(body, webhook_url)
+        if twiml is None or not twiml.stream_url:
+            raise CallRejected(status, body)
+        rec.stream_url = twiml.stream_url
+        rec.custom_parameters = dict(twiml.parameters)
         return rec
 
     async def open_stream(self, rec: CallRecord) -> SimulatedCall:
         """Open and start the media stream of a call :meth:`answer` answered."""
-        stream_url = rec.stream_url
-        ws_signature = self._validator.compute_signature(stream_url, {})
+        twiml = _parse_twiml(rec.twiml, self._public_url + "/twilio/voice")
+        if twiml is None or not twiml.stream_url:
+            raise CallRejected(200, rec.twiml)
+        call = SimulatedCall(self, rec, rec.params, self._speed)
+        await call._start_stream(twiml)
+        return call
+
+    async def _ws_connect(self, stream_url: str) -> aiohttp.ClientWebSocketResponse:
+        """The signed WebSocket upgrade for ``stream_url`` (StreamRejected if refused)."""
+        signature = self._validator.compute_signature(stream_url, {})
         try:
-            ws = await self._http.ws_connect(
+            return await self._http.ws_connect(
                 URL(self._rewrite(stream_url, websocket=True), encoded=True),
-                headers={"X-Twilio-Signature": ws_signature},
+                headers={"X-Twilio-Signature": signature},
                 autoping=True,
             )
         except aiohttp.WSServerHandshakeError as exc:
             raise StreamRejected(exc.status, exc.message) from exc
-        rec.stream_sid = _sid("MZ")
-        call = SimulatedCall(ws, rec, self._speed)
-        await call._open()
-        return call
+
+    async def _post(
+        self, kind: str, call: SimulatedCall, url: str, form: dict[str, str]
+    ) -> tuple[int, str]:
+        """A signed callback of the call (its action, a status callback); recorded."""
+        signature = self._validator.compute_signature(url, form)
+        call.record.event(f"{kind}_tx", url)
+        async with self._http.post(
+            self._rewrite(url),
+            data=form,
+            headers={"X-Twilio-Signature": signature, "User-Agent": "TwilioProxy/1.1"},
+        ) as resp:
+            body = await resp.text()
+        call.record.callbacks.append((kind, urlsplit(url).path, form, resp.status))
+        call.record.event(f"{kind}_rx", str(resp.status))
+        return resp.status, body
 
     def _rewrite(self, public: str, *, websocket: bool = False) -> str:
-        """Same path and query, but aimed at where the gateway actually listens."""
+        """Same path and query, but aimed at where a gateway actually listens (the next)."""
         parts = urlsplit(public)
-        scheme = self._base.scheme
+        base = next(self._bases)
+        scheme = base.scheme
         if websocket:
             scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
-        return urlunsplit((scheme, self._base.netloc, parts.path, parts.query, ""))
+        return urlunsplit((scheme, base.netloc, parts.path, parts.query, ""))
 
 
-def _parse_connect_stream(twiml: str, status: int) -> tuple[str, dict[str, str]]:
-    """Find ``<Response><Connect><Stream url=..>`` and its ``<Parameter>``s, or reject."""
+@dataclass(frozen=True)
+class ConnectTwiml:
+    """What a ``<Response><Connect><Stream>`` asks of Twilio (URLs made absolute)."""
+
+    stream_url: str
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    action: str = ""  # <Connect action>: requested when the stream ends
+    status_callback: str = ""  # <Stream statusCallback>
+    stream_name: str = ""
+
+
+def _parse_twiml(twiml: str, document_url: str = "") -> ConnectTwiml | None:
+    """The ``<Connect><Stream>`` of a TwiML document; ``ConnectTwiml("")`` for a valid
+    document without one (``<Response/>``, ``<Hangup/>``: the call ends), None for junk."""
     try:
         root = ET.fromstring(twiml)
-    except ET.ParseError as exc:
-        raise CallRejected(status, twiml) from exc
-    stream = root.find("./Connect/Stream") if root.tag == "Response" else None
-    url = stream.get("url") if stream is not None else None
-    if stream is None or not url:
-        raise CallRejected(status, twiml)
+    except ET.ParseError:
+        return None
+    if root.tag != "Response":
+        return None
+    connect = root.find("./Connect")
+    stream = connect.find("./Stream") if connect is not None else None
+    if connect is None or stream is None or not stream.get("url"):
+        return ConnectTwiml("")
     params = {
         p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter") if p.get("name")
     }
-    return url, params
+    action = connect.get("action", "")
+    callback = stream.get("statusCallback", "")
+    return ConnectTwiml(
+        stream_url=stream.get("url", ""),
+        parameters=params,
+        action=urljoin(document_url, action) if action else "",
+        status_callback=urljoin(document_url, callback) if callback else "",
+        stream_name=stream.get("name", ""),
+    )

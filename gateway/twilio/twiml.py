@@ -1,7 +1,9 @@
 """TwiML the gateway answers or redirects a call with: pure builders over twilio's
 `VoiceResponse`, so what Twilio is told to do is in one place and quoting is twilio's.
 
-* `connect_stream_twiml`: answer a call with its media stream (the voice webhook).
+* `connect_stream_twiml`: answer a call with its media stream (the voice webhook), and
+  the `<Connect action>` Twilio asks when that stream ends.
+* `end_twiml`: nothing more: the call ends (the action of a call whose stream is over).
 * `busy_twiml`: turn a call away (draining, at capacity, a replayed webhook).
 * `dial_twiml`: hand a call to a number or SIP address (a transfer's redirect), with
   `whisper_url` pointing the person who answers at `whisper_twiml`, the summary said
@@ -21,19 +23,26 @@ MAX_SUMMARY_CHARS = 600
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
 
 
-def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str]) -> str:
+def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str], action: str = "") -> str:
     """TwiML answering a call with a bidirectional ``<Connect><Stream>``.
 
-    ``parameters`` arrive back in the stream's ``start.customParameters``.
+    ``parameters`` arrive back in the stream's ``start.customParameters``. With ``action``,
+    Twilio requests that URL once the stream's WebSocket is closed and runs the TwiML it
+    answers: the call can go on with another stream instead of ending.
     """
     stream = Stream(url=stream_url)
     for name, value in parameters.items():
         stream.append(Parameter(name=name, value=value))
-    connect = Connect()
+    connect = Connect(action=action) if action else Connect()
     connect.append(stream)
     response = VoiceResponse()
     response.append(connect)
     return str(response)
+
+
+def end_twiml() -> str:
+    """An empty ``<Response/>``: nothing more to do, so Twilio ends the call."""
+    return str(VoiceResponse())
 
 
 def busy_twiml() -> str:
