@@ -195,6 +195,7 @@ async def serve(args: argparse.Namespace) -> None:
         handle_interval=args.handle_interval,
         record_audio=False,
         setup_latency=args.setup_latency,
+        pong_delay=args.pong_delay,
         concurrent_resume=args.concurrent_resume,
         after_cut_reply=args.after_cut_reply,
         audio_head_bytes=int(args.audio_head_s * 32000),
@@ -255,6 +256,9 @@ def main() -> None:
     )
     parser.add_argument("--deflate", action="store_true", help="accept permessage-deflate")
     parser.add_argument("--setup-latency", type=pair, default=(0.0, 0.0), help="MIN,MAX s")
+    parser.add_argument(
+        "--pong-delay", type=pair, default=(0.0, 0.0), help="MIN,MAX s before each pong"
+    )
     parser.add_argument(
         "--concurrent-resume", choices=("fork", "takeover", "refuse"), default="fork"
     )

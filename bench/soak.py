@@ -30,7 +30,9 @@ Figures:
   of its asyncio tasks, and nothing outside its process can count them: not measured.
 
 Run: ``python -m bench soak`` (100 calls, 10 minutes); ``python -m bench soak --calls 10
---minutes 1`` for a short one. Exit status 1 if any caller audio was lost or a reply not heard.
+--minutes 1`` for a short one; ``--pong-delay 25,25`` for a service whose pongs come 25 s late
+(the gateway's liveness must not cut its connections, nor its handle placement lose input).
+Exit status 1 if any caller audio was lost or a reply not heard.
 """
 
 from __future__ import annotations
@@ -390,6 +392,8 @@ async def soak(args: argparse.Namespace) -> Report:
                 str(args.reply_s),
                 "--setup-latency",
                 args.setup_latency,
+                "--pong-delay",
+                args.pong_delay,
                 "--handle-interval",
                 args.handle_interval,
                 "--concurrent-resume",
@@ -504,6 +508,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cut-every", default="20,40", help="MIN,MAX s between two disruptions of one call"
     )
     parser.add_argument("--setup-latency", default="0.2,1.5", help="MIN,MAX s")
+    parser.add_argument(
+        "--pong-delay", default="0,0", help="MIN,MAX s before each pong (the service: 8-30 s)"
+    )
     parser.add_argument("--handle-interval", default="0.2,1.0", help="MIN,MAX s")
     parser.add_argument(
         "--concurrent-resume", choices=("fork", "takeover", "refuse"), default="refuse"

@@ -9,9 +9,17 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from survival_helpers import (
+    CALLER_FREQS,
+    FULL_REPLY_S,
+    UTTERANCE_S,
+    assert_replies_once_in_order,
+    assert_session_holds_caller_audio,
+)
+
 from gateway.live import sdk
 from gateway.server import live_http
-from gateway.testing.analysis import heard_replies
+from gateway.testing.analysis import await_reply, heard_playings, heard_replies
 from gateway.testing.harness import quick_emulator, test_bed, test_settings
 from gateway.testing.peers import say_and_hear
 from gateway.testing.twilio_sim import SimulatedCall
@@ -58,3 +66,31 @@ async def test_a_connection_that_sends_nothing_more_is_resumed_after_the_stall_l
         )
         assert resumed == 1
         logs.assert_quiet()
+
+
+async def test_a_call_whose_pongs_come_25_s_late_keeps_its_connection_and_its_audio() -> None:
+    """websockets' keepalive would cut this connection 40 s in (a ping at 20 s, 20 s without
+    its pong); the gateway hears its messages and keeps it until its goAway, 44 s in."""
+    config = quick_emulator(
+        SPEED, handle_interval=0.4, pong_delay=(25.0, 25.0), lifetime=44.0, goaway_lead=2.0
+    )
+    async with test_bed(config) as bed:
+        call = await bed.caller(speed=SPEED).place_call()
+        started = time.monotonic()
+        turns = 0
+        while time.monotonic() - started < 47.0:
+            turns += 1
+            await call.speak_tone(CALLER_FREQS[turns % len(CALLER_FREQS)], UTTERANCE_S)
+            await await_reply(call, turns, min_s=FULL_REPLY_S, limit_s=20, read=heard_playings)
+            await call.silence(0.2)
+        await call.hangup()
+
+        connections = bed.emulator.record.connections
+        assert len(connections) == 2, [(c.close_kind, c.close_code) for c in connections]
+        first = connections[0]
+        assert first.closed_at is not None and first.closed_at - first.opened_at > 42.0
+        resumed = bed.metrics.registry.get_sample_value
+        assert resumed("gateway_live_resumptions_total", {"cause": "goaway"}) == 1
+        assert resumed("gateway_live_resumptions_total", {"cause": "abrupt"}) is None
+        assert_replies_once_in_order(heard_playings(call.record), turns)
+        assert_session_holds_caller_audio(bed, call, turns)
