@@ -38,6 +38,17 @@ Wire protocol, as checked against google-genai 3.6 (``live.py``, ``_api_client.p
   PERMISSION_DENIED``, a model not served ``404 NOT_FOUND`` (the real message for models.get
   was not found; the Live close reason above is quoted by several client projects), an
   outage (:meth:`refuse_connections`) ``503 UNAVAILABLE``. Errors have Google's JSON shape.
+* Vertex AI (``vertexai=True``, base URL in ``GOOGLE_VERTEX_BASE_URL``; :class:`VertexService`):
+  ``wss://HOST/ws/google.cloud.aiplatform.{v1,v1beta1}.LlmBidiService/BidiGenerateContent``
+  (the SDK's default ``v1beta1``), ``Authorization: Bearer`` with a token the emulator issued
+  at ``POST /token`` for a registered service account (google-auth's signed JWT assertion,
+  :mod:`gateway.testing.service_account`), or ``x-goog-api-key`` with ``vertex_api_key``
+  (express mode); ``setup.model`` is ``projects/P/locations/L/publishers/google/models/M``
+  (``publishers/google/models/M`` in express mode), closed 1008 where L does not serve M.
+  A Vertex connection ends after its goAway with 1000 "The operation was cancelled.", reports
+  output tokens as ``candidatesTokenCount``, and with ``sessionResumption.transparent`` each
+  handle carries ``lastConsumedClientMessageIndex``: the connection's last client message its
+  state holds (the setup 0, each message processed one more; an int64, so a JSON string).
 * Connection lifetime: ``goAway{timeLeft:"9.5s"}`` (protobuf Duration string) at
   ``lifetime - goaway_lead`` (at once, announcing what is left, when the lead is longer than
   that), then a close at ``lifetime`` with ``goaway_close_code``: **1011 "Deadline expired
