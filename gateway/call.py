@@ -107,6 +107,7 @@ class Call:
         persona: Persona | None = None,
         control: CallControl | None = None,
         token_prices: Mapping[str, float] | None = None,
+        greeted: bool = False,
     ) -> None:
         self.start = start
         self.live = live
@@ -130,6 +131,7 @@ class Call:
         self._tasks: set[asyncio.Task[object]] = set()  # the call's own tasks
         self._batch_frames = max(1, batch_frames)  # Twilio frames per piece sent to the model
         self._early_answers: list[str] | None = []  # answered_by() before run(); None after
+        self.greeted = greeted  # the greeting was played (on this stream or one before)
 
     @property
     def shutting_down(self) -> bool:
@@ -155,9 +157,10 @@ class Call:
             self._spawn(self._watch_loop(), "watch")
         if self.persona.policy.record:
             self._spawn(self._record(), "record")
-        if self.persona.greeting:
+        if self.persona.greeting and not self.greeted:
             self.transcript.event("greeting", text=self.persona.greeting)
             await self.live.send_text(self.persona.greeting)
+            self.greeted = True
         early, self._early_answers = self._early_answers or [], None
         for answered_by in early:
             self.answered_by(answered_by)
@@ -433,6 +436,23 @@ class Call:
             self._spawn(self._carry_out(plan, tool), f"end-{reason.value}")
         return True
 
+    def at_pause(self) -> bool:
+        """Both sides quiet, nothing the caller has yet to hear, no ending under way, and
+        the newest handle holds the whole conversation: a moment to hand the call off."""
+        live = self.live
+        return (
+            self._ending.reason is None
+            and live.turn_state is TurnState.IDLE
+            and not live.caller_speaking
+            and not self.playback.state.playing(model_speaking=False)
+            and live.machine.handle_current
+        )
+
+    def hand_off(self) -> bool:
+        """Close the stream so that the call goes on on another replica (the server saved
+        what it needs first); False when the call is ending already."""
+        return self.end(EndReason.HANDED_OFF)
+
     async def _carry_out(self, plan: Plan, tool: ToolOutcome | None) -> None:
         """The plan's prelude (what the caller hears first), then its finish."""
         reason = plan.reason.value
@@ -448,7 +468,10 @@ class Call:
                     await self.playback.wait_quiet()
                 sent = await self._instruct(reason, plan.say)
                 await self.playback.wait_heard(turn_after=sent)
-        if plan.finish is Finish.HANG_UP:
+        if plan.finish is Finish.CLOSE:
+            log.info("handing the call off")
+            self._closing.set()
+        elif plan.finish is Finish.HANG_UP:
             await self._hang_up(reason)
         elif plan.finish is Finish.TOOL and tool is not None:
             await self._run_tool(reason, tool, heard)

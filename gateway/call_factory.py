@@ -7,6 +7,7 @@ The factory holds the app's long-lived clients; the server owns them (creates an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from google import genai
@@ -17,6 +18,7 @@ from gateway.config import Settings
 from gateway.live.session import LiveOptions, LiveSession
 from gateway.metrics import Metrics
 from gateway.personas import Persona, PersonaTable
+from gateway.store import CallState
 from gateway.tools import CallTools, declarations
 from gateway.transcript import CallTranscript
 from gateway.twilio.protocol import Start
@@ -48,14 +50,27 @@ class CallFactory:
     rest: TwilioRest  # Twilio's REST API, for the tools
     metrics: Metrics
 
-    def build(self, start: Start, send: SendText) -> Call:
-        """The call for a stream whose `start` was accepted; `send` writes to the caller."""
+    def build(
+        self,
+        start: Start,
+        send: SendText,
+        *,
+        resume: CallState | None = None,
+        turns: Sequence[tuple[str, str]] = (),
+    ) -> Call:
+        """The call for a stream whose `start` was accepted; `send` writes to the caller.
+
+        `resume`: the state of a call another replica handed off; its Live session goes on
+        from the stored handle (`turns` brief a fresh one if the handle is refused) and
+        the greeting is not played again."""
         settings = self.settings
         persona = self.personas.get(start.custom_parameters.get(PERSONA_PARAMETER))
         latency = self.metrics.added_latency.labels(direction="caller_to_model")
         live = LiveSession(
             self.client, live_options(settings, persona), on_audio_sent=latency.observe
         )
+        if resume is not None and resume.handle is not None:
+            live.machine.continue_from(resume.handle, resume.handle_replies, turns)
         control = CallControl(self.rest, start.account_sid, start.call_sid, settings.public_url)
         tools = None
         if persona.tools:
@@ -80,4 +95,5 @@ class CallFactory:
             persona=persona,
             control=control,
             token_prices=settings.token_prices,
+            greeted=resume is not None and resume.greeted,
         )

@@ -216,6 +216,9 @@ class Settings(BaseSettings):
 
     max_calls: int = Field(default=200, ge=1)
     drain_timeout: float = Field(default=3600.0, ge=0)
+    # On a drain with another replica ready (REDIS_URL), each call is handed off at its next
+    # pause, at the latest after this long.
+    hand_off_wait_s: float = Field(default=10.0, gt=0)
 
     live: LiveSettings = LiveSettings()
     # Caller audio sent to the model in pieces of this many ms. 40 (two Twilio frames): half

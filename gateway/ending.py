@@ -42,6 +42,8 @@ class EndReason(StrEnum):
     LIVE_FAILED = "live_failed"
     PROTOCOL_ERROR = "protocol_error"
     SHUTDOWN = "shutdown"
+    # the call goes on on another replica (a drain with another one ready)
+    HANDED_OFF = "handed_off"
 
 
 class CallOutcome(StrEnum):
@@ -53,6 +55,7 @@ class CallOutcome(StrEnum):
     PROTOCOL_ERROR = "protocol_error"
     SHUTDOWN = "shutdown"
     ENDED_BY_GATEWAY = "ended_by_gateway"  # the gateway closed the stream (a REST request failed)
+    HANDED_OFF = "handed_off"  # the stream closed so the call goes on on another replica
 
 
 class Prelude(Enum):
@@ -70,6 +73,7 @@ class Finish(Enum):
     HANG_UP = "hang_up"  # Twilio's REST hang-up (the stream is closed if it fails)
     TOOL = "tool"  # the tool's REST request (the stream is closed if it fails)
     NONE = "none"  # the line is gone already: the call only stops
+    CLOSE = "close"  # the gateway closes the stream; Twilio asks the `<Connect action>`
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ _POLICY: dict[EndReason, _Rule] = {
     EndReason.LIVE_FAILED: _LINE_GONE,
     EndReason.PROTOCOL_ERROR: _LINE_GONE,
     EndReason.SHUTDOWN: _LINE_GONE,
+    EndReason.HANDED_OFF: _Rule(Prelude.NOTHING, Finish.CLOSE),
 }
 
 
@@ -155,7 +160,8 @@ class Ending:
     def closed(self) -> None:
         """The gateway closed the stream (its REST request failed, or it had none)."""
         if self.outcome is None:
-            self.outcome = CallOutcome.ENDED_BY_GATEWAY
+            handed_off = self.reason is EndReason.HANDED_OFF
+            self.outcome = CallOutcome.HANDED_OFF if handed_off else CallOutcome.ENDED_BY_GATEWAY
 
     def _line_gone(self, reason: EndReason) -> CallOutcome:
         if reason is EndReason.HANGUP and self.shutting_down:

@@ -263,6 +263,13 @@ class Metrics:
             ["persona", "answered_by"],
             registry=r,
         )
+        self.hand_offs = Counter(
+            "gateway_hand_offs",
+            "Calls handed off to another replica on a drain (handed_off, here), continued "
+            "from another replica's hand-off (continued), or kept for a store failure (failed)",
+            ["outcome"],
+            registry=r,
+        )
         self.rest_errors = Counter(
             "gateway_twilio_rest_errors",
             "Twilio REST requests that failed, by action",

@@ -16,10 +16,13 @@ capacity for the webhook and the stream; streams waiting for `start`) is `gatewa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
 import logging
+import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -41,7 +44,7 @@ from gateway.live.models import BackendWatch, probe
 from gateway.logs import bind_call, register_secret
 from gateway.metrics import Metrics, watch_gc
 from gateway.personas import PersonaTable
-from gateway.store import CallStore, StoreError, open_store
+from gateway.store import CallState, CallStore, StoreError, open_store
 from gateway.transcript import append_record
 from gateway.twilio.protocol import (
     CLOSE_GOING_AWAY,
@@ -75,6 +78,10 @@ from gateway.twilio.webhooks import (
 log = logging.getLogger(__name__)
 
 TOKEN_PARAMETER = "token"
+#: How often a replica tells the store it takes calls (other replicas hand calls off to it).
+READY_EVERY_S = 2.0
+#: How often a call waiting to be handed off is looked at for a pause.
+PAUSE_POLL_S = 0.05
 #: The voice webhook's `<Connect action>`: Twilio asks it what next when a stream ends.
 CONNECT_ACTION_PATH = "/twilio/connect-action"
 #: Twilio's CallStatus values for a call that is over.
@@ -126,7 +133,9 @@ class GatewayState:
     deadlines: ConnectionDeadlines
     admission: Admission[MediaStream]
     store: CallStore  # what replicas share: stream memory, answering-machine results
+    replica: str = field(default_factory=lambda: secrets.token_hex(8))  # its name there
     calls: set[Call] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # hand-offs under way
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     draining: bool = False
     backend: BackendWatch | None = None  # the key and models checked with the backend
@@ -363,14 +372,31 @@ async def _answers(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     try:
         async with state.store.answer_feed() as feed:
-            task = asyncio.create_task(_deliver_answers(state, feed), name="answer-feed")
+            tasks = {
+                asyncio.create_task(_deliver_answers(state, feed), name="answer-feed"),
+                asyncio.create_task(_announce(state), name="replica-ready"),
+            }
             try:
                 yield
             finally:
-                task.cancel()
-                await asyncio.wait({task})
+                for task in (*tasks, *state.tasks):
+                    task.cancel()
+                await asyncio.wait({*tasks, *state.tasks})
+                with contextlib.suppress(StoreError):
+                    await state.store.replica_ready(state.replica, False, 0.0)
     finally:
         await state.store.aclose()
+
+
+async def _announce(state: GatewayState) -> None:
+    """Tell the other replicas whether this one takes calls (they hand theirs off to it
+    on a drain): said every READY_EVERY_S, holding for three times that."""
+    while True:
+        try:
+            await state.store.replica_ready(state.replica, not state.unready(), READY_EVERY_S * 3)
+        except StoreError as error:
+            log.warning("readiness not shared: %s", error)
+        await asyncio.sleep(READY_EVERY_S)
 
 
 async def _deliver_answers(state: GatewayState, feed: AsyncIterator[str | None]) -> None:
@@ -502,14 +528,34 @@ async def voice_webhook(request: web.Request) -> web.Response:
 
 
 async def connect_action(request: web.Request) -> web.Response:
-    """Twilio's request once a call's stream closed (the `<Connect action>`): the call has
-    nothing more to do here, so an empty `<Response/>` ends it."""
+    """Twilio's request once a call's stream closed (the `<Connect action>`). A call a
+    draining replica handed off goes on: a new `<Connect><Stream>` with a fresh token for
+    the same call (any replica answers; the stored state says how the call continues).
+    Any other call has nothing more to do: an empty `<Response/>` ends it."""
+    state = request.app[STATE]
     params = await _checked_form(request)
-    log.info(
-        "stream over: the call ends",
-        extra={"call_sid": params.get("CallSid", ""), "call_status": params.get("CallStatus")},
+    call_sid = params.get("CallSid", "")
+    extra = {"call_sid": call_sid, "call_status": params.get("CallStatus")}
+    try:
+        handed_off = bool(call_sid) and await state.tokens.handed_off(call_sid)
+        saved = await state.store.load(call_sid) if handed_off else None
+        if saved is not None:
+            token = await state.tokens.issue_next(
+                call_sid, account_sid=params.get("AccountSid", ""), persona=saved.persona
+            )
+    except StoreError as error:
+        _refuse(state, request, "store_unavailable", str(error))
+        raise web.HTTPServiceUnavailable(text="call store unavailable\n") from None
+    if saved is None:
+        log.info("stream over: the call ends", extra=extra)
+        return web.Response(text=end_twiml(), content_type="text/xml")
+    log.info("stream over: the call goes on after its hand-off", extra=extra)
+    twiml = connect_stream_twiml(
+        state.stream_url,
+        {TOKEN_PARAMETER: token, PERSONA_PARAMETER: saved.persona},
+        action=state.settings.public_url + CONNECT_ACTION_PATH,
     )
-    return web.Response(text=end_twiml(), content_type="text/xml")
+    return web.Response(text=twiml, content_type="text/xml")
 
 
 async def status_webhook(request: web.Request) -> web.Response:
@@ -669,8 +715,9 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
             await _stream_ended(state, start.call_sid)
             state.metrics.rejected.labels(reason="stream_busy").inc()
             raise StreamProtocolError(CLOSE_TRY_AGAIN_LATER, "at call limit")
+        resume, turns = await _handed_to_us(state, start.call_sid)
         try:
-            call = calls.build(start, stream.send)
+            call = calls.build(start, stream.send, resume=resume, turns=turns)
             state.calls.add(call)  # before the store is read: a result posted now reaches it
             try:
                 await _take_answer(state, call)
@@ -721,11 +768,93 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 def start_draining(app: web.Application) -> None:
-    """Fail readiness and turn new calls away; calls in progress go on."""
+    """Fail readiness and turn new calls away; calls in progress go on, here or, with
+    another replica ready, there (each handed off at its next pause)."""
     state = app[STATE]
     if not state.draining:
         state.draining = True
         log.info("draining: %s in progress", state.in_progress())
+        task = asyncio.get_running_loop().create_task(_hand_off_all(state), name="hand-offs")
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+
+
+async def _hand_off_all(state: GatewayState) -> None:
+    """Hand every call off if another replica takes calls; else they go on here."""
+    try:
+        others = await state.store.others_ready(state.replica)
+    except StoreError as error:
+        log.warning("draining: no hand-off (%s): calls go on here", error)
+        return
+    if not others or not state.calls:
+        if state.calls:
+            log.info("draining: no other replica ready: calls go on here")
+        return
+    log.info("draining: handing %d call(s) off to %d other replica(s)", len(state.calls), others)
+    async with asyncio.TaskGroup() as group:
+        for call in list(state.calls):
+            group.create_task(_hand_off(state, call))
+
+
+async def _hand_off(state: GatewayState, call: Call) -> None:
+    """At the call's next pause (at the latest after HAND_OFF_WAIT_S): store what the next
+    replica needs, then close the stream; Twilio asks the `<Connect action>` next."""
+    for _ in range(math.ceil(state.settings.hand_off_wait_s / PAUSE_POLL_S)):
+        if call not in state.calls or call.at_pause():
+            break
+        await asyncio.sleep(PAUSE_POLL_S)
+    if call not in state.calls:
+        return
+    paused = call.at_pause()
+    call_sid = call.start.call_sid
+    machine = call.live.machine
+    turns = list(machine.history.turns)
+    saved = CallState(
+        persona=call.persona.name,
+        greeted=call.greeted,
+        handle=machine.handle,
+        handle_replies=machine.handle_replies,
+        handle_turns=len(turns),
+        handed_off_at=time.time(),
+    )
+    try:
+        await state.store.hand_off(call_sid, saved, turns)
+    except StoreError as error:
+        log.warning(
+            "hand-off failed: %s; the call goes on here", error, extra={"call_sid": call_sid}
+        )
+        state.metrics.hand_offs.labels(outcome="failed").inc()
+        return
+    if not call.hand_off():  # it began to end meanwhile: nothing to continue
+        with contextlib.suppress(StoreError):
+            await state.store.take_hand_off(call_sid)
+        return
+    state.metrics.hand_offs.labels(outcome="handed_off").inc()
+    log.info(
+        "handed off %s",
+        "at a pause" if paused else "with no pause within HAND_OFF_WAIT_S",
+        extra={"call_sid": call_sid},
+    )
+
+
+async def _handed_to_us(
+    state: GatewayState, call_sid: str
+) -> tuple[CallState | None, list[tuple[str, str]]]:
+    """The state another replica stored when it handed this call off, if it did."""
+    try:
+        saved = await state.store.load(call_sid)
+        if saved is None or saved.handle is None:
+            return None, []
+        turns = await state.store.turns(call_sid)
+    except StoreError as error:
+        log.warning("call state not read (%s): a fresh session", error)
+        return None, []
+    gap = time.time() - saved.handed_off_at
+    state.metrics.hand_offs.labels(outcome="continued").inc()
+    log.info(
+        "call continued after its hand-off: the caller's gap %.3f s", gap, extra={"gap_s": gap}
+    )
+    return saved, turns
 
 
 async def wait_calls_done(app: web.Application, limit_s: float) -> bool:

@@ -15,7 +15,11 @@ Per call (by CallSid) a store holds:
 * the conversation so far, as turns, to brief a fresh Live session when a handle is
   refused or has expired;
 * an answering-machine result not yet delivered, and a feed telling every replica which
-  call has one (:meth:`CallStore.answer_feed`): the replica holding the call takes it.
+  call has one (:meth:`CallStore.answer_feed`): the replica holding the call takes it;
+* whether it was handed off and waits for its next stream (:meth:`CallStore.hand_off`).
+
+And which replicas take calls (:meth:`CallStore.replica_ready`), so that a draining one
+knows whether it can hand its calls off.
 
 Every key expires: a call's state and turns ``ttl_s`` after their last write, its stream
 memory when :meth:`CallStore.stream_ended` says. Keys carry the CallSid in braces, so a
@@ -29,7 +33,7 @@ import heapq
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Protocol
@@ -56,6 +60,10 @@ TURNS_KEPT: Final = 64
 DEFAULT_TTL_S: Final = 4 * 3600.0
 #: Answering-machine results are announced on this channel (the message is the CallSid).
 ANSWERS_CHANNEL: Final = "gw:answers"
+#: A stream claim passed on to the next stream's token (a hand-off) holds this + its nonce.
+PASSED: Final = "pass:"
+#: Replicas that take calls: a sorted set, member the replica, score until when (epoch s).
+REPLICAS_KEY: Final = "gw:replicas"
 #: A replica's subscription that lost Redis tries again after this long.
 RESUBSCRIBE_S: Final = 1.0
 
@@ -81,6 +89,7 @@ class CallState:
     handle_turns: int = 0  # stored turns the handle's state holds
     answered_by: str | None = None  # the answering-machine result, once delivered
     usage: dict[str, int] = field(default_factory=dict)  # tokens so far, by kind
+    handed_off_at: float = 0.0  # wall-clock time of the hand-off (the caller's gap from it)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -101,6 +110,7 @@ class CallState:
             and isinstance(state.handle_turns, int)
             and isinstance(state.answered_by, str | None)
             and isinstance(state.usage, dict)
+            and isinstance(state.handed_off_at, int | float)
             and all(isinstance(k, str) and isinstance(v, int) for k, v in state.usage.items())
         )
         if not ok:
@@ -112,8 +122,33 @@ class CallStore(Protocol):
     """Where the state of calls lives; every method may raise :class:`StoreError`."""
 
     async def claim_stream(self, call_sid: str, nonce: str, live_s: float) -> str | None:
-        """Open the call's one stream for the token ``nonce``: None if it was free (it is
-        now taken, for ``live_s`` at most), else the nonce holding it ("" if unknown)."""
+        """Open the call's one stream for the token ``nonce``: None if it was free or passed
+        on to ``nonce`` (it is now taken, for ``live_s`` at most), else what holds it: the
+        nonce of the stream that has it ("" if unknown), or ``pass:<nonce>``."""
+        ...
+
+    async def pass_stream(self, call_sid: str, nonce: str, live_s: float) -> None:
+        """The call's stream is over but the call goes on: its next stream is the token
+        ``nonce``'s (and no other's), for ``live_s`` at most."""
+        ...
+
+    async def hand_off(
+        self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
+    ) -> None:
+        """Save the call's state and conversation (replacing the turns) and mark it handed
+        off, at once: the next `<Connect action>` continues it, once (:meth:`take_hand_off`)."""
+        ...
+
+    async def take_hand_off(self, call_sid: str) -> bool:
+        """Whether the call was handed off and waits for its next stream (one taker wins)."""
+        ...
+
+    async def replica_ready(self, replica: str, ready: bool, for_s: float) -> None:
+        """This replica takes calls (for ``for_s``, unless said again), or no longer."""
+        ...
+
+    async def others_ready(self, replica: str) -> int:
+        """How many other replicas take calls now."""
         ...
 
     async def stream_ended(self, call_sid: str, memory_s: float) -> None:
@@ -200,10 +235,31 @@ class MemoryStore:
 
     async def claim_stream(self, call_sid: str, nonce: str, live_s: float) -> str | None:
         held: str | None = self._get(("stream", call_sid))
-        if held is not None:
+        if held is not None and held != PASSED + nonce:
             return held
         self._put(("stream", call_sid), nonce, live_s)
         return None
+
+    async def pass_stream(self, call_sid: str, nonce: str, live_s: float) -> None:
+        self._put(("stream", call_sid), PASSED + nonce, live_s)
+
+    async def hand_off(
+        self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
+    ) -> None:
+        await self.save(call_sid, state)
+        self._put(("turns", call_sid), list(turns)[-TURNS_KEPT:], self._ttl)
+        self._put(("handoff", call_sid), True, self._ttl)
+
+    async def take_hand_off(self, call_sid: str) -> bool:
+        taken = self._get(("handoff", call_sid)) is not None
+        self._values.pop(("handoff", call_sid), None)
+        return taken
+
+    async def replica_ready(self, replica: str, ready: bool, for_s: float) -> None:
+        pass  # one process: there are no others to tell
+
+    async def others_ready(self, replica: str) -> int:
+        return 0
 
     async def stream_ended(self, call_sid: str, memory_s: float) -> None:
         held = self._get(("stream", call_sid))
@@ -273,6 +329,15 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+#: Claim a stream atomically: taken if free or passed on to this nonce; else what holds it.
+_CLAIM: Final = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[3] then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+
 class RedisStore:
     """The store in Redis: one string key per kind of state, a list for the turns, a
     pub/sub channel for answering-machine announcements."""
@@ -290,6 +355,7 @@ class RedisStore:
             )
         except ValueError as error:  # the URL: its text may hold a password, so not shown
             raise ValueError(f"REDIS_URL is not a Redis URL ({type(error).__name__})") from None
+        self._claim = self._redis.register_script(_CLAIM)
 
     @staticmethod
     def _key(call_sid: str, kind: str) -> str:
@@ -298,10 +364,45 @@ class RedisStore:
     async def claim_stream(self, call_sid: str, nonce: str, live_s: float) -> str | None:
         key = self._key(call_sid, "stream")
         async with _errors("claim a stream"):
-            if await self._redis.set(key, nonce, nx=True, px=_ms(live_s)):
-                return None
-            held = _text(await self._redis.get(key))
-        return held or ""
+            held = await self._claim(keys=[key], args=[nonce, _ms(live_s), PASSED + nonce])
+        return None if held is None else (_text(held) or "")
+
+    async def pass_stream(self, call_sid: str, nonce: str, live_s: float) -> None:
+        key = self._key(call_sid, "stream")
+        async with _errors("pass a stream on"):
+            await self._redis.set(key, PASSED + nonce, px=_ms(live_s))
+
+    async def hand_off(
+        self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
+    ) -> None:
+        ttl, key = _ms(self._ttl), self._key(call_sid, "turns")
+        async with _errors("hand a call off"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(call_sid, "state"), state.to_json(), px=ttl)
+            pipe.delete(key)
+            for role, text in list(turns)[-TURNS_KEPT:]:
+                pipe.rpush(key, json.dumps([role, text]))
+            pipe.pexpire(key, ttl)
+            pipe.set(self._key(call_sid, "handoff"), "1", px=ttl)
+            await pipe.execute()
+
+    async def take_hand_off(self, call_sid: str) -> bool:
+        async with _errors("take a hand-off"):
+            return bool(await self._redis.getdel(self._key(call_sid, "handoff")))
+
+    async def replica_ready(self, replica: str, ready: bool, for_s: float) -> None:
+        async with _errors("say the replica is ready"):
+            if ready:
+                await self._redis.zadd(REPLICAS_KEY, {replica: time.time() + for_s})
+            else:
+                await self._redis.zrem(REPLICAS_KEY, replica)
+
+    async def others_ready(self, replica: str) -> int:
+        now = time.time()
+        async with _errors("count the replicas"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(REPLICAS_KEY, "-inf", now)
+            pipe.zrangebyscore(REPLICAS_KEY, now, "+inf")
+            _, members = await pipe.execute()
+        return sum(1 for member in members if _text(member) != replica)
 
     async def stream_ended(self, call_sid: str, memory_s: float) -> None:
         async with _errors("end a stream"):

@@ -7,21 +7,24 @@ a single replica's memory would not see them.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import ClientSession
 from twilio.request_validator import RequestValidator
 
-from gateway.server import STATE
+from gateway.server import STATE, start_draining
+from gateway.testing.analysis import await_reply, heard_replies
 from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, quick_emulator
 from gateway.testing.peers import closed_with, new_sid, say_and_hear, start_message, voice_params
 from gateway.testing.replicas import replicas
-from gateway.testing.twilio_sim import TwilioCallerSimulator
+from gateway.testing.twilio_sim import SimulatedCall, TwilioCallerSimulator
 
 if TYPE_CHECKING:
-    from conftest import Eventually
+    from conftest import Eventually, LogCapture
 
 SIGNER = RequestValidator(AUTH_TOKEN)
 STREAM_URL = PUBLIC_URL.replace("https://", "wss://") + "/twilio/media"
@@ -168,3 +171,65 @@ async def test_the_connect_action_is_signature_checked(redis_url: str) -> None:
             headers={"X-Twilio-Signature": "forged"},
         ) as resp:
             assert resp.status == 403
+
+
+# ------------------------------------------------------------------ hand-off on a drain
+
+
+def hand_offs(bed: TestBed, outcome: str) -> float:
+    value = bed.metrics.registry.get_sample_value("gateway_hand_offs_total", {"outcome": outcome})
+    return value or 0.0
+
+
+async def test_a_draining_replica_hands_its_call_to_another(
+    redis_url: str, eventually: Eventually, logs: LogCapture
+) -> None:
+    """SIGTERM's drain with another replica ready: at the call's next pause the stream
+    closes, Twilio asks the action (the load balancer no longer sends to the draining
+    replica), and the call goes on there: same Live session, no second greeting, the model's
+    replies numbered on from where they were."""
+    greeting = "Greet the caller."
+    async with replicas(2, redis_url, quick_emulator(), greeting=greeting) as (one, two):
+        caller = TwilioCallerSimulator(one.http, one.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=2)
+        call = await caller.place_call()
+        await await_reply(call, 1, limit_s=15)  # the greeting
+        await say_and_hear(call, 2)
+        caller.set_bases(two.gateway_url)
+        start_draining(one.app)
+        await keep_talking_until(call, lambda: len(call.record.streams) == 2)
+        await eventually(lambda: bool(two.app[STATE].calls))
+        await say_and_hear(call, 3, freq=410.0)
+        await call.hangup()
+        await eventually(lambda: not one.app[STATE].calls and not two.app[STATE].calls)
+
+    assert hand_offs(one, "handed_off") == 1 and hand_offs(two, "continued") == 1
+    (session,) = one.emulator.record.sessions.values()  # resumed, never a fresh one
+    assert [t.trigger for t in session.turns].count("text") == 1  # one greeting
+    assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.5][:3] == [1, 2, 3]
+    resumed = [c for c in one.emulator.record.connections if c.resumed_from is not None]
+    assert resumed, "the second replica resumed the session from the stored handle"
+    actions = [c for c in call.record.callbacks if c[0] == "action"]
+    assert [status for *_, status in actions] == [200]  # the hand-off; the caller hung up
+    (gap,) = logs.messages("gateway.server", "call continued after its hand-off")
+    assert "the caller's gap" in gap
+    assert logs.messages("gateway.server", "handed off") == ["handed off at a pause"]
+    assert call.record.closed_by == "caller"
+
+
+async def keep_talking_until(call: SimulatedCall, done: Callable[[], bool]) -> None:
+    """Keep the line open (silence, as Twilio streams it) until `done()` holds."""
+    async with asyncio.timeout(20):
+        while not done():
+            await call.silence(0.1)
+
+
+async def test_a_lone_replica_drains_as_before(redis_url: str, eventually: Eventually) -> None:
+    """No other replica ready: the call stays and goes on."""
+    async with replicas(1, redis_url, quick_emulator()) as (one,):
+        caller = TwilioCallerSimulator(one.http, one.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=2)
+        call = await caller.place_call()
+        await say_and_hear(call, 1)
+        start_draining(one.app)
+        await say_and_hear(call, 2, freq=410.0)
+        assert len(call.record.streams) == 1 and hand_offs(one, "handed_off") == 0
+        await call.hangup()

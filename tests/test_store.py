@@ -89,6 +89,30 @@ async def test_ending_a_stream_that_never_was_claims_nothing(make_store: MakeSto
     assert await store.claim_stream(call, "nonce-a", 60.0) is None
 
 
+async def test_a_stream_passed_on_opens_for_its_token_only(make_store: MakeStore) -> None:
+    """A hand-off: the call's next stream is the one token's; the old one stays refused."""
+    store, call = make_store(), new_call()
+    assert await store.claim_stream(call, "first", 60.0) is None
+    await store.pass_stream(call, "second", 60.0)
+    assert await store.stream_claimed(call)
+    assert await store.claim_stream(call, "first", 60.0) == "pass:second"
+    assert await store.claim_stream(call, "other", 60.0) == "pass:second"
+    assert await store.claim_stream(call, "second", 60.0) is None
+    assert await store.claim_stream(call, "second", 60.0) == "second"  # used, like any
+
+
+async def test_a_hand_off_is_taken_once(make_store: MakeStore) -> None:
+    store, call = make_store(), new_call()
+    assert not await store.take_hand_off(call)
+    await store.add_turn(call, "user", "from an older stream")
+    state = CallState(persona="sales", greeted=True, handle="h-9", handle_replies=4)
+    await store.hand_off(call, state, [("user", "hi"), ("model", "hello, how can I help?")])
+    assert await store.load(call) == state
+    assert await store.turns(call) == [("user", "hi"), ("model", "hello, how can I help?")]
+    assert await store.take_hand_off(call)
+    assert not await store.take_hand_off(call)
+
+
 async def test_state_round_trips_and_is_replaced(make_store: MakeStore) -> None:
     store, call = make_store(), new_call()
     assert await store.load(call) is None
@@ -181,6 +205,26 @@ async def test_replicas_sharing_redis_see_one_another(redis_url: str) -> None:
             assert await anext(feed) == call
         assert await one.take_answer(call) == "fax"
         assert await two.take_answer(call) is None
+
+
+async def test_replicas_say_when_they_take_calls(redis_url: str) -> None:
+    memory = MemoryStore()
+    await memory.replica_ready("a", True, 60.0)
+    assert await memory.others_ready("b") == 0  # one process: no others, ever
+    async with AsyncExitStack() as stack:
+        one, two = RedisStore(redis_url), RedisStore(redis_url)
+        stack.push_async_callback(one.aclose)
+        stack.push_async_callback(two.aclose)
+        a, b = new_call(), new_call()  # unique names: other tests share the server
+        await one.replica_ready(a, True, 60.0)
+        assert await one.others_ready(a) == 0
+        await two.replica_ready(b, True, 0.3)
+        assert await one.others_ready(a) == 1 and await two.others_ready(b) == 1
+        await wait_gone(lambda: one.others_ready(a))  # b did not say it again
+        await two.replica_ready(b, True, 60.0)
+        await one.replica_ready(a, False, 0.0)
+        assert await two.others_ready(b) == 0
+        await two.replica_ready(b, False, 0.0)
 
 
 async def test_feed_comes_back_after_losing_redis(redis_url: str) -> None:

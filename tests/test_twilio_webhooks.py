@@ -289,6 +289,19 @@ async def test_tokens_are_distinct_and_a_call_gets_one_stream() -> None:
     assert await tokens.redeem(second, CALL) is TokenResult.REUSED
 
 
+async def test_a_call_that_goes_on_gets_one_next_stream() -> None:
+    tokens = StreamTokens(SECRET)
+    first = tokens.issue(CALL)
+    assert await tokens.redeem(first, CALL) is TokenResult.OK
+    await tokens.ended(CALL)
+    replay = tokens.issue(CALL)  # a replayed voice webhook's
+    following = await tokens.issue_next(CALL)
+    assert await tokens.redeem(first, CALL) is TokenResult.SECOND_STREAM
+    assert await tokens.redeem(replay, CALL) is TokenResult.SECOND_STREAM
+    assert await tokens.redeem(following, CALL) is TokenResult.OK
+    assert await tokens.redeem(following, CALL) is TokenResult.REUSED
+
+
 async def test_token_binds_account_and_persona() -> None:
     tokens = StreamTokens(SECRET)
     token = tokens.issue(CALL, account_sid=ACCOUNT, persona="sales")

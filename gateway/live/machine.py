@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -377,6 +378,28 @@ class SessionMachine:
 
     def start(self, now: float) -> list[Action]:
         return self._open(now, cause=None)
+
+    def continue_from(
+        self, handle: str, replies: int, turns: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Before `start`: the conversation goes on from a handle another process held (a
+        call handed off); `replies` its state holds, `turns` brief a fresh session if the
+        service refuses it."""
+        assert self.phase is Phase.CONNECTING and self.opening is None and self.active is None
+        self.handle = handle
+        self._handle_replies = replies
+        for role, text in turns:
+            self.history.add(role, text)
+
+    @property
+    def handle_current(self) -> bool:
+        """A trusted handle came since the model last spoke (it holds every reply)."""
+        return self.handle is not None and self._handle_after_reply
+
+    @property
+    def handle_replies(self) -> int:
+        """Model replies the state of `handle` holds."""
+        return self._handle_replies
 
     def close(self) -> list[Action]:
         actions: list[Action] = [Close(c.id) for c in self.conns]

@@ -742,16 +742,21 @@ class TwilioCallerSimulator:
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be positive")
-        bases = [base_url] if isinstance(base_url, str) else list(base_url)
-        if not bases:
-            raise ValueError("base_url: at least one")
         self._http = http
-        self._bases = cycle([urlsplit(base) for base in bases])
+        self.set_bases(base_url)
         self._public_url = public_url.rstrip("/")
         self._validator = RequestValidator(auth_token)
         self._speed = speed
         self._account_sid = account_sid or _sid("AC")
         self.action_after_abnormal_close = action_after_abnormal_close
+
+    def set_bases(self, base_url: str | Sequence[str]) -> None:
+        """Where requests go from now on (a load balancer's endpoints changed: a replica
+        draining is taken out of them)."""
+        bases = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not bases:
+            raise ValueError("base_url: at least one")
+        self._bases = cycle([urlsplit(base) for base in bases])
 
     async def place_call(
         self,

@@ -280,17 +280,29 @@ class StreamTokens:
         return _b64url(mac.digest())
 
     def issue(self, call_sid: str, *, account_sid: str = "", persona: str = "") -> str:
+        return self._issue(call_sid, account_sid, persona)[0]
+
+    def _issue(self, call_sid: str, account_sid: str, persona: str) -> tuple[str, str]:
+        """A token and its nonce."""
         if not call_sid:
             raise ValueError("call_sid must be non-empty")
+        nonce = secrets.token_hex(16)
         payload = {
             "c": call_sid,
             "a": account_sid,
             "p": persona,
             "e": self._clock() + self._ttl,
-            "n": secrets.token_hex(16),
+            "n": nonce,
         }
         body = _b64url(json.dumps(payload, separators=(",", ":")).encode("utf-8"))
-        return f"{body}.{self._sign(body)}"
+        return f"{body}.{self._sign(body)}", nonce
+
+    async def issue_next(self, call_sid: str, *, account_sid: str = "", persona: str = "") -> str:
+        """A token for the next stream of a call that goes on (a hand-off): the call's
+        claim is passed on to it, so it redeems once though the call had its stream."""
+        token, nonce = self._issue(call_sid, account_sid, persona)
+        await self._store.pass_stream(call_sid, nonce, self._live)
+        return token
 
     async def redeem(
         self, token: str, call_sid: str, *, account_sid: str = "", persona: str = ""
@@ -326,6 +338,10 @@ class StreamTokens:
         if held is None:
             return TokenResult.OK
         return TokenResult.REUSED if held == nonce else TokenResult.SECOND_STREAM
+
+    async def handed_off(self, call_sid: str) -> bool:
+        """Whether the call was handed off and waits for its next stream (taken: once)."""
+        return await self._store.take_hand_off(call_sid)
 
     async def streamed(self, call_sid: str) -> bool:
         """Whether the call has (or recently had) its stream: a webhook for it is a replay."""
