@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -375,3 +378,43 @@ async def test_a_call_end_to_end_on_vertex(backend: BackendKind) -> None:
             side, modality = kind.split("_")
             labels = {"persona": "default", "kind": side, "modality": modality}
             assert sample("gateway_live_tokens_total", labels) == tokens, kind
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"GOOGLE_APPLICATION_CREDENTIALS": "/absent/key.json"},
+            "gateway: Vertex AI: no Application Default Credentials",
+        ),
+        (
+            {"GEMINI_MODEL": V25},
+            "gateway: invalid setting GOOGLE_CLOUD_LOCATION: ",
+        ),
+    ],
+    ids=["no-credentials", "2.5-in-global"],
+)
+def test_a_vertex_start_that_cannot_work_stops_with_one_line(
+    env: dict[str, str], expected: str, tmp_path: Path
+) -> None:
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway"],
+        cwd=tmp_path,
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": str(root),
+            "GATEWAY_CONFIG": str(root / "config" / "gateway.toml"),
+            "PUBLIC_URL": PUBLIC_URL,
+            "TWILIO_AUTH_TOKEN": "t" * 32,
+            "GOOGLE_GENAI_USE_VERTEXAI": "true",
+            "GOOGLE_CLOUD_PROJECT": PROJECT,
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), done.stderr
