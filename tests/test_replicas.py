@@ -8,19 +8,26 @@ a single replica's memory would not see them.
 from __future__ import annotations
 
 import asyncio
+import signal
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aiohttp
 from aiohttp import ClientSession
 from twilio.request_validator import RequestValidator
 
 from gateway.server import STATE, start_draining
+from gateway.store import RedisStore
 from gateway.testing.analysis import await_reply, heard_replies
 from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed, quick_emulator
+from gateway.testing.live_emulator import LiveEmulator
 from gateway.testing.peers import closed_with, new_sid, say_and_hear, start_message, voice_params
-from gateway.testing.replicas import replicas
+from gateway.testing.replicas import processes, replicas
+from gateway.testing.tls import make_tls
 from gateway.testing.twilio_sim import SimulatedCall, TwilioCallerSimulator
 
 if TYPE_CHECKING:
@@ -233,3 +240,54 @@ async def test_a_lone_replica_drains_as_before(redis_url: str, eventually: Event
         await say_and_hear(call, 2, freq=410.0)
         assert len(call.record.streams) == 1 and hand_offs(one, "handed_off") == 0
         await call.hangup()
+
+
+# ------------------------------------------------------------ two `python -m gateway`
+
+
+async def test_sigterm_hands_a_call_to_the_other_process(redis_url: str) -> None:
+    """Two real gateway processes sharing Redis: SIGTERM to the one holding a call; it
+    hands the call off at a pause and exits, the other carries the same Live session on."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tls = make_tls(Path(tmp))
+        config = quick_emulator(speed=2.0, handle_interval=0.3)
+        async with (
+            LiveEmulator(config, tls) as emulator,
+            processes(
+                2,
+                emulator,
+                tls.ca_pem_path,
+                REDIS_URL=redis_url,
+                GREETING="Greet the caller.",
+                GOAWAY_MARGIN_S="0.2",
+                CALLER_AUDIO_RATE="4",
+            ) as (one, two),
+            aiohttp.ClientSession() as http,
+        ):
+            store = RedisStore(redis_url)
+            try:
+                for _ in range(200):  # both have said they take calls
+                    if await store.others_ready("the test") == 2:
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                await store.aclose()
+            caller = TwilioCallerSimulator(http, one.url, PUBLIC_URL, AUTH_TOKEN, speed=2)
+            call = await caller.place_call()
+            await await_reply(call, 1, limit_s=15)  # the greeting
+            await say_and_hear(call, 2)
+            caller.set_bases(two.url)  # the load balancer: the draining one is out
+            one.proc.send_signal(signal.SIGTERM)
+            await keep_talking_until(call, lambda: len(call.record.streams) == 2)
+            await say_and_hear(call, 3, freq=410.0)
+            assert await one.exit_code(15.0) == 0  # in seconds: its call is elsewhere
+            await call.hangup()
+            two.proc.send_signal(signal.SIGTERM)
+            assert await two.exit_code(15.0) == 0
+
+    assert "handed off at a pause" in one.messages(), one.output[-3000:]
+    continued = [m for m in two.messages() if m.startswith("call continued after its hand-off")]
+    assert len(continued) == 1, two.output[-3000:]
+    (session,) = emulator.record.sessions.values()
+    assert [t.trigger for t in session.turns].count("text") == 1  # one greeting
+    assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.5][:3] == [1, 2, 3]
