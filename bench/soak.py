@@ -414,6 +414,9 @@ async def soak(args: argparse.Namespace) -> Report:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
                 port = free_port()
                 env = gateway_env(info, port, os.environ.get("SOAK_LOG_LEVEL", "WARNING"))
+                # Sent against held per call: every frame must reach the model, so the
+                # caller's silence is sent too (gateway.dtx withholds it by default).
+                env["SILENCE_SUPPRESSION"] = "false"
                 gateway = await spawn("gateway", ["-m", "gateway"], env, logs)
                 url = f"http://127.0.0.1:{port}"
                 await wait_healthy(http, url, gateway)

@@ -26,7 +26,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.audio import MODEL_OUTPUT_RATE, CallerToModel, speech_level
+from gateway.audio import FRAME_MS, MODEL_OUTPUT_RATE, CallerToModel, speech_level
+from gateway.dtx import CallerDtx
 from gateway.ending import (
     CallOutcome,
     Ending,
@@ -104,6 +105,7 @@ class Call:
         transcript: CallTranscript | None = None,
         hangup_wait_s: float = 20.0,
         batch_frames: int = 1,
+        dtx: CallerDtx | None = None,
         persona: Persona | None = None,
         control: CallControl | None = None,
         token_prices: Mapping[str, float] | None = None,
@@ -130,6 +132,7 @@ class Call:
         self._control = control
         self._tasks: set[asyncio.Task[object]] = set()  # the call's own tasks
         self._batch_frames = max(1, batch_frames)  # Twilio frames per piece sent to the model
+        self._dtx = dtx  # caller silence withheld from the model (gateway.dtx)
         self._early_answers: list[str] | None = []  # answered_by() before run(); None after
         self.greeted = greeted  # the greeting was played (on this stream or one before)
 
@@ -193,6 +196,8 @@ class Call:
             for task in (*tasks, first_task, *self._tasks):
                 task.cancel()
             await asyncio.gather(*tasks, first_task, *self._tasks, return_exceptions=True)
+            if self._dtx is not None:  # silence kept for a pre-roll the hang-up never needed
+                self._metrics.caller_audio_withheld.inc(self._dtx.held_frames * FRAME_MS / 1000)
             self._metrics.calls_active.dec()
             self.stats.outcome = outcome = self._ending.outcome or CallOutcome.HANGUP
             self._log_end(outcome)
@@ -269,6 +274,9 @@ class Call:
 
         listen = self.watch.listens  # caller speech restarts the silence watch
         watch = self.watch
+        dtx = self._dtx
+        withheld = self._metrics.caller_audio_withheld
+        counted = 0  # frames withheld for good, in the metric
 
         async for message in inbound:
             if type(message) is Media:
@@ -276,8 +284,22 @@ class Call:
                 self.stats.caller_frames += 1
                 frames.inc()
                 payload = message.payload
-                if listen and speech_level(payload) > SPEECH_RMS:  # every frame, held or not
+                level = speech_level(payload) if listen or dtx is not None else 0
+                if listen and level > SPEECH_RMS:  # every frame, held or not
                     watch.caller_spoke(received)
+                if dtx is not None:
+                    out = dtx.feed(payload, level)
+                    if dtx.withheld_frames > counted:
+                        withheld.inc((dtx.withheld_frames - counted) * FRAME_MS / 1000)
+                        counted = dtx.withheld_frames
+                    if out.pause:
+                        if held:
+                            await send_held()
+                        await self.live.pause_audio()
+                    if not out.frames:
+                        continue
+                    if len(out.frames) > 1:  # the pre-roll, then this frame
+                        payload = b"".join(out.frames)
                 if batch > 1:
                     if not held:
                         held_since = received

@@ -15,6 +15,7 @@ from google import genai
 from gateway.audio import FRAME_MS
 from gateway.call import Call, SendText
 from gateway.config import Settings
+from gateway.dtx import CallerDtx
 from gateway.live.session import LiveOptions, LiveSession
 from gateway.metrics import Metrics
 from gateway.personas import Persona, PersonaTable
@@ -92,6 +93,10 @@ class CallFactory:
             transcript=transcript,
             hangup_wait_s=settings.hangup_wait_s,
             batch_frames=settings.caller_audio_batch_ms // FRAME_MS,
+            # Not on Vertex AI: a pause there could not be told to the service (no
+            # audioStreamEnd), and a turn replayed into a new connection while paused
+            # would wait for silence that never comes.
+            dtx=CallerDtx() if settings.silence_suppression and not settings.vertexai else None,
             persona=persona,
             control=control,
             token_prices=settings.token_prices,

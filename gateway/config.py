@@ -227,6 +227,11 @@ class Settings(BaseSettings):
     # (docs/benchmarks.md). A replay after a reset may send the last piece again (the service cannot
     # say whether a handle covers it), so the model may hear up to one piece twice there.
     caller_audio_batch_ms: int = Field(default=40, ge=20, le=100, multiple_of=20)
+    # Stop streaming the caller's silence to the model (gateway.dtx; Gemini API only): after
+    # a second of it the stream pauses (audioStreamEnd) until the caller makes a sound,
+    # which goes out with the 0.3 s before it. The service bills audio by its duration and
+    # every turn re-reads it (docs/benchmarks.md, "The model's bill").
+    silence_suppression: bool = True
     # Offer permessage-deflate to the Live endpoint. Off: where the endpoint accepts it, every
     # caller audio message is deflated, ~0.1 ms of CPU each for ~30% fewer bytes of speech
     # (docs/benchmarks.md): worth it only where upstream bytes cost more than CPU.

@@ -203,6 +203,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.caller_audio_withheld = Counter(
+            "gateway_caller_audio_withheld_seconds",
+            "Caller silence not sent to the model (SILENCE_SUPPRESSION)",
+            registry=r,
+        )
         self.model_audio = LoopCounter()
         self.barge_ins = Counter("gateway_barge_ins", "Caller interrupted the model", registry=r)
         self.rejected = Counter(

@@ -77,11 +77,19 @@ def assert_replies_once_in_order(replies: list[HeardReply], turns: int) -> None:
     assert not unsaid, (unsaid, replies)
 
 
+def sent_bytes(bed: TestBed, call: SimulatedCall) -> int:
+    """The caller's audio as 16 kHz PCM (4 bytes per mu-law byte), less the silence the
+    gateway withheld from the model on purpose (SILENCE_SUPPRESSION, gateway.dtx)."""
+    registry = bed.metrics.registry
+    withheld = registry.get_sample_value("gateway_caller_audio_withheld_seconds_total") or 0.0
+    return len(call.record.sent_ulaw) * 4 - round(withheld * 32000)
+
+
 def assert_session_holds_caller_audio(bed: TestBed, call: SimulatedCall, utterances: int) -> None:
     sessions = list(bed.emulator.record.sessions.values())
     assert len(sessions) == 1, "a reconnect did not resume the session"
     session = sessions[0]
-    sent = len(call.record.sent_ulaw) * 4  # mu-law 8 kHz -> PCM16 16 kHz
+    sent = sent_bytes(bed, call)
     held = len(session.audio)
     assert abs(held - sent) <= 0.02 * sent, (held, sent)
     pcm = np.frombuffer(bytes(session.audio), dtype=np.int16)
@@ -170,7 +178,7 @@ def outcome(bed: TestBed, call: SimulatedCall, turns: int, stalled: str | None) 
         spoken=len(segments(caller)),
         stalled=stalled,
         sessions=len(sessions),
-        sent_bytes=len(call.record.sent_ulaw) * 4,
+        sent_bytes=sent_bytes(bed, call),
         held_bytes=len(audio),
         utterances=[s.duration_s for s in segments(pcm, rate=16000)],
         replies=heard_playings(call.record),

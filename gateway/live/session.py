@@ -109,6 +109,13 @@ class LiveOptions:
     settings: LiveSettings = field(default_factory=LiveSettings)
 
 
+class _StreamEnd:
+    """In an outbox: the caller's audio pauses here (``audioStreamEnd``)."""
+
+
+STREAM_END = _StreamEnd()
+
+
 @dataclass(eq=False)
 class _Link:
     """The driver's side of one open connection."""
@@ -117,7 +124,7 @@ class _Link:
     session: AsyncSession
     stack: AsyncExitStack
     liveness: Liveness
-    outbox: deque[tuple[Input | Brief, bool]] = field(default_factory=deque)
+    outbox: deque[tuple[Input | Brief | _StreamEnd, bool]] = field(default_factory=deque)
     pumping: bool = False
     gone: bool = False  # closed by us or lost: nothing more is read or written
 
@@ -155,6 +162,7 @@ class LiveSession:
         self._failure: LiveSessionFailed | None = None
         self._closed = asyncio.Event()
         self._started = asyncio.Event()
+        self._audio_paused = False  # the caller's audio is paused (pause_audio)
 
     # ----------------------------------------------------------------- public
 
@@ -182,10 +190,25 @@ class LiveSession:
 
     async def send_audio(self, pcm16k: bytes, received_at: float | None = None) -> None:
         """Caller audio (16 kHz PCM16) for the model: written now, or kept for replay."""
+        self._audio_paused = False
         speech = audioop.rms(pcm16k, 2) > SPEECH_RMS
         await self._execute(
             self.machine.caller_audio(pcm16k, speech, received_at or time.monotonic())
         )
+
+    async def pause_audio(self) -> None:
+        """The caller's audio pauses until they make a sound (gateway.dtx): the service is
+        told (``audioStreamEnd``), after what was written, on the connection in use, and
+        again after a replay into a new connection while it lasts (the replayed turn's end
+        must not wait for audio that will not come). Never on Vertex AI, whose wire
+        reference has no such field ("implicit on silence"): the call pauses nothing there."""
+        self._audio_paused = True
+        conn = self.machine.active
+        link = self._links.get(conn.id) if conn is not None else None
+        if link is None or link.gone or self._client.vertexai:
+            return
+        link.outbox.append((STREAM_END, False))
+        await self._pump(link)
 
     async def send_text(self, text: str, *, turn_complete: bool = True) -> None:
         """A text turn (a greeting instruction, a key press) for the model."""
@@ -259,6 +282,8 @@ class LiveSession:
                 if link is not None and not link.gone:
                     replay = action.replay
                     link.outbox.extend((item, replay) for item in action.items)
+                    if replay and self._audio_paused:  # the pause, after what it follows
+                        link.outbox.append((STREAM_END, False))
                     await self._pump(link)
             elif kind is Emit:
                 assert isinstance(action, Emit)
@@ -337,6 +362,9 @@ class LiveSession:
         try:
             while outbox and not link.gone:
                 item, replay = outbox.popleft()
+                if isinstance(item, _StreamEnd):
+                    await link.session.send_realtime_input(audio_stream_end=True)
+                    continue
                 if isinstance(item, Brief):
                     turns: list[types.Content | types.ContentDict] = [
                         types.Content(role=role, parts=[types.Part(text=text)])

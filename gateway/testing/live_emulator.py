@@ -141,6 +141,12 @@ knob                        default             rests on
 ``session_limit``           900 s               Audio-only sessions without compression end
                                                 at 15 minutes (Live API docs, via sokuji#179).
 ``handle_ttl``              7200 s              2 h on the Gemini API (24 h on Vertex).
+``vertex_audio_stream_end`` ``False``           ``realtimeInput.audioStreamEnd`` on the Vertex
+                                                path: Google's Vertex wire reference lists no
+                                                such field ("implicit on silence"); SDK 3.6
+                                                passes it. Unknown, so refused there (close
+                                                1007, unknown field); the Gemini API takes it
+                                                (live-models.md §2.2, §9 row 36).
 ==========================  ==================  ==============================================
 
 Close reasons (:data:`CLOSE_REASONS`): 1000 "The operation was cancelled." (pipecat#3112),
@@ -450,6 +456,7 @@ class EmulatorConfig:
     vertex_regional_only: tuple[str, ...] = VERTEX_REGIONAL_ONLY
     vertex_express_location: str = "global"
     vertex_goaway_close_code: int = 1000
+    vertex_audio_stream_end: bool = False  # accepted on the Vertex path (else close 1007)
     # How each model's sessions are billed (gateway.testing.billing: rates, re-billing).
     billing_profiles: dict[str, billing.BillingProfile] = field(
         default_factory=lambda: dict(billing.PROFILES)
@@ -1205,6 +1212,11 @@ class _Connection:
         if rt.get("activityStart") is not None:
             self._speech_confirmed = True
             await self._interrupt()
+        if rt.get("audioStreamEnd"):
+            self.emu.record.event("audio_stream_end", f"conn={self.rec.id}")
+            if self.vertex and not self.emu.config.vertex_audio_stream_end:
+                reason = 'Invalid JSON payload received. Unknown name "audioStreamEnd".'
+                raise _Refused(1007, reason, "error")
         if rt.get("activityEnd") is not None or rt.get("audioStreamEnd"):
             if self._voiced >= self._min_speech_windows() or rt.get("activityEnd") is not None:
                 await self._end_of_utterance()
