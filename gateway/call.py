@@ -110,13 +110,15 @@ class Call:
         control: CallControl | None = None,
         token_prices: Mapping[str, float] | None = None,
         greeted: bool = False,
+        age_s: float = 0.0,
     ) -> None:
         self.start = start
         self.live = live
         self.transcript = transcript or CallTranscript(None, start.call_sid)
         self.persona = persona or Persona(name="default", system_instruction="")
         self._metrics = metrics
-        self.stats = CallStats()
+        # A call handed off by another replica is `age_s` old: its duration limit goes on.
+        self.stats = CallStats(started_at=time.monotonic() - age_s)
         self.usage = CallUsage(prices=dict(token_prices or {}))
         self.watch = CallWatch(self.persona.policy, self.stats.started_at)
         self.playback = Speaker(

@@ -7,6 +7,7 @@ The factory holds the app's long-lived clients; the server owns them (creates an
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,7 +85,7 @@ class CallFactory:
             )
         transcript = CallTranscript(settings.transcript_dir, start.call_sid)
         transcript.event("start", persona=persona.name, stream_sid=start.stream_sid)
-        return Call(
+        call = Call(
             start,
             live,
             send,
@@ -101,4 +102,8 @@ class CallFactory:
             control=control,
             token_prices=settings.token_prices,
             greeted=resume is not None and resume.greeted,
+            age_s=resume.age_s + max(0.0, time.time() - resume.handed_off_at) if resume else 0.0,
         )
+        if resume is not None:
+            call.usage.carry_on(resume.usage)  # a token limit counts the whole call
+        return call

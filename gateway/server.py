@@ -815,7 +815,9 @@ async def _hand_off(state: GatewayState, call: Call) -> None:
         handle=machine.handle,
         handle_replies=machine.handle_replies,
         handle_turns=len(turns),
+        usage=call.usage.counts(),
         handed_off_at=time.time(),
+        age_s=time.monotonic() - call.stats.started_at,
     )
     try:
         await state.store.hand_off(call_sid, saved, turns)

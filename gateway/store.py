@@ -88,8 +88,9 @@ class CallState:
     handle_replies: int = 0  # model replies the handle's state holds
     handle_turns: int = 0  # stored turns the handle's state holds
     answered_by: str | None = None  # the answering-machine result, once delivered
-    usage: dict[str, int] = field(default_factory=dict)  # tokens so far, by kind
+    usage: dict[str, int] = field(default_factory=dict)  # tokens so far (totals and by kind)
     handed_off_at: float = 0.0  # wall-clock time of the hand-off (the caller's gap from it)
+    age_s: float = 0.0  # how long the call had run then (its duration limit goes on from it)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -111,6 +112,7 @@ class CallState:
             and isinstance(state.answered_by, str | None)
             and isinstance(state.usage, dict)
             and isinstance(state.handed_off_at, int | float)
+            and isinstance(state.age_s, int | float)
             and all(isinstance(k, str) and isinstance(v, int) for k, v in state.usage.items())
         )
         if not ok:

@@ -55,6 +55,25 @@ class CallUsage:
             self.by_kind[key] = self.by_kind.get(key, 0) + tokens
         return kinds
 
+    def counts(self) -> dict[str, int]:
+        """The counts so far, flat (the totals, `turns`, and each kind): what a call handed
+        to another replica carries on with (:meth:`carry_on`)."""
+        return {
+            **self.by_kind,
+            "prompt_tokens": self.prompt_tokens,
+            "response_tokens": self.response_tokens,
+            "total_tokens": self.total_tokens,
+            "turns": self.turns,
+        }
+
+    def carry_on(self, counts: Mapping[str, int]) -> None:
+        """Start from what :meth:`counts` gave on the replica the call was handed off by."""
+        totals = ("prompt_tokens", "response_tokens", "total_tokens", "turns")
+        self.prompt_tokens, self.response_tokens, self.total_tokens, self.turns = (
+            counts.get(name, 0) for name in totals
+        )
+        self.by_kind = {kind: n for kind, n in counts.items() if kind not in totals}
+
     def cost_usd(self) -> float | None:
         """The price of the tokens so far; None without prices."""
         prices = self.prices

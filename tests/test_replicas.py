@@ -201,10 +201,16 @@ async def test_a_draining_replica_hands_its_call_to_another(
         call = await caller.place_call()
         await await_reply(call, 1, limit_s=15)  # the greeting
         await say_and_hear(call, 2)
+        (first,) = one.app[STATE].calls
         caller.set_bases(two.gateway_url)
         start_draining(one.app)
         await keep_talking_until(call, lambda: len(call.record.streams) == 2)
         await eventually(lambda: bool(two.app[STATE].calls))
+        (second,) = two.app[STATE].calls
+        # Its limits go on: the tokens so far and the call's age came along.
+        assert second.usage.total_tokens >= first.usage.total_tokens > 0
+        assert second.usage.by_kind.keys() >= first.usage.by_kind.keys()
+        assert second.stats.started_at <= first.stats.started_at + 0.5
         await say_and_hear(call, 3, freq=410.0)
         await call.hangup()
         await eventually(lambda: not one.app[STATE].calls and not two.app[STATE].calls)

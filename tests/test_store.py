@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.live.events import Usage
 from gateway.store import (
     TURNS_KEPT,
     CallState,
@@ -22,6 +23,7 @@ from gateway.store import (
     open_store,
 )
 from gateway.testing.redis_server import INSTALL_HINT, RedisMissing, RedisServer
+from gateway.usage import CallUsage
 
 MakeStore = Callable[..., CallStore]
 
@@ -275,3 +277,14 @@ def test_without_redis_server_the_redis_tests_fail_saying_how_to_get_one(
     )  # fmt: skip
     assert run.returncode == 1, run.stdout[-2000:]
     assert "1 error" in run.stdout and INSTALL_HINT.split(":")[0] in run.stdout
+
+
+def test_a_calls_usage_carries_on_through_its_state() -> None:
+    """What a hand-off stores of the usage, and the next replica starts from."""
+    usage = CallUsage(prices={"prompt_audio": 3.0})
+    usage.add(Usage(120, 30, 150, (("audio", 100),), (("audio", 30),)))
+    usage.add(Usage(50, 10, 60, (), ()))
+    state = CallState.from_json(CallState(usage=usage.counts()).to_json())
+    carried = CallUsage(prices={"prompt_audio": 3.0})
+    carried.carry_on(state.usage)
+    assert carried.summary() == usage.summary() and carried.turns == usage.turns == 2
