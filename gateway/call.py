@@ -409,7 +409,7 @@ class Call:
         after = self.usage.cost_usd()
         if before is not None and after is not None:
             self._metrics.cost.labels(persona=persona).inc(after - before)
-        move = self.watch.tokens(self.usage.total_tokens)
+        move = self.watch.tokens(self.usage.total_tokens, after)
         if move is not None:
             self._move(move)
 
@@ -433,6 +433,8 @@ class Call:
             self.end(EndReason.MAX_DURATION, policy.wrap_up)
         elif move is Move.WRAP_UP_TOKENS:
             self.end(EndReason.MAX_TOKENS, policy.wrap_up)
+        elif move is Move.WRAP_UP_COST:
+            self.end(EndReason.MAX_COST, policy.wrap_up)
         elif move is Move.LIMIT:  # whatever is happening, even another ending
             self.end(EndReason.DURATION_LIMIT)
 

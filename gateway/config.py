@@ -109,6 +109,7 @@ class PersonaConfig(BaseModel):
     voicemail: str | None = None
     max_call_s: float | None = Field(default=None, ge=0)
     max_call_tokens: int | None = Field(default=None, ge=0)
+    max_call_usd: float | None = Field(default=None, ge=0)
     wrap_up_at: float | None = Field(default=None, gt=0, le=1)
     wrap_up: str | None = None
     silence_timeout_s: float | None = Field(default=None, ge=0)
@@ -198,6 +199,7 @@ class Settings(BaseSettings):
     voicemail: str = ""
     max_call_s: float = Field(default=0.0, ge=0)
     max_call_tokens: int = Field(default=0, ge=0)
+    max_call_usd: float = Field(default=0.0, ge=0)  # needs TOKEN_PRICES
     wrap_up_at: float = Field(default=0.9, gt=0, le=1)
     wrap_up: str = WRAP_UP
     silence_timeout_s: float = Field(default=0.0, ge=0)

@@ -258,7 +258,7 @@ class Metrics:
         self.hangups = Counter(
             "gateway_hangups",
             "Calls the gateway ended, by persona and reason (end_call, transfer_call, silence, "
-            "max_duration, max_tokens, voicemail, machine, fax, ...)",
+            "max_duration, max_tokens, max_cost, voicemail, machine, fax, ...)",
             ["persona", "reason"],
             registry=r,
         )

@@ -10,9 +10,10 @@ what is due:
 * **Duration** (`max_call_s`, 0 = off): at `wrap_up_at` of it the model is asked to wrap
   up (`wrap_up`) and the call ends once its goodbye was heard; at the limit itself the
   call ends whatever is happening.
-* **Tokens** (`max_call_tokens`, 0 = off): the same wrap-up once the call's tokens reach
-  `wrap_up_at` of it. The service counts tokens at the end of each model turn, so the call
-  can pass the limit by the goodbye's turn.
+* **Tokens** (`max_call_tokens`, 0 = off) and **cost** (`max_call_usd`, 0 = off: the
+  call's tokens at TOKEN_PRICES, what the operator pays for it): the same wrap-up once the
+  call's tokens or cost reach `wrap_up_at` of the limit. The service counts tokens at the
+  end of each model turn, so the call can pass the limit by the goodbye's turn.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Move(StrEnum):
     SILENCE = "silence"  # goodbye, then end
     WRAP_UP_DURATION = "max_duration"  # wrap up, then end
     WRAP_UP_TOKENS = "max_tokens"  # wrap up, then end
+    WRAP_UP_COST = "max_cost"  # wrap up, then end
     LIMIT = "max_duration_reached"  # end now
 
 
@@ -39,6 +41,7 @@ class CallWatch:
         self._silence_s = policy.silence_timeout_s
         self._max_s = policy.max_call_s
         self._max_tokens = policy.max_call_tokens
+        self._max_usd = policy.max_call_usd
         self._wrap_up_at = policy.wrap_up_at
         self._started_at = started_at
         self._caller_spoke_at = started_at
@@ -70,13 +73,16 @@ class CallWatch:
         if self._bot_quiet_since is None:
             self._bot_quiet_since = at
 
-    def tokens(self, total: int) -> Move | None:
-        """The wrap-up, once, when the call's tokens reach their share of the limit."""
-        if not self._max_tokens or self._wrapped_up or self.ending:
+    def tokens(self, total: int, cost_usd: float | None = None) -> Move | None:
+        """The wrap-up, once, when the call's tokens or cost reach their share of a limit."""
+        if self._wrapped_up or self.ending:
             return None
-        if total >= self._wrap_up_at * self._max_tokens:
+        if self._max_tokens and total >= self._wrap_up_at * self._max_tokens:
             self._wrapped_up = True
             return Move.WRAP_UP_TOKENS
+        if self._max_usd and cost_usd is not None and cost_usd >= self._wrap_up_at * self._max_usd:
+            self._wrapped_up = True
+            return Move.WRAP_UP_COST
         return None
 
     def due(self, now: float) -> tuple[Move | None, float | None]:

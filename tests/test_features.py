@@ -243,6 +243,11 @@ def test_personas_inherit_the_top_level_and_a_number_picks_its_persona() -> None
             '[personas.b]\nnumbers = ["+1 555 010 0011"]\n',
             "invalid setting personas.b.numbers: +15550100011 is already answered by personas.a",
         ),
+        ("max_call_usd = 0.5\n", "invalid setting max_call_usd: needs TOKEN_PRICES"),
+        (
+            "[personas.a]\nmax_call_usd = 0.5\n",
+            "invalid setting personas.a.max_call_usd: needs TOKEN_PRICES",
+        ),
     ],
 )
 def test_invalid_persona_configuration_fails_naming_the_key(
@@ -789,12 +794,21 @@ async def test_at_the_duration_limit_itself_the_call_ends_even_mid_reply() -> No
     assert metric(text, "gateway_hangups_total", persona="sales", reason="max_duration") == 0
 
 
-async def test_near_the_token_limit_the_model_wraps_up_and_the_call_ends_once_it_was_heard() -> (
-    None
-):
-    # The greeting's turn alone costs more than 30 tokens (the emulator's bill).
-    persona = limited(max_call_tokens=30, wrap_up=WRAP_UP)
-    async with bed_with_rest(emulator_config(), persona) as (bed, rest, calls):
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [({"max_call_tokens": 30}, "max_tokens"), ({"max_call_usd": 0.0002}, "max_cost")],
+)
+async def test_near_a_token_or_cost_limit_the_model_wraps_up_and_the_call_ends_once_heard(
+    limit: dict[str, float], reason: str
+) -> None:
+    # The greeting's turn alone costs more than 30 tokens and, at PRICES, its 20 reply
+    # tokens more than $0.00018 (the emulator's bill).
+    persona = limited(**limit, wrap_up=WRAP_UP)
+    async with bed_with_rest(emulator_config(), persona, token_prices=PRICES) as (
+        bed,
+        rest,
+        calls,
+    ):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
         calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
@@ -808,7 +822,7 @@ async def test_near_the_token_limit_the_model_wraps_up_and_the_call_ends_once_it
     assert sum(r.duration_s for r in heard_replies(call.record)) > 2 * (REPLY_S - 0.1)
     (update,) = rest.record.updates()
     assert update.at >= last_mark_echoed(call)
-    assert metric(text, "gateway_hangups_total", persona="sales", reason="max_tokens") == 1
+    assert metric(text, "gateway_hangups_total", persona="sales", reason=reason) == 1
 
 
 CHECK_IN = "Are you still there?"
