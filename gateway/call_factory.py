@@ -39,6 +39,7 @@ def live_options(settings: Settings, persona: Persona) -> LiveOptions:
         language=persona.language,
         tools=declarations(persona.tools, persona.transfer_to),
         settings=settings.live,
+        model_settings=persona.model_settings,
     )
 
 

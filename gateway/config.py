@@ -47,6 +47,7 @@ class ConfigError(Exception):
 
 
 ToolName = Literal["end_call", "transfer_call"]
+ThinkingLevel = Literal["minimal", "low", "medium", "high"]
 # A called number as Twilio sends it in `To` (E.164), or a SIP address.
 _NUMBER = re.compile(r"^\+[1-9]\d{6,14}$")
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
@@ -99,6 +100,8 @@ class PersonaConfig(BaseModel):
 
     numbers: list[str] = []
     gemini_model: str | None = None
+    thinking_level: ThinkingLevel | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
     system_instruction: str | None = None
     voice: str | None = None
     language: str | None = None
@@ -188,6 +191,10 @@ class Settings(BaseSettings):
     # How often the key and the models are checked again with the backend's models API
     # (at start, a refusal stops the gateway; later, /readyz fails while it lasts).
     model_check_interval_s: float = Field(default=300.0, gt=0)
+    # The model's own settings (per persona too), checked against its profile at start
+    # (gateway.live.profiles): unset, the model's default.
+    thinking_level: ThinkingLevel | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
     system_instruction: str = "You are a friendly, concise phone assistant. Keep answers short."
     voice: str = "Puck"
     greeting: str = GREETING

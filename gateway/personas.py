@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
 from gateway.config import ConfigError, PersonaConfig, Settings, ToolName, address_key
+from gateway.live.profiles import BackendName, ModelSettings, problems, profile_for
 
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -46,6 +47,7 @@ class Persona:
     system_instruction: str
     model: str = ""  # the Live model
     model_setting: str = "GEMINI_MODEL"  # where `model` was set, for what the backend says of it
+    model_settings: ModelSettings = field(default_factory=ModelSettings)  # checked at start
     voice: str | None = None
     language: str | None = None
     greeting: str = ""  # a text turn sent at the start so the bot speaks first; "" = off
@@ -90,6 +92,8 @@ class PersonaTable:
         """Resolve inheritance and check what a single key cannot: raises ConfigError."""
         base = PersonaConfig(
             gemini_model=settings.gemini_model,
+            thinking_level=settings.thinking_level,
+            temperature=settings.temperature,
             system_instruction=settings.system_instruction,
             voice=settings.voice,
             language=settings.language,
@@ -101,7 +105,8 @@ class PersonaTable:
         configs = dict(settings.personas)
         default_config = configs.pop(DEFAULT, PersonaConfig())
         default_key = f"personas.{DEFAULT}" if DEFAULT in settings.personas else ""
-        default = _resolve(DEFAULT, default_config, base, default_key, "GEMINI_MODEL")
+        backend: BackendName = "vertex" if settings.vertexai else "gemini"
+        default = _resolve(DEFAULT, default_config, base, default_key, "GEMINI_MODEL", backend)
         # Named personas inherit the top level, then what [personas.default] changed.
         inherited = base.model_copy(update=default_config.model_dump(exclude_unset=True))
         by_name = {DEFAULT: default}
@@ -110,9 +115,8 @@ class PersonaTable:
                 raise ConfigError(
                     f"invalid setting personas.{name}: a name is 1-40 letters, digits, - or _"
                 )
-            by_name[name] = _resolve(
-                name, config, inherited, f"personas.{name}", default.model_setting
-            )
+            key = f"personas.{name}"
+            by_name[name] = _resolve(name, config, inherited, key, default.model_setting, backend)
         by_number: dict[str, Persona] = {}
         for persona in by_name.values():
             if persona.policy.max_call_usd and not settings.token_prices:
@@ -147,7 +151,12 @@ def _pick(own: T | None, inherited: T | None, fallback: T) -> T:
 
 
 def _resolve(
-    name: str, config: PersonaConfig, base: PersonaConfig, key: str, base_model: str
+    name: str,
+    config: PersonaConfig,
+    base: PersonaConfig,
+    key: str,
+    base_model: str,
+    backend: BackendName,
 ) -> Persona:
     """`key` is where the table lives (`personas.NAME`), or "" for the top-level settings;
     `base_model` is the setting the inherited model comes from."""
@@ -170,6 +179,12 @@ def _resolve(
     model = _pick(config.gemini_model, base.gemini_model, "")
     if not model.strip():
         raise ConfigError(f"invalid setting {where('gemini_model')}: must not be empty")
+    model_settings = ModelSettings(
+        thinking_level=_pick(config.thinking_level, base.thinking_level, None),
+        temperature=_pick(config.temperature, base.temperature, None),
+    )
+    for setting, why in problems(profile_for(model, backend), model_settings):
+        raise ConfigError(f"invalid setting {where(setting)}: {why}")
     instruction = _pick(config.system_instruction, base.system_instruction, "")
     if not instruction.strip():
         raise ConfigError(f"invalid setting {where('system_instruction')}: must not be empty")
@@ -189,6 +204,7 @@ def _resolve(
         system_instruction=instruction,
         model=model,
         model_setting=where("gemini_model") if config.gemini_model is not None else base_model,
+        model_settings=model_settings,
         voice=_pick(config.voice, base.voice, "") or None,
         language=_pick(config.language, base.language, "") or None,
         greeting=_pick(config.greeting, base.greeting, ""),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,9 +18,55 @@ from pathlib import Path
 import pytest
 
 from gateway.logs import LIBRARY_LEVELS, quiet_libraries
+from gateway.testing import harness
 from gateway.testing.redis_server import RedisMissing, RedisServer
 
 Eventually = Callable[..., Awaitable[None]]
+
+
+#: The Gemini API models a test marked ``per_profile`` runs against with
+#: GATEWAY_TEST_PROFILES=all; by default (CI) the default model and those the marker names.
+PROFILE_MODELS = (
+    "gemini-3.8-live",
+    "gemini-3.8-live-extended-thinking",
+    "gemini-3.1-flash-live-preview",
+    "gemini-2.5-flash-native-audio-preview-12-2025",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "per_profile(*models): run against the default model and these (every profile in "
+        "PROFILE_MODELS with GATEWAY_TEST_PROFILES=all); the test bed uses the model",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``per_profile`` once per model: the `live_model` fixture sets it."""
+    marker = metafunc.definition.get_closest_marker("per_profile")
+    if marker is None:
+        return
+    if os.environ.get("GATEWAY_TEST_PROFILES") == "all":
+        models: tuple[str, ...] = PROFILE_MODELS
+    else:
+        models = tuple(dict.fromkeys((harness.DEFAULT_MODEL, *marker.args)))
+    metafunc.parametrize("live_model", models, indirect=True, ids=[_short(m) for m in models])
+
+
+def _short(model: str) -> str:
+    return model.removeprefix("gemini-").replace("-live", "").replace("-preview", "")
+
+
+@pytest.fixture(autouse=True)
+def live_model(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The model every test bed of this test uses (its profile's behaviour in the emulator)."""
+    model = getattr(request, "param", harness.DEFAULT_MODEL)
+    harness.MODEL = model
+    try:
+        yield model
+    finally:
+        harness.MODEL = harness.DEFAULT_MODEL
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -161,6 +161,7 @@ def only_session_history(bed: TestBed) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------- personas, greeting
 
 
+@pytest.mark.per_profile("gemini-3.1-flash-live-preview")
 async def test_greeting_is_heard_before_the_caller_speaks_with_the_numbers_persona() -> None:
     async with test_bed(emulator_config(), personas=PERSONAS) as bed:
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
@@ -334,6 +335,11 @@ async def test_the_default_persona_greets_and_a_persona_can_turn_it_off() -> Non
 # ------------------------------------------------------------------- tools and keypad
 
 
+@pytest.mark.per_profile(
+    "gemini-3.8-live-extended-thinking",
+    "gemini-3.1-flash-live-preview",
+    "gemini-2.5-flash-native-audio-preview-12-2025",
+)
 async def test_end_call_hangs_up_only_after_the_goodbye_was_heard() -> None:
     config = emulator_config(tool_call_on_text={"key 9": ("end_call", {"reason": "done"})})
     async with bed_with_rest(config) as (bed, rest, calls):
@@ -360,6 +366,7 @@ async def test_end_call_hangs_up_only_after_the_goodbye_was_heard() -> None:
     assert call.record.closed_by == "caller"  # Twilio (the stand-in) ended the stream
 
 
+@pytest.mark.per_profile("gemini-2.5-flash-native-audio-preview-12-2025")
 async def test_transfer_call_redirects_to_the_configured_sip_address() -> None:
     config = emulator_config(tool_call_on_text={"key 0": ("transfer_call", {"destination": "pbx"})})
     async with bed_with_rest(config) as (bed, rest, calls):
@@ -381,6 +388,7 @@ async def test_transfer_call_redirects_to_the_configured_sip_address() -> None:
     assert update.at >= last_mark_echoed(call)
 
 
+@pytest.mark.per_profile("gemini-3.1-flash-live-preview")
 async def test_a_keypad_press_reaches_the_model_as_text() -> None:
     async with test_bed(emulator_config(), personas=PERSONAS) as bed:
         call = await bed.caller(speed=SPEED).place_call(to=SUPPORT)
@@ -794,6 +802,7 @@ async def test_at_the_duration_limit_itself_the_call_ends_even_mid_reply() -> No
     assert metric(text, "gateway_hangups_total", persona="sales", reason="max_duration") == 0
 
 
+@pytest.mark.per_profile("gemini-2.5-flash-native-audio-preview-12-2025")
 @pytest.mark.parametrize(
     ("limit", "reason"),
     [({"max_call_tokens": 30}, "max_tokens"), ({"max_call_usd": 0.0002}, "max_cost")],
@@ -829,6 +838,7 @@ CHECK_IN = "Are you still there?"
 GOODBYE = "Say goodbye to the silent caller."
 
 
+@pytest.mark.per_profile("gemini-3.1-flash-live-preview")
 async def test_a_silent_caller_is_checked_on_then_the_call_ends_after_the_goodbye(
     tmp_path: Path,
 ) -> None:
@@ -1006,6 +1016,7 @@ async def test_an_answering_machine_result_before_the_stream_starts_is_kept_for_
 SUMMARY = "Ann Lee wants to move her Tuesday cleaning to Friday & asks about the bill."
 
 
+@pytest.mark.per_profile()
 async def test_warm_transfer_whispers_the_models_summary_to_the_person_who_answers() -> None:
     config = emulator_config(
         tool_call_on_text={"key 0": ("transfer_call", {"destination": "desk", "summary": SUMMARY})}

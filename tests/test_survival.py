@@ -54,6 +54,7 @@ def assert_every_setup_resumed(record: EmulatorRecord) -> None:
     assert not fresh, fresh
 
 
+@pytest.mark.per_profile()
 async def test_call_across_goaway_resets_loses_nothing() -> None:
     turns = 10
     config = survival_config(lifetime=1.8, goaway_lead=0.9)
@@ -74,6 +75,7 @@ async def test_call_across_goaway_resets_loses_nothing() -> None:
         assert resumed("gateway_live_resumptions_total", {"cause": "goaway"}) >= 5
 
 
+@pytest.mark.per_profile()
 async def test_call_across_abrupt_resets_loses_nothing() -> None:
     turns = 10
     config = survival_config(abrupt_after=1.6, abrupt_jitter=0.8, seed=7)
@@ -93,6 +95,7 @@ async def test_call_across_abrupt_resets_loses_nothing() -> None:
         assert resumed("gateway_live_resumptions_total", {"cause": "abrupt"}) >= 5
 
 
+@pytest.mark.per_profile("gemini-3.1-flash-live-preview")
 async def test_refused_handle_continues_on_a_briefed_fresh_session(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -118,6 +118,7 @@ async def test_random_announced_and_abrupt_cuts_with_slow_setups(mode: str) -> N
     assert_survived(out, len(c.done), c)
 
 
+@pytest.mark.per_profile("gemini-3.1-flash-live-preview")
 @pytest.mark.parametrize("after_cut_reply", ["repeat", "wait"])
 async def test_replies_cut_off_then_resumed(after_cut_reply: str) -> None:
     """Replies cut off by a reset; resumed from a handle issued before each, the model says

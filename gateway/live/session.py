@@ -61,6 +61,7 @@ from gateway.live.machine import (
     SessionMachine,
     Write,
 )
+from gateway.live.profiles import ModelSettings, Profile, declare_tools, profile_for, setup_fields
 from gateway.live.sdk import INPUT_MIME, audio_message, receive
 from gateway.live.settings import LiveSettings
 
@@ -107,6 +108,10 @@ class LiveOptions:
     language: str | None = None  # BCP-47 speech language; None: the model's choice
     tools: tuple[types.Tool, ...] = ()
     settings: LiveSettings = field(default_factory=LiveSettings)
+    # What the model takes and how it behaves (None: the table's row for `model` on the
+    # client's backend), and the persona's settings for it (checked against it at start).
+    profile: Profile | None = None
+    model_settings: ModelSettings = field(default_factory=ModelSettings)
 
 
 class _StreamEnd:
@@ -154,6 +159,9 @@ class LiveSession:
         self._on_audio_sent = on_audio_sent
         self._log_extra = log_context or {}
         self.machine = SessionMachine(options.settings, rng)
+        self.profile = options.profile or profile_for(
+            options.model, "vertex" if client.vertexai else "gemini"
+        )
         self._events: asyncio.Queue[LiveEvent] = asyncio.Queue()
         self._links: dict[int, _Link] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -366,11 +374,10 @@ class LiveSession:
                     await link.session.send_realtime_input(audio_stream_end=True)
                     continue
                 if isinstance(item, Brief):
-                    turns: list[types.Content | types.ContentDict] = [
-                        types.Content(role=role, parts=[types.Part(text=text)])
-                        for role, text in item.turns
-                    ]
-                    await link.session.send_client_content(turns=turns, turn_complete=False)
+                    if self.profile.history == "client_content":  # else sent at its setup
+                        await link.session.send_client_content(
+                            turns=_turns(item.turns), turn_complete=False
+                        )
                     continue
                 last = item
                 if item.audio is not None:
@@ -388,6 +395,8 @@ class LiveSession:
                             last = nxt
                         pcm = b"".join(parts)
                     await sdk.write_audio(link.session, pcm)
+                elif self.profile.text == "realtime_text":  # always answered
+                    await link.session.send_realtime_input(text=item.text)
                 else:
                     await link.session.send_client_content(
                         turns=types.Content(role="user", parts=[types.Part(text=item.text)]),
@@ -424,6 +433,7 @@ class LiveSession:
     # ------------------------------------------------------------ connections
 
     def _config(self, handle: str | None) -> types.LiveConnectConfig:
+        """The setup: what every call asks for, and what the model's profile takes."""
         opts = self._options
         speech = None
         if opts.voice or opts.language:
@@ -454,7 +464,8 @@ class LiveSession:
             ),
             input_audio_transcription=types.AudioTranscriptionConfig(),
             output_audio_transcription=types.AudioTranscriptionConfig(),
-            tools=list(opts.tools) or None,
+            tools=declare_tools(self.profile, opts.tools),
+            **setup_fields(self.profile, opts.model_settings, fresh=handle is None),
         )
 
     async def _open(self, conn_id: int, handle: str | None) -> None:
@@ -469,6 +480,11 @@ class LiveSession:
                         model=self._options.model, config=self._config(handle)
                     )
                 )
+                if handle is None and self.profile.history == "initial_history":
+                    # The setup announced initial history: it comes first, ends with
+                    # turnComplete (no reply to it), and only then does the session listen.
+                    turns = _turns(self.machine.history.recent())
+                    await session.send_client_content(turns=turns, turn_complete=True)
         except asyncio.CancelledError:
             await _quiet_close(stack)
             raise
@@ -604,6 +620,10 @@ class LiveSession:
             actions.append(Emit(_usage(message.usage_metadata)))
         m.other_message(conn)
         return actions
+
+
+def _turns(turns: tuple[tuple[str, str], ...]) -> list[types.Content | types.ContentDict]:
+    return [types.Content(role=role, parts=[types.Part(text=text)]) for role, text in turns]
 
 
 def _usage(meta: types.UsageMetadata) -> Usage:

@@ -101,9 +101,16 @@ class TestBed:
         )
 
 
+#: The Live model of the settings' default, and the one test beds use now (the tests set it
+#: per profile: tests/conftest.py, `per_profile`).
+DEFAULT_MODEL = "gemini-3.8-live"
+MODEL = DEFAULT_MODEL
+
+
 def test_settings(api_key: str | None, **overrides: Any) -> Settings:
     """Gateway settings for the test bed (no config file, no environment)."""
     values: dict[str, Any] = {
+        "gemini_model": MODEL,
         "public_url": PUBLIC_URL,
         "twilio_auth_token": AUTH_TOKEN,
         "gemini_api_key": api_key,

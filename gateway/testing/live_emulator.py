@@ -196,6 +196,12 @@ from aiohttp import WSMsgType, web
 from google.auth import jwt as google_jwt
 
 from gateway.testing import billing
+from gateway.testing.model_behaviour import (
+    BEHAVIOURS,
+    ModelBehaviour,
+    ToolModes,
+    setup_refusal,
+)
 from gateway.testing.tls import TestTLS
 
 log = logging.getLogger(__name__)
@@ -439,6 +445,10 @@ class EmulatorConfig:
     audio_head_bytes: int = 0  # without record_audio: keep this much of each lineage's start
     setup_timeout: float = 10.0
     close_timeout: float = 2.0
+    # How each model behaves (gateway.testing.model_behaviour): what its setup refuses,
+    # clientContent policy, tool blocking, multi-part events, session cap. A model not
+    # listed is played permissively.
+    behaviours: dict[str, ModelBehaviour] = field(default_factory=lambda: dict(BEHAVIOURS))
     # The models the service serves (the models API's answers, the models a Live setup may
     # name): id -> model resource. Take one out to retire it while the emulator runs.
     models: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(MODELS))
@@ -661,8 +671,9 @@ def _audio_rate(mime: Any) -> int | None:
 
 
 @functools.lru_cache(maxsize=512)
-def _reply_frames(freq: float, reply_s: float, chunk_s: float) -> tuple[bytes, ...]:
-    """Pre-encoded serverContent frames of one reply tone (cached: CPU for 200 calls)."""
+def _reply_frames(freq: float, reply_s: float, chunk_s: float, parts: int = 1) -> tuple[bytes, ...]:
+    """Pre-encoded serverContent frames of one reply tone (cached: CPU for 200 calls); each
+    frame's chunk in `parts` parts (a multi-part model's events)."""
     n = max(1, round(reply_s * OUT_RATE))
     t = np.arange(n, dtype=np.float64) / OUT_RATE
     low, high = REPLY_LEVELS
@@ -670,10 +681,16 @@ def _reply_frames(freq: float, reply_s: float, chunk_s: float) -> tuple[bytes, .
     pcm = (level * 32767 * np.sin(2 * np.pi * freq * t)).astype("<i2").tobytes()
     step = max(2, round(chunk_s * OUT_RATE) * 2)
     frames = []
+    mime = f"audio/pcm;rate={OUT_RATE}"
     for i in range(0, len(pcm), step):
-        data = base64.b64encode(pcm[i : i + step]).decode("ascii")
-        part = {"inlineData": {"mimeType": f"audio/pcm;rate={OUT_RATE}", "data": data}}
-        frames.append(json.dumps({"serverContent": {"modelTurn": {"parts": [part]}}}).encode())
+        chunk = pcm[i : i + step]
+        cut = max(2, len(chunk) // parts // 2 * 2)
+        pieces = [chunk[j : j + cut] for j in range(0, len(chunk), cut)]
+        found = [
+            {"inlineData": {"mimeType": mime, "data": base64.b64encode(p).decode("ascii")}}
+            for p in pieces
+        ]
+        frames.append(json.dumps({"serverContent": {"modelTurn": {"parts": found}}}).encode())
     return tuple(frames)
 
 
@@ -724,6 +741,10 @@ class _Connection:
         self.reply_frames_left = 0  # audio frames of the reply being said not yet sent
         self.reply_frames = 0  # all of them
         self.next_tool_call: tuple[str, dict[str, Any]] | None = None
+        self.behaviour = ModelBehaviour()  # the model's, once its setup is read
+        self.tool_modes = ToolModes(default="NON_BLOCKING")  # unlisted: never waits
+        self._tool_answered = asyncio.Event()
+        self.history_open = False  # initial history announced and not complete yet
         self.pending_tool_calls: set[str] = set()  # toolCall ids not answered yet
         self.turn: TurnRecord | None = None
         self.closing = False
@@ -856,6 +877,7 @@ class _Connection:
             self.transparent = self.emu.vertex.check_setup(message["setup"])
         else:
             self._check_model(message["setup"])
+        self._check_behaviour(message["setup"])
         # The setup reaches the service input_delay after it was sent; answering takes a while.
         self.rec.setup_latency = _uniform(self.emu._rng, cfg.setup_latency)
         wait = received_at + cfg.input_delay + self.rec.setup_latency - time.monotonic()
@@ -981,6 +1003,21 @@ class _Connection:
             raise _Refused(1007, f'Invalid JSON payload received. Unknown name "{name}".', "error")
         return norm
 
+    def _check_behaviour(self, setup: Any) -> None:
+        """The model's behaviour (model_behaviour.BEHAVIOURS): a setup field it refuses
+        closes the socket with its refusal code."""
+        name = setup.get("model") if isinstance(setup, dict) else None
+        if not isinstance(name, str):
+            return
+        behaviour = self.emu.config.behaviours.get(name.rsplit("/", 1)[-1])
+        if behaviour is None:
+            return
+        self.behaviour = behaviour
+        reason = setup_refusal(behaviour, setup)
+        if reason is not None:
+            raise _Refused(behaviour.refusal_code, f"{REASON_INVALID} {reason}", "refused")
+        self.tool_modes = ToolModes.of(behaviour, setup)
+
     def _check_model(self, setup: Any) -> None:
         """A model the service does not serve for Live: refused before anything else."""
         name = setup.get("model") if isinstance(setup, dict) else None
@@ -998,9 +1035,16 @@ class _Connection:
         emu = self.emu
         now = time.monotonic()
         self.resumption = isinstance(setup.get("sessionResumption"), dict)
-        self.in_tx = setup.get("inputAudioTranscription") is not None
+        self.in_tx = (
+            setup.get("inputAudioTranscription") is not None
+            or self.behaviour.input_transcription_always
+        )
         self.out_tx = setup.get("outputAudioTranscription") is not None
         handle = setup.get("sessionResumption", {}).get("handle") if self.resumption else None
+        history = setup.get("historyConfig")
+        self.history_open = not handle and (
+            isinstance(history, dict) and history.get("initialHistoryInClientContent") is True
+        )
         others: list[_Connection] = []
         if handle:
             snap = emu._snapshots.get(handle)
@@ -1072,6 +1116,9 @@ class _Connection:
             self.spawn(self._session_limit(self.state.created_at + cfg.session_limit))
         if self.resumption:
             self.spawn(self._handle_ticks())
+        cap = self.behaviour.session_cap_s
+        if cap is not None:
+            self.spawn(self._cap(opened + cap))
         if cfg.abrupt_after is not None:
             jitter = rng.uniform(0.0, cfg.abrupt_jitter) if cfg.abrupt_jitter else 0.0
             how = rng.choice(cfg.abrupt_kinds) if cfg.abrupt_kinds else "reset"
@@ -1097,6 +1144,11 @@ class _Connection:
         if self.session is not None and self.session.ended_at is None:
             self.session.ended_at = time.monotonic()
         self.request_close(1011, REASON_SESSION_LIMIT, "session_limit")
+
+    async def _cap(self, at: float) -> None:
+        """The model's reported hard end of a connection: a close, no goAway before it."""
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        self.request_close(*self.behaviour.cap_close, "session_cap")
 
     async def _abrupt(self, at: float, how: CutKind) -> None:
         await asyncio.sleep(max(0.0, at - time.monotonic()))
@@ -1187,6 +1239,7 @@ class _Connection:
                 self.pending_tool_calls -= ids
             else:
                 self.pending_tool_calls.clear()
+            self._tool_answered.set()
         if "contextUpdate" in msg:
             self.emu.record.event("context_update", f"conn={self.rec.id}")
 
@@ -1224,13 +1277,22 @@ class _Connection:
         if isinstance(text, str) and text:
             assert self.state is not None
             self.state.history_text.append(("user", text))
+            self._tool_call_for([text])
             await self._start_reply("text")
+
+    def _tool_call_for(self, texts: list[str]) -> None:
+        for key, call in self.emu.config.tool_call_on_text.items():
+            if any(key in text for text in texts):
+                self.next_tool_call = call
 
     async def _on_client_content(self, cc: Any) -> None:
         if not isinstance(cc, dict):
             raise _Refused(1007, "Invalid JSON payload received. clientContent.", "error")
         st = self.state
         assert st is not None
+        initial = self.history_open
+        if not initial and self.behaviour.client_content == "initial_history_only":
+            raise _Refused(1007, REASON_INVALID, "error")
         for turn in cc.get("turns") or []:
             if not isinstance(turn, dict):
                 raise _Refused(1007, "Invalid JSON payload received. Content.", "error")
@@ -1240,10 +1302,12 @@ class _Connection:
             st.history_text.append((role, " ".join(texts)))
             if role == "model":
                 st.model_turns += 1
-            for key, call in self.emu.config.tool_call_on_text.items():
-                if role == "user" and any(key in text for text in texts):
-                    self.next_tool_call = call
+            if role == "user" and not initial:
+                self._tool_call_for(texts)
         if cc.get("turnComplete"):
+            if initial:  # the initial history is complete: no reply to it [SDK HistoryConfig]
+                self.history_open = False
+                return
             await self._start_reply("text")
 
     # --- VAD ------------------------------------------------------------------------------
@@ -1362,12 +1426,31 @@ class _Connection:
         if self.resumption:
             await self._resumption_update()
 
+    async def _call_tool(self, turn: TurnRecord, name: str, args: dict[str, Any]) -> float:
+        """Send a toolCall; a blocking one holds the reply until its toolResponse (the
+        model "will not start responding until you've sent the tool response" [G31]), a
+        NON_BLOCKING one lets it go on. Returns how long the reply was held."""
+        call_id = f"call-{turn.index}"
+        self.pending_tool_calls.add(call_id)
+        await self.send(
+            {"toolCall": {"functionCalls": [{"id": call_id, "name": name, "args": args}]}}
+        )
+        self.emu.record.event("tool_call", f"conn={self.rec.id} n={turn.index} {name}")
+        if self.tool_modes.non_blocking(name):
+            return 0.0
+        began = time.monotonic()
+        while call_id in self.pending_tool_calls and not self.closing:
+            self._tool_answered.clear()
+            await self._tool_answered.wait()
+        return time.monotonic() - began
+
     async def _reply(self, turn: TurnRecord) -> None:
         cfg = self.emu.config
         tool_call, self.next_tool_call = self.next_tool_call, None
         speed = max(cfg.speed, 1e-6)
         await asyncio.sleep(cfg.response_delay_s / speed)
-        frames = _reply_frames(turn.freq_hz, cfg.reply_s, cfg.chunk_s)
+        multi = self.behaviour.multi_part
+        frames = _reply_frames(turn.freq_hz, cfg.reply_s, cfg.chunk_s, 2 if multi else 1)
         interval = cfg.chunk_s / (speed * max(cfg.pace, 1e-6))
         start = time.monotonic()
         self.reply_frames = self.reply_frames_left = len(frames)
@@ -1375,18 +1458,17 @@ class _Connection:
             delay = start + i * interval - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            said = {"text": f"reply {turn.index}"}
+            if i == 0 and self.out_tx and multi:  # the transcript in the same event
+                message = json.loads(frame)
+                message["serverContent"]["outputTranscription"] = said
+                frame = _dumps(message)
             await self.send(frame)
             self.reply_frames_left -= 1
-            if i == 0 and self.out_tx:
-                text = {"text": f"reply {turn.index}"}
-                await self.send({"serverContent": {"outputTranscription": text}})
+            if i == 0 and self.out_tx and not multi:
+                await self.send({"serverContent": {"outputTranscription": said}})
             if i == 0 and tool_call is not None:
-                name, args = tool_call
-                call_id = f"call-{turn.index}"
-                call = {"id": call_id, "name": name, "args": args}
-                self.pending_tool_calls.add(call_id)
-                await self.send({"toolCall": {"functionCalls": [call]}})
-                self.emu.record.event("tool_call", f"conn={self.rec.id} n={turn.index} {name}")
+                start += await self._call_tool(turn, *tool_call)
         await self.send({"serverContent": {"generationComplete": True}})
         st = self.state
         assert st is not None

@@ -1,0 +1,262 @@
+"""Model profiles: the setup is built from the model's profile, text goes by the channel it
+allows, a setting it does not take stops the start; the emulator plays what each model is
+reported to refuse (real SDK over TLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google import genai
+from google.genai import errors, types
+from test_ops import base_env
+
+from gateway.config import ConfigError
+from gateway.live.profiles import (
+    PROFILES,
+    ModelSettings,
+    problems,
+    profile_for,
+)
+from gateway.personas import PersonaTable
+from gateway.testing.analysis import await_reply
+from gateway.testing.harness import (
+    AUTH_TOKEN,
+    PUBLIC_URL,
+    environment,
+    quick_emulator,
+    test_bed,
+    test_settings,
+)
+from gateway.testing.live_emulator import MODELS, EmulatorConfig, LiveEmulator
+from gateway.testing.model_behaviour import BEHAVIOURS, ModelBehaviour
+from gateway.testing.tls import make_tls
+
+M38, ET, M31, M25 = (
+    "gemini-3.8-live",
+    "gemini-3.8-live-extended-thinking",
+    "gemini-3.1-flash-live-preview",
+    "gemini-2.5-flash-native-audio-preview-12-2025",
+)
+
+# ------------------------------------------------------------------------- the table
+
+
+def test_every_gemini_api_profile_names_a_model_the_service_lists() -> None:
+    for profile in PROFILES:
+        assert profile.sources, profile.label
+        if profile.backend == "gemini":
+            assert profile.model in MODELS, profile.label
+
+
+def test_a_model_gets_its_row_its_familys_or_the_cautious_fallback() -> None:
+    assert profile_for(f"models/{M31}").text == "realtime_text"
+    latest = profile_for("gemini-2.5-flash-native-audio-latest")
+    assert latest.model == "gemini-2.5-flash-native-audio-latest" and latest.thinking == "budget"
+    unknown = profile_for("gemini-9.9-live")
+    assert (unknown.text, unknown.history, unknown.thinking) == (
+        "realtime_text",
+        "initial_history",
+        "none",
+    )
+    assert profile_for("gemini-3.8-live", "vertex").usage == "vertex"
+
+
+@pytest.mark.parametrize(
+    ("model", "level", "problem"),
+    [
+        (M38, "low", "gemini-3.8-live takes no thinking level"),
+        (ET, "minimal", "gemini-3.8-live-extended-thinking takes one of low, medium, high"),
+        (ET, "high", None),
+        (M31, "minimal", None),
+        (M25, "low", "gemini-2.5-flash-native-audio-preview-12-2025 takes no thinking level"),
+    ],
+)
+def test_a_thinking_level_is_checked_against_the_profile(
+    model: str, level: str, problem: str | None
+) -> None:
+    found = problems(profile_for(model), ModelSettings(thinking_level=level))
+    assert found == ([("thinking_level", problem)] if problem else [])
+
+
+def test_a_setting_the_personas_model_does_not_take_stops_the_start() -> None:
+    settings = test_settings(
+        "k", gemini_model=M31, thinking_level="minimal", personas={"sales": {"gemini_model": M38}}
+    )
+    with pytest.raises(ConfigError) as caught:
+        PersonaTable.from_settings(settings)
+    assert str(caught.value) == (
+        "invalid setting personas.sales.thinking_level: gemini-3.8-live takes no thinking level"
+    )
+
+
+def test_a_thinking_level_on_3_8_stops_the_process_with_one_line(tmp_path: Path) -> None:
+    env = base_env(
+        PUBLIC_URL=PUBLIC_URL,
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        GEMINI_API_KEY="k",
+        THINKING_LEVEL="low",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "gateway: invalid setting THINKING_LEVEL: gemini-3.8-live takes no thinking level"
+    ]
+
+
+# ------------------------------------------------------- the setup each model gets
+
+
+@pytest.mark.parametrize("model", [M38, ET, M31, M25])
+async def test_the_setup_carries_what_the_profile_takes_and_text_its_channel(model: str) -> None:
+    level = {ET: "high", M31: "low"}.get(model)
+    async with test_bed(
+        quick_emulator(),
+        gemini_model=model,
+        thinking_level=level,
+        temperature=0.6,
+        tools=["end_call"],
+        greeting="Greet the caller.",
+    ) as bed:
+        call = await bed.caller(speed=2.0).place_call()
+        await await_reply(call, 1, min_s=0.7, limit_s=15.0)  # the greeting
+        await call.hangup()
+    [conn] = bed.emulator.record.connections
+    setup = conn.setup
+    generation = setup.get("generationConfig", {})
+    thinking = generation.get("thinkingConfig")
+    # (the SDK keeps nested keys in snake_case, which the service accepts too)
+    assert (list(thinking.values()) if thinking else None) == ([level.upper()] if level else None)
+    assert generation.get("temperature") == 0.6
+    assert "enableAffectiveDialog" not in generation and "proactivity" not in setup
+    [declaration] = setup["tools"][0]["functionDeclarations"]
+    assert declaration.get("behavior") == ("NON_BLOCKING" if model == ET else None)
+    history = setup.get("historyConfig")
+    assert (list(history.values()) if history else None) == ([True] if model == M31 else None)
+    [session] = bed.emulator.record.sessions.values()
+    assert session.history_text[0] == ("user", "Greet the caller.")
+    assert [t.trigger for t in session.turns] == ["text"]
+
+
+# ----------------------------------------------------- what the emulator refuses
+
+
+@asynccontextmanager
+async def live(
+    config: EmulatorConfig | None = None,
+) -> AsyncIterator[tuple[LiveEmulator, genai.Client]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tls = make_tls(Path(tmp))
+        async with LiveEmulator(config or EmulatorConfig(), tls) as emu:
+            options = types.HttpOptions(base_url=emu.base_url)
+            with environment(SSL_CERT_FILE=tls.ca_pem_path):  # the SDK reads it here
+                client = genai.Client(api_key=emu.config.api_key, http_options=options)
+            try:
+                yield emu, client
+            finally:
+                await client.aio.aclose()
+
+
+def function(behavior: types.Behavior | None = None) -> types.Tool:
+    return types.Tool(
+        function_declarations=[types.FunctionDeclaration(name="end_call", behavior=behavior)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "config"),
+    [
+        (M38, {"thinking_config": types.ThinkingConfig(thinking_budget=0)}),
+        (M38, {"enable_affective_dialog": True}),
+        (M38, {"proactivity": types.ProactivityConfig(proactive_audio=False)}),
+        (ET, {"thinking_config": types.ThinkingConfig(thinking_level=types.ThinkingLevel.MINIMAL)}),
+        (ET, {"tools": [function(types.Behavior.BLOCKING)]}),
+        (M31, {"enable_affective_dialog": True}),
+        (M31, {"proactivity": types.ProactivityConfig(proactive_audio=True)}),
+        (M31, {"tools": [function(types.Behavior.NON_BLOCKING)]}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(v),
+)
+async def test_a_setup_field_the_model_refuses_closes_1007(
+    model: str, config: dict[str, Any]
+) -> None:
+    async with live() as (_emu, client):
+        with pytest.raises(errors.APIError) as caught:
+            async with client.aio.live.connect(
+                model=model, config=types.LiveConnectConfig(**config)
+            ):
+                pass
+        assert caught.value.code == 1007
+        accepted = {ET: {"thinking_config": types.ThinkingConfig(thinking_level="HIGH")}}
+        async with client.aio.live.connect(
+            model=model, config=types.LiveConnectConfig(**accepted.get(model, {}))
+        ):
+            pass
+
+
+async def test_3_1_takes_client_content_only_as_initial_history() -> None:
+    async with live() as (emu, client):
+        turn = types.Content(role="user", parts=[types.Part(text="hello")])
+        history = types.LiveConnectConfig(
+            history_config=types.HistoryConfig(initial_history_in_client_content=True)
+        )
+        async with client.aio.live.connect(model=M31, config=history) as session:
+            await session.send_client_content(turns=[turn], turn_complete=True)  # no reply
+            await session.send_realtime_input(text="and now?")  # a reply
+            async for message in session.receive():
+                if message.server_content and message.server_content.turn_complete:
+                    break
+        assert [t.trigger for t in list(emu.record.sessions.values())[-1].turns] == ["text"]
+        with pytest.raises(errors.APIError) as caught:
+            async with client.aio.live.connect(model=M31) as session:
+                await session.send_client_content(turns=[turn], turn_complete=True)
+                async for _ in session.receive():
+                    pass
+        assert caught.value.code == 1007
+
+
+async def test_3_x_packs_audio_and_transcript_in_one_event() -> None:
+    async with live(quick_emulator()) as (_emu, client):
+        config = types.LiveConnectConfig(
+            output_audio_transcription=types.AudioTranscriptionConfig()
+        )
+        async with client.aio.live.connect(model=M38, config=config) as session:
+            await session.send_realtime_input(text="hello")
+            first = None
+            async for message in session.receive():
+                content = message.server_content
+                if content and content.model_turn and first is None:
+                    first = content
+                if content and content.turn_complete:
+                    break
+        assert first is not None and first.model_turn is not None
+        assert len(first.model_turn.parts or []) == 2
+        assert first.output_transcription is not None and first.output_transcription.text
+
+
+async def test_a_3_8_connection_is_closed_at_its_cap_with_1011_deadline_expired() -> None:
+    config = quick_emulator()
+    config.behaviours = {**BEHAVIOURS, M38: ModelBehaviour(session_cap_s=0.5)}
+    async with live(config) as (_emu, client):
+        with pytest.raises(errors.APIError) as caught:
+            async with client.aio.live.connect(model=M38) as session:
+                async with asyncio.timeout(5):
+                    while True:
+                        async for _ in session.receive():
+                            pass
+        assert caught.value.code == 1011
+        assert "Deadline expired before operation could complete." in str(caught.value)
