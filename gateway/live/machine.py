@@ -71,12 +71,13 @@ from gateway.live.events import (
     TurnComplete,
     TurnState,
 )
+from gateway.live.history import History
 from gateway.live.repeats import same_reply
+from gateway.live.replay import BYTES_PER_SECOND as BYTES_PER_SECOND
+from gateway.live.replay import Input as Input
+from gateway.live.replay import ReplayLog
 from gateway.live.settings import LiveSettings
 
-INPUT_RATE = 16000
-BYTES_PER_SECOND = INPUT_RATE * 2
-HISTORY_CHARS = 4000  # conversation text given to a fresh session
 GUARD_MARGIN_S = 0.005  # added to 1.5 round trips when placing a handle
 DEFAULT_RTT_S = 0.15  # assumed until a connection's round trip was measured
 SAID_KEPT = 16  # replies heard in full, kept to recognise them if said again
@@ -137,21 +138,6 @@ class FailureReason(StrEnum):
     TIMED_OUT = "timed_out"
     GARBAGE = "garbage"
     UNREACHABLE = "unreachable"
-
-
-@dataclass(slots=True)
-class Input:
-    """One message of caller input, numbered so handles can be placed exactly."""
-
-    seq: int
-    audio: bytes | None = None
-    text: str | None = None
-    turn_complete: bool = True
-    received_at: float = 0.0
-
-    @property
-    def seconds(self) -> float:
-        return len(self.audio) / BYTES_PER_SECOND if self.audio is not None else 0.0
 
 
 # ------------------------------------------------------------------------------- actions
@@ -251,31 +237,6 @@ class Conn:
     replies: int = 0  # model replies its state holds (those of its handle, then its own)
 
 
-@dataclass
-class _History:
-    """Transcribed turns, to brief a fresh session if a handle is refused."""
-
-    turns: list[tuple[str, str]] = field(default_factory=list)
-
-    def add(self, role: str, text: str) -> None:
-        if self.turns and self.turns[-1][0] == role:
-            self.turns[-1] = (role, self.turns[-1][1] + text)
-        else:
-            self.turns.append((role, text))
-        if len(self.turns) > 64:
-            del self.turns[:-64]
-
-    def recent(self, limit: int = HISTORY_CHARS) -> tuple[tuple[str, str], ...]:
-        kept: list[tuple[str, str]] = []
-        total = 0
-        for role, text in reversed(self.turns):
-            total += len(text)
-            if total > limit:
-                break
-            kept.append((role, text))
-        return tuple(reversed(kept))
-
-
 class SessionMachine:
     """One conversation over as many connections as it takes; pure, single-threaded."""
 
@@ -288,11 +249,7 @@ class SessionMachine:
         self.active: Conn | None = None
         self.opening: Conn | None = None
         self._next_id = 0
-        self.seq = 0
-        self.buffer: deque[Input] = deque()
-        self._buffer_bytes = 0
-        self._limit_bytes = int(options.replay_limit_s * BYTES_PER_SECOND)
-        self._unprotected: deque[tuple[int, float]] = deque()  # evicted, written, not covered
+        self.replay = ReplayLog(options.replay_limit_s)
         self.handle: str | None = None
         self.base = 0  # inputs <= base are covered by `handle` (or were never needed)
         self._handle_after_reply = True  # a handle came since the model last spoke
@@ -321,11 +278,16 @@ class SessionMachine:
         self._held: list[LiveEvent] = []
         self._held_s = 0.0
         self._skipping: str | None = None  # the heard reply the one in progress repeats
-        self.history = _History()
+        self.history = History()
         self.dropped_audio_s = 0.0
         self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
 
     # ------------------------------------------------------------------ inspection
+
+    @property
+    def seq(self) -> int:
+        """The newest caller input's number."""
+        return self.replay.seq
 
     @property
     def conns(self) -> list[Conn]:
@@ -370,9 +332,7 @@ class SessionMachine:
             assert self.opening.base <= self.seq
             if self.opening.phase is ConnPhase.READY:
                 assert self.phase is Phase.SWITCHING
-        if self.buffer:
-            assert self.buffer[0].seq > 0
-        assert self._buffer_bytes >= 0
+        self.replay.check()
 
     # ---------------------------------------------------------------------- start/stop
 
@@ -436,33 +396,12 @@ class SessionMachine:
     def _input(self, item: Input) -> list[Action]:
         if self.phase in (Phase.FAILED, Phase.CLOSED):
             return []
-        self.seq += 1
-        item.seq = self.seq
-        actions = self._keep(item)
         conn = self.active
+        dropped = self.replay.add(item, conn.sent if conn is not None else 0)
+        actions = [self._dropped(seconds) for seconds in dropped]
         if conn is not None:
             conn.sent = item.seq
             actions.append(Write(conn.id, (item,)))
-        return actions
-
-    def _keep(self, item: Input) -> list[Action]:
-        """Buffer input for replay, bounded; count audio that can no longer be replayed."""
-        actions: list[Action] = []
-        self.buffer.append(item)
-        if item.audio is None:
-            return actions
-        self._buffer_bytes += len(item.audio)
-        while self._buffer_bytes > self._limit_bytes and self.buffer:
-            old = self.buffer.popleft()
-            if old.audio is None:
-                continue
-            self._buffer_bytes -= len(old.audio)
-            if self.active is not None and old.seq <= self.active.sent:
-                # Delivered, but no trusted handle covers it yet: lost only if a reset
-                # resumes from below it.
-                self._unprotected.append((old.seq, old.seconds))
-            else:
-                actions.append(self._dropped(old.seconds))
         return actions
 
     def _dropped(self, seconds: float) -> Action:
@@ -474,12 +413,7 @@ class SessionMachine:
         floor = self.base
         if self.opening is not None:
             floor = min(floor, self.opening.base)
-        while self.buffer and self.buffer[0].seq <= floor:
-            old = self.buffer.popleft()
-            if old.audio is not None:
-                self._buffer_bytes -= len(old.audio)
-        while self._unprotected and self._unprotected[0][0] <= floor:
-            self._unprotected.popleft()
+        self.replay.forget_upto(floor)
 
     # ---------------------------------------------------------------- connections
 
@@ -543,11 +477,10 @@ class SessionMachine:
             if turns:
                 actions.append(Brief(conn.id, turns))
         # Everything after its own base, then the live input.
-        lost = [s for q, s in self._unprotected if q > conn.base]
-        if lost:
-            actions.append(self._dropped(sum(lost)))
-            self._unprotected.clear()
-        replay = tuple(item for item in self.buffer if item.seq > conn.base)
+        lost = self.replay.lost_after(conn.base)
+        if lost is not None:
+            actions.append(self._dropped(lost))
+        replay = self.replay.after(conn.base)
         conn.replayed_s = sum(item.seconds for item in replay)
         if replay:
             actions.append(Write(conn.id, replay, replay=True))
@@ -740,7 +673,7 @@ class SessionMachine:
         # A later handle of the same lineage covers at least what the one before it did.
         base = max(self.base, base)
         newest = conn.writes[-1][0] if conn.writes else conn.base
-        overlap = sum(i.seconds for i in self.buffer if base < i.seq <= newest)
+        overlap = self.replay.seconds_between(base, newest)
         if not conn.generating:
             self._handle_after_reply = True
         if (

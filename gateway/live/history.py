@@ -1,0 +1,37 @@
+"""The conversation's transcribed turns, to brief a fresh session.
+
+When the service refuses a resumption handle, the call goes on in a fresh session that
+knows nothing of it; the turns heard so far, bounded (the newest ``HISTORY_CHARS``), are
+given to it as prior turns before the replayed input.
+"""
+
+from __future__ import annotations
+
+HISTORY_CHARS = 4000  # conversation text given to a fresh session
+TURNS_KEPT = 64
+
+
+class History:
+    """Transcribed turns, a role's consecutive pieces joined."""
+
+    def __init__(self) -> None:
+        self.turns: list[tuple[str, str]] = []
+
+    def add(self, role: str, text: str) -> None:
+        if self.turns and self.turns[-1][0] == role:
+            self.turns[-1] = (role, self.turns[-1][1] + text)
+        else:
+            self.turns.append((role, text))
+        if len(self.turns) > TURNS_KEPT:
+            del self.turns[:-TURNS_KEPT]
+
+    def recent(self, limit: int = HISTORY_CHARS) -> tuple[tuple[str, str], ...]:
+        """The newest turns whose text fits in `limit` characters, oldest first."""
+        kept: list[tuple[str, str]] = []
+        total = 0
+        for role, text in reversed(self.turns):
+            total += len(text)
+            if total > limit:
+                break
+            kept.append((role, text))
+        return tuple(reversed(kept))

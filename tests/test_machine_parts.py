@@ -1,0 +1,78 @@
+"""The session machine's named parts, each on its own (`tests/test_session_machine.py`
+drives them together through the facade and the schedule explorer)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.live.history import History
+from gateway.live.replay import BYTES_PER_SECOND, Input, ReplayLog
+
+SECOND = b"\x00" * BYTES_PER_SECOND
+
+
+# ----------------------------------------------------------------------- replay log
+
+
+def test_the_replay_log_numbers_input_and_replays_what_a_base_lacks() -> None:
+    log = ReplayLog(limit_s=10.0)
+    items = [Input(0, audio=SECOND), Input(0, text="hi"), Input(0, audio=SECOND[:16000])]
+    for item in items:
+        assert log.add(item, written_upto=0) == []
+    assert [i.seq for i in items] == [1, 2, 3] and log.seq == 3
+    assert log.after(1) == (items[1], items[2])
+    assert log.seconds_between(0, 2) == 1.0
+    assert log.seconds_between(1, 3) == 0.5
+    log.forget_upto(2)
+    assert list(log) == [items[2]]
+    log.check()
+
+
+def test_audio_pushed_out_before_it_was_written_is_lost_at_once() -> None:
+    log = ReplayLog(limit_s=2.0)
+    log.add(Input(0, audio=SECOND), written_upto=0)
+    log.add(Input(0, text="kept: text costs nothing"), written_upto=0)
+    log.add(Input(0, audio=SECOND), written_upto=0)
+    assert log.add(Input(0, audio=SECOND), written_upto=0) == [1.0]
+    assert [i.seq for i in log] == [2, 3, 4]
+    assert log.lost_after(0) is None  # nothing written was pushed out
+    log.check()
+
+
+def test_written_audio_pushed_out_is_lost_only_for_a_resume_from_below_it() -> None:
+    log = ReplayLog(limit_s=1.0)
+    log.add(Input(0, audio=SECOND), written_upto=0)
+    assert log.add(Input(0, audio=SECOND), written_upto=1) == []  # 1 reached a connection
+    assert log.lost_after(1) is None  # a handle at 1 holds it
+    assert log.lost_after(0) == 1.0
+    assert log.lost_after(0) is None  # counted once
+
+
+def test_a_trusted_base_forgets_the_pushed_out_audio_it_covers() -> None:
+    log = ReplayLog(limit_s=1.0)
+    log.add(Input(0, audio=SECOND), written_upto=0)
+    log.add(Input(0, audio=SECOND), written_upto=1)
+    log.forget_upto(1)
+    assert log.lost_after(0) is None
+    assert [i.seq for i in log] == [2]
+
+
+# ------------------------------------------------------------------------- history
+
+
+def test_history_joins_a_roles_pieces_and_briefs_the_newest_that_fit() -> None:
+    history = History()
+    for role, text in [("user", "Hel"), ("user", "lo"), ("model", "Hi there"), ("user", "bye")]:
+        history.add(role, text)
+    assert history.turns == [("user", "Hello"), ("model", "Hi there"), ("user", "bye")]
+    assert history.recent(limit=11) == (("model", "Hi there"), ("user", "bye"))
+    assert history.recent(limit=2) == ()
+
+
+@pytest.mark.parametrize("turns", [70, 200])
+def test_history_keeps_a_bounded_number_of_turns(turns: int) -> None:
+    history = History()
+    for n in range(turns):
+        history.add("user" if n % 2 else "model", str(n))
+    assert len(history.turns) == 64
+    assert history.turns[-1][1] == str(turns - 1)
