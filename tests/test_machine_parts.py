@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.live.handles import HeldHandle, RoundTripPlacement
 from gateway.live.history import History
 from gateway.live.replay import BYTES_PER_SECOND, Input, ReplayLog
 
@@ -76,3 +77,44 @@ def test_history_keeps_a_bounded_number_of_turns(turns: int) -> None:
         history.add("user" if n % 2 else "model", str(n))
     assert len(history.turns) == 64
     assert history.turns[-1][1] == str(turns - 1)
+
+
+# ------------------------------------------------------------------ handle placement
+
+
+def test_a_handle_holds_what_was_written_a_guard_interval_before_it() -> None:
+    placement = RoundTripPlacement()
+    placement.measured(0.1)
+    guard = placement.guard()
+    assert guard == pytest.approx(0.155)
+    assert placement.covered(5.0) is None and placement.newest() is None
+    placement.written(1, 1.0)
+    placement.written(2, 1.1)
+    placement.written(3, 1.2)
+    assert placement.newest() == 3
+    assert placement.covered(1.1 + guard - 0.001) == 1  # 2 may still be in flight
+    assert placement.covered(1.1 + guard) == 2
+    assert placement.covered(9.0) == 3
+
+
+def test_placement_forgets_writes_it_can_no_longer_use() -> None:
+    placement = RoundTripPlacement()
+    for seq in range(1, 100):
+        placement.written(seq, seq * 0.1)
+    assert len(placement._writes) <= 4  # the newest older than the guard, and those after
+    assert placement.covered(99 * 0.1) == 96  # the guard is 0.23 s at the assumed round trip
+    assert placement.covered(10.5) == 99
+    assert placement.newest() == 99
+
+
+def test_the_held_handle_takes_a_later_one_unless_it_says_no_more_with_more_in_doubt() -> None:
+    held = HeldHandle()
+    assert held.offer("h1", base=4, replies=1, overlap_s=0.5)
+    assert not held.offer("h2", base=4, replies=1, overlap_s=0.8)  # a handle after a replay
+    assert (held.handle, held.overlap_s) == ("h1", 0.5)
+    assert held.offer("h3", base=4, replies=1, overlap_s=0.2)
+    assert held.offer("h4", base=4, replies=2, overlap_s=0.9)  # it holds one more reply
+    assert held.offer("h5", base=6, replies=2, overlap_s=1.0)  # it holds more input
+    held.refused()
+    assert (held.handle, held.base, held.replies) == (None, 6, 2)
+    assert held.offer("h6", base=6, replies=2, overlap_s=2.0)  # nothing held: taken

@@ -25,6 +25,7 @@ from gateway.live.events import (
     Transcript,
     TurnComplete,
 )
+from gateway.live.handles import Placement, RoundTripPlacement
 from gateway.live.machine import (
     HANDOVER_MARGIN_S,
     REPLY_STALL_S,
@@ -71,11 +72,16 @@ class OldDesign(SessionMachine):
         return super().handle_update(conn_id, handle, resumable, now)
 
 
+class NoGuardPlacement(RoundTripPlacement):
+    def guard(self) -> float:
+        return 0.0
+
+
 class NoGuard(SessionMachine):
     """Assumes a handle holds everything written before it arrived (input in flight too)."""
 
-    def _guard(self, conn: object) -> float:
-        return 0.0
+    def _placement(self) -> Placement:
+        return NoGuardPlacement()
 
 
 # ------------------------------------------------------------------------- explorer

@@ -71,6 +71,7 @@ from gateway.live.events import (
     TurnComplete,
     TurnState,
 )
+from gateway.live.handles import HeldHandle, Placement, RoundTripPlacement
 from gateway.live.history import History
 from gateway.live.repeats import same_reply
 from gateway.live.replay import BYTES_PER_SECOND as BYTES_PER_SECOND
@@ -78,8 +79,6 @@ from gateway.live.replay import Input as Input
 from gateway.live.replay import ReplayLog
 from gateway.live.settings import LiveSettings
 
-GUARD_MARGIN_S = 0.005  # added to 1.5 round trips when placing a handle
-DEFAULT_RTT_S = 0.15  # assumed until a connection's round trip was measured
 SAID_KEPT = 16  # replies heard in full, kept to recognise them if said again
 REPEAT_WINDOW_S = 5.0  # a resumed connection's replies that begin this soon may be repeats
 OUTPUT_RATE = 24000  # the model's audio, 16-bit PCM
@@ -224,8 +223,7 @@ class Conn:
     phase: ConnPhase = ConnPhase.OPENING
     opened_at: float = 0.0  # when it became the active connection (and got its replay)
     sent: int = 0  # newest input queued to it
-    writes: deque[tuple[int, float]] = field(default_factory=deque)  # (seq, written at)
-    rtt: float = DEFAULT_RTT_S
+    placement: Placement = field(default_factory=RoundTripPlacement)  # what its handles hold
     generating: bool = False
     delivered: bool = False  # a valid message came after setup
     superseded: bool = False  # a resume was sent on another connection: distrust its handles
@@ -250,12 +248,10 @@ class SessionMachine:
         self.opening: Conn | None = None
         self._next_id = 0
         self.replay = ReplayLog(options.replay_limit_s)
-        self.handle: str | None = None
-        self.base = 0  # inputs <= base are covered by `handle` (or were never needed)
+        self.held = HeldHandle()
         self._handle_after_reply = True  # a handle came since the model last spoke
         self._switch_deadline: float | None = None
         self._switch_forced = False
-        self._overlap_s = 0.0  # input after the handle's base that it may hold already
         self._lost_at: float | None = None  # when caller audio last lost its connection
         self._reset_cause: ResetCause | None = None  # why we are recovering
         self._refused_in_reset = False
@@ -270,7 +266,6 @@ class SessionMachine:
         self._spoke_at = -1e9
         self._model_spoke_at = -1e9  # when the model's latest reply began
         self._tool_conns: dict[str, int] = {}
-        self._handle_replies = 0  # replies the state of `handle` holds
         # Replies heard in full: (replies the state held after it, transcript, when it ended).
         self._said: deque[tuple[int, str, float]] = deque(maxlen=SAID_KEPT)
         self._repeats: list[tuple[str, float]] = []  # what a resumed model may say again
@@ -283,6 +278,16 @@ class SessionMachine:
         self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
 
     # ------------------------------------------------------------------ inspection
+
+    @property
+    def handle(self) -> str | None:
+        """The newest trusted resumable handle (None before the first one)."""
+        return self.held.handle
+
+    @property
+    def base(self) -> int:
+        """Inputs up to this are in the state of `handle` (or were never needed)."""
+        return self.held.base
 
     @property
     def seq(self) -> int:
@@ -346,20 +351,19 @@ class SessionMachine:
         call handed off); `replies` its state holds, `turns` brief a fresh session if the
         service refuses it."""
         assert self.phase is Phase.CONNECTING and self.opening is None and self.active is None
-        self.handle = handle
-        self._handle_replies = replies
+        self.held.offer(handle, self.held.base, replies, overlap_s=0.0)  # nothing held yet
         for role, text in turns:
             self.history.add(role, text)
 
     @property
     def handle_current(self) -> bool:
         """A trusted handle came since the model last spoke (it holds every reply)."""
-        return self.handle is not None and self._handle_after_reply
+        return self.held.handle is not None and self._handle_after_reply
 
     @property
     def handle_replies(self) -> int:
         """Model replies the state of `handle` holds."""
-        return self._handle_replies
+        return self.held.replies
 
     def close(self) -> list[Action]:
         actions: list[Action] = [Close(c.id) for c in self.conns]
@@ -420,8 +424,9 @@ class SessionMachine:
     def _open(self, now: float, cause: ResetCause | None) -> list[Action]:
         assert self.opening is None
         self._next_id += 1
-        conn = Conn(self._next_id, self.handle, self.base, cause, requested_at=now)
-        conn.replies = self._handle_replies
+        held = self.held
+        conn = Conn(self._next_id, held.handle, held.base, cause, now, placement=self._placement())
+        conn.replies = held.replies
         self.opening = conn
         self._attempts += 1
         if self._streak_started is None:
@@ -500,7 +505,7 @@ class SessionMachine:
                 gap = now - conn.requested_at  # the model was mid-reply or the caller mid-word
             self.resets[cause] += 1
             mode = conn.mode.value if conn.mode is not None else ""
-            overlap = self._overlap_s if conn.handle is not None else 0.0
+            overlap = self.held.overlap_s if conn.handle is not None else 0.0
             resumed = Resumed(
                 cause, gap, conn.replayed_s, self._attempts, conn.handle is None, mode, overlap
             )
@@ -529,7 +534,7 @@ class SessionMachine:
         if error is OpenError.HANDLE_REFUSED and conn.handle is not None:
             # The handle is gone for good: carry the call on a fresh session, briefed with
             # the conversation, replaying what the old session's handle lacked. At once.
-            self.handle = None
+            self.held.refused()
             self._refused_in_reset = True
             self._attempts -= 1  # a refused handle is not a failed attempt
             if self.active is not None:
@@ -627,23 +632,18 @@ class SessionMachine:
         """A measured round trip on `conn_id` (places its handles more tightly)."""
         for conn in self.conns:
             if conn.id == conn_id:
-                conn.rtt = seconds
+                conn.placement.measured(seconds)
 
     def written(self, conn_id: int, seq: int, now: float) -> None:
         """Input `seq` (and all before it) left for connection `conn_id`."""
         conn = self.active
         if conn is None or conn.id != conn_id:
             return
-        writes = conn.writes
-        writes.append((seq, now))
-        # Keep only what handle placement can still use: the newest entry older than the
-        # guard, and everything after it.
-        horizon = now - self._guard(conn)
-        while len(writes) > 1 and writes[1][1] <= horizon:
-            writes.popleft()
+        conn.placement.written(seq, now)
 
-    def _guard(self, conn: Conn) -> float:
-        return 1.5 * conn.rtt + GUARD_MARGIN_S
+    def _placement(self) -> Placement:
+        """How a new connection's handles are placed."""
+        return RoundTripPlacement()
 
     # ---------------------------------------------------------------- server messages
 
@@ -664,30 +664,16 @@ class SessionMachine:
         conn = self._from_active(conn_id)
         if conn is None or conn.superseded or not resumable or not handle:
             return []
-        horizon = now - self._guard(conn)
-        base = conn.base
-        for seq, at in conn.writes:
-            if at > horizon:
-                break
-            base = seq
+        held, placement = self.held, conn.placement
+        covered = placement.covered(now)
         # A later handle of the same lineage covers at least what the one before it did.
-        base = max(self.base, base)
-        newest = conn.writes[-1][0] if conn.writes else conn.base
-        overlap = self.replay.seconds_between(base, newest)
+        base = max(held.base, conn.base if covered is None else covered)
+        newest = placement.newest()
+        overlap = self.replay.seconds_between(base, conn.base if newest is None else newest)
         if not conn.generating:
             self._handle_after_reply = True
-        if (
-            self.handle is not None
-            and base == self.base
-            and conn.replies == self._handle_replies
-            and overlap > self._overlap_s
-        ):
-            # It says no more than the handle we hold, and it may hold input we cannot place
-            # (a replay written within the guard): resuming it could send that input twice.
-            return self._maybe_switch(now)
-        self.handle, self.base, self._overlap_s = handle, base, overlap
-        self._handle_replies = conn.replies
-        self._trim()
+        if held.offer(handle, base, conn.replies, overlap):
+            self._trim()
         return self._maybe_switch(now)
 
     def go_away(self, conn_id: int, time_left_s: float, now: float) -> list[Action]:
@@ -903,7 +889,7 @@ class SessionMachine:
         clean = (
             not conn.generating
             and self._handle_after_reply
-            and self.handle is not None
+            and self.held.handle is not None
             and not self.caller_speaking(now)
         )
         if not clean and now < deadline:

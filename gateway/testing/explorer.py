@@ -53,10 +53,9 @@ from gateway.live.events import (
     Resumed,
     TurnComplete,
 )
+from gateway.live.handles import DEFAULT_RTT_S, GUARD_MARGIN_S
 from gateway.live.machine import (
     BYTES_PER_SECOND,
-    DEFAULT_RTT_S,
-    GUARD_MARGIN_S,
     Action,
     Brief,
     Close,

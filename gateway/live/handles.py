@@ -1,0 +1,107 @@
+"""Resumption handles: which caller input a handle holds, and the one a reset resumes from.
+
+A handle says nothing of which input it holds, yet a reset must replay exactly what it
+lacks: too little loses the caller's words, too much makes the model hear them twice.
+
+* **Placement** (`RoundTripPlacement`): input written to a connection at least one guard
+  interval before the handle arrived was in the service when it issued the handle; input
+  still in flight may not be. Whatever the split between the two directions, input written
+  one round trip before the handle arrived had reached the service; the guard is 1.5
+  measured round trips plus ``GUARD_MARGIN_S`` (for jitter). At worst that much input is
+  sent twice at a reset. A service that says which client message it consumed last would
+  place a handle exactly: another `Placement` with the same questions.
+* **The held handle** (`HeldHandle`): the newest trusted handle, the input number it covers
+  (its base) and what it may hold beyond that (overlap). A later handle of the same lineage
+  covers at least as much; one that places no more input than the one held but leaves more
+  in doubt (a handle right after a replay) is not taken: the one held says as much, with
+  less sent twice.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+GUARD_MARGIN_S = 0.005  # added to 1.5 round trips when placing a handle
+DEFAULT_RTT_S = 0.15  # assumed until a connection's round trip was measured
+
+
+class Placement(Protocol):
+    """Which of the input written to one connection its next handle surely holds."""
+
+    def written(self, seq: int, now: float) -> None:
+        """Input `seq` (and all before it) left for the service at `now`."""
+
+    def measured(self, rtt: float) -> None:
+        """A round trip measured on the connection."""
+
+    def covered(self, now: float) -> int | None:
+        """The newest input a handle arriving `now` holds (None: none written to it)."""
+
+    def newest(self) -> int | None:
+        """The newest input written (None: none)."""
+
+
+class RoundTripPlacement:
+    """A handle holds what was written at least a guard interval before it arrived."""
+
+    def __init__(self) -> None:
+        self.rtt = DEFAULT_RTT_S
+        self._writes: deque[tuple[int, float]] = deque()  # (seq, written at)
+
+    def guard(self) -> float:
+        return 1.5 * self.rtt + GUARD_MARGIN_S
+
+    def written(self, seq: int, now: float) -> None:
+        writes = self._writes
+        writes.append((seq, now))
+        # Keep only what placement can still use: the newest entry older than the guard,
+        # and everything after it.
+        horizon = now - self.guard()
+        while len(writes) > 1 and writes[1][1] <= horizon:
+            writes.popleft()
+
+    def measured(self, rtt: float) -> None:
+        self.rtt = rtt
+
+    def covered(self, now: float) -> int | None:
+        horizon = now - self.guard()
+        placed = None
+        for seq, at in self._writes:
+            if at > horizon:
+                break
+            placed = seq
+        return placed
+
+    def newest(self) -> int | None:
+        return self._writes[-1][0] if self._writes else None
+
+
+class HeldHandle:
+    """The newest trusted handle: a reset resumes from it and replays what it lacks."""
+
+    def __init__(self) -> None:
+        self.handle: str | None = None
+        self.base = 0  # inputs <= base are in its state (or were never needed)
+        self.overlap_s = 0.0  # input after the base that it may hold already
+        self.replies = 0  # model replies its state holds
+
+    def offer(self, handle: str, base: int, replies: int, overlap_s: float) -> bool:
+        """A handle of the active lineage holding input up to `base`, `replies` replies,
+        and maybe `overlap_s` of audio beyond: True if it is taken."""
+        if (
+            self.handle is not None
+            and base == self.base
+            and replies == self.replies
+            and overlap_s > self.overlap_s
+        ):
+            # It says no more than the handle held, and it may hold input we cannot place
+            # (a replay written within the guard): resuming it could send that input twice.
+            return False
+        self.handle, self.base, self.overlap_s, self.replies = handle, base, overlap_s, replies
+        return True
+
+    def refused(self) -> None:
+        """The service refused it for good: the next connection is a fresh session (its
+        base stays: what it covered is in the history that briefs that session)."""
+        self.handle = None
