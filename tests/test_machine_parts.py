@@ -3,11 +3,15 @@ drives them together through the facade and the schedule explorer)."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from gateway.live.handles import HeldHandle, RoundTripPlacement
 from gateway.live.history import History
 from gateway.live.replay import BYTES_PER_SECOND, Input, ReplayLog
+from gateway.live.retry import FailureReason, RetryBudget
+from gateway.live.settings import LiveSettings
 
 SECOND = b"\x00" * BYTES_PER_SECOND
 
@@ -118,3 +122,60 @@ def test_the_held_handle_takes_a_later_one_unless_it_says_no_more_with_more_in_d
     held.refused()
     assert (held.handle, held.base, held.replies) == (None, 6, 2)
     assert held.offer("h6", base=6, replies=2, overlap_s=2.0)  # nothing held: taken
+
+
+# ---------------------------------------------------------------------- retry budget
+
+
+def budget(**knobs: float) -> RetryBudget:
+    return RetryBudget(LiveSettings(**knobs), random.Random(7))
+
+
+def test_retries_wait_a_jittered_doubling_delay_up_to_the_cap() -> None:
+    retry = budget(backoff_initial_s=0.1, backoff_max_s=0.3, reconnect_max_attempts=50)
+    waits: list[float] = []
+    for _ in range(6):
+        retry.opening(0.0)
+        retry.back_off(0.0)
+        assert retry.retry_at is not None and not retry.due(retry.retry_at - 1e-9)
+        assert retry.due(retry.retry_at)
+        waits.append(retry.retry_at)
+    caps = [0.1, 0.2, 0.3, 0.3, 0.3, 0.3]
+    assert all(0 <= w <= cap for w, cap in zip(waits, caps, strict=True))
+    retry.opening(0.0)
+    assert retry.retry_at is None and not retry.due(9.0)
+
+
+def test_the_budget_gives_up_after_its_attempts_naming_the_last_error() -> None:
+    retry = budget(reconnect_max_attempts=3, reconnect_total_s=30.0)
+    for n in range(3):
+        assert retry.exhausted(float(n)) is None
+        retry.opening(float(n))
+        retry.failed(FailureReason.TIMED_OUT, "no setupComplete in time")
+    given_up = retry.exhausted(2.5)
+    assert given_up is not None
+    reason, detail = given_up
+    assert reason is FailureReason.TIMED_OUT
+    assert detail == (
+        "live service unreachable: 3 attempts in 2.5 s "
+        "(last error: timed_out, no setupComplete in time)"
+    )
+
+
+def test_the_budget_gives_up_after_its_time_and_a_working_connection_renews_it() -> None:
+    retry = budget(reconnect_max_attempts=100, reconnect_total_s=5.0)
+    retry.opening(0.0)
+    assert retry.exhausted(5.0) is None
+    assert retry.exhausted(5.1) == (
+        FailureReason.UNREACHABLE,
+        "live service unreachable: 1 attempts in 5.1 s (last error: unreachable, no connection)",
+    )
+    retry.delivered()
+    assert retry.attempts == 0 and retry.exhausted(100.0) is None
+
+
+def test_a_refused_handle_is_not_a_failed_attempt() -> None:
+    retry = budget(reconnect_max_attempts=1)
+    retry.opening(0.0)
+    retry.handle_refused()
+    assert retry.attempts == 0 and retry.exhausted(1.0) is None

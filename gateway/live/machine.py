@@ -77,6 +77,8 @@ from gateway.live.repeats import same_reply
 from gateway.live.replay import BYTES_PER_SECOND as BYTES_PER_SECOND
 from gateway.live.replay import Input as Input
 from gateway.live.replay import ReplayLog
+from gateway.live.retry import FailureReason as FailureReason
+from gateway.live.retry import RetryBudget
 from gateway.live.settings import LiveSettings
 
 SAID_KEPT = 16  # replies heard in full, kept to recognise them if said again
@@ -128,15 +130,6 @@ class LossKind(StrEnum):
     CLOSED = "closed"  # a close frame (code given)
     NETWORK = "network"  # reset, abnormal closure, stalled keep-alive
     GARBAGE = "garbage"  # the service sent something we could not read
-
-
-class FailureReason(StrEnum):
-    """Why the conversation could not go on (a metric label)."""
-
-    REFUSED = "refused"
-    TIMED_OUT = "timed_out"
-    GARBAGE = "garbage"
-    UNREACHABLE = "unreachable"
 
 
 # ------------------------------------------------------------------------------- actions
@@ -240,7 +233,7 @@ class SessionMachine:
 
     def __init__(self, options: LiveSettings, rng: random.Random | None = None) -> None:
         self.options = options
-        self._rng = rng or random.Random()
+        self.retry = RetryBudget(options, rng or random.Random())
         self.phase = Phase.CONNECTING
         self.mode = SwitchMode.MAKE_BEFORE_BREAK
         self.turn_state = TurnState.IDLE
@@ -255,10 +248,6 @@ class SessionMachine:
         self._lost_at: float | None = None  # when caller audio last lost its connection
         self._reset_cause: ResetCause | None = None  # why we are recovering
         self._refused_in_reset = False
-        self._attempts = 0  # opens since the last connection that delivered anything
-        self._streak_started: float | None = None
-        self._last_error: tuple[FailureReason, str] | None = None
-        self._retry_at: float | None = None
         self._abandoned_reply = False
         self._nudge_at: float | None = None
         self._reply_text = ""  # the model's transcription of the reply in progress
@@ -304,8 +293,8 @@ class SessionMachine:
     def next_deadline(self) -> float | None:
         """When `tick` must next be called (None: only on the next event)."""
         times: list[float] = []
-        if self._retry_at is not None:
-            times.append(self._retry_at)
+        if self.retry.retry_at is not None:
+            times.append(self.retry.retry_at)
         if self._switch_deadline is not None and self.phase is Phase.LIVE:
             times.append(self._switch_deadline)
             if self._spoke_at > -1e9:
@@ -369,7 +358,8 @@ class SessionMachine:
         actions: list[Action] = [Close(c.id) for c in self.conns]
         self.active = self.opening = None
         self.phase = Phase.CLOSED
-        self._retry_at = self._switch_deadline = self._nudge_at = None
+        self.retry.cancel()
+        self._switch_deadline = self._nudge_at = None
         return actions
 
     # ---------------------------------------------------------------------- caller side
@@ -428,10 +418,7 @@ class SessionMachine:
         conn = Conn(self._next_id, held.handle, held.base, cause, now, placement=self._placement())
         conn.replies = held.replies
         self.opening = conn
-        self._attempts += 1
-        if self._streak_started is None:
-            self._streak_started = now
-        self._retry_at = None
+        self.retry.opening(now)
         if self.active is not None:
             self.active.superseded = True
             self.phase = Phase.SWITCHING
@@ -507,7 +494,7 @@ class SessionMachine:
             mode = conn.mode.value if conn.mode is not None else ""
             overlap = self.held.overlap_s if conn.handle is not None else 0.0
             resumed = Resumed(
-                cause, gap, conn.replayed_s, self._attempts, conn.handle is None, mode, overlap
+                cause, gap, conn.replayed_s, self.retry.attempts, conn.handle is None, mode, overlap
             )
             actions.append(Emit(resumed))
         self._lost_at = None
@@ -536,11 +523,11 @@ class SessionMachine:
             # the conversation, replaying what the old session's handle lacked. At once.
             self.held.refused()
             self._refused_in_reset = True
-            self._attempts -= 1  # a refused handle is not a failed attempt
+            self.retry.handle_refused()
             if self.active is not None:
                 self.phase = Phase.LIVE
             return actions + self._reopen(now, ResetCause.REFUSED, immediate=True)
-        self._last_error = (_failure_reason(error), detail)
+        self.retry.failed(_failure_reason(error), detail)
         if self.active is not None:
             # A make-before-break open failed. The old connection is superseded (if the
             # service let the new one take over before failing, input on the old one is
@@ -565,7 +552,7 @@ class SessionMachine:
         if conn is None or conn.id != conn_id:
             return []  # an old connection being closed, or one we already gave up
         if not conn.delivered:
-            self._last_error = (_loss_reason(kind), detail)
+            self.retry.failed(_loss_reason(kind), detail)
         cause = ResetCause.GOAWAY if conn.goaway else ResetCause.ABRUPT
         actions = self._lose_active(now, cause)
         if self._ready() is not None:
@@ -603,27 +590,17 @@ class SessionMachine:
 
     def _reopen(self, now: float, cause: ResetCause, immediate: bool = False) -> list[Action]:
         """Open the next connection now or after a backoff, within the retry budget."""
-        opts = self.options
         self._reset_cause = cause
-        started = self._streak_started if self._streak_started is not None else now
-        if self._attempts >= opts.reconnect_max_attempts or now - started > opts.reconnect_total_s:
-            reason, detail = self._last_error or (FailureReason.UNREACHABLE, "no connection")
+        given_up = self.retry.exhausted(now)
+        if given_up is not None:
             actions = self.close()
             self.phase = Phase.FAILED
-            return [
-                *actions,
-                Fail(
-                    reason,
-                    f"live service unreachable: {self._attempts} attempts in "
-                    f"{now - started:.1f} s (last error: {reason.value}, {detail or 'none'})",
-                ),
-            ]
-        if immediate or self._attempts == 0:
+            return [*actions, Fail(*given_up)]
+        if immediate or self.retry.attempts == 0:
             return self._open(now, cause)
         if self._lost_at is None:
             self._lost_at = now
-        delay = min(opts.backoff_initial_s * 2 ** (self._attempts - 1), opts.backoff_max_s)
-        self._retry_at = now + self._rng.uniform(0, delay)
+        self.retry.back_off(now)
         if self.active is None:
             self.phase = Phase.RECOVERING
         return []
@@ -653,9 +630,7 @@ class SessionMachine:
             return None
         if not conn.delivered:
             conn.delivered = True
-            self._attempts = 0
-            self._streak_started = None
-            self._last_error = None
+            self.retry.delivered()
         return conn
 
     def handle_update(
@@ -840,7 +815,7 @@ class SessionMachine:
 
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
-        if self._retry_at is not None and now >= self._retry_at and self.opening is None:
+        if self.retry.due(now) and self.opening is None:
             actions += self._open(now, self._reset_cause or ResetCause.ABRUPT)
         if self._judge_until is not None and now >= self._judge_until:
             actions += self._release()
