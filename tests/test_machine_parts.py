@@ -7,8 +7,11 @@ import random
 
 import pytest
 
+from gateway.live.events import ModelAudio, Transcript
 from gateway.live.handles import HeldHandle, RoundTripPlacement
 from gateway.live.history import History
+from gateway.live.nudge import CUT_UNHEARD, DROPPED, Nudge
+from gateway.live.repeats import REPEAT_WINDOW_S, Repeat, RepeatFilter
 from gateway.live.replay import BYTES_PER_SECOND, Input, ReplayLog
 from gateway.live.retry import FailureReason, RetryBudget
 from gateway.live.settings import LiveSettings
@@ -179,3 +182,122 @@ def test_a_refused_handle_is_not_a_failed_attempt() -> None:
     retry.opening(0.0)
     retry.handle_refused()
     assert retry.attempts == 0 and retry.exhausted(1.0) is None
+
+
+# --------------------------------------------------------------------- repeat filter
+
+HEARD = "Our store opens at nine o'clock."
+
+
+def filter_after_a_resume(judge_s: float = 1.5) -> RepeatFilter:
+    """A reply heard in full (the state then held 3 replies), then a resume from 2."""
+    repeats = RepeatFilter(judge_s)
+    repeats.began(0.0, since_resume_s=100.0)
+    repeats.text = HEARD
+    assert not repeats.ended(3, 1.0)
+    repeats.resumed(2)
+    return repeats
+
+
+def test_a_resumed_models_first_reply_is_held_and_skipped_if_it_repeats() -> None:
+    repeats = filter_after_a_resume()
+    repeats.began(5.0, since_resume_s=0.2)
+    assert repeats.judge_until == 6.5 and repeats.unheard
+    repeats.hold(ModelAudio(b"\x00" * 4800, 5.0))
+    repeats.text += "Our store"
+    assert repeats.judge(final=False) is None  # too few words yet
+    repeats.text += " opens at nine"
+    assert repeats.judge(final=False) == Repeat(HEARD, 1.0, 0.1)
+    assert repeats.skipping == HEARD and repeats.judge_until is None
+    repeats.text += " o'clock."
+    assert not repeats.diverges()
+    assert repeats.ended(4, 6.0)  # skipped: not kept as heard
+    assert repeats.skipping is None
+
+
+def test_a_new_reply_is_released_in_order_and_kept_once_heard() -> None:
+    repeats = filter_after_a_resume()
+    repeats.began(5.0, since_resume_s=0.2)
+    held = [ModelAudio(b"a", 5.0), Transcript("model", "We also deliver on Sundays")]
+    for event in held:
+        repeats.hold(event)
+    repeats.text = "We also deliver on Sundays"
+    assert repeats.judge(final=False) is False
+    assert repeats.release() == held and not repeats.unheard
+    assert not repeats.ended(3, 7.0)
+    repeats.resumed(2)  # another resume from before both: either may be said again
+    repeats.began(8.0, since_resume_s=0.1)
+    repeats.text = "We also deliver on Sundays"
+    assert repeats.judge(final=True) == Repeat("We also deliver on Sundays", 7.0, 0.0)
+
+
+def test_a_skipped_reply_that_parts_from_the_heard_one_is_played_from_there() -> None:
+    repeats = filter_after_a_resume()
+    repeats.began(5.0, since_resume_s=0.2)
+    repeats.text = "Our store opens at nine"
+    assert isinstance(repeats.judge(final=False), Repeat)
+    repeats.text += " but today we close early because of the storm"
+    assert repeats.diverges() and repeats.skipping is None
+
+
+def test_only_replies_soon_after_a_resume_are_judged_and_judging_can_be_off() -> None:
+    late = filter_after_a_resume()
+    late.began(9.0, since_resume_s=REPEAT_WINDOW_S + 0.1)
+    assert not late.unheard
+    late.began(9.5, since_resume_s=0.1)  # the candidates are gone
+    assert not late.unheard
+    off = filter_after_a_resume(judge_s=0.0)
+    off.began(5.0, since_resume_s=0.1)
+    assert not off.unheard
+
+
+def test_replies_the_resumed_state_holds_are_no_candidates() -> None:
+    repeats = filter_after_a_resume()
+    repeats.resumed(3)  # its state holds the heard reply
+    repeats.began(5.0, since_resume_s=0.1)
+    assert repeats.judge_until is None
+
+
+# ---------------------------------------------------------------------------- nudge
+
+
+def test_a_reply_cut_by_a_reset_is_continued_from_what_the_caller_heard() -> None:
+    nudge = Nudge(after_s=1.5)
+    nudge.reply_cut("Our opening hours are")
+    nudge.resumed(10.0, unanswered=False)
+    assert nudge.at == 11.5
+    assert nudge.due(11.5, caller_quiet_at=11.9, talking=False) is None
+    assert nudge.at == 11.9  # not while the caller speaks
+    assert nudge.due(11.9, caller_quiet_at=None, talking=True) is None
+    assert nudge.at == pytest.approx(13.4)  # the model is talking (held or skipped)
+    text = nudge.due(13.4, caller_quiet_at=None, talking=False)
+    assert text is not None and '"Our opening hours are"' in text
+    assert nudge.at is None and not nudge.cut
+
+
+def test_a_prompt_asks_again_when_nothing_of_the_reply_was_heard_or_nothing_was_cut() -> None:
+    nudge = Nudge(after_s=1.5)
+    nudge.reply_cut("")
+    nudge.resumed(0.0, unanswered=False)
+    assert nudge.due(1.5, None, False) == CUT_UNHEARD
+    nudge.resumed(2.0, unanswered=False)
+    assert nudge.at is None  # nothing cut, nothing unanswered
+    nudge.resumed(2.0, unanswered=True)
+    assert nudge.due(3.5, None, False) == DROPPED
+
+
+def test_words_the_caller_hears_call_the_prompt_off() -> None:
+    nudge = Nudge(after_s=1.5)
+    nudge.reply_cut("Our opening")
+    nudge.resumed(0.0, unanswered=True)
+    nudge.heard()
+    assert nudge.at is None and not nudge.cut
+
+
+def test_a_skipped_repeat_is_prompted_only_if_the_caller_spoke_after_hearing_it() -> None:
+    nudge = Nudge(after_s=1.5)
+    nudge.resumed(0.0, unanswered=True)
+    nudge.repeat_skipped(caller_spoke_after=False, began_at=0.5)
+    assert nudge.at is None  # the caller had this answer already
+    nudge.repeat_skipped(caller_spoke_after=True, began_at=0.5)
+    assert nudge.at == 2.0

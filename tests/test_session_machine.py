@@ -37,7 +37,6 @@ from gateway.live.machine import (
     LossKind,
     Open,
     OpenError,
-    Output,
     Phase,
     SessionMachine,
     SwitchMode,
@@ -50,6 +49,23 @@ from gateway.testing.explorer import Concurrency, Fault, Schedule, explore, run
 FRAME = b"\x00" * 640
 OPTIONS = LiveSettings(goaway_margin_s=0.5, caller_pause_s=0.4)
 SCHEDULES_PER_MODE = 1000  # python -m gateway.testing.explorer --count N for more
+
+
+PIECE = b"\x00" * 480  # a piece of the model's reply
+
+
+def events(actions: list[Action]) -> list[object]:
+    return [a.event for a in actions if isinstance(a, Emit)]
+
+
+def reply(m: SessionMachine, conn: int, now: float, *chunks: bytes) -> str:
+    """Pieces of the model's reply arrive: "play" (emitted at once), "hold" or "drop"."""
+    pieces = list(chunks) or [PIECE]
+    actions = m.model_audio(conn, pieces, now)
+    if actions:
+        assert events(actions) == [ModelAudio(pcm, now) for pcm in pieces]
+        return "play"
+    return "hold" if m.holding(conn) else "drop"
 
 
 class OldDesign(SessionMachine):
@@ -288,7 +304,7 @@ def test_a_refused_make_before_break_switches_break_before_make_for_the_rest_of_
 def test_a_reply_cut_by_a_reset_is_abandoned_and_the_silent_model_is_prompted() -> None:
     m, conn = live_machine()
     m.handle_update(conn, "H1", True, 0.5)
-    assert m.model_output(conn, 1.0)
+    assert reply(m, conn, 1.0) == "play"
     m.transcript(conn, "model", "Our opening hours are")
     actions = m.lost(conn, LossKind.NETWORK, "reset", 1.2)
     assert Emit(ReplyAbandoned(ResetCause.ABRUPT)) in actions
@@ -304,10 +320,10 @@ def test_a_reply_cut_by_a_reset_is_abandoned_and_the_silent_model_is_prompted() 
 def test_a_model_that_answers_by_itself_is_not_prompted() -> None:
     m, conn = live_machine()
     m.handle_update(conn, "H1", True, 0.5)
-    m.model_output(conn, 1.0)
+    reply(m, conn, 1.0)
     (reopen,) = opens(m.lost(conn, LossKind.NETWORK, "reset", 1.2))
     m.opened(reopen.conn, 1.5)
-    assert m.model_output(reopen.conn, 1.8)
+    assert reply(m, reopen.conn, 1.8) == "play"
     assert m.next_deadline() is None
 
 
@@ -347,10 +363,6 @@ def test_same_reply(heard: str, said: str, final: bool, verdict: bool | None) ->
     assert same_reply(heard, said, final) is verdict
 
 
-def events(actions: list[Action]) -> list[object]:
-    return [a.event for a in actions if isinstance(a, Emit)]
-
-
 def heard_then_cut() -> tuple[SessionMachine, int]:
     """A reply heard in full, then a cut before any handle after it; the connection that
     resumes holds the state from before the reply."""
@@ -358,7 +370,7 @@ def heard_then_cut() -> tuple[SessionMachine, int]:
     m.handle_update(conn, "H1", True, 0.5)
     for k in range(5):
         m.caller_audio(FRAME, True, 0.6 + k * 0.02)
-    assert m.model_output(conn, 1.0) is Output.PLAY
+    assert reply(m, conn, 1.0) == "play"
     m.transcript(conn, "model", "Our store opens at nine o'clock.")
     assert TurnComplete() in events(m.turn_complete(conn, 2.0))
     (reopen,) = opens(m.lost(conn, LossKind.NETWORK, "reset", 2.5))
@@ -369,62 +381,57 @@ def heard_then_cut() -> tuple[SessionMachine, int]:
 
 def test_a_repeat_of_a_reply_heard_in_full_is_not_played() -> None:
     m, conn = heard_then_cut()
-    assert m.model_output(conn, 3.0) is Output.HOLD
-    m.hold([b"\x00" * 4800], 3.0)
+    assert reply(m, conn, 3.0, b"\x00" * 4800) == "hold"
     (skipped,) = events(m.transcript(conn, "model", "Our store opens at nine"))
     assert isinstance(skipped, RepeatSkipped) and skipped.held_s == pytest.approx(0.1)
-    assert m.model_output(conn, 3.1) is Output.DROP
+    assert reply(m, conn, 3.1) == "drop"
     assert m.transcript(conn, "model", " o'clock.") == []
     assert events(m.turn_complete(conn, 4.0)) == []  # the caller never heard it begin
     assert m.next_deadline() is None  # nothing left unanswered: no prompt
     # The next reply is new: played at once.
     m.caller_audio(FRAME, True, 5.0)
-    assert m.model_output(conn, 6.0) is Output.PLAY
+    assert reply(m, conn, 6.0) == "play"
 
 
 def test_a_new_reply_after_a_resume_is_played_in_order_once_judged() -> None:
     m, conn = heard_then_cut()
-    assert m.model_output(conn, 3.0) is Output.HOLD
-    m.hold([b"a" * 480, b"b" * 480], 3.0)
+    assert reply(m, conn, 3.0, b"a" * 480, b"b" * 480) == "hold"
     released = events(m.transcript(conn, "model", "We also deliver on Sundays"))
     assert released == [
         ModelAudio(b"a" * 480, 3.0),
         ModelAudio(b"b" * 480, 3.0),
         Transcript("model", "We also deliver on Sundays"),
     ]
-    assert m.model_output(conn, 3.1) is Output.PLAY
+    assert reply(m, conn, 3.1) == "play"
 
 
 def test_a_reply_without_a_transcript_is_played_after_the_judging_time() -> None:
     m, conn = heard_then_cut()
-    assert m.model_output(conn, 3.0) is Output.HOLD
-    m.hold([b"a" * 480], 3.0)
+    assert reply(m, conn, 3.0, b"a" * 480) == "hold"
     deadline = m.next_deadline()
     assert deadline == pytest.approx(3.0 + OPTIONS.repeat_judge_s)
     assert events(m.tick(deadline)) == [ModelAudio(b"a" * 480, 3.0)]
-    assert m.model_output(conn, deadline) is Output.PLAY
+    assert reply(m, conn, deadline) == "play"
 
 
 def test_a_held_reply_the_caller_talks_over_is_dropped_quietly() -> None:
     m, conn = heard_then_cut()
-    m.model_output(conn, 3.0)
-    m.hold([b"a" * 480], 3.0)
+    reply(m, conn, 3.0, b"a" * 480)
     assert Interrupted() not in events(m.interrupted(conn, 3.2))
     m.caller_audio(FRAME, True, 3.3)
-    assert m.model_output(conn, 4.0) is Output.HOLD  # still within the window: judged
+    assert reply(m, conn, 4.0) == "hold"  # still within the window: judged
 
 
 def test_a_skipped_reply_that_goes_on_differently_is_played_from_there() -> None:
     """A reply judged a repeat on its first words that then says something else: the caller
     gets the rest rather than silence."""
     m, conn = heard_then_cut()
-    m.model_output(conn, 3.0)
-    m.hold([b"a" * 480], 3.0)
+    reply(m, conn, 3.0, b"a" * 480)
     m.transcript(conn, "model", "Our store opens at nine")
-    assert m.model_output(conn, 3.1) is Output.DROP
+    assert reply(m, conn, 3.1) == "drop"
     (piece,) = events(m.transcript(conn, "model", " but today we close early because of the storm"))
     assert piece == Transcript("model", " but today we close early because of the storm")
-    assert m.model_output(conn, 3.2) is Output.PLAY
+    assert reply(m, conn, 3.2) == "play"
     assert TurnComplete() in events(m.turn_complete(conn, 4.0))
 
 
@@ -440,7 +447,7 @@ def ready_mid_reply() -> tuple[SessionMachine, int, int]:
     for k in range(5):
         m.caller_audio(FRAME, True, 1.1 + k * 0.02)
     m.caller_audio(FRAME, False, 1.6)
-    assert m.model_output(old, 2.0) is Output.PLAY
+    assert reply(m, old, 2.0) == "play"
     m.transcript(old, "model", "Our store opens at nine o'clock.")
     assert m.opened(new.conn, 2.1) == []  # ready: nothing written, nothing closed
     assert m.phase is Phase.SWITCHING and m.active is not None and m.active.id == old
@@ -451,14 +458,13 @@ def test_a_replacement_ready_mid_reply_takes_over_when_the_reply_ends() -> None:
     """The caller hears the old connection's reply to the end; the replacement, resumed
     from before it, gets all the input after its base, and its repeat is not played."""
     m, old, new = ready_mid_reply()
-    assert m.model_output(old, 2.2) is Output.PLAY
+    assert reply(m, old, 2.2) == "play"
     actions = m.turn_complete(old, 2.5)
     assert TurnComplete() in events(actions) and Close(old) in actions
     (replay,) = writes(actions)
     assert replay.conn == new and [i.seq for i in replay.items] == list(range(1, m.seq + 1))
     assert not [e for e in events(actions) if isinstance(e, ReplyAbandoned)]
-    assert m.model_output(new, 2.8) is Output.HOLD  # it answers the replayed words again
-    m.hold([b"\x00" * 480], 2.8)
+    assert reply(m, new, 2.8, b"\x00" * 480) == "hold"  # it answers the replayed words again
     (skipped,) = events(m.transcript(new, "model", "Our store opens at nine"))
     assert isinstance(skipped, RepeatSkipped)
 
@@ -485,10 +491,10 @@ def test_a_ready_replacement_takes_over_before_the_old_connection_ends() -> None
     m, old = live_machine()
     m.handle_update(old, "H1", True, 0.5)
     (new,) = opens(m.go_away(old, 1.0, 1.0))  # ends at 2.0
-    m.model_output(old, 1.5)
+    reply(m, old, 1.5)
     m.opened(new.conn, 1.6)
     for t in (1.7, 1.8):
-        assert m.model_output(old, t) is Output.PLAY
+        assert reply(m, old, t) == "play"
         assert m.tick(t) == []
     assert m.next_deadline() == pytest.approx(2.0 - HANDOVER_MARGIN_S)
     assert Close(old) in m.tick(2.0 - HANDOVER_MARGIN_S)
@@ -547,8 +553,8 @@ def test_replies_are_judged_from_when_a_ready_replacement_took_over() -> None:
     m, old, new = ready_mid_reply()
     for k in range(1, 25):  # a long reply: the replacement waits beyond the 5 s window
         t = 2.0 + k * 0.2
-        assert m.model_output(old, t) is Output.PLAY and m.tick(t) == []
+        assert reply(m, old, t) == "play" and m.tick(t) == []
     m.transcript(old, "model", " We also deliver.")
     m.turn_complete(old, 7.0)
     assert m.active is not None and m.active.id == new
-    assert m.model_output(new, 7.2) is Output.HOLD
+    assert reply(m, new, 7.2) == "hold"

@@ -50,7 +50,6 @@ survival", says which service behaviours each covers):
 from __future__ import annotations
 
 import random
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -73,7 +72,9 @@ from gateway.live.events import (
 )
 from gateway.live.handles import HeldHandle, Placement, RoundTripPlacement
 from gateway.live.history import History
-from gateway.live.repeats import same_reply
+from gateway.live.nudge import Nudge
+from gateway.live.repeats import REPEAT_WINDOW_S as REPEAT_WINDOW_S
+from gateway.live.repeats import Repeat, RepeatFilter
 from gateway.live.replay import BYTES_PER_SECOND as BYTES_PER_SECOND
 from gateway.live.replay import Input as Input
 from gateway.live.replay import ReplayLog
@@ -81,19 +82,8 @@ from gateway.live.retry import FailureReason as FailureReason
 from gateway.live.retry import RetryBudget
 from gateway.live.settings import LiveSettings
 
-SAID_KEPT = 16  # replies heard in full, kept to recognise them if said again
-REPEAT_WINDOW_S = 5.0  # a resumed connection's replies that begin this soon may be repeats
-OUTPUT_RATE = 24000  # the model's audio, 16-bit PCM
 REPLY_STALL_S = 0.3  # a ready replacement stops waiting for a reply with no audio this long
 HANDOVER_MARGIN_S = 0.1  # ... and takes over this long before the old connection's end
-
-
-class Output(StrEnum):
-    """What to do with a piece of the model's reply."""
-
-    PLAY = "play"  # deliver it to the call
-    HOLD = "hold"  # give it to `SessionMachine.hold`: it may repeat what the caller heard
-    DROP = "drop"  # not wanted (an old connection's, or a repeat)
 
 
 class Phase(StrEnum):
@@ -248,20 +238,11 @@ class SessionMachine:
         self._lost_at: float | None = None  # when caller audio last lost its connection
         self._reset_cause: ResetCause | None = None  # why we are recovering
         self._refused_in_reset = False
-        self._abandoned_reply = False
-        self._nudge_at: float | None = None
-        self._reply_text = ""  # the model's transcription of the reply in progress
-        self._cut_reply_text = ""
+        self.nudge = Nudge(options.resume_nudge_s)
         self._spoke_at = -1e9
         self._model_spoke_at = -1e9  # when the model's latest reply began
         self._tool_conns: dict[str, int] = {}
-        # Replies heard in full: (replies the state held after it, transcript, when it ended).
-        self._said: deque[tuple[int, str, float]] = deque(maxlen=SAID_KEPT)
-        self._repeats: list[tuple[str, float]] = []  # what a resumed model may say again
-        self._judge_until: float | None = None  # a reply is held until then at the latest
-        self._held: list[LiveEvent] = []
-        self._held_s = 0.0
-        self._skipping: str | None = None  # the heard reply the one in progress repeats
+        self.repeats = RepeatFilter(options.repeat_judge_s)
         self.history = History()
         self.dropped_audio_s = 0.0
         self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
@@ -287,6 +268,11 @@ class SessionMachine:
     def conns(self) -> list[Conn]:
         return [c for c in (self.active, self.opening) if c is not None]
 
+    def holding(self, conn_id: int) -> bool:
+        """The reply in progress on `conn_id` is held until it is judged a repeat or not."""
+        active = self.active
+        return active is not None and active.id == conn_id and self.repeats.judge_until is not None
+
     def caller_speaking(self, now: float) -> bool:
         return now - self._spoke_at < self.options.caller_pause_s
 
@@ -299,10 +285,10 @@ class SessionMachine:
             times.append(self._switch_deadline)
             if self._spoke_at > -1e9:
                 times.append(self._spoke_at + self.options.caller_pause_s)
-        if self._nudge_at is not None:
-            times.append(self._nudge_at)
-        if self._judge_until is not None:
-            times.append(self._judge_until)
+        if self.nudge.at is not None:
+            times.append(self.nudge.at)
+        if self.repeats.judge_until is not None:
+            times.append(self.repeats.judge_until)
         if self._ready() is not None:
             times.append(self._handover_due())
         return min(times) if times else None
@@ -359,7 +345,8 @@ class SessionMachine:
         self.active = self.opening = None
         self.phase = Phase.CLOSED
         self.retry.cancel()
-        self._switch_deadline = self._nudge_at = None
+        self._switch_deadline = None
+        self.nudge.cancel()
         return actions
 
     # ---------------------------------------------------------------------- caller side
@@ -483,9 +470,9 @@ class SessionMachine:
             actions.append(Close(old.id))
         self.active = conn
         self.phase = Phase.LIVE
-        self._stop_judging()
+        self.repeats.stop()
         if conn.cause is not None:
-            self._repeats = [(text, at) for n, text, at in self._said if n > conn.replies]
+            self.repeats.resumed(conn.replies)
             cause = ResetCause.REFUSED if self._refused_in_reset else conn.cause
             gap = now - self._lost_at if self._lost_at is not None else 0.0
             if old is not None and self._switch_forced:
@@ -501,11 +488,8 @@ class SessionMachine:
         self._refused_in_reset = False
         self._reset_cause = None
         self._switch_deadline = None
-        unanswered = self._spoke_at > self._model_spoke_at
-        if conn.cause is not None and (self._abandoned_reply or unanswered):
-            # A reply was cut, or the caller's last words were not answered yet: if the
-            # resumed model says nothing by itself, prompt it.
-            self._nudge_at = now + self.options.resume_nudge_s
+        if conn.cause is not None:
+            self.nudge.resumed(now, unanswered=self._spoke_at > self._model_spoke_at)
         self._trim()
         if conn.goaway and conn.ends_at is not None:
             actions += self._switch_before(conn.ends_at, now)  # announced while it waited
@@ -572,7 +556,7 @@ class SessionMachine:
         self._lost_at = now if self._lost_at is None else self._lost_at
         self._reset_cause = cause
         self._switch_deadline = None
-        self._nudge_at = None
+        self.nudge.cancel()
         return actions
 
     def _abandon_reply(self, conn: Conn, cause: ResetCause) -> list[Action]:
@@ -580,12 +564,12 @@ class SessionMachine:
             return []
         conn.generating = False
         self.turn_state = TurnState.IDLE
-        skipping, judging = self._skipping is not None, self._judge_until is not None
-        self._stop_judging()
+        repeats = self.repeats
+        skipping, judging = repeats.skipping is not None, repeats.judge_until is not None
+        repeats.stop()
         if skipping:
             return []  # a repeat nobody heard: what the caller heard before stands
-        self._abandoned_reply = True
-        self._cut_reply_text = "" if judging else self._reply_text
+        self.nudge.reply_cut("" if judging else repeats.text)
         return [Emit(ReplyAbandoned(cause))]
 
     def _reopen(self, now: float, cause: ResetCause, immediate: bool = False) -> list[Action]:
@@ -672,38 +656,29 @@ class SessionMachine:
         self._switch_forced = False
         return self._maybe_switch(now)
 
-    def model_output(self, conn_id: int, now: float) -> Output:
-        """A piece of the model's reply arrived on `conn_id`: play it, hold it, or drop it."""
+    def model_audio(self, conn_id: int, chunks: list[bytes], now: float) -> list[Action]:
+        """Pieces of the model's reply arrived on `conn_id`: played, held or dropped."""
         conn = self.active
         if conn is None or conn.id != conn_id:
-            return Output.DROP
+            return []
         if not conn.delivered:
             self._from_active(conn_id)
         conn.output_at = now
+        repeats = self.repeats
         if not conn.generating:
             conn.generating = True
             self._handle_after_reply = False
-            self._reply_text = ""
             self._model_spoke_at = now
             self.turn_state = TurnState.MODEL_SPEAKING
-            if self._repeats and now - conn.opened_at <= REPEAT_WINDOW_S:
-                if self.options.repeat_judge_s > 0:
-                    self._judge_until = now + self.options.repeat_judge_s
-            else:
-                self._repeats.clear()
-        if self._skipping is not None:
-            return Output.DROP
-        if self._judge_until is not None:
-            return Output.HOLD
-        self._nudge_at = None
-        self._abandoned_reply = False
-        return Output.PLAY
-
-    def hold(self, chunks: list[bytes], now: float) -> None:
-        """Keep the pieces `model_output` said to hold, until the reply is judged."""
-        for pcm in chunks:
-            self._held.append(ModelAudio(pcm, now))
-            self._held_s += len(pcm) / (2 * OUTPUT_RATE)
+            repeats.began(now, now - conn.opened_at)
+        if repeats.skipping is not None:
+            return []
+        if repeats.judge_until is not None:
+            for pcm in chunks:
+                repeats.hold(ModelAudio(pcm, now))
+            return []
+        self.nudge.heard()
+        return [Emit(ModelAudio(pcm, now)) for pcm in chunks]
 
     def transcript(self, conn_id: int, role: str, text: str) -> list[Action]:
         if self._from_active(conn_id) is None or not text:
@@ -711,16 +686,16 @@ class SessionMachine:
         if role == "caller":
             self.history.add("user", text)
             return [Emit(Transcript("caller", text))]
-        self._reply_text += text
+        repeats = self.repeats
+        repeats.text += text
         event = Transcript("model", text)
-        if self._skipping is not None:
-            if same_reply(self._skipping, self._reply_text) is not False:
+        if repeats.skipping is not None:
+            if not repeats.diverges():
                 return []
             # It goes on differently from what the caller heard: play the rest.
-            self._skipping = None
-            self._nudge_at = None
-        if self._judge_until is not None:
-            self._held.append(event)
+            self.nudge.cancel()
+        if repeats.judge_until is not None:
+            repeats.hold(event)
             return self._judge(final=False)
         self.history.add("model", text)
         return [Emit(event)]
@@ -731,32 +706,31 @@ class SessionMachine:
             return []
         conn.generating = False
         self.turn_state = TurnState.CALLER_SPEAKING
-        unheard = self._skipping is not None or self._judge_until is not None
-        self._stop_judging()
+        unheard = self.repeats.unheard
+        self.repeats.stop()
         actions: list[Action] = [] if unheard else [Emit(Interrupted())]
         return actions + self._maybe_hand_over(now)
 
     def generation_complete(self, conn_id: int) -> list[Action]:
         if self._from_active(conn_id) is None:
             return []
-        actions = self._judge(final=True) if self._judge_until is not None else []
-        return actions if self._skipping is not None else [*actions, Emit(GenerationComplete())]
+        actions = self._judge(final=True) if self.repeats.judge_until is not None else []
+        if self.repeats.skipping is not None:
+            return actions
+        return [*actions, Emit(GenerationComplete())]
 
     def turn_complete(self, conn_id: int, now: float) -> list[Action]:
         conn = self._from_active(conn_id)
         if conn is None:
             return []
-        actions = self._judge(final=True) if self._judge_until is not None else []
+        actions = self._judge(final=True) if self.repeats.judge_until is not None else []
         spoke = conn.generating
         conn.generating = False
         self.turn_state = TurnState.IDLE
         if spoke:
             conn.replies += 1
-        if self._skipping is not None:
-            self._skipping = None
+        if self.repeats.ended(conn.replies if spoke else None, now):
             return [*actions, *self._maybe_switch(now), *self._maybe_hand_over(now)]
-        if spoke and self._reply_text.strip():
-            self._said.append((conn.replies, self._reply_text, now))
         return [
             *actions,
             Emit(TurnComplete()),
@@ -768,36 +742,22 @@ class SessionMachine:
 
     def _judge(self, final: bool) -> list[Action]:
         """Does the held reply repeat one the caller heard in full since the resumed state?"""
-        verdicts = [same_reply(heard, self._reply_text, final) for heard, _ in self._repeats]
-        if True not in verdicts:
-            return [] if None in verdicts else self._release()
-        text, heard_at = self._repeats.pop(verdicts.index(True))
-        held_s = self._held_s
-        self._stop_judging()
-        self._skipping = text
-        if self._spoke_at > heard_at:
-            # The caller spoke after hearing it: if the model then stays silent, prompt it.
-            self._nudge_at = self._nudge_at or self._model_spoke_at + self.options.resume_nudge_s
-        elif not self._abandoned_reply:
-            self._nudge_at = None  # the caller had this answer already
-        return [Emit(RepeatSkipped(text, held_s))]
+        verdict = self.repeats.judge(final)
+        if verdict is None:
+            return []
+        if not isinstance(verdict, Repeat):
+            return self._release()
+        self.nudge.repeat_skipped(self._spoke_at > verdict.heard_at, self._model_spoke_at)
+        return [Emit(RepeatSkipped(verdict.text, verdict.held_s))]
 
     def _release(self) -> list[Action]:
         """Play what was held: the model says something new (or could not be judged)."""
-        held = self._held
-        self._stop_judging()
-        self._nudge_at = None
-        self._abandoned_reply = False
+        held = self.repeats.release()
+        self.nudge.heard()
         for event in held:
             if isinstance(event, Transcript):
                 self.history.add("model", event.text)
         return [Emit(event) for event in held]
-
-    def _stop_judging(self) -> None:
-        self._held = []
-        self._held_s = 0.0
-        self._judge_until = None
-        self._skipping = None
 
     def tool_call(
         self, conn_id: int, call_id: str, name: str, args: dict[str, object]
@@ -807,9 +767,10 @@ class SessionMachine:
         self._tool_conns[call_id] = conn_id
         return [Emit(ToolCall(call_id, name, dict(args)))]
 
-    def other_message(self, conn_id: int) -> None:
+    def other_message(self, conn_id: int) -> list[Action]:
         """Any other valid message: the connection works."""
         self._from_active(conn_id)
+        return []
 
     # ------------------------------------------------------------------------ timers
 
@@ -817,43 +778,20 @@ class SessionMachine:
         actions: list[Action] = []
         if self.retry.due(now) and self.opening is None:
             actions += self._open(now, self._reset_cause or ResetCause.ABRUPT)
-        if self._judge_until is not None and now >= self._judge_until:
+        if self.repeats.judge_until is not None and now >= self.repeats.judge_until:
             actions += self._release()
-        if self._nudge_at is not None and now >= self._nudge_at:
+        if self.nudge.at is not None and now >= self.nudge.at:
             actions += self._nudge(now)
         actions += self._maybe_switch(now)
         actions += self._maybe_hand_over(now)
         return actions
 
     def _nudge(self, now: float) -> list[Action]:
-        """The model was cut off mid-reply and has said nothing since the reset: prompt it.
-
-        A resumed session may answer the replayed input again by itself, or wait for new
-        input; in the second case the caller would be left in silence.
-        """
-        if self.caller_speaking(now):
-            self._nudge_at = self._spoke_at + self.options.caller_pause_s
-            return []
-        if self._skipping is not None or self._judge_until is not None:
-            self._nudge_at = now + self.options.resume_nudge_s  # it is talking
-            return []
-        self._nudge_at = None
-        cut = self._abandoned_reply
-        self._abandoned_reply = False
-        heard = self._cut_reply_text.strip()
-        if not cut:
-            text = (
-                "(The line dropped for a moment. If the caller's last words need an answer, "
-                "answer them now.)"
-            )
-        elif heard:
-            text = (
-                "(The line dropped while you were answering. The caller heard this much: "
-                f'"{heard[-600:]}". Continue from there without repeating it.)'
-            )
-        else:
-            text = "(The line dropped before the caller heard your answer. Please answer again.)"
-        return self.caller_text(text, True, now)
+        """The model has said nothing since a reset that left the caller waiting."""
+        speaking = self.caller_speaking(now)
+        quiet_at = self._spoke_at + self.options.caller_pause_s if speaking else None
+        text = self.nudge.due(now, quiet_at, self.repeats.unheard)
+        return self.caller_text(text, True, now) if text is not None else []
 
     def _maybe_switch(self, now: float) -> list[Action]:
         """On goAway: move to a new connection at a turn boundary, or at the deadline."""

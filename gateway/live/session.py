@@ -36,7 +36,6 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 from gateway.live import sdk
 from gateway.live.events import (
     LiveEvent,
-    ModelAudio,
     RepeatSkipped,
     ResetCause,
     Resumed,
@@ -56,7 +55,6 @@ from gateway.live.machine import (
     LossKind,
     Open,
     OpenError,
-    Output,
     Respond,
     SessionMachine,
     Write,
@@ -561,14 +559,9 @@ class LiveSession:
                     return
                 link.liveness.heard = time.monotonic()
                 if isinstance(message, list):  # nothing but model audio
-                    now = time.monotonic()
-                    verdict = self.machine.model_output(link.id, now)
-                    if verdict is Output.PLAY:
-                        for pcm in message:
-                            self._events.put_nowait(ModelAudio(pcm, now))
-                    elif verdict is Output.HOLD:
-                        self.machine.hold(message, now)
-                        self._rearm()
+                    await self._execute(
+                        self.machine.model_audio(link.id, message, time.monotonic())
+                    )
                 else:
                     await self._execute(self._on_message(link.id, message))
             detail = "connection ended"
@@ -598,11 +591,7 @@ class LiveSession:
             if content.model_turn is not None and content.model_turn.parts:
                 parts = content.model_turn.parts
                 audio = [p.inline_data.data for p in parts if p.inline_data and p.inline_data.data]
-                verdict = m.model_output(conn, now)
-                if verdict is Output.PLAY:
-                    actions += [Emit(ModelAudio(pcm, now)) for pcm in audio]
-                elif verdict is Output.HOLD:
-                    m.hold(audio, now)
+                actions += m.model_audio(conn, audio, now)
             if content.input_transcription is not None and content.input_transcription.text:
                 actions += m.transcript(conn, "caller", content.input_transcription.text)
             if content.output_transcription is not None and content.output_transcription.text:
@@ -618,7 +607,7 @@ class LiveSession:
                 actions += m.tool_call(conn, call.id or "", call.name or "", dict(call.args or {}))
         if message.usage_metadata is not None:  # billed whichever connection it came on
             actions.append(Emit(_usage(message.usage_metadata)))
-        m.other_message(conn)
+        actions += m.other_message(conn)
         return actions
 
 

@@ -65,7 +65,6 @@ from gateway.live.machine import (
     LossKind,
     Open,
     OpenError,
-    Output,
     Phase,
     Respond,
     SessionMachine,
@@ -532,12 +531,10 @@ class Simulation:
         """A piece of a reply; the first carries its transcript, the same text for the same
         reply (what it answers), so a resumed model's repeat can be told."""
         self._mark_delivered(conn_id)
-        verdict = self.machine.model_output(conn_id, self.now)
-        if verdict is Output.PLAY:
-            self._play(key)
-        elif verdict is Output.HOLD:
+        actions = self.machine.model_audio(conn_id, [_piece(key)], self.now)
+        if self.machine.holding(conn_id):
             self._held_key = key
-            self.machine.hold([_piece(key)], self.now)
+        self.execute(actions)  # played: `execute` hears it
         if first:
             self.execute(self.machine.transcript(conn_id, "model", f"reply {key[0]} {key[1]}"))
 
