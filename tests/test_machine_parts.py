@@ -7,14 +7,17 @@ import random
 
 import pytest
 
-from gateway.live.events import ModelAudio, Transcript
+from gateway.live.events import ModelAudio, ResetCause, Transcript, TurnState
 from gateway.live.handles import HeldHandle, RoundTripPlacement
 from gateway.live.history import History
 from gateway.live.nudge import CUT_UNHEARD, DROPPED, Nudge
+from gateway.live.outage import Outage
 from gateway.live.repeats import REPEAT_WINDOW_S, Repeat, RepeatFilter
 from gateway.live.replay import BYTES_PER_SECOND, Input, ReplayLog
 from gateway.live.retry import FailureReason, RetryBudget
 from gateway.live.settings import LiveSettings
+from gateway.live.switch import GoAwaySwitch, SwitchMode
+from gateway.live.turns import Turns
 
 SECOND = b"\x00" * BYTES_PER_SECOND
 
@@ -301,3 +304,61 @@ def test_a_skipped_repeat_is_prompted_only_if_the_caller_spoke_after_hearing_it(
     assert nudge.at is None  # the caller had this answer already
     nudge.repeat_skipped(caller_spoke_after=True, began_at=0.5)
     assert nudge.at == 2.0
+
+
+# ------------------------------------------------------------------- goAway switch
+
+
+def test_a_goaway_switch_waits_for_a_clean_moment_until_its_deadline() -> None:
+    switch = GoAwaySwitch(margin_s=1.0)
+    assert not switch.due(0.0, clean=True)  # no goAway: no switch
+    switch.announced(ends_at=10.0, now=2.0)
+    assert switch.deadline == 9.0
+    assert not switch.due(8.9, clean=False) and switch.due(8.9, clean=True)
+    assert switch.due(9.0, clean=False)
+    switch.made(clean=False)
+    assert switch.forced and switch.deadline is None
+    switch.announced(ends_at=2.5, now=2.0)  # nearer than the margin: at once
+    assert switch.deadline == 2.0 and not switch.forced
+
+
+def test_a_refused_second_connection_makes_switches_break_before_make() -> None:
+    switch = GoAwaySwitch(margin_s=1.0)
+    assert switch.mode is SwitchMode.MAKE_BEFORE_BREAK
+    switch.second_connection_refused()
+    assert switch.mode is SwitchMode.BREAK_BEFORE_MAKE
+
+
+# -------------------------------------------------------------------------- outage
+
+
+def test_an_outage_runs_from_the_first_loss_and_counts_once_by_cause() -> None:
+    outage = Outage()
+    assert outage.gap(5.0) == 0.0
+    outage.lost(1.0, ResetCause.ABRUPT)
+    outage.lost(1.5, ResetCause.GOAWAY)  # a retry: the outage began at the first loss
+    assert outage.cause is ResetCause.GOAWAY and outage.gap(2.0) == 1.0
+    assert outage.counted(ResetCause.ABRUPT) is ResetCause.ABRUPT
+    outage.over()
+    assert outage.cause is None and outage.lost_at is None
+    outage.handle_refused = True
+    assert outage.counted(ResetCause.GOAWAY) is ResetCause.REFUSED
+    assert outage.counts[ResetCause.ABRUPT] == outage.counts[ResetCause.REFUSED] == 1
+
+
+# --------------------------------------------------------------------------- turns
+
+
+def test_the_caller_speaks_until_a_pause_and_waits_for_an_answer() -> None:
+    turns = Turns(pause_s=0.4)
+    assert not turns.caller_speaking(0.0) and turns.caller_pause_at() is None
+    turns.caller_spoke(1.0)
+    assert turns.caller_speaking(1.39) and not turns.caller_speaking(1.41)
+    assert turns.caller_pause_at() == pytest.approx(1.4)
+    assert turns.unanswered
+    turns.reply_began(2.0)
+    assert not turns.unanswered and turns.state is TurnState.MODEL_SPEAKING
+    turns.interrupted()
+    assert turns.state is TurnState.CALLER_SPEAKING
+    turns.idle()
+    assert turns.state is TurnState.IDLE

@@ -73,6 +73,7 @@ from gateway.live.events import (
 from gateway.live.handles import HeldHandle, Placement, RoundTripPlacement
 from gateway.live.history import History
 from gateway.live.nudge import Nudge
+from gateway.live.outage import Outage
 from gateway.live.repeats import REPEAT_WINDOW_S as REPEAT_WINDOW_S
 from gateway.live.repeats import Repeat, RepeatFilter
 from gateway.live.replay import BYTES_PER_SECOND as BYTES_PER_SECOND
@@ -81,6 +82,9 @@ from gateway.live.replay import ReplayLog
 from gateway.live.retry import FailureReason as FailureReason
 from gateway.live.retry import RetryBudget
 from gateway.live.settings import LiveSettings
+from gateway.live.switch import GoAwaySwitch
+from gateway.live.switch import SwitchMode as SwitchMode
+from gateway.live.turns import Turns
 
 REPLY_STALL_S = 0.3  # a ready replacement stops waiting for a reply with no audio this long
 HANDOVER_MARGIN_S = 0.1  # ... and takes over this long before the old connection's end
@@ -95,13 +99,6 @@ class Phase(StrEnum):
     RECOVERING = "recovering"  # no active connection: opening one or waiting to retry
     FAILED = "failed"
     CLOSED = "closed"
-
-
-class SwitchMode(StrEnum):
-    """How a goAway switch is made (a metric label)."""
-
-    MAKE_BEFORE_BREAK = "make_before_break"  # open the next one while the old one carries audio
-    BREAK_BEFORE_MAKE = "break_before_make"  # close the old one at a pause, then open
 
 
 class OpenError(StrEnum):
@@ -210,10 +207,8 @@ class Conn:
     generating: bool = False
     delivered: bool = False  # a valid message came after setup
     superseded: bool = False  # a resume was sent on another connection: distrust its handles
-    goaway: bool = False
-    ends_at: float | None = None  # when its goAway said it ends
+    ends_at: float | None = None  # when its goAway said it ends (None: no goAway)
     output_at: float = 0.0  # when its model's audio last came
-    replayed_s: float = 0.0
     mode: SwitchMode | None = None  # how the goAway switch that opened it was made
     replies: int = 0  # model replies its state holds (those of its handle, then its own)
 
@@ -222,32 +217,48 @@ class SessionMachine:
     """One conversation over as many connections as it takes; pure, single-threaded."""
 
     def __init__(self, options: LiveSettings, rng: random.Random | None = None) -> None:
-        self.options = options
         self.retry = RetryBudget(options, rng or random.Random())
-        self.phase = Phase.CONNECTING
-        self.mode = SwitchMode.MAKE_BEFORE_BREAK
-        self.turn_state = TurnState.IDLE
+        self._ended: Phase | None = None  # FAILED or CLOSED: nothing more happens
+        self.turns = Turns(options.caller_pause_s)
         self.active: Conn | None = None
         self.opening: Conn | None = None
         self._next_id = 0
         self.replay = ReplayLog(options.replay_limit_s)
         self.held = HeldHandle()
-        self._handle_after_reply = True  # a handle came since the model last spoke
-        self._switch_deadline: float | None = None
-        self._switch_forced = False
-        self._lost_at: float | None = None  # when caller audio last lost its connection
-        self._reset_cause: ResetCause | None = None  # why we are recovering
-        self._refused_in_reset = False
+        self.switch = GoAwaySwitch(options.goaway_margin_s)
+        self.outage = Outage()
         self.nudge = Nudge(options.resume_nudge_s)
-        self._spoke_at = -1e9
-        self._model_spoke_at = -1e9  # when the model's latest reply began
         self._tool_conns: dict[str, int] = {}
         self.repeats = RepeatFilter(options.repeat_judge_s)
         self.history = History()
-        self.dropped_audio_s = 0.0
-        self.resets: dict[ResetCause, int] = dict.fromkeys(ResetCause, 0)
 
     # ------------------------------------------------------------------ inspection
+
+    @property
+    def phase(self) -> Phase:
+        """Where the session stands, from which connections it has (the one place phases
+        are decided): the active one alone, LIVE; with a replacement being opened or ready,
+        SWITCHING; none, CONNECTING until the first reset, RECOVERING during one."""
+        if self._ended is not None:
+            return self._ended
+        if self.active is not None:
+            return Phase.SWITCHING if self.opening is not None else Phase.LIVE
+        return Phase.RECOVERING if self.outage.cause is not None else Phase.CONNECTING
+
+    @property
+    def mode(self) -> SwitchMode:
+        """How the next goAway switch is made."""
+        return self.switch.mode
+
+    @property
+    def resets(self) -> dict[ResetCause, int]:
+        """Resets so far, by cause."""
+        return self.outage.counts
+
+    @property
+    def dropped_audio_s(self) -> float:
+        """Caller audio that never reached the model (the replay log could not keep it)."""
+        return self.replay.dropped_s
 
     @property
     def handle(self) -> str | None:
@@ -273,18 +284,23 @@ class SessionMachine:
         active = self.active
         return active is not None and active.id == conn_id and self.repeats.judge_until is not None
 
+    @property
+    def turn_state(self) -> TurnState:
+        return self.turns.state
+
     def caller_speaking(self, now: float) -> bool:
-        return now - self._spoke_at < self.options.caller_pause_s
+        return self.turns.caller_speaking(now)
 
     def next_deadline(self) -> float | None:
         """When `tick` must next be called (None: only on the next event)."""
         times: list[float] = []
         if self.retry.retry_at is not None:
             times.append(self.retry.retry_at)
-        if self._switch_deadline is not None and self.phase is Phase.LIVE:
-            times.append(self._switch_deadline)
-            if self._spoke_at > -1e9:
-                times.append(self._spoke_at + self.options.caller_pause_s)
+        if self.switch.deadline is not None and self.phase is Phase.LIVE:
+            times.append(self.switch.deadline)
+            pause_at = self.turns.caller_pause_at()
+            if pause_at is not None:
+                times.append(pause_at)
         if self.nudge.at is not None:
             times.append(self.nudge.at)
         if self.repeats.judge_until is not None:
@@ -296,13 +312,8 @@ class SessionMachine:
     def check(self) -> None:
         """Internal consistency; the explorer calls it after every step."""
         assert len(self.conns) <= 2
-        if self.phase is Phase.LIVE:
-            assert self.active is not None and self.opening is None
         if self.phase is Phase.SWITCHING:
-            assert self.active is not None and self.opening is not None
-            assert self.active.superseded
-        if self.phase in (Phase.CONNECTING, Phase.RECOVERING):
-            assert self.active is None
+            assert self.active is not None and self.active.superseded
         if self.phase in (Phase.FAILED, Phase.CLOSED):
             assert not self.conns
         if self.active is not None:
@@ -333,7 +344,7 @@ class SessionMachine:
     @property
     def handle_current(self) -> bool:
         """A trusted handle came since the model last spoke (it holds every reply)."""
-        return self.held.handle is not None and self._handle_after_reply
+        return self.held.handle is not None and self.switch.handle_after_reply
 
     @property
     def handle_replies(self) -> int:
@@ -343,9 +354,9 @@ class SessionMachine:
     def close(self) -> list[Action]:
         actions: list[Action] = [Close(c.id) for c in self.conns]
         self.active = self.opening = None
-        self.phase = Phase.CLOSED
+        self._ended = Phase.CLOSED
         self.retry.cancel()
-        self._switch_deadline = None
+        self.switch.cancel()
         self.nudge.cancel()
         return actions
 
@@ -353,7 +364,7 @@ class SessionMachine:
 
     def caller_audio(self, pcm: bytes, speech: bool, now: float) -> list[Action]:
         if speech:
-            self._spoke_at = now
+            self.turns.caller_spoke(now)
         actions = self._input(Input(0, audio=pcm, received_at=now))
         if speech:
             actions += self._maybe_hand_over(now)  # a ready replacement: the caller talks over
@@ -386,7 +397,6 @@ class SessionMachine:
         return actions
 
     def _dropped(self, seconds: float) -> Action:
-        self.dropped_audio_s += seconds
         return Emit(AudioDropped(seconds))
 
     def _trim(self) -> None:
@@ -408,9 +418,6 @@ class SessionMachine:
         self.retry.opening(now)
         if self.active is not None:
             self.active.superseded = True
-            self.phase = Phase.SWITCHING
-        elif self.phase is not Phase.CONNECTING:
-            self.phase = Phase.RECOVERING
         return [Open(conn.id, conn.handle)]
 
     def opened(self, conn_id: int, now: float) -> list[Action]:
@@ -431,7 +438,7 @@ class SessionMachine:
     def _handover_due(self) -> float:
         """The latest a ready replacement may wait for the active connection's reply."""
         old = self.active
-        if old is None or not old.generating or self._spoke_at > self._model_spoke_at:
+        if old is None or not old.generating or self.turns.unanswered:
             return -1e9  # no reply, or the caller talks over it: at once
         due = old.output_at + REPLY_STALL_S
         if old.ends_at is not None:
@@ -460,7 +467,7 @@ class SessionMachine:
         if lost is not None:
             actions.append(self._dropped(lost))
         replay = self.replay.after(conn.base)
-        conn.replayed_s = sum(item.seconds for item in replay)
+        replayed_s = sum(item.seconds for item in replay)
         if replay:
             actions.append(Write(conn.id, replay, replay=True))
         conn.sent = self.seq
@@ -469,29 +476,25 @@ class SessionMachine:
             actions.extend(self._abandon_reply(old, ResetCause.GOAWAY))
             actions.append(Close(old.id))
         self.active = conn
-        self.phase = Phase.LIVE
         self.repeats.stop()
         if conn.cause is not None:
             self.repeats.resumed(conn.replies)
-            cause = ResetCause.REFUSED if self._refused_in_reset else conn.cause
-            gap = now - self._lost_at if self._lost_at is not None else 0.0
-            if old is not None and self._switch_forced:
+            cause = self.outage.counted(conn.cause)
+            gap = self.outage.gap(now)
+            if old is not None and self.switch.forced:
                 gap = now - conn.requested_at  # the model was mid-reply or the caller mid-word
-            self.resets[cause] += 1
             mode = conn.mode.value if conn.mode is not None else ""
             overlap = self.held.overlap_s if conn.handle is not None else 0.0
             resumed = Resumed(
-                cause, gap, conn.replayed_s, self.retry.attempts, conn.handle is None, mode, overlap
+                cause, gap, replayed_s, self.retry.attempts, conn.handle is None, mode, overlap
             )
             actions.append(Emit(resumed))
-        self._lost_at = None
-        self._refused_in_reset = False
-        self._reset_cause = None
-        self._switch_deadline = None
+        self.outage.over()
+        self.switch.cancel()
         if conn.cause is not None:
-            self.nudge.resumed(now, unanswered=self._spoke_at > self._model_spoke_at)
+            self.nudge.resumed(now, unanswered=self.turns.unanswered)
         self._trim()
-        if conn.goaway and conn.ends_at is not None:
+        if conn.ends_at is not None:
             actions += self._switch_before(conn.ends_at, now)  # announced while it waited
         return actions
 
@@ -506,10 +509,8 @@ class SessionMachine:
             # The handle is gone for good: carry the call on a fresh session, briefed with
             # the conversation, replaying what the old session's handle lacked. At once.
             self.held.refused()
-            self._refused_in_reset = True
+            self.outage.handle_refused = True
             self.retry.handle_refused()
-            if self.active is not None:
-                self.phase = Phase.LIVE
             return actions + self._reopen(now, ResetCause.REFUSED, immediate=True)
         self.retry.failed(_failure_reason(error), detail)
         if self.active is not None:
@@ -518,13 +519,13 @@ class SessionMachine:
             # being dropped), so break now and resume from the same handle; if it was a
             # refusal, switch break-before-make for the rest of the call.
             if error is OpenError.REFUSED:
-                self.mode = SwitchMode.BREAK_BEFORE_MAKE
+                self.switch.second_connection_refused()
             actions.extend(self._lose_active(now, ResetCause.GOAWAY))
             actions += self._reopen(now, ResetCause.GOAWAY, immediate=True)
             if self.opening is not None and conn.mode is not None:
                 self.opening.mode = SwitchMode.BREAK_BEFORE_MAKE
             return actions
-        return actions + self._reopen(now, self._reset_cause or ResetCause.ABRUPT)
+        return actions + self._reopen(now, self.outage.cause or ResetCause.ABRUPT)
 
     def lost(self, conn_id: int, kind: LossKind, detail: str, now: float) -> list[Action]:
         """An open connection ended (close frame, network error, unreadable message)."""
@@ -537,12 +538,11 @@ class SessionMachine:
             return []  # an old connection being closed, or one we already gave up
         if not conn.delivered:
             self.retry.failed(_loss_reason(kind), detail)
-        cause = ResetCause.GOAWAY if conn.goaway else ResetCause.ABRUPT
+        cause = ResetCause.GOAWAY if conn.ends_at is not None else ResetCause.ABRUPT
         actions = self._lose_active(now, cause)
         if self._ready() is not None:
             return actions + self._hand_over(now)
         if self.opening is not None:
-            self.phase = Phase.RECOVERING
             return actions  # its replacement is on the way
         return actions + self._reopen(now, cause)
 
@@ -552,10 +552,8 @@ class SessionMachine:
         actions = self._abandon_reply(conn, cause)
         actions.append(Close(conn.id))
         self.active = None
-        self.phase = Phase.RECOVERING
-        self._lost_at = now if self._lost_at is None else self._lost_at
-        self._reset_cause = cause
-        self._switch_deadline = None
+        self.outage.lost(now, cause)
+        self.switch.cancel()
         self.nudge.cancel()
         return actions
 
@@ -563,7 +561,7 @@ class SessionMachine:
         if not conn.generating or conn is not self.active:
             return []
         conn.generating = False
-        self.turn_state = TurnState.IDLE
+        self.turns.idle()
         repeats = self.repeats
         skipping, judging = repeats.skipping is not None, repeats.judge_until is not None
         repeats.stop()
@@ -574,19 +572,16 @@ class SessionMachine:
 
     def _reopen(self, now: float, cause: ResetCause, immediate: bool = False) -> list[Action]:
         """Open the next connection now or after a backoff, within the retry budget."""
-        self._reset_cause = cause
+        self.outage.cause = cause
         given_up = self.retry.exhausted(now)
         if given_up is not None:
             actions = self.close()
-            self.phase = Phase.FAILED
+            self._ended = Phase.FAILED
             return [*actions, Fail(*given_up)]
         if immediate or self.retry.attempts == 0:
             return self._open(now, cause)
-        if self._lost_at is None:
-            self._lost_at = now
+        self.outage.lost(now, cause)
         self.retry.back_off(now)
-        if self.active is None:
-            self.phase = Phase.RECOVERING
         return []
 
     def rtt(self, conn_id: int, seconds: float) -> None:
@@ -630,7 +625,7 @@ class SessionMachine:
         newest = placement.newest()
         overlap = self.replay.seconds_between(base, conn.base if newest is None else newest)
         if not conn.generating:
-            self._handle_after_reply = True
+            self.switch.handle_after_reply = True
         if held.offer(handle, base, conn.replies, overlap):
             self._trim()
         return self._maybe_switch(now)
@@ -638,12 +633,11 @@ class SessionMachine:
     def go_away(self, conn_id: int, time_left_s: float, now: float) -> list[Action]:
         ready = self._ready()
         if ready is not None and ready.id == conn_id:
-            ready.goaway, ready.ends_at = True, now + time_left_s  # acted on when it takes over
+            ready.ends_at = now + time_left_s  # acted on when it takes over
             return [Emit(GoAwayReceived(time_left_s))]
         conn = self._from_active(conn_id)
         if conn is None:
             return []
-        conn.goaway = True
         conn.ends_at = now + time_left_s
         actions: list[Action] = [Emit(GoAwayReceived(time_left_s))]
         if conn.superseded:
@@ -652,8 +646,7 @@ class SessionMachine:
 
     def _switch_before(self, ends_at: float, now: float) -> list[Action]:
         """Switch at a pause, at the latest `goaway_margin_s` before the connection ends."""
-        self._switch_deadline = max(now, ends_at - self.options.goaway_margin_s)
-        self._switch_forced = False
+        self.switch.announced(ends_at, now)
         return self._maybe_switch(now)
 
     def model_audio(self, conn_id: int, chunks: list[bytes], now: float) -> list[Action]:
@@ -667,9 +660,8 @@ class SessionMachine:
         repeats = self.repeats
         if not conn.generating:
             conn.generating = True
-            self._handle_after_reply = False
-            self._model_spoke_at = now
-            self.turn_state = TurnState.MODEL_SPEAKING
+            self.switch.handle_after_reply = False
+            self.turns.reply_began(now)
             repeats.began(now, now - conn.opened_at)
         if repeats.skipping is not None:
             return []
@@ -705,7 +697,7 @@ class SessionMachine:
         if conn is None:
             return []
         conn.generating = False
-        self.turn_state = TurnState.CALLER_SPEAKING
+        self.turns.interrupted()
         unheard = self.repeats.unheard
         self.repeats.stop()
         actions: list[Action] = [] if unheard else [Emit(Interrupted())]
@@ -726,7 +718,7 @@ class SessionMachine:
         actions = self._judge(final=True) if self.repeats.judge_until is not None else []
         spoke = conn.generating
         conn.generating = False
-        self.turn_state = TurnState.IDLE
+        self.turns.idle()
         if spoke:
             conn.replies += 1
         if self.repeats.ended(conn.replies if spoke else None, now):
@@ -747,7 +739,8 @@ class SessionMachine:
             return []
         if not isinstance(verdict, Repeat):
             return self._release()
-        self.nudge.repeat_skipped(self._spoke_at > verdict.heard_at, self._model_spoke_at)
+        turns = self.turns
+        self.nudge.repeat_skipped(turns.caller_spoke_at > verdict.heard_at, turns.reply_began_at)
         return [Emit(RepeatSkipped(verdict.text, verdict.held_s))]
 
     def _release(self) -> list[Action]:
@@ -777,7 +770,7 @@ class SessionMachine:
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
         if self.retry.due(now) and self.opening is None:
-            actions += self._open(now, self._reset_cause or ResetCause.ABRUPT)
+            actions += self._open(now, self.outage.cause or ResetCause.ABRUPT)
         if self.repeats.judge_until is not None and now >= self.repeats.judge_until:
             actions += self._release()
         if self.nudge.at is not None and now >= self.nudge.at:
@@ -788,31 +781,28 @@ class SessionMachine:
 
     def _nudge(self, now: float) -> list[Action]:
         """The model has said nothing since a reset that left the caller waiting."""
-        speaking = self.caller_speaking(now)
-        quiet_at = self._spoke_at + self.options.caller_pause_s if speaking else None
+        quiet_at = self.turns.caller_pause_at() if self.caller_speaking(now) else None
         text = self.nudge.due(now, quiet_at, self.repeats.unheard)
         return self.caller_text(text, True, now) if text is not None else []
 
     def _maybe_switch(self, now: float) -> list[Action]:
         """On goAway: move to a new connection at a turn boundary, or at the deadline."""
-        deadline = self._switch_deadline
         conn = self.active
-        if deadline is None or conn is None or self.phase is not Phase.LIVE:
+        if self.switch.deadline is None or conn is None or self.phase is not Phase.LIVE:
             return []
         clean = (
             not conn.generating
-            and self._handle_after_reply
+            and self.switch.handle_after_reply
             and self.held.handle is not None
             and not self.caller_speaking(now)
         )
-        if not clean and now < deadline:
+        if not self.switch.due(now, clean):
             return []
-        self._switch_forced = not clean
-        mode = self.mode
+        self.switch.made(clean)
+        mode = self.switch.mode
         actions: list[Action] = []
         if mode is SwitchMode.BREAK_BEFORE_MAKE:
             actions.extend(self._lose_active(now, ResetCause.GOAWAY))
-        self._switch_deadline = None
         actions += self._open(now, ResetCause.GOAWAY)
         assert self.opening is not None
         self.opening.mode = mode

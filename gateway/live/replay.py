@@ -43,6 +43,7 @@ class ReplayLog:
         self._bytes = 0
         self._limit_bytes = int(limit_s * BYTES_PER_SECOND)
         self._unprotected: deque[tuple[int, float]] = deque()  # (seq, seconds) pushed out
+        self.dropped_s = 0.0  # audio that never reached the model, counted when known
 
     def __iter__(self) -> Iterator[Input]:
         return iter(self._items)
@@ -71,6 +72,7 @@ class ReplayLog:
                 self._unprotected.append((old.seq, old.seconds))
             else:
                 dropped.append(old.seconds)
+                self.dropped_s += old.seconds
         return dropped
 
     def after(self, base: int) -> tuple[Input, ...]:
@@ -88,6 +90,7 @@ class ReplayLog:
         if not lost:
             return None
         self._unprotected.clear()
+        self.dropped_s += sum(lost)
         return sum(lost)
 
     def forget_upto(self, floor: int) -> None:
