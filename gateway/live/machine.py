@@ -1,50 +1,42 @@
 """The Live session's logic as a pure state machine: events in, actions out (sans-I/O).
 
-Nothing here does I/O or reads a clock: every method takes ``now`` and returns the
+Nothing here does I/O or reads a clock: every input takes ``now`` and returns the
 actions its owner must carry out, in order (open connection k from handle H, write
 inputs to k, close k, emit a call event, fail). `gateway.live.session` is the thin
 asyncio driver; `gateway.testing.explorer` drives this same class against a pure
 simulated service through thousands of generated schedules.
 
-The rules that make it right whatever the service does (docs/design.md, "Session
-survival", says which service behaviours each covers):
+`SessionMachine` keeps the connections (at most two: the active one and one being
+opened) and decides when to open, switch, hand over and give up; each other concern is a
+small pure part with its own reasons in its docstring:
 
-* Every caller input is numbered (``seq``) and kept until a trusted handle covers it.
+* `ReplayLog` (replay): the caller's input, numbered and bounded, until no resume needs it.
+* `Placement` and `HeldHandle` (handles): which input a handle holds; the one resumed from.
+* `RetryBudget` (retry): backoff, and when to give up and why.
+* `GoAwaySwitch` (switch): when a goAway switch is due, and how it is made.
+* `Outage` (outage): the reset in progress and the resets counted.
+* `RepeatFilter` (repeats): a resumed model's reply that repeats one the caller heard.
+* `Nudge` (nudge): prompting a model left silent after a reset.
+* `Turns` (turns) and `History` (history): who speaks; the turns that brief a fresh session.
+
+The phase is not stored: `SessionMachine.phase` derives it from the connections, the
+outage and whether the session ended. The rules the machine itself keeps
+(docs/design.md, "Session survival", says which service behaviours each covers):
+
 * Each connection knows the handle and the input number it was opened from (its
-  ``base``); when its setup completes it is sent every input after its own base, and
-  only then the live ones. Nothing is written to a connection before its setup is
-  complete.
+  ``base``); when it takes over it is sent every input after its own base, and only
+  then the live ones. Nothing is written to a connection before it takes over.
 * A handle is trusted only from the active connection, and only while no other
   connection of the session has been asked to resume: once a replacement is opened,
   the old connection's later handles may describe a forked state or the state the
   replacement took over, so they never move anybody's base.
-* A handle covers the inputs written to its connection at least one guard interval
-  before it arrived: input still in flight when the service issued it is not assumed
-  to be in it. Whatever the split between the two directions, input written one round
-  trip before the handle arrived had reached the service when it issued the handle; the
-  guard is 1.5 measured round trips plus 5 ms (for jitter). At worst that much input is
-  sent twice at a reset (reported as `Resumed.overlap_s`). A handle that places no more
-  input than the one held, but leaves more in doubt (a handle right after a replay), is not
-  taken: the one held says as much, with less sent twice.
-* At most two connections are open: the active one and one being opened.
 * A replacement whose setup completes while the old connection's model is mid-reply
   waits (ready, nothing written to it) until that reply ends, so the caller hears it to
   the end and it counts as heard: a resumed model that says it again is then recognised
-  (below) instead of heard twice. It takes over at once when the caller speaks, when the
-  old reply's audio stalls for ``REPLY_STALL_S`` (a service that stops the old reply once
+  instead of heard twice. It takes over at once when the caller speaks, when the old
+  reply's audio stalls for ``REPLY_STALL_S`` (a service that stops the old reply once
   the new connection took the session over), when the old connection is lost, or
   ``HANDOVER_MARGIN_S`` before the old connection's announced end.
-* A resumed state may lack replies the caller heard in full (a handle issued before
-  them); replaying the caller's audio, the model may say them again. Each connection
-  knows how many replies its state holds, each reply heard in full is kept with its
-  transcript, and the first reply of a resumed connection is held until its transcript
-  shows whether it repeats one the caller heard (`gateway.live.repeats`): a repeat is
-  not played (`RepeatSkipped`) unless its words part from the heard ones later (then
-  the rest is played), anything else is played at once, and after
-  ``repeat_judge_s`` without a verdict it is played. Only replies that begin within
-  ``REPEAT_WINDOW_S`` of the resume are judged (the answers to replayed audio come
-  first); if the caller spoke since the resume, a skipped reply may have been meant for
-  that, so a model that then stays silent is prompted.
 """
 
 from __future__ import annotations
@@ -214,7 +206,16 @@ class Conn:
 
 
 class SessionMachine:
-    """One conversation over as many connections as it takes; pure, single-threaded."""
+    """One conversation over as many connections as it takes; pure, single-threaded.
+
+    Its inputs are named for what happened and each returns the actions to carry out:
+    from the call (`caller_audio`, `caller_text`, `tool_response`), from a connection's
+    life (`opened`, `open_failed`, `lost`), from its messages (`handle_update`,
+    `go_away`, `model_audio`, `transcript`, `interrupted`, `generation_complete`,
+    `turn_complete`, `tool_call`, `other_message`), from the clock (`tick`, due at
+    `next_deadline`), and `start`/`close`. Two reports only refine where later handles
+    are placed and answer nothing: `written` and `rtt`.
+    """
 
     def __init__(self, options: LiveSettings, rng: random.Random | None = None) -> None:
         self.retry = RetryBudget(options, rng or random.Random())
