@@ -25,6 +25,7 @@ from gateway.tools import CallTools, declarations
 from gateway.transcript import CallTranscript
 from gateway.twilio.protocol import Start
 from gateway.twilio.rest import CallControl, TwilioRest
+from gateway.usage import prices_for
 
 #: The stream `<Parameter>` (and the voice webhook's `?persona=`) naming the persona.
 PERSONA_PARAMETER = "persona"
@@ -101,7 +102,7 @@ class CallFactory:
             dtx=CallerDtx() if settings.silence_suppression and not settings.vertexai else None,
             persona=persona,
             control=control,
-            token_prices=settings.token_prices,
+            token_prices=prices_for(persona.model, settings.token_prices),
             greeted=resume is not None and resume.greeted,
             age_s=resume.age_s + max(0.0, time.time() - resume.handed_off_at) if resume else 0.0,
         )

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from gateway.config import ConfigError, PersonaConfig, Settings, ToolName, address_key
 from gateway.live.profiles import BackendName, ModelSettings, problems, profile_for
+from gateway.usage import prices_for
 
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -119,9 +120,12 @@ class PersonaTable:
             by_name[name] = _resolve(name, config, inherited, key, default.model_setting, backend)
         by_number: dict[str, Persona] = {}
         for persona in by_name.values():
-            if persona.policy.max_call_usd and not settings.token_prices:
+            if persona.policy.max_call_usd and not prices_for(persona.model, settings.token_prices):
                 key = "" if persona.name == DEFAULT else f"personas.{persona.name}."
-                raise ConfigError(f"invalid setting {key}max_call_usd: needs TOKEN_PRICES")
+                raise ConfigError(
+                    f"invalid setting {key}max_call_usd: needs TOKEN_PRICES ({persona.model} "
+                    "has no price sheet)"
+                )
             for number in persona.numbers:
                 other = by_number.get(number)
                 if other is not None:

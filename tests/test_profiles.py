@@ -19,6 +19,7 @@ from google.genai import errors, types
 from test_ops import base_env
 
 from gateway.config import ConfigError
+from gateway.live.events import Usage
 from gateway.live.profiles import (
     PROFILES,
     ModelSettings,
@@ -38,6 +39,7 @@ from gateway.testing.harness import (
 from gateway.testing.live_emulator import MODELS, EmulatorConfig, LiveEmulator
 from gateway.testing.model_behaviour import BEHAVIOURS, ModelBehaviour
 from gateway.testing.tls import make_tls
+from gateway.usage import CallUsage, prices_for
 
 M38, ET, M31, M25 = (
     "gemini-3.8-live",
@@ -260,3 +262,41 @@ async def test_a_3_8_connection_is_closed_at_its_cap_with_1011_deadline_expired(
                             pass
         assert caught.value.code == 1011
         assert "Deadline expired before operation could complete." in str(caught.value)
+
+
+# -------------------------------------------------------------------- usage and prices
+
+
+def test_a_3_8_report_counts_its_thoughts_once_as_output_text() -> None:
+    """The 3.8 frame of [D188765]: total 564 = prompt 522 + response 42, thoughts 136
+    outside it; 25 prompt tokens not in the details count as text."""
+    usage = CallUsage(prices=prices_for(M38, {}))
+    kinds = usage.add(
+        Usage(
+            prompt_tokens=522,
+            response_tokens=42,
+            total_tokens=564,
+            prompt_by_modality=(("text", 332), ("audio", 165)),
+            response_by_modality=(("audio", 42),),
+            thoughts_tokens=136,
+        )
+    )
+    assert kinds == {
+        "prompt_text": 357,
+        "prompt_audio": 165,
+        "response_audio": 42,
+        "response_text": 136,
+    }
+    assert usage.total_tokens == 700
+    # a total that includes the thoughts (the SDK's reading) is not counted twice
+    usage.add(Usage(prompt_tokens=10, response_tokens=5, total_tokens=20, thoughts_tokens=5))
+    assert usage.total_tokens == 720
+    expected = (357 + 10) * 0.75 + 165 * 3.0 + 42 * 12.0 + (136 + 5 + 5) * 4.5
+    assert usage.cost_usd() == pytest.approx(expected / 1e6)
+
+
+def test_each_model_has_its_price_sheet_and_the_operators_prices_win() -> None:
+    assert prices_for(M38, {})["response_audio"] == 12.0
+    assert prices_for(f"models/{ET}", {"response_audio": 10.0})["response_audio"] == 10.0
+    assert prices_for(M25, {}) == {}  # not found publicly: the operator's only
+    assert prices_for(M25, {"prompt_audio": 2.0}) == {"prompt_audio": 2.0}

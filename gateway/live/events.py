@@ -121,6 +121,8 @@ class Usage:
     total_tokens: int
     prompt_by_modality: tuple[tuple[str, int], ...] = ()
     response_by_modality: tuple[tuple[str, int], ...] = ()
+    thoughts_tokens: int = 0  # billed as output; 3.8's total was seen without them [D188765]
+    tool_prompt_tokens: int = 0  # tool-use prompt tokens, billed as input
 
 
 LiveEvent = (

@@ -630,6 +630,8 @@ def _usage(meta: types.UsageMetadata) -> Usage:
         total_tokens=meta.total_token_count or prompt + response,
         prompt_by_modality=by_modality(meta.prompt_tokens_details),
         response_by_modality=by_modality(meta.response_tokens_details),
+        thoughts_tokens=meta.thoughts_token_count or 0,
+        tool_prompt_tokens=meta.tool_use_prompt_token_count or 0,
     )
 
 
