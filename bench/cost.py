@@ -68,6 +68,7 @@ class CostRow:
     replies: int  # turns the callers took
     heard: int  # replies heard whole
     audio_s: float  # caller audio the sessions got
+    context: tuple[int, int]  # tokens the sessions' models hold at the end, and trimmed
     bill: dict[str, int]  # tokens by kind, all the run's sessions
     cost_usd: float
     counted: dict[str, int] | None  # the gateway's own count (None: the naive bridge)
@@ -135,11 +136,14 @@ async def run_shape(
     after = await bills(http, control_url)
     tokens: dict[str, int] = {}
     cost = audio_s = 0.0
+    kept = trimmed = 0
     for sid, bill in after.items():
         if sid in before:
             continue
         cost += bill["cost_usd"]
         audio_s += bill["audio_s"]
+        kept += bill["context_tokens"]
+        trimmed += bill["trimmed_tokens"]
         for kind, n in bill["tokens"].items():
             tokens[kind] = tokens.get(kind, 0) + n
     return CostRow(
@@ -150,6 +154,7 @@ async def run_shape(
         replies=sum(t for t, _, _ in results),
         heard=sum(h for _, h, _ in results),
         audio_s=audio_s,
+        context=(kept, trimmed),
         bill=tokens,
         cost_usd=cost,
         counted=metrics[0] if metrics else None,
@@ -174,7 +179,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     header = (
         "| call shape | bridge | call-min | caller audio sent s/min | prompt tok/min "
         "| model audio tok/min | billed tok/min | $ / call-min | billed vs naive "
-        "| gateway's count | replies heard |"
+        "| gateway's count | context held at the end | replies heard |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     naive = {r["shape"]: r for r in rows if r["bridge"] == "naive"}
@@ -188,6 +193,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         if r["bridge"] != "naive" and base is not None and sum(base["bill"].values()):
             saved = 1 - total / sum(base["bill"].values())
             vs = f"{100 * saved:.0f} % fewer" if saved >= 0 else f"{-100 * saved:.0f} % more"
+        kept, trimmed = r["context"]
+        held = f"{kept} tok ({100 * kept / max(kept + trimmed, 1):.0f} %)"
         if r["counted"] is None:
             count = "-"
         elif r["counted"] == bill:
@@ -195,10 +202,10 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         else:
             count = f"differs: {r['counted']} (${r['counted_usd']:.4f})"
         lines.append(
-            f"| {r['shape']} | {r['bridge']} | {minutes:g} | {r['audio_s'] / minutes:.1f} "
+            f"| {r['shape']} | {r['bridge']} | {minutes:.2f} | {r['audio_s'] / minutes:.1f} "
             f"| {prompt / minutes:.0f} | {bill.get('response_audio', 0) / minutes:.0f} "
             f"| {total / minutes:.0f} | {r['cost_usd'] / minutes:.4f} | {vs} | {count} "
-            f"| {r['heard']}/{r['replies']} |"
+            f"| {held} | {r['heard']}/{r['replies']} |"
         )
     return lines
 

@@ -137,6 +137,8 @@ async def _bills(request: web.Request) -> web.Response:
         {
             "id": session.id,
             "audio_s": session.state.audio_bytes / 32000,
+            "context_tokens": session.state.context.tokens,  # what its model holds now
+            "trimmed_tokens": session.state.context.trimmed,  # what compression dropped
             "connections": len(session.connection_ids),
             **session.bill.summary(),
         }

@@ -91,7 +91,7 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
         for bridge in ("gateway", "naive")
     ], text
     for cells in cost:
-        heard, turns = cells[11].strip().split("/")
+        heard, turns = cells[12].strip().split("/")
         assert heard == turns != "0", cells  # every reply heard whole
         assert float(cells[8].strip()) > 0, cells  # dollars per call-minute
     assert all(c[10].strip().startswith("= bill") for c in cost[::2]), cost
