@@ -86,7 +86,9 @@ async def one_call(sim: TwilioCallerSimulator, shape: Shape) -> tuple[int, int, 
             await call.silence(shape.listen_s)
             spent += shape.speech_s + shape.listen_s
             turns += 1
-    heard = len({r.n for r in heard_replies(call.record) if r.duration_s >= 0.9 * REPLY_S})
+    # Replies heard whole (counted, not told apart by number: the emulator's pitches, which
+    # number them, repeat after 50 replies).
+    heard = sum(r.duration_s >= 0.9 * REPLY_S for r in heard_replies(call.record))
     return turns, heard, spent
 
 
