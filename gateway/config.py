@@ -48,6 +48,7 @@ class ConfigError(Exception):
 
 ToolName = Literal["end_call", "transfer_call"]
 ThinkingLevel = Literal["minimal", "low", "medium", "high"]
+Sensitivity = Literal["high", "low"]
 # A called number as Twilio sends it in `To` (E.164), or a SIP address.
 _NUMBER = re.compile(r"^\+[1-9]\d{6,14}$")
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
@@ -102,6 +103,13 @@ class PersonaConfig(BaseModel):
     gemini_model: str | None = None
     thinking_level: ThinkingLevel | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
+    vad_start_sensitivity: Sensitivity | None = None
+    vad_end_sensitivity: Sensitivity | None = None
+    vad_prefix_padding_ms: int | None = Field(default=None, ge=0)
+    vad_silence_ms: int | None = Field(default=None, ge=0)
+    barge_in: bool | None = None
+    input_transcription: bool | None = None
+    output_transcription: bool | None = None
     system_instruction: str | None = None
     voice: str | None = None
     language: str | None = None
@@ -195,6 +203,17 @@ class Settings(BaseSettings):
     # (gateway.live.profiles): unset, the model's default.
     thinking_level: ThinkingLevel | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
+    # The service's voice activity detection: how readily it hears speech start and end,
+    # audio kept before a start, the silence that ends a turn (ms); unset: its defaults.
+    vad_start_sensitivity: Sensitivity | None = None
+    vad_end_sensitivity: Sensitivity | None = None
+    vad_prefix_padding_ms: int | None = Field(default=None, ge=0)
+    vad_silence_ms: int | None = Field(default=None, ge=0)
+    barge_in: bool = True  # the caller's speech interrupts the model (false: it finishes)
+    # Transcripts of what the caller and the model say (the transcript file, the brief of
+    # a fresh session after a refused handle, telling a resumed model's repeat need them).
+    input_transcription: bool = True
+    output_transcription: bool = True
     system_instruction: str = "You are a friendly, concise phone assistant. Keep answers short."
     voice: str = "Puck"
     greeting: str = GREETING

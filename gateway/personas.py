@@ -93,8 +93,7 @@ class PersonaTable:
         """Resolve inheritance and check what a single key cannot: raises ConfigError."""
         base = PersonaConfig(
             gemini_model=settings.gemini_model,
-            thinking_level=settings.thinking_level,
-            temperature=settings.temperature,
+            **{key: getattr(settings, key) for key in _MODEL_KEYS},
             system_instruction=settings.system_instruction,
             voice=settings.voice,
             language=settings.language,
@@ -148,6 +147,21 @@ class PersonaTable:
 _POLICY_KEYS = tuple(f.name for f in fields(CallPolicy))
 
 
+# Keys of what the setup asks of the model (gateway.live.profiles.ModelSettings), inherited
+# like the others and checked against the model's profile.
+_MODEL_KEYS = (
+    "thinking_level",
+    "temperature",
+    "vad_start_sensitivity",
+    "vad_end_sensitivity",
+    "vad_prefix_padding_ms",
+    "vad_silence_ms",
+    "barge_in",
+    "input_transcription",
+    "output_transcription",
+)
+
+
 def _pick(own: T | None, inherited: T | None, fallback: T) -> T:
     if own is not None:
         return own
@@ -184,8 +198,11 @@ def _resolve(
     if not model.strip():
         raise ConfigError(f"invalid setting {where('gemini_model')}: must not be empty")
     model_settings = ModelSettings(
-        thinking_level=_pick(config.thinking_level, base.thinking_level, None),
-        temperature=_pick(config.temperature, base.temperature, None),
+        **{
+            key: _pick(getattr(config, key), getattr(base, key), None)
+            for key in _MODEL_KEYS
+            if _pick(getattr(config, key), getattr(base, key), None) is not None
+        }
     )
     for setting, why in problems(profile_for(model, backend), model_settings):
         raise ConfigError(f"invalid setting {where(setting)}: {why}")

@@ -29,11 +29,12 @@ from gateway.config import GREETING as GREETING_DEFAULT
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.ending import EndReason
 from gateway.live.events import ToolCall, Usage
+from gateway.live.profiles import profile_for
 from gateway.live.session import LiveSession
 from gateway.outbound import call_main, place_call, run_call_command
 from gateway.personas import PersonaTable
 from gateway.server import CALLS, STATE
-from gateway.testing import billing
+from gateway.testing import billing, harness
 from gateway.testing.analysis import heard_replies
 from gateway.testing.harness import (
     AUTH_TOKEN,
@@ -369,6 +370,8 @@ async def test_end_call_hangs_up_only_after_the_goodbye_was_heard() -> None:
     assert tool_calls and tool_calls[0] < mark_at  # the model asked while still speaking
     responses = [d for _, kind, d in bed.emulator.record.events if kind == "tool_response"]
     assert len(responses) == 1 and "end_call" in responses[0]
+    # a model that takes scheduling hears of it SILENTly: nothing said after the goodbye
+    assert ("SILENT" in responses[0]) == profile_for(harness.MODEL).tool_scheduling
     assert call.record.closed_by == "caller"  # Twilio (the stand-in) ended the stream
 
 

@@ -300,3 +300,52 @@ def test_each_model_has_its_price_sheet_and_the_operators_prices_win() -> None:
     assert prices_for(f"models/{ET}", {"response_audio": 10.0})["response_audio"] == 10.0
     assert prices_for(M25, {}) == {}  # not found publicly: the operator's only
     assert prices_for(M25, {"prompt_audio": 2.0}) == {"prompt_audio": 2.0}
+
+
+# ------------------------------------------------------ voice activity, transcription
+
+
+def test_a_transcription_the_model_cannot_turn_off_stops_the_start() -> None:
+    settings = test_settings(
+        "k",
+        gemini_model=M31,
+        input_transcription=False,
+        personas={"sales": {"gemini_model": M25}},  # 2.5 may go without
+    )
+    with pytest.raises(ConfigError) as caught:
+        PersonaTable.from_settings(settings)
+    assert str(caught.value) == (
+        "invalid setting INPUT_TRANSCRIPTION: gemini-3.1-flash-live-preview transcribes the "
+        "caller always"
+    )
+    with pytest.raises(ConfigError) as caught:
+        PersonaTable.from_settings(test_settings("k", output_transcription=False))
+    assert "gemini-3.8-live transcribes itself always" in str(caught.value)
+
+
+async def test_a_persona_without_barge_in_is_heard_out_and_its_vad_is_sent() -> None:
+    async with test_bed(
+        quick_emulator(reply_s=1.6),
+        gemini_model=M25,
+        barge_in=False,
+        vad_start_sensitivity="low",
+        vad_end_sensitivity="high",
+        vad_prefix_padding_ms=40,
+        vad_silence_ms=300,
+        input_transcription=False,
+    ) as bed:
+        call = await bed.caller(speed=2.0).place_call()
+        await call.speak_tone(320.0, 0.6)
+        await await_reply(call, 1, min_s=0.2, limit_s=15.0)
+        await call.speak_tone(360.0, 0.6)  # over the reply: it goes on
+        await await_reply(call, 1, min_s=1.5, limit_s=15.0)
+        await call.hangup()
+    [conn] = bed.emulator.record.connections
+    realtime = conn.setup["realtimeInputConfig"]
+    assert list(realtime.values())[-1] == "NO_INTERRUPTION"
+    [detection] = [v for v in realtime.values() if isinstance(v, dict)]
+    assert sorted(map(str, detection.values())) == sorted(
+        ["START_SENSITIVITY_LOW", "END_SENSITIVITY_HIGH", "40", "300"]
+    )
+    assert "inputAudioTranscription" not in conn.setup
+    assert not [e for e in bed.emulator.record.events if e[1] == "interrupted"]

@@ -54,9 +54,13 @@ class Profile:
     # behavior declared on every function (None: the model's default, declared as nothing)
     tool_behavior: Literal["BLOCKING", "NON_BLOCKING"] | None = None
     tools_non_blocking: bool = False  # the model goes on talking while a tool runs
+    # FunctionResponse.scheduling is taken (NON_BLOCKING calls): an ending tool's answer goes
+    # SILENT, so the model adds nothing after its goodbye
+    tool_scheduling: bool = False
     usage: UsageShape = "gemini_api"
     multi_part: bool = False  # several parts (audio and transcript) in one serverContent
     input_transcription_always: bool = False  # input transcripts come even unasked
+    output_transcription_always: bool = False  # output transcripts come even unasked
     session_cap_s: float | None = None  # a reported hard end of a session's connection
     sources: str = ""
 
@@ -83,13 +87,16 @@ PROFILES: tuple[Profile, ...] = (
         # 58:00 with 1011 "Deadline expired" [D186392].
         "gemini-3.8-live",
         tools_non_blocking=True,
+        tool_scheduling=True,
         multi_part=True,
+        output_transcription_always=True,  # "still arrives with its configuration omitted"
         session_cap_s=58 * 60.0,
-        sources="[G38][GTHINK][SKILL][D186392]",
+        sources="[G38][GTHINK][SKILL][D186392][D188765]",
     ),
     Profile(
         # thinkingLevel low/medium/high, not minimal [GTHINK][GCAPnew][AGORA]; tools must be
-        # NON_BLOCKING ("synchronous blocking tools return an error") [G38ET][GTHINK].
+        # NON_BLOCKING ("synchronous blocking tools return an error") [G38ET][GTHINK];
+        # scheduling reported unsupported [M3P][MJ]: not sent.
         "gemini-3.8-live-extended-thinking",
         thinking="level",
         thinking_levels=("low", "medium", "high"),
@@ -125,15 +132,17 @@ PROFILES: tuple[Profile, ...] = (
         proactive_audio=True,
         affective_dialog=True,
         tools_non_blocking=True,
+        tool_scheduling=True,
         usage="vertex",
         sources="[V25][VPROACT][VASYNC][SDK]",
     ),
     Profile(
         # Thinking on Vertex 3.8: not found; affective dialog: conflicting (§11.2): neither
-        # is sent. Non-blocking tools by default [VASYNC][V38MIG].
+        # is sent. Non-blocking tools by default, scheduling taken [VASYNC][V38MIG].
         "gemini-3.8-live",
         backend="vertex",
         tools_non_blocking=True,
+        tool_scheduling=True,
         usage="vertex",
         multi_part=True,
         sources="[V38][V38G][V38MIG][VASYNC]",
@@ -186,6 +195,13 @@ class ModelSettings:
 
     thinking_level: str | None = None  # minimal | low | medium | high (where supported)
     temperature: float | None = None
+    vad_start_sensitivity: str | None = None  # high | low
+    vad_end_sensitivity: str | None = None
+    vad_prefix_padding_ms: int | None = None
+    vad_silence_ms: int | None = None
+    barge_in: bool = True  # activityHandling: the caller's speech interrupts the model
+    input_transcription: bool = True
+    output_transcription: bool = True
 
 
 def problems(profile: Profile, settings: ModelSettings) -> list[tuple[str, str]]:
@@ -198,6 +214,10 @@ def problems(profile: Profile, settings: ModelSettings) -> list[tuple[str, str]]
         elif settings.thinking_level.lower() not in profile.thinking_levels:
             levels = ", ".join(profile.thinking_levels)
             found.append(("thinking_level", f"{model} takes one of {levels}"))
+    if not settings.input_transcription and profile.input_transcription_always:
+        found.append(("input_transcription", f"{model} transcribes the caller always"))
+    if not settings.output_transcription and profile.output_transcription_always:
+        found.append(("output_transcription", f"{model} transcribes itself always"))
     return found
 
 
@@ -211,6 +231,27 @@ def setup_fields(profile: Profile, settings: ModelSettings, *, fresh: bool) -> d
         fields["thinking_config"] = types.ThinkingConfig(thinking_level=level)
     if settings.temperature is not None:
         fields["temperature"] = settings.temperature
+    detection: dict[str, Any] = {}
+    if settings.vad_start_sensitivity is not None:
+        name = f"START_SENSITIVITY_{settings.vad_start_sensitivity.upper()}"
+        detection["start_of_speech_sensitivity"] = types.StartSensitivity(name)
+    if settings.vad_end_sensitivity is not None:
+        name = f"END_SENSITIVITY_{settings.vad_end_sensitivity.upper()}"
+        detection["end_of_speech_sensitivity"] = types.EndSensitivity(name)
+    if settings.vad_prefix_padding_ms is not None:
+        detection["prefix_padding_ms"] = settings.vad_prefix_padding_ms
+    if settings.vad_silence_ms is not None:
+        detection["silence_duration_ms"] = settings.vad_silence_ms
+    realtime: dict[str, Any] = {}
+    if detection:
+        realtime["automatic_activity_detection"] = types.AutomaticActivityDetection(**detection)
+    if not settings.barge_in:
+        realtime["activity_handling"] = types.ActivityHandling.NO_INTERRUPTION
+    if realtime:
+        fields["realtime_input_config"] = types.RealtimeInputConfig(**realtime)
+    transcribe = types.AudioTranscriptionConfig
+    fields["input_audio_transcription"] = transcribe() if settings.input_transcription else None
+    fields["output_audio_transcription"] = transcribe() if settings.output_transcription else None
     if profile.history == "initial_history" and fresh:
         fields["history_config"] = types.HistoryConfig(initial_history_in_client_content=True)
     return fields

@@ -421,7 +421,10 @@ class LiveSession:
             await link.session.send_tool_response(
                 function_responses=[
                     types.FunctionResponse(
-                        id=action.call_id, name=action.name, response=action.result
+                        id=action.call_id,
+                        name=action.name,
+                        response=action.result,
+                        scheduling=_scheduling(self.profile, action.result),
                     )
                 ]
             )
@@ -460,8 +463,6 @@ class LiveSession:
             session_resumption=types.SessionResumptionConfig(
                 handle=handle, transparent=True if self._client.vertexai else None
             ),
-            input_audio_transcription=types.AudioTranscriptionConfig(),
-            output_audio_transcription=types.AudioTranscriptionConfig(),
             tools=declare_tools(self.profile, opts.tools),
             **setup_fields(self.profile, opts.model_settings, fresh=handle is None),
         )
@@ -609,6 +610,17 @@ class LiveSession:
             actions.append(Emit(_usage(message.usage_metadata)))
         actions += m.other_message(conn)
         return actions
+
+
+def _scheduling(
+    profile: Profile, result: dict[str, object]
+) -> types.FunctionResponseScheduling | None:
+    """SILENT for a tool that did its work (an ending: the model adds nothing after its
+    goodbye) where the model takes scheduling; an error gets the default (WHEN_IDLE), so
+    the model can say or try something else."""
+    if not profile.tool_scheduling or "error" in result:
+        return None
+    return types.FunctionResponseScheduling.SILENT
 
 
 def _turns(turns: tuple[tuple[str, str], ...]) -> list[types.Content | types.ContentDict]:

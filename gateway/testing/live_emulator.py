@@ -745,6 +745,8 @@ class _Connection:
         self.tool_modes = ToolModes(default="NON_BLOCKING")  # unlisted: never waits
         self._tool_answered = asyncio.Event()
         self.history_open = False  # initial history announced and not complete yet
+        self.end_of_speech_s: float | None = None  # the setup's silenceDurationMs
+        self.barge_in = True  # the setup's activityHandling is not NO_INTERRUPTION
         self.pending_tool_calls: set[str] = set()  # toolCall ids not answered yet
         self.turn: TurnRecord | None = None
         self.closing = False
@@ -1039,7 +1041,17 @@ class _Connection:
             setup.get("inputAudioTranscription") is not None
             or self.behaviour.input_transcription_always
         )
-        self.out_tx = setup.get("outputAudioTranscription") is not None
+        self.out_tx = (
+            setup.get("outputAudioTranscription") is not None
+            or self.behaviour.output_transcription_always
+        )
+        realtime = setup.get("realtimeInputConfig")
+        realtime = realtime if isinstance(realtime, dict) else {}
+        # The setup's VAD: the silence that ends a turn, and whether speech interrupts.
+        detection = realtime.get("automaticActivityDetection")
+        silence_ms = detection.get("silenceDurationMs") if isinstance(detection, dict) else None
+        self.end_of_speech_s = silence_ms / 1000 if isinstance(silence_ms, int) else None
+        self.barge_in = realtime.get("activityHandling") != "NO_INTERRUPTION"
         handle = setup.get("sessionResumption", {}).get("handle") if self.resumption else None
         history = setup.get("historyConfig")
         self.history_open = not handle and (
@@ -1336,14 +1348,17 @@ class _Connection:
             w = x.reshape(n, -1)
             flags = (np.einsum("ij,ij->i", w, w) > limit).tolist()
         min_speech = self._min_speech_windows()
-        end_silence = max(1, math.ceil(cfg.end_of_speech_s / WINDOW_S - 1e-9))
+        end_of_speech = (
+            cfg.end_of_speech_s if self.end_of_speech_s is None else self.end_of_speech_s
+        )
+        end_silence = max(1, math.ceil(end_of_speech / WINDOW_S - 1e-9))
         for voiced in flags:
             if voiced:
                 self._voiced += 1
                 self._silent = 0
                 if self._voiced >= min_speech and not self._speech_confirmed:
                     self._speech_confirmed = True
-                    if self.reply_task is not None:
+                    if self.reply_task is not None and self.barge_in:
                         await self._interrupt()
             elif self._voiced:
                 self._silent += 1
@@ -1384,6 +1399,11 @@ class _Connection:
     # --- replies --------------------------------------------------------------------------
 
     async def _start_reply(self, trigger: Literal["audio", "text"], utterance: int = 0) -> None:
+        current = self.reply_task
+        if current is not None and trigger == "audio" and not self.barge_in:
+            # NO_INTERRUPTION: the reply is said to its end, then the caller is answered.
+            self.spawn(self._answer_after(current, utterance))
+            return
         if self.reply_task is not None:
             await self._interrupt()
         st = self.state
@@ -1396,6 +1416,11 @@ class _Connection:
         self.reply_frames = self.reply_frames_left = 0  # none of it generated yet
         self.emu.record.event("turn", f"conn={self.rec.id} n={n} trigger={trigger}")
         self.reply_task = self.spawn(self._reply(self.turn))
+
+    async def _answer_after(self, reply: asyncio.Task[None], utterance: int) -> None:
+        await asyncio.wait({reply})
+        if not self.closing and self.reply_task is None:
+            await self._start_reply("audio", utterance)
 
     def _stop_reply(self) -> None:
         """The reply being said is cut off (its connection ends or was taken over)."""

@@ -34,6 +34,7 @@ class ModelBehaviour:
     tool_behaviours: frozenset[ToolBehaviour] = frozenset({"BLOCKING", "NON_BLOCKING"})
     multi_part: bool = False  # audio chunks and the transcript in one serverContent
     input_transcription_always: bool = False  # sent even when the setup did not ask
+    output_transcription_always: bool = False
     # A connection closed this long after its setup, without goAway (None: no cap).
     session_cap_s: float | None = None
     cap_close: tuple[int, str] = (1011, "Deadline expired before operation could complete.")
@@ -45,14 +46,16 @@ class ModelBehaviour:
 BEHAVIOURS: dict[str, ModelBehaviour] = {
     # 3.8: thinking config, affective dialog and proactive_audio:false are errors [G38]
     # [GTHINK][M3P]; clientContent the whole session [G38]; NON_BLOCKING by default, BLOCKING
-    # allowed [G38]; several parts per event [SKILL]; a connection closed at 58:00 with 1011
+    # allowed [G38]; several parts per event [SKILL]; output transcripts even unasked
+    # [D188765]; a connection closed at 58:00 with 1011
     # "Deadline expired before operation could complete." and no goAway seen [D186392].
     "gemini-3.8-live": ModelBehaviour(
         refuses=frozenset({"thinkingConfig", "enableAffectiveDialog", "proactiveAudio=false"}),
         tool_default="NON_BLOCKING",
         multi_part=True,
+        output_transcription_always=True,  # "still arrives with its configuration omitted"
         session_cap_s=58 * 60.0,
-        sources="[G38][GTHINK][M3P][SKILL][D186392]",
+        sources="[G38][GTHINK][M3P][SKILL][D186392][D188765]",
     ),
     # 3.8 extended thinking: thinkingLevel low/medium/high, MINIMAL refused [GTHINK]; no
     # affective dialog, proactive_audio:false refused [M3P][MJ]; NON_BLOCKING only:
