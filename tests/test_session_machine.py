@@ -73,19 +73,24 @@ class OldDesign(SessionMachine):
     the newest, and the replacement is replayed from it instead of from its own base."""
 
     def handle_update(
-        self, conn_id: int, handle: str | None, resumable: bool, now: float
+        self,
+        conn_id: int,
+        handle: str | None,
+        resumable: bool,
+        now: float,
+        consumed: int | None = None,
     ) -> list[Action]:
         conn = self.active
         if conn is not None and conn.superseded and conn.id == conn_id:
             conn.superseded = False
             try:
-                actions = super().handle_update(conn_id, handle, resumable, now)
+                actions = super().handle_update(conn_id, handle, resumable, now, consumed)
             finally:
                 conn.superseded = True
             if self.opening is not None:
                 self.opening.base = self.base
             return actions
-        return super().handle_update(conn_id, handle, resumable, now)
+        return super().handle_update(conn_id, handle, resumable, now, consumed)
 
 
 class NoGuardPlacement(RoundTripPlacement):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -17,11 +18,17 @@ from google import genai
 from google.auth.exceptions import RefreshError
 from google.genai import errors, types
 from google.oauth2.credentials import Credentials as TokenCredentials
+from survival_helpers import SPEED, run_call
 
 from gateway.backend import Backend, region_problem, resolve
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.live import sdk
+from gateway.live.events import Resumed
+from gateway.live.handles import IndexPlacement, Placement, RoundTripPlacement
+from gateway.live.machine import Emit, LossKind, Open, SessionMachine, Write
+from gateway.live.settings import LiveSettings
 from gateway.testing.analysis import await_reply, heard_replies
+from gateway.testing.explorer import Concurrency, explore
 from gateway.testing.harness import PUBLIC_URL, BackendKind, quick_emulator, test_bed
 from gateway.testing.live_emulator import (
     REASON_CANCELLED,
@@ -418,3 +425,99 @@ def test_a_vertex_start_that_cannot_work_stops_with_one_line(
     assert done.returncode == 2, done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), done.stderr
+
+
+@pytest.mark.parametrize("cut", ["goaway", "abrupt"])
+async def test_resets_on_vertex_lose_nothing_and_replay_nothing_twice(cut: str) -> None:
+    """A call across five or more resets of either kind on Vertex, with input in flight for
+    30 ms (so a handle lacks what was just written): the session holds every utterance once
+    and the caller hears every reply once, in order (tests/survival_helpers); and since each
+    handle names the last message it holds, no input is replayed twice: the session holds
+    no more than the caller sent (less only by what a hang-up cut in flight)."""
+    knobs: dict[str, object] = (
+        {"lifetime": 1.8, "goaway_lead": 0.9}
+        if cut == "goaway"
+        else {"abrupt_after": 1.6, "abrupt_jitter": 0.8, "seed": 7}
+    )
+    config = quick_emulator(speed=SPEED, handle_interval=0.4, input_delay=0.03, **knobs)
+    async with test_bed(config, backend="vertex") as bed:
+        out = await run_call(bed, 10)
+        record = bed.emulator.record
+        problems = out.problems()
+        assert not problems, f"{problems}; {out.figures()}"
+        tail = 0.1 * 32000  # the last pieces, in flight at the hang-up
+        assert out.sent_bytes - tail <= out.held_bytes <= out.sent_bytes, out.figures()
+        resumed = [c for c in record.connections if c.resumed_from is not None]
+        assert len(resumed) >= 5, out.figures()
+        assert len(bed.emulator.vertex.exchanges) == 1  # one token serves every connection
+
+
+# ------------------------------------------------------- handles placed by their message
+
+
+def test_index_placement_counts_every_message_of_its_connection() -> None:
+    """Each message written is numbered (the setup is 0); a handle naming message k holds
+    the input of messages 1..k, whatever else was written or in flight."""
+    placement = IndexPlacement()
+    placement.sent(None)  # 1: a brief, no caller input yet
+    for seq in (4, 5, 6):  # 2..4: replayed input
+        placement.sent(seq)
+    placement.sent(None)  # 5: a tool response
+    placement.sent(7)  # 6
+    assert placement.covered(9.0, consumed=1) is None  # only the brief: nothing to place
+    assert placement.newest() is None  # and nothing in doubt beyond it
+    assert placement.covered(9.0, consumed=3) == 5
+    assert placement.covered(9.0, consumed=3) == 5  # the same index again
+    assert placement.covered(9.0, consumed=5) == 6  # the tool response adds no input
+    assert placement.newest() == 6
+    assert placement.covered(9.0, consumed=6) == 7
+    # A handle without an index falls back on the round trip.
+    placement.written(8, 10.0)
+    placement.sent(8)
+    assert placement.covered(10.01, consumed=None) is None  # within the guard
+    assert placement.covered(11.0, consumed=None) == 8
+
+
+def exact_machine() -> tuple[SessionMachine, int]:
+    m = SessionMachine(LiveSettings(goaway_margin_s=0.5), random.Random(1), exact=True)
+    (first,) = [a for a in m.start(0.0) if isinstance(a, Open)]
+    m.opened(first.conn, 0.1)
+    return m, first.conn
+
+
+def test_a_reset_replays_exactly_what_the_named_message_lacks() -> None:
+    m, old = exact_machine()
+    for k in range(10):  # ten messages, one input each
+        m.caller_audio(b"\x00" * 640, False, 0.2 + k * 0.02)
+        m.sent(old, m.seq)
+        m.written(old, m.seq, 0.2 + k * 0.02)
+    # Read at once (no guard could place any of it): the service says it holds message 7.
+    m.handle_update(old, "H1", True, 0.4, consumed=7)
+    assert (m.handle, m.base) == ("H1", 7)
+    actions = m.lost(old, LossKind.NETWORK, "reset", 0.5)
+    (reopen,) = [a for a in actions if isinstance(a, Open)]
+    assert reopen.handle == "H1"
+    actions = m.opened(reopen.conn, 0.7)
+    (replay,) = [a for a in actions if isinstance(a, Write)]
+    assert [i.seq for i in replay.items] == [8, 9, 10]
+    (resumed,) = [a.event for a in actions if isinstance(a, Emit) and type(a.event) is Resumed]
+    assert resumed.overlap_s == 0.0
+
+
+class RoundTripAnyway(SessionMachine):
+    """Places handles by the round trip though the service names their message."""
+
+    def _placement(self) -> Placement:
+        return RoundTripPlacement()
+
+
+@pytest.mark.parametrize("concurrency", ["fork", "takeover", "refuse"])
+def test_explorer_transparent_resets_send_nothing_twice(concurrency: Concurrency) -> None:
+    report = explore(concurrency, range(300), stop_after=1, transparent=True)
+    assert report.failures == [], report.failures[0]
+    assert report.resets > 300 and report.overlap_frames == 0
+
+
+def test_explorer_catches_input_sent_twice_with_a_named_message() -> None:
+    report = explore("fork", range(100), stop_after=1, factory=RoundTripAnyway, transparent=True)
+    assert report.failures and report.failures[0][1].check == "no-duplicate"

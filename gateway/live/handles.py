@@ -8,8 +8,11 @@ lacks: too little loses the caller's words, too much makes the model hear them t
   still in flight may not be. Whatever the split between the two directions, input written
   one round trip before the handle arrived had reached the service; the guard is 1.5
   measured round trips plus ``GUARD_MARGIN_S`` (for jitter). At worst that much input is
-  sent twice at a reset. A service that says which client message it consumed last would
-  place a handle exactly: another `Placement` with the same questions.
+  sent twice at a reset.
+* **Exact placement** (`IndexPlacement`, on Vertex AI): with `transparent` resumption each
+  handle names the last client message its state holds (`lastConsumedClientMessageIndex`);
+  counting the messages written to the connection, it holds exactly the input up to that
+  one: nothing is replayed twice, nothing missing. Without an index it places as above.
 * **The held handle** (`HeldHandle`): the newest trusted handle, the input number it covers
   (its base) and what it may hold beyond that (overlap). A later handle of the same lineage
   covers at least as much; one that places no more input than the one held but leaves more
@@ -32,14 +35,19 @@ class Placement(Protocol):
     def written(self, seq: int, now: float) -> None:
         """Input `seq` (and all before it) left for the service at `now`."""
 
+    def sent(self, seq: int | None) -> None:
+        """One client message is being written; the newest input in it (or, for one with
+        none, such as a tool response, before it) is `seq` (None: no input yet)."""
+
     def measured(self, rtt: float) -> None:
         """A round trip measured on the connection."""
 
-    def covered(self, now: float) -> int | None:
-        """The newest input a handle arriving `now` holds (None: none written to it)."""
+    def covered(self, now: float, consumed: int | None = None) -> int | None:
+        """The newest input a handle arriving `now` holds (None: none written to it);
+        `consumed`: the last client message it holds, where the service says so."""
 
     def newest(self) -> int | None:
-        """The newest input written (None: none)."""
+        """The newest input the last handle placed may hold (None: none)."""
 
 
 class RoundTripPlacement:
@@ -61,10 +69,13 @@ class RoundTripPlacement:
         while len(writes) > 1 and writes[1][1] <= horizon:
             writes.popleft()
 
+    def sent(self, seq: int | None) -> None:
+        pass  # placed by when input was written, not by message
+
     def measured(self, rtt: float) -> None:
         self.rtt = rtt
 
-    def covered(self, now: float) -> int | None:
+    def covered(self, now: float, consumed: int | None = None) -> int | None:
         horizon = now - self.guard()
         placed = None
         for seq, at in self._writes:
@@ -75,6 +86,47 @@ class RoundTripPlacement:
 
     def newest(self) -> int | None:
         return self._writes[-1][0] if self._writes else None
+
+
+class IndexPlacement(RoundTripPlacement):
+    """A handle holds the input of the client messages up to the one it names.
+
+    Messages are numbered per connection, the setup 0 and each message after it one more
+    (Google's Live API session-manager guide, vertex-ai-samples
+    skills/genai-sdk/references/live_api/references/session_manager.md); the driver reports
+    each as it writes it, in the order it goes out. A handle without an index is placed by
+    the round trip (the base class).
+    """
+
+    MARKS_KEPT = 4096  # messages not yet placed (past it the oldest go: more is replayed)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._count = 0  # messages written after the setup
+        self._input: int | None = None  # newest input written
+        # (message number, newest input in or before it), oldest first, not yet placed
+        self._marks: deque[tuple[int, int]] = deque(maxlen=self.MARKS_KEPT)
+        self._placed: int | None = None  # newest input the newest index placed
+        self._indexed = False  # the last handle named its message: nothing else in doubt
+
+    def sent(self, seq: int | None) -> None:
+        self._count += 1
+        if seq is not None:
+            self._input = seq
+        if self._input is not None:
+            self._marks.append((self._count, self._input))
+
+    def covered(self, now: float, consumed: int | None = None) -> int | None:
+        self._indexed = consumed is not None
+        if consumed is None:
+            return super().covered(now)
+        marks = self._marks
+        while marks and marks[0][0] <= consumed:
+            self._placed = marks.popleft()[1]
+        return self._placed
+
+    def newest(self) -> int | None:
+        return self._placed if self._indexed else super().newest()
 
 
 class HeldHandle:

@@ -62,7 +62,7 @@ from gateway.live.events import (
     TurnComplete,
     TurnState,
 )
-from gateway.live.handles import HeldHandle, Placement, RoundTripPlacement
+from gateway.live.handles import HeldHandle, IndexPlacement, Placement, RoundTripPlacement
 from gateway.live.history import History
 from gateway.live.nudge import Nudge
 from gateway.live.outage import Outage
@@ -213,11 +213,16 @@ class SessionMachine:
     life (`opened`, `open_failed`, `lost`), from its messages (`handle_update`,
     `go_away`, `model_audio`, `transcript`, `interrupted`, `generation_complete`,
     `turn_complete`, `tool_call`, `other_message`), from the clock (`tick`, due at
-    `next_deadline`), and `start`/`close`. Two reports only refine where later handles
-    are placed and answer nothing: `written` and `rtt`.
+    `next_deadline`), and `start`/`close`. Three reports only refine where later handles
+    are placed and answer nothing: `written`, `sent` and `rtt`.
     """
 
-    def __init__(self, options: LiveSettings, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, options: LiveSettings, rng: random.Random | None = None, *, exact: bool = False
+    ) -> None:
+        """`exact`: handles name the last client message they hold (Vertex AI's transparent
+        resumption); else they are placed by the round trip."""
+        self.exact = exact
         self.retry = RetryBudget(options, rng or random.Random())
         self._ended: Phase | None = None  # FAILED or CLOSED: nothing more happens
         self.turns = Turns(options.caller_pause_s)
@@ -598,9 +603,16 @@ class SessionMachine:
             return
         conn.placement.written(seq, now)
 
+    def sent(self, conn_id: int, seq: int | None) -> None:
+        """One client message is being written to `conn_id` (any, in the order they go
+        out); the newest input in it or before it is `seq` (None: it carries none)."""
+        for conn in self.conns:
+            if conn.id == conn_id:
+                conn.placement.sent(seq)
+
     def _placement(self) -> Placement:
         """How a new connection's handles are placed."""
-        return RoundTripPlacement()
+        return IndexPlacement() if self.exact else RoundTripPlacement()
 
     # ---------------------------------------------------------------- server messages
 
@@ -614,13 +626,20 @@ class SessionMachine:
         return conn
 
     def handle_update(
-        self, conn_id: int, handle: str | None, resumable: bool, now: float
+        self,
+        conn_id: int,
+        handle: str | None,
+        resumable: bool,
+        now: float,
+        consumed: int | None = None,
     ) -> list[Action]:
+        """A handle from `conn_id`; `consumed`: the last of its client messages the handle
+        holds, where the service says so (`sent` numbers them)."""
         conn = self._from_active(conn_id)
         if conn is None or conn.superseded or not resumable or not handle:
             return []
         held, placement = self.held, conn.placement
-        covered = placement.covered(now)
+        covered = placement.covered(now, consumed)
         # A later handle of the same lineage covers at least what the one before it did.
         base = max(held.base, conn.base if covered is None else covered)
         newest = placement.newest()

@@ -156,7 +156,8 @@ class LiveSession:
         self._options = options
         self._on_audio_sent = on_audio_sent
         self._log_extra = log_context or {}
-        self.machine = SessionMachine(options.settings, rng)
+        # On Vertex AI handles name the last message they hold (`transparent`, _config).
+        self.machine = SessionMachine(options.settings, rng, exact=client.vertexai)
         self.profile = options.profile or profile_for(
             options.model, "vertex" if client.vertexai else "gemini"
         )
@@ -369,10 +370,12 @@ class LiveSession:
             while outbox and not link.gone:
                 item, replay = outbox.popleft()
                 if isinstance(item, _StreamEnd):
+                    self.machine.sent(link.id, None)
                     await link.session.send_realtime_input(audio_stream_end=True)
                     continue
                 if isinstance(item, Brief):
                     if self.profile.history == "client_content":  # else sent at its setup
+                        self.machine.sent(link.id, None)
                         await link.session.send_client_content(
                             turns=_turns(item.turns), turn_complete=False
                         )
@@ -392,10 +395,13 @@ class LiveSession:
                             size += len(nxt.audio)
                             last = nxt
                         pcm = b"".join(parts)
+                    self.machine.sent(link.id, last.seq)  # numbered as it goes out
                     await sdk.write_audio(link.session, pcm)
                 elif self.profile.text == "realtime_text":  # always answered
+                    self.machine.sent(link.id, item.seq)
                     await link.session.send_realtime_input(text=item.text)
                 else:
+                    self.machine.sent(link.id, item.seq)
                     await link.session.send_client_content(
                         turns=types.Content(role="user", parts=[types.Part(text=item.text)]),
                         turn_complete=item.turn_complete,
@@ -418,6 +424,7 @@ class LiveSession:
         if link is None or link.gone:
             return
         try:
+            self.machine.sent(link.id, None)
             await link.session.send_tool_response(
                 function_responses=[
                     types.FunctionResponse(
@@ -483,6 +490,7 @@ class LiveSession:
                     # The setup announced initial history: it comes first, ends with
                     # turnComplete (no reply to it), and only then does the session listen.
                     turns = _turns(self.machine.history.recent())
+                    self.machine.sent(conn_id, None)
                     await session.send_client_content(turns=turns, turn_complete=True)
         except asyncio.CancelledError:
             await _quiet_close(stack)
@@ -584,7 +592,10 @@ class LiveSession:
         actions: list[Action] = []
         update = message.session_resumption_update
         if update is not None:
-            actions += m.handle_update(conn, update.new_handle, bool(update.resumable), now)
+            consumed = update.last_consumed_client_message_index
+            actions += m.handle_update(
+                conn, update.new_handle, bool(update.resumable), now, consumed
+            )
         if message.go_away is not None:
             actions += m.go_away(conn, parse_duration(message.go_away.time_left), now)
         content = message.server_content

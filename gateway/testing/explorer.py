@@ -12,16 +12,20 @@ service behaviour the documentation leaves open:
   handles describe the shared state;
 * ``refuse``: such a resume is refused with 1011 (the one public report, sip-to-ai#14).
 
+With ``transparent`` (Vertex AI) the service names in each handle the last client message it
+holds, counted per connection (the setup 0), and the machine places handles by it.
+
 After every step it checks: every lineage of the session receives the caller's inputs in
 order with none missing; an input arrives twice only if it was written to the connection
 of the handle its lineage resumed less than one guard (one and a half round trips plus a
 margin) before that handle arrived, i.e. only what may have been in flight when the
-service issued it; nothing is written to a connection before its setup completed; at
-most two connections are open; the machine's own invariants hold; no audio is dropped;
-the call never gives up while the service accepts connections; a reply is never skipped
-as a repeat unless the caller had heard that reply to the end. At the end (faults over,
-a few quiet seconds) the active lineage holds every input and the caller's last
-utterance got an answer (so a reply cut by a reset never leaves the caller in silence).
+service issued it (never, with ``transparent``); nothing is written to a connection before
+its setup completed; at most two connections are open; the machine's own invariants hold;
+no audio is dropped; the call never gives up while the service accepts connections; a
+reply is never skipped as a repeat unless the caller had heard that reply to the end. At
+the end (faults over, a few quiet seconds) the active lineage holds every input and the
+caller's last utterance got an answer (so a reply cut by a reset never leaves the caller in
+silence).
 
 Each reply's first piece carries its transcript, the same words for the same reply (what
 it answers), so the machine can tell a resumed model's repeat; pieces of a reply the
@@ -118,6 +122,7 @@ class Schedule:
     downlink_s: float = 0.0
     rtt_measured: bool = True
     duration_s: float = 20.0
+    transparent: bool = False  # handles name the last message they hold (Vertex AI)
 
 
 class Violation(AssertionError):
@@ -172,6 +177,7 @@ class _ServiceConn:
     replying_until: float = 0.0
     reply_pending_at: float | None = None
     handles_issued: int = 0
+    consumed: int = 0  # client messages it processed (the setup is message 0)
 
 
 @dataclass
@@ -206,6 +212,7 @@ class Simulation:
     def __init__(self, schedule: Schedule, factory: MachineFactory = SessionMachine) -> None:
         self.s = schedule
         self.machine = factory(OPTIONS, random.Random(schedule.seed + 1))
+        self.machine.exact = schedule.transparent  # before its first connection opens
         self.now = 0.0
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
@@ -324,7 +331,7 @@ class Simulation:
             elif isinstance(action, Fail):
                 self._on_fail(action)
             elif isinstance(action, Brief | Respond):
-                pass
+                self._other_message(action.conn)
 
     def _write(self, action: Write) -> None:
         if action.conn not in self._client_open:
@@ -334,11 +341,25 @@ class Simulation:
         self._max_written = max(self._max_written, last)
         for item in action.items:
             self._written_at.setdefault((f"h{action.conn}", item.seq), self.now)
+        for item in action.items:  # one message each, numbered as they go out
+            self.machine.sent(action.conn, item.seq)
         self.machine.written(action.conn, last, self.now)
         if conn is None:
             return
         items = action.items
         self.at(self.now + self.s.uplink_s, lambda: self._arrive(conn, items))
+
+    def _other_message(self, conn_id: int) -> None:
+        """A client message with no caller input (a brief, a tool response)."""
+        self.machine.sent(conn_id, None)
+        conn = self._service.get(conn_id)
+        if conn is not None:
+            self.at(self.now + self.s.uplink_s, lambda: self._consume(conn, 1))
+
+    @staticmethod
+    def _consume(conn: _ServiceConn, messages: int) -> None:
+        if conn.open and not conn.taken_over:
+            conn.consumed += messages
 
     def _open(self, action: Open) -> None:
         self.stats.opens += 1
@@ -457,6 +478,7 @@ class Simulation:
         if not conn.open or conn.taken_over:
             return
         lineage = conn.lineage
+        self._consume(conn, len(items))
         for item in items:
             self._append(lineage, item.seq)
             speech = self._speech.get(item.seq, False)
@@ -478,6 +500,10 @@ class Simulation:
                 self.stats.max_overlap_s, (lineage.expected - seq) * FRAME_S
             )
             origin = lineage.origin
+            if self.s.transparent:
+                raise self.violation(
+                    "no-duplicate", f"input {seq} again, though handle {origin} named its last"
+                )
             arrival = self._handle_arrival.get(origin) if origin else None
             written = self._written_at.get((origin.split(".")[0], seq)) if origin else None
             rtt = self.s.uplink_s + self.s.downlink_s if self.s.rtt_measured else DEFAULT_RTT_S
@@ -589,16 +615,17 @@ class Simulation:
                     default=conn,
                 )
                 self._snapshots[token] = (newest, newest.lineage.snapshot(), self.now)
-            self._to_client(conn, functools.partial(self._handle, conn.id, token))
+            consumed = conn.consumed if self.s.transparent and not conn.taken_over else None
+            self._to_client(conn, functools.partial(self._handle, conn.id, token, consumed))
             if self._cut_at_handle and self.now < self.s.duration_s:
                 self._cut_at_handle -= 1
                 self.at(self.now + 1e-4, lambda: self._cut(conn.id, abrupt=True))
         self._schedule_handle(conn)
 
-    def _handle(self, conn_id: int, token: str) -> None:
+    def _handle(self, conn_id: int, token: str, consumed: int | None) -> None:
         self._handle_arrival[token] = self.now
         self._mark_delivered(conn_id)
-        self.execute(self.machine.handle_update(conn_id, token, True, self.now))
+        self.execute(self.machine.handle_update(conn_id, token, True, self.now, consumed))
 
     def _mark_delivered(self, conn_id: int) -> None:
         if conn_id in self._client_open and conn_id not in self._delivered:
@@ -703,7 +730,7 @@ class Simulation:
 # ----------------------------------------------------------------------- generation
 
 
-def generate(seed: int, concurrency: Concurrency) -> Schedule:
+def generate(seed: int, concurrency: Concurrency, transparent: bool = False) -> Schedule:
     """A random schedule: every knob drawn from the range the issue names."""
     rng = random.Random(seed)
     duration = 20.0
@@ -745,6 +772,7 @@ def generate(seed: int, concurrency: Concurrency) -> Schedule:
         downlink_s=round(rng.uniform(0.0, 0.06), 4),
         rtt_measured=rng.random() < 0.8,
         duration_s=duration,
+        transparent=transparent,
     )
 
 
@@ -805,10 +833,11 @@ def explore(
     seeds: Iterator[int] | range,
     stop_after: int = 1,
     factory: MachineFactory = SessionMachine,
+    transparent: bool = False,
 ) -> Report:
     report = Report(concurrency)
     for seed in seeds:
-        schedule = generate(seed, concurrency)
+        schedule = generate(seed, concurrency, transparent)
         report.runs += 1
         try:
             stats = run(schedule, factory)
@@ -833,12 +862,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--mode", choices=["fork", "takeover", "refuse", "all"], default="all")
+    parser.add_argument(
+        "--transparent", action="store_true", help="handles name their last message (Vertex AI)"
+    )
     args = parser.parse_args(argv)
     modes: list[Concurrency] = ["fork", "takeover", "refuse"] if args.mode == "all" else [args.mode]
     failed = False
     for mode in modes:
         started = time.perf_counter()
-        report = explore(mode, range(args.seed, args.seed + args.count), stop_after=3)
+        seeds = range(args.seed, args.seed + args.count)
+        report = explore(mode, seeds, stop_after=3, transparent=args.transparent)
         took = time.perf_counter() - started
         print(
             f"{mode}: {report.runs} schedules in {took:.1f} s, {report.resets} resets, "
