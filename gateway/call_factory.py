@@ -96,10 +96,12 @@ class CallFactory:
             transcript=transcript,
             hangup_wait_s=settings.hangup_wait_s,
             batch_frames=settings.caller_audio_batch_ms // FRAME_MS,
-            # Not on Vertex AI: a pause there could not be told to the service (no
-            # audioStreamEnd), and a turn replayed into a new connection while paused
-            # would wait for silence that never comes.
-            dtx=CallerDtx() if settings.silence_suppression and not settings.vertexai else None,
+            # Only where a pause can be told to the service (audioStreamEnd; not Vertex AI):
+            # else a turn replayed into a new connection while paused would wait for
+            # silence that never comes.
+            dtx=CallerDtx()
+            if settings.silence_suppression and live.profile.audio_stream_end
+            else None,
             persona=persona,
             control=control,
             token_prices=prices_for(persona.model, settings.token_prices),

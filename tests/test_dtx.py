@@ -18,6 +18,7 @@ import pytest
 
 from gateway.audio import pcm16_to_ulaw, speech_level, ulaw_to_pcm16
 from gateway.dtx import FRAME_S, CallerDtx
+from gateway.live.profiles import profile_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RATE = 8000
@@ -182,3 +183,11 @@ def test_a_pause_is_announced_once_and_a_resume_sends_the_pre_roll_first() -> No
     assert resumed.frames == (silence, silence, silence, loud) and not dtx.paused
     assert dtx.withheld_frames == 10 - 5 - 3 and dtx.held_frames == 0
     assert dtx.feed(loud, 8000.0).frames == (loud,)
+
+
+def test_the_pause_is_sent_only_where_the_models_profile_takes_it() -> None:
+    # live-models.md §9 row 36: accepted on the Gemini API; Vertex: "implicit" (no field).
+    for model in ("gemini-3.8-live", "gemini-3.1-flash-live-preview", "gemini-new-live"):
+        assert profile_for(model).audio_stream_end, model
+    for model in ("gemini-3.8-live", "gemini-live-2.5-flash-native-audio", "gemini-new-live"):
+        assert not profile_for(model, "vertex").audio_stream_end, model

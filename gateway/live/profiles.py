@@ -65,6 +65,13 @@ class Profile:
     sources: str = ""
 
     @property
+    def audio_stream_end(self) -> bool:
+        """Whether ``realtimeInput.audioStreamEnd`` (a pause in the caller's audio) may be
+        sent: on the Gemini API [SKILL][D171882]; Vertex's wire reference has no such field,
+        "implicit on silence" [VSAMP] (§9 row 36)."""
+        return self.backend == "gemini"
+
+    @property
     def label(self) -> str:
         """``gemini:gemini-3.8-live``: the profile's name in logs and test ids."""
         return f"{self.backend}:{self.model}"

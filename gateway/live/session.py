@@ -207,12 +207,12 @@ class LiveSession:
         """The caller's audio pauses until they make a sound (gateway.dtx): the service is
         told (``audioStreamEnd``), after what was written, on the connection in use, and
         again after a replay into a new connection while it lasts (the replayed turn's end
-        must not wait for audio that will not come). Never on Vertex AI, whose wire
-        reference has no such field ("implicit on silence"): the call pauses nothing there."""
+        must not wait for audio that will not come). Only where the model's profile takes
+        it (not on Vertex AI: the call pauses nothing there)."""
         self._audio_paused = True
         conn = self.machine.active
         link = self._links.get(conn.id) if conn is not None else None
-        if link is None or link.gone or self._client.vertexai:
+        if link is None or link.gone or not self.profile.audio_stream_end:
             return
         link.outbox.append((STREAM_END, False))
         await self._pump(link)
@@ -289,7 +289,7 @@ class LiveSession:
                 if link is not None and not link.gone:
                     replay = action.replay
                     link.outbox.extend((item, replay) for item in action.items)
-                    if replay and self._audio_paused:  # the pause, after what it follows
+                    if replay and self._audio_paused and self.profile.audio_stream_end:
                         link.outbox.append((STREAM_END, False))
                     await self._pump(link)
             elif kind is Emit:
