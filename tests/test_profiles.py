@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from gateway.live.profiles import (
     profile_for,
 )
 from gateway.personas import PersonaTable
-from gateway.testing.analysis import await_reply
+from gateway.testing.analysis import await_reply, heard_replies
 from gateway.testing.harness import (
     AUTH_TOKEN,
     PUBLIC_URL,
@@ -349,3 +350,39 @@ async def test_a_persona_without_barge_in_is_heard_out_and_its_vad_is_sent() -> 
     )
     assert "inputAudioTranscription" not in conn.setup
     assert not [e for e in bed.emulator.record.events if e[1] == "interrupted"]
+
+
+# ----------------------------------------------------------- 3.8's reported session cap
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["resumed", "resume-refused"])
+async def test_a_call_goes_on_across_3_8s_session_cap(refused: bool) -> None:
+    """[D186392]: closed with 1011 "Deadline expired" (no goAway), and the resume after it
+    accepted one day, refused with 1007 the next: the call goes on either way, on a briefed
+    fresh session when refused."""
+    config = quick_emulator(speed=2.0, handle_interval=0.4)
+    invalid = (1007, "Request contains an invalid argument.")
+    cap = replace(BEHAVIOURS[M38], session_cap_s=3.0, resume_after_cap=invalid if refused else None)
+    config.behaviours = {**BEHAVIOURS, M38: cap}
+    async with test_bed(config) as bed:
+        call = await bed.caller(speed=2.0).place_call()
+
+        def answered() -> int:  # replies heard in full (a fresh session numbers anew)
+            return len({r.n for r in heard_replies(call.record) if r.sound_s > 0.7})
+
+        for n in range(1, 6):
+            await call.speak_tone(300.0 + 20 * n, 0.6)
+            for _ in range(200):
+                if answered() >= n:
+                    break
+                await call.silence(0.1)
+            assert answered() >= n, heard_replies(call.record)
+            await call.silence(0.3)
+        await call.hangup()
+    record = bed.emulator.record
+    assert [c.close_code for c in record.connections if c.close_kind == "session_cap"] == [1011]
+    sessions = list(record.sessions.values())
+    assert len(sessions) == (2 if refused else 1)
+    if refused:
+        briefing = " ".join(text for _, text in sessions[1].history_text)
+        assert "reply 1" in briefing, sessions[1].history_text

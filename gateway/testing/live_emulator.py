@@ -578,6 +578,7 @@ class SessionRecord:
     # connection; with after_cut_reply="wait" a resumed lineage treats them as answered.
     cut_replies: set[int] = field(default_factory=set)
     withheld: list[int] = field(default_factory=list)  # utterances left unanswered ("wait")
+    capped: bool = False  # a connection of it was closed at the model's session cap
     bill: billing.Bill = field(default_factory=billing.Bill)  # every usage report it was sent
 
     @property
@@ -1068,6 +1069,8 @@ class _Connection:
                 or session.ended_at is not None
             ):
                 raise _Refused(1008, REASON_BAD_HANDLE, "bad_handle")
+            if session.capped and self.behaviour.resume_after_cap is not None:
+                raise _Refused(*self.behaviour.resume_after_cap, "bad_handle")
             mode = emu.config.concurrent_resume
             others = [
                 c
@@ -1160,6 +1163,8 @@ class _Connection:
     async def _cap(self, at: float) -> None:
         """The model's reported hard end of a connection: a close, no goAway before it."""
         await asyncio.sleep(max(0.0, at - time.monotonic()))
+        if self.session is not None:
+            self.session.capped = True
         self.request_close(*self.behaviour.cap_close, "session_cap")
 
     async def _abrupt(self, at: float, how: CutKind) -> None:

@@ -38,6 +38,9 @@ class ModelBehaviour:
     # A connection closed this long after its setup, without goAway (None: no cap).
     session_cap_s: float | None = None
     cap_close: tuple[int, str] = (1011, "Deadline expired before operation could complete.")
+    # A resume of a capped session: accepted (None) or refused with this close. After 3.8's
+    # 58:00 close one resume worked, a later one was refused with 1007 [D186392].
+    resume_after_cap: tuple[int, str] | None = None
     sources: str = ""
 
 
