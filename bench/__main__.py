@@ -483,7 +483,7 @@ def burst_table(bursts: list[dict[str, Any]]) -> list[str]:
     for b in bursts:
         wait = b["start_wait_ms"]
         read = "-" if wait is None else f"{ms(wait[0])} / {ms(wait[1])}"
-        bridge = "gateway (MAX_CALLS = burst)" if b["impl"] == "gateway" else b["impl"]
+        bridge = b["label"] + (" (MAX_CALLS = burst)" if b["impl"] != "naive" else "")
         lines.append(
             f"| {b['calls']} | {bridge} | {ms(b['sent_within_ms'])} "
             f"| {ms(b['open_ms'][0])} / {ms(b['open_ms'][1])} "
@@ -674,7 +674,7 @@ def result(
             for g in gaps
         ],
         "transcoding": speeds,
-        "bursts": [b.row() for b in bursts],
+        "bursts": [b.row() | {"label": label(b.impl, args)} for b in bursts],
     }
 
 
@@ -891,7 +891,7 @@ async def main(args: argparse.Namespace) -> int:
                         )
                 bursts: list[Burst] = []
                 for n in args.burst:
-                    for impl in ("gateway", *([] if args.no_naive else ["naive"])):
+                    for impl in impls:
                         log(f"{impl}: a burst of {n} calls ...")
                         bursts.append(await bench.burst(impl, n))
                         row = bursts[-1].row()
