@@ -63,6 +63,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WINDOW_S = 0.02  # the emulator's VAD window
 LATENCY = "gateway_added_latency_seconds"
 START_WAIT = "gateway_stream_start_wait_seconds"
+# A stream closed with these before it became a call was refused (1008: closed while waiting
+# for start, or its start refused; 1013: no call capacity); a later close (1011) is a call.
+REFUSED = frozenset({1008, 1013})
 GC_PAUSE = "gateway_gc_pause_seconds"
 DIRECTIONS = ("caller_to_model", "model_to_caller")
 MIB = 1024 * 1024
@@ -458,7 +461,9 @@ class Burst:
         sent = [r["upgrade_sent"] for r in self.results if r["upgrade_sent"] is not None]
         t0 = min(sent, default=math.nan)
         opened = [r["upgraded"] - t0 for r in self.results if r["upgraded"] is not None]
-        admitted = sum(r["upgraded"] is not None and r["close_code"] is None for r in self.results)
+        admitted = sum(
+            r["upgraded"] is not None and r["close_code"] not in REFUSED for r in self.results
+        )
         wait = self.start_wait
         return {
             "impl": self.impl,
@@ -477,7 +482,7 @@ class Burst:
 def burst_table(bursts: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| burst | bridge | upgrades sent within ms | streams open ms p50 / last "
-        "| admitted | completed | start read ms p50 / at most |",
+        "| admitted (not refused) | completed (reply heard whole) | start read ms p50 / at most |",
         "|---|---|---|---|---|---|---|",
     ]
     for b in bursts:

@@ -436,7 +436,10 @@ def live_http(settings: Settings) -> types.HttpOptions:
             "google-genai does not pass websocket options on: the Live socket keeps "
             "websockets' keepalive (a pong 20 s late closes it) and offers deflate"
         )
-    return types.HttpOptions(async_client_args=args)
+    timed = {**args, "create_connection": live_sdk.TimedSocket}  # times the setup's trip
+    return types.HttpOptions(
+        async_client_args=timed if live_sdk.passes_socket_args(timed) else args
+    )
 
 
 # ------------------------------------------------------------------ webhooks

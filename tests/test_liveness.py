@@ -6,6 +6,7 @@ late pongs (`pong_delay`), the Twilio simulator calling.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -15,9 +16,11 @@ from survival_helpers import (
     UTTERANCE_S,
     assert_replies_once_in_order,
     assert_session_holds_caller_audio,
+    sent_bytes,
 )
 
 from gateway.live import sdk
+from gateway.live.handles import DEFAULT_RTT_S, RoundTripPlacement
 from gateway.server import live_http
 from gateway.testing.analysis import await_reply, heard_playings, heard_replies
 from gateway.testing.harness import quick_emulator, test_bed, test_settings
@@ -37,9 +40,23 @@ def replies_heard(call: SimulatedCall) -> list[int]:
     return [n for n, heard_s in total.items() if heard_s >= 0.7]
 
 
+def test_handles_are_placed_from_the_tighter_bound_on_the_round_trip() -> None:
+    quick, slow = RoundTripPlacement(), RoundTripPlacement()
+    quick.setup(0.04)  # a setup answered in 40 ms: the data path is no slower
+    slow.setup(0.5)  # the service's setup work on top: no better than the default
+    assert (quick.rtt, slow.rtt) == (0.04, DEFAULT_RTT_S)
+    slow.measured(0.03)  # a prompt pong
+    quick.measured(0.3)  # a pong slower than the setup's answer: the pong was held up
+    assert (quick.rtt, slow.rtt) == (0.04, 0.03)
+
+
 def test_the_sdk_hands_the_keepalive_setting_to_websockets() -> None:
     args = live_http(test_settings("key")).async_client_args
-    assert args == {"ping_interval": None, "compression": None}
+    assert args == {
+        "ping_interval": None,
+        "compression": None,
+        "create_connection": sdk.TimedSocket,
+    }
     assert sdk.passes_socket_args(args)
 
 
@@ -70,9 +87,18 @@ async def test_a_connection_that_sends_nothing_more_is_resumed_after_the_stall_l
 
 async def test_a_call_whose_pongs_come_25_s_late_keeps_its_connection_and_its_audio() -> None:
     """websockets' keepalive would cut this connection 40 s in (a ping at 20 s, 20 s without
-    its pong); the gateway hears its messages and keeps it until its goAway, 44 s in."""
+    its pong); the gateway hears its messages and keeps it until its goAway, 44 s in. No
+    pong measures the round trip (0.1 s here, the uplink's): the setup's places the handle
+    the switch resumes from, so nothing is lost, and what is sent twice stays within the
+    guard (1.5 round trips, `gateway.live.machine`) and the last piece of caller audio."""
+    uplink_s = 0.1
     config = quick_emulator(
-        SPEED, handle_interval=0.4, pong_delay=(25.0, 25.0), lifetime=44.0, goaway_lead=2.0
+        SPEED,
+        handle_interval=0.4,
+        pong_delay=(25.0, 25.0),
+        input_delay=uplink_s,
+        lifetime=44.0,
+        goaway_lead=2.0,
     )
     async with test_bed(config) as bed:
         call = await bed.caller(speed=SPEED).place_call()
@@ -84,6 +110,7 @@ async def test_a_call_whose_pongs_come_25_s_late_keeps_its_connection_and_its_au
             await await_reply(call, turns, min_s=FULL_REPLY_S, limit_s=20, read=heard_playings)
             await call.silence(0.2)
         await call.hangup()
+        await asyncio.sleep(2 * uplink_s)  # what was in flight reaches the service
 
         connections = bed.emulator.record.connections
         assert len(connections) == 2, [(c.close_kind, c.close_code) for c in connections]
@@ -94,3 +121,9 @@ async def test_a_call_whose_pongs_come_25_s_late_keeps_its_connection_and_its_au
         assert resumed("gateway_live_resumptions_total", {"cause": "abrupt"}) is None
         assert_replies_once_in_order(heard_playings(call.record), turns)
         assert_session_holds_caller_audio(bed, call, turns)
+        # 16-kHz PCM the session holds beyond what was sent (silence withheld on purpose
+        # aside): what the switch sent twice (or, below zero, the tail of the call still in
+        # the gateway at the hang-up).
+        [session] = bed.emulator.record.sessions.values()
+        twice_s = (len(session.audio) - sent_bytes(bed, call)) / 32000
+        assert -0.1 <= twice_s <= 1.5 * uplink_s + 0.05, twice_s

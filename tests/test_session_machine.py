@@ -220,7 +220,7 @@ REGRESSIONS = {
         faults=(Fault(at=1.667, kind="cut"),),
         setup_latencies=(0.796, 0.361, 1.346, 0.095, 0.549, 1.065),
         handle_gaps=(0.212, 0.551, 0.371, 0.582, 0.574, 0.312),
-        rtt_measured=False,
+        pong_s=25.0,
     ),
 }
 

@@ -7,8 +7,12 @@ lacks: too little loses the caller's words, too much makes the model hear them t
   interval before the handle arrived was in the service when it issued the handle; input
   still in flight may not be. Whatever the split between the two directions, input written
   one round trip before the handle arrived had reached the service; the guard is 1.5
-  measured round trips plus ``GUARD_MARGIN_S`` (for jitter). At worst that much input is
-  sent twice at a reset.
+  round trips plus ``GUARD_MARGIN_S`` (for jitter). At worst that much input is sent twice
+  at a reset. The round trip: a ping's, when its pong comes promptly; the service's pongs
+  have been seen 8-30 s late, so the connection's setup is timed too (it went up and came
+  down as input and handles do: a bound on their round trip, with the service's setup
+  work on top). Until a pong measures it, the setup's places handles when it is under the
+  ``DEFAULT_RTT_S`` assumed otherwise; a pong's counts at most as much as the setup's.
 * **Exact placement** (`IndexPlacement`, on Vertex AI): with `transparent` resumption each
   handle names the last client message its state holds (`lastConsumedClientMessageIndex`);
   counting the messages written to the connection, it holds exactly the input up to that
@@ -40,7 +44,10 @@ class Placement(Protocol):
         none, such as a tool response, before it) is `seq` (None: no input yet)."""
 
     def measured(self, rtt: float) -> None:
-        """A round trip measured on the connection."""
+        """A round trip measured on the connection (a prompt pong's)."""
+
+    def setup(self, rtt: float) -> None:
+        """The connection's setup round trip: a bound on its data path's."""
 
     def covered(self, now: float, consumed: int | None = None) -> int | None:
         """The newest input a handle arriving `now` holds (None: none written to it);
@@ -55,6 +62,7 @@ class RoundTripPlacement:
 
     def __init__(self) -> None:
         self.rtt = DEFAULT_RTT_S
+        self._bound = float("inf")  # the setup's round trip
         self._writes: deque[tuple[int, float]] = deque()  # (seq, written at)
 
     def guard(self) -> float:
@@ -73,7 +81,11 @@ class RoundTripPlacement:
         pass  # placed by when input was written, not by message
 
     def measured(self, rtt: float) -> None:
-        self.rtt = rtt
+        self.rtt = min(rtt, self._bound)  # both bound the data path's: the tighter
+
+    def setup(self, rtt: float) -> None:
+        self._bound = rtt
+        self.rtt = min(self.rtt, rtt)
 
     def covered(self, now: float, consumed: int | None = None) -> int | None:
         horizon = now - self.guard()

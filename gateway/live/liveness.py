@@ -24,9 +24,12 @@ TCP level (a reset, a close) is noticed at once, as before.
 
 from __future__ import annotations
 
-__all__ = ["PING_INTERVAL_S", "Liveness"]
+__all__ = ["PING_INTERVAL_S", "PROMPT_PONG_S", "Liveness"]
 
 PING_INTERVAL_S = 5.0
+#: A pong later than this measures the service's pong handling, not the network: it proves
+#: the connection alive but gives no round trip (handles are then placed from the setup's).
+PROMPT_PONG_S = 2.0
 
 
 class Liveness:

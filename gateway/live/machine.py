@@ -596,6 +596,12 @@ class SessionMachine:
             if conn.id == conn_id:
                 conn.placement.measured(seconds)
 
+    def setup_rtt(self, conn_id: int, seconds: float) -> None:
+        """How long `conn_id`'s setup took to be answered (bounds its round trip)."""
+        for conn in self.conns:
+            if conn.id == conn_id:
+                conn.placement.setup(seconds)
+
     def written(self, conn_id: int, seq: int, now: float) -> None:
         """Input `seq` (and all before it) left for connection `conn_id`."""
         conn = self.active

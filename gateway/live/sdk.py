@@ -10,7 +10,8 @@ caps google-genai to the versions the tests ran on.
   nothing but model audio skip the SDK's models (~90 µs each, 25 a second per reply); and
   the connection is pinged now and then: any pong, however late, is a sign of life
   (`gateway.live.liveness`), and a prompt one measures the round trip, which places
-  resumption handles (`gateway.live.machine`).
+  resumption handles (`gateway.live.machine`); when it is a :class:`TimedSocket`, its
+  handshake's end times the setup's round trip (:func:`setup_round_trip`).
 * ``google.genai._live_converters._LiveServerMessage_from_mldev`` and, on Vertex AI,
   ``_LiveServerMessage_from_vertex`` (which also renames Vertex's usage fields): the SDK's
   own wire to model converters, for every message that is not audio only (the public
@@ -31,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,7 @@ from typing import Any
 import orjson
 from google.genai import _api_client, _live_converters, errors, types
 from google.genai.live import AsyncSession
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 log = logging.getLogger(__name__)
@@ -167,6 +170,27 @@ async def ping(session: AsyncSession) -> asyncio.Future[float] | None:
     except Exception:
         return None
     return pong if isinstance(pong, asyncio.Future) else None
+
+
+class TimedSocket(ClientConnection):
+    """websockets' client connection, noting when its opening handshake completed (passed
+    as ``create_connection``, websockets' own hook): the SDK sends the setup right after, so
+    from then to ``connect()``'s return is the setup's round trip alone."""
+
+    opened_at: float | None = None
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        await super().handshake(*args, **kwargs)
+        self.opened_at = time.monotonic()
+
+
+def setup_round_trip(session: AsyncSession, began: float, now: float) -> float:
+    """How long the setup took to be answered, ``connect()`` having begun at ``began`` and
+    returned at ``now``: from the handshake's end on a :class:`TimedSocket`, else the whole
+    ``connect()`` (its TCP, TLS and WebSocket handshakes too: a looser bound)."""
+    socket = getattr(session, "_ws", None) if paths().socket else None
+    opened = getattr(socket, "opened_at", None)
+    return now - (opened if isinstance(opened, float) and opened >= began else began)
 
 
 def passes_socket_args(args: dict[str, Any]) -> bool:

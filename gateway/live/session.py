@@ -42,7 +42,7 @@ from gateway.live.events import (
     TurnState,
     Usage,
 )
-from gateway.live.liveness import Liveness
+from gateway.live.liveness import PROMPT_PONG_S, Liveness
 from gateway.live.machine import (
     BYTES_PER_SECOND,
     Action,
@@ -82,9 +82,6 @@ REFUSAL_CODES = frozenset({1007, 1008})
 # held for a short hangover (LiveSettings.caller_pause_s) so pauses between words do not
 # count as silence.
 SPEECH_RMS = 330
-# A pong later than this measures the service's pong handling, not the network (its pongs
-# have been seen 8-30 s late): it proves the connection alive but gives no round trip.
-PROMPT_PONG_S = 2.0
 
 
 class LiveSessionFailed(Exception):
@@ -479,6 +476,7 @@ class LiveSession:
         stack = AsyncExitStack()
         error: OpenError | None = None
         detail = ""
+        began = time.monotonic()
         try:
             async with asyncio.timeout(self._options.settings.connect_timeout_s):
                 session = await stack.enter_async_context(
@@ -515,12 +513,21 @@ class LiveSession:
         if error is not None:
             await self._execute(self.machine.open_failed(conn_id, error, detail, time.monotonic()))
             return
-        liveness = Liveness(time.monotonic(), self._options.settings.live_stall_s)
+        now = time.monotonic()
+        # Its setup's round trip bounds the data path's (`gateway.live.handles`).
+        setup_s = sdk.setup_round_trip(session, began, now)
+        self.machine.setup_rtt(conn_id, setup_s)
+        liveness = Liveness(now, self._options.settings.live_stall_s)
         link = _Link(conn_id, session, stack, liveness)
         self._links[conn_id] = link
         self._spawn(self._read(link), f"live-read-{conn_id}")
         self._spawn(self._watch(link), f"live-watch-{conn_id}")
-        log.debug("live connection %d open", conn_id, extra=self._log_extra)
+        log.debug(
+            "live connection %d open (setup answered in %.0f ms)",
+            conn_id,
+            setup_s * 1000,
+            extra=self._log_extra,
+        )
         await self._execute(self.machine.opened(conn_id, time.monotonic()))
         self._started.set()
 

@@ -58,6 +58,7 @@ from gateway.live.events import (
     TurnComplete,
 )
 from gateway.live.handles import DEFAULT_RTT_S, GUARD_MARGIN_S
+from gateway.live.liveness import PROMPT_PONG_S
 from gateway.live.machine import (
     BYTES_PER_SECOND,
     Action,
@@ -120,7 +121,7 @@ class Schedule:
     handle_gaps: tuple[float, ...] = (0.5,)
     uplink_s: float = 0.0
     downlink_s: float = 0.0
-    rtt_measured: bool = True
+    pong_s: float = 0.0  # every pong this much late (the service's: 8-30 s seen)
     duration_s: float = 20.0
     transparent: bool = False  # handles name the last message they hold (Vertex AI)
 
@@ -240,6 +241,7 @@ class Simulation:
         self._pieces: dict[tuple[str, int], int] = {}  # pieces of each reply played
         self._held_key: tuple[str, int] | None = None  # the reply being held, judged a repeat?
         self._written_at: dict[tuple[str, int], float] = {}  # ("h<conn>", seq): first write
+        self._setup_rtt: dict[str, float] = {}  # "h<conn>": its setup's round trip
         self._armed: float | None = None
         self.last_utterance_end = 0.0
         self.heard: list[float] = []  # when model output reached the caller
@@ -372,6 +374,8 @@ class Simulation:
         rtt = self.s.uplink_s + self.s.downlink_s
         latency = self.s.setup_latencies[self._setup_n % len(self.s.setup_latencies)]
         self._setup_n += 1
+        # The driver times the setup from the WebSocket's handshake to its answer.
+        self._setup_rtt[f"h{action.conn}"] = self.s.uplink_s + latency + self.s.downlink_s
         # TCP + TLS handshake (one round trip), then the setup reaches the service.
         arrive = self.now + rtt + self.s.uplink_s
         self.at(arrive, lambda: self._service_setup(action, latency))
@@ -459,8 +463,10 @@ class Simulation:
             return
         self._client_open.add(conn_id)
         self._nondelivering += 1
-        if self.s.rtt_measured:
-            self.machine.rtt(conn_id, self.s.uplink_s + self.s.downlink_s)
+        # As the driver: the setup's round trip at once, a prompt pong's when one comes.
+        self.machine.setup_rtt(conn_id, self._setup_rtt[f"h{conn_id}"])
+        if self._pong_rtt() <= PROMPT_PONG_S:
+            self.machine.rtt(conn_id, self._pong_rtt())
         self.execute(self.machine.opened(conn_id, self.now))
 
     def _open_failed(self, conn_id: int, error: OpenError, detail: str) -> None:
@@ -506,7 +512,10 @@ class Simulation:
                 )
             arrival = self._handle_arrival.get(origin) if origin else None
             written = self._written_at.get((origin.split(".")[0], seq)) if origin else None
-            rtt = self.s.uplink_s + self.s.downlink_s if self.s.rtt_measured else DEFAULT_RTT_S
+            pong = self._pong_rtt()
+            key = origin.split(".")[0] if origin else ""
+            setup = self._setup_rtt.get(key, DEFAULT_RTT_S)
+            rtt = min(pong, setup) if pong <= PROMPT_PONG_S else min(setup, DEFAULT_RTT_S)
             guard = 1.5 * rtt + GUARD_MARGIN_S + 1e-9
             if arrival is None or written is None or written < arrival - guard:
                 raise self.violation(
@@ -514,6 +523,10 @@ class Simulation:
                     f"input {seq} again (written {written}, handle {origin} arrived {arrival},"
                     f" guard {guard:.3f})",
                 )
+
+    def _pong_rtt(self) -> float:
+        """A ping's round trip: the data path's, and the pong's delay."""
+        return self.s.uplink_s + self.s.pong_s + self.s.downlink_s
 
     def _vad(self, conn: _ServiceConn, lineage: Lineage, item: Input, speech: bool) -> None:
         if item.text is not None:
@@ -770,7 +783,7 @@ def generate(seed: int, concurrency: Concurrency, transparent: bool = False) -> 
         ),
         uplink_s=round(rng.uniform(0.0, 0.06), 4),
         downlink_s=round(rng.uniform(0.0, 0.06), 4),
-        rtt_measured=rng.random() < 0.8,
+        pong_s=0.0 if rng.random() < 0.6 else round(rng.uniform(0.0, 30.0), 2),
         duration_s=duration,
         transparent=transparent,
     )
@@ -803,7 +816,7 @@ def shrink(schedule: Schedule, check: str, factory: MachineFactory = SessionMach
             lambda b: replace(b, setup_latencies=(0.0,)),
             lambda b: replace(b, uplink_s=0.0, downlink_s=0.0),
             lambda b: replace(b, handle_gaps=(b.handle_gaps[0],)),
-            lambda b: replace(b, rtt_measured=True),
+            lambda b: replace(b, pong_s=0.0),
             lambda b: replace(b, after_cut_reply="repeat"),
         )
         for simplify in simplifications:
