@@ -271,7 +271,8 @@ class Metrics:
         self.hand_offs = Counter(
             "gateway_hand_offs",
             "Calls handed off to another replica on a drain (handed_off, here), continued "
-            "from another replica's hand-off (continued), or kept for a store failure (failed)",
+            "from another replica's hand-off or checkpoint (continued), taken over from a "
+            "replica that died (recovered), or kept for a store failure (failed)",
             ["outcome"],
             registry=r,
         )

@@ -38,6 +38,7 @@ from gateway.backend import Backend, resolve
 from gateway.call import Call
 from gateway.call_factory import PERSONA_PARAMETER, CallFactory
 from gateway.config import Settings
+from gateway.ending import CallOutcome
 from gateway.listener import ConnectionDeadlines, PeerErrorLog, Throttle, watch_accept_errors
 from gateway.live import sdk as live_sdk
 from gateway.live.models import BackendWatch, probe
@@ -79,7 +80,14 @@ log = logging.getLogger(__name__)
 
 TOKEN_PARAMETER = "token"
 #: How often a replica tells the store it takes calls (other replicas hand calls off to it).
-READY_EVERY_S = 2.0
+READY_EVERY_S = 1.0
+#: How often a call's state is stored while it runs (with a shared store), if its handle
+#: changed: a replica that dies loses what the caller said since.
+CHECKPOINT_EVERY_S = 1.0
+#: How long a `<Connect action>` for a call whose replica seems gone waits for it to be
+#: seen gone (it says it is alive every READY_EVERY_S, for three times that).
+RECOVERY_WAIT_S = 5.0
+RECOVERY_POLL_S = 0.1
 #: How often a call waiting to be handed off is looked at for a pause.
 PAUSE_POLL_S = 0.05
 #: The voice webhook's `<Connect action>`: Twilio asks it what next when a stream ends.
@@ -376,6 +384,8 @@ async def _answers(app: web.Application) -> AsyncIterator[None]:
                 asyncio.create_task(_deliver_answers(state, feed), name="answer-feed"),
                 asyncio.create_task(_announce(state), name="replica-ready"),
             }
+            if state.settings.redis_url is not None:
+                tasks.add(asyncio.create_task(_checkpoints(state), name="checkpoints"))
             try:
                 yield
             finally:
@@ -542,6 +552,8 @@ async def connect_action(request: web.Request) -> web.Response:
     try:
         handed_off = bool(call_sid) and await state.tokens.handed_off(call_sid)
         saved = await state.store.load(call_sid) if handed_off else None
+        if saved is None and call_sid and state.settings.redis_url is not None:
+            saved = await _recoverable(state, call_sid)
         if saved is not None:
             token = await state.tokens.issue_next(
                 call_sid, account_sid=params.get("AccountSid", ""), persona=saved.persona
@@ -727,6 +739,9 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
                 await call.run(stream.messages)
             finally:
                 state.calls.discard(call)
+                if call.stats.outcome is not CallOutcome.HANDED_OFF:
+                    with contextlib.suppress(StoreError):  # else its state expires
+                        await state.store.forget(start.call_sid)
         finally:
             await _stream_ended(state, start.call_sid)
         if call.stats.failure and not stream.closed:
@@ -810,18 +825,7 @@ async def _hand_off(state: GatewayState, call: Call) -> None:
         return
     paused = call.at_pause()
     call_sid = call.start.call_sid
-    machine = call.live.machine
-    turns = list(machine.history.turns)
-    saved = CallState(
-        persona=call.persona.name,
-        greeted=call.greeted,
-        handle=machine.handle,
-        handle_replies=machine.handle_replies,
-        handle_turns=len(turns),
-        usage=call.usage.counts(),
-        handed_off_at=time.time(),
-        age_s=time.monotonic() - call.stats.started_at,
-    )
+    saved, turns = _call_state(call, holder="")
     try:
         await state.store.hand_off(call_sid, saved, turns)
     except StoreError as error:
@@ -842,6 +846,70 @@ async def _hand_off(state: GatewayState, call: Call) -> None:
     )
 
 
+def _call_state(call: Call, holder: str) -> tuple[CallState, list[tuple[str, str]]]:
+    """What another replica needs to go on with the call, as of now."""
+    machine = call.live.machine
+    turns = list(machine.history.turns)
+    saved = CallState(
+        persona=call.persona.name,
+        greeted=call.greeted,
+        handle=machine.handle,
+        handle_replies=machine.handle_replies,
+        handle_turns=len(turns),
+        usage=call.usage.counts(),
+        handed_off_at=time.time(),
+        age_s=time.monotonic() - call.stats.started_at,
+        holder=holder,
+    )
+    return saved, turns
+
+
+async def _checkpoints(state: GatewayState) -> None:
+    """With a shared store, each call's state as of its newest handle, every
+    CHECKPOINT_EVERY_S: what another replica goes on from if this one dies."""
+    saved: dict[str, str | None] = {}  # CallSid -> the handle stored
+    while True:
+        await asyncio.sleep(CHECKPOINT_EVERY_S)
+        calls = {call.start.call_sid: call for call in state.calls}
+        for call_sid in saved.keys() - calls.keys():
+            del saved[call_sid]
+        for call_sid, call in calls.items():
+            handle = call.live.handle
+            if handle is None or saved.get(call_sid) == handle or call.stats.outcome:
+                continue
+            try:
+                await state.store.checkpoint(call_sid, *_call_state(call, state.replica))
+            except StoreError as error:
+                log.warning("checkpoint failed: %s", error, extra={"call_sid": call_sid})
+                break
+            saved[call_sid] = handle
+
+
+async def _recoverable(state: GatewayState, call_sid: str) -> CallState | None:
+    """The last checkpoint of a call whose replica died (its stream lost, Twilio asks the
+    action): once that replica is seen gone (within RECOVERY_WAIT_S), this caller goes on
+    with it, if no one else does."""
+    saved = await state.store.load(call_sid)
+    if saved is None or not saved.holder or saved.holder == state.replica:
+        return None
+    for _ in range(math.ceil(RECOVERY_WAIT_S / RECOVERY_POLL_S)):
+        if not await state.store.replica_alive(saved.holder):
+            break
+        await asyncio.sleep(RECOVERY_POLL_S)
+    else:
+        return None  # alive: it holds the call still, or ends it
+    if not await state.store.claim_recovery(call_sid):
+        return None
+    state.metrics.hand_offs.labels(outcome="recovered").inc()
+    age = time.time() - saved.handed_off_at
+    log.warning(
+        "the call's replica is gone: going on from its checkpoint of %.3f s ago",
+        age,
+        extra={"call_sid": call_sid},
+    )
+    return saved
+
+
 async def _handed_to_us(
     state: GatewayState, call_sid: str
 ) -> tuple[CallState | None, list[tuple[str, str]]]:
@@ -856,9 +924,7 @@ async def _handed_to_us(
         return None, []
     gap = time.time() - saved.handed_off_at
     state.metrics.hand_offs.labels(outcome="continued").inc()
-    log.info(
-        "call continued after its hand-off: the caller's gap %.3f s", gap, extra={"gap_s": gap}
-    )
+    log.info("call continued here, %.3f s after its state was stored", gap, extra={"gap_s": gap})
     return saved, turns
 
 

@@ -64,6 +64,8 @@ ANSWERS_CHANNEL: Final = "gw:answers"
 PASSED: Final = "pass:"
 #: Replicas that take calls: a sorted set, member the replica, score until when (epoch s).
 REPLICAS_KEY: Final = "gw:replicas"
+#: Replicas alive (ready or draining): member the replica, score until when (epoch s).
+ALIVE_KEY: Final = "gw:alive"
 #: A replica's subscription that lost Redis tries again after this long.
 RESUBSCRIBE_S: Final = 1.0
 
@@ -91,6 +93,7 @@ class CallState:
     usage: dict[str, int] = field(default_factory=dict)  # tokens so far (totals and by kind)
     handed_off_at: float = 0.0  # wall-clock time of the hand-off (the caller's gap from it)
     age_s: float = 0.0  # how long the call had run then (its duration limit goes on from it)
+    holder: str = ""  # the replica that holds the call's stream (checkpoints); "": none
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -113,6 +116,7 @@ class CallState:
             and isinstance(state.usage, dict)
             and isinstance(state.handed_off_at, int | float)
             and isinstance(state.age_s, int | float)
+            and isinstance(state.holder, str)
             and all(isinstance(k, str) and isinstance(v, int) for k, v in state.usage.items())
         )
         if not ok:
@@ -146,11 +150,31 @@ class CallStore(Protocol):
         ...
 
     async def replica_ready(self, replica: str, ready: bool, for_s: float) -> None:
-        """This replica takes calls (for ``for_s``, unless said again), or no longer."""
+        """This replica is alive, and takes calls or not, for ``for_s`` unless said again
+        (0: it is gone)."""
         ...
 
     async def others_ready(self, replica: str) -> int:
         """How many other replicas take calls now."""
+        ...
+
+    async def replica_alive(self, replica: str) -> bool:
+        """Whether ``replica`` said it is alive within its last ``for_s``."""
+        ...
+
+    async def checkpoint(
+        self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
+    ) -> None:
+        """Save the call's state and conversation (replacing the turns) while it runs, so
+        that another replica can take it over if this one dies."""
+        ...
+
+    async def forget(self, call_sid: str) -> None:
+        """The call is over: nothing of it is to be continued."""
+        ...
+
+    async def claim_recovery(self, call_sid: str) -> bool:
+        """Whether this caller is the one to continue a call whose replica died (once)."""
         ...
 
     async def stream_ended(self, call_sid: str, memory_s: float) -> None:
@@ -248,8 +272,7 @@ class MemoryStore:
     async def hand_off(
         self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
     ) -> None:
-        await self.save(call_sid, state)
-        self._put(("turns", call_sid), list(turns)[-TURNS_KEPT:], self._ttl)
+        await self.checkpoint(call_sid, state, turns)
         self._put(("handoff", call_sid), True, self._ttl)
 
     async def take_hand_off(self, call_sid: str) -> bool:
@@ -262,6 +285,25 @@ class MemoryStore:
 
     async def others_ready(self, replica: str) -> int:
         return 0
+
+    async def replica_alive(self, replica: str) -> bool:
+        return True  # one process: every call's replica is this one
+
+    async def checkpoint(
+        self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
+    ) -> None:
+        await self.save(call_sid, state)
+        self._put(("turns", call_sid), list(turns)[-TURNS_KEPT:], self._ttl)
+
+    async def forget(self, call_sid: str) -> None:
+        for kind in ("state", "turns", "handoff"):
+            self._values.pop((kind, call_sid), None)
+
+    async def claim_recovery(self, call_sid: str) -> bool:
+        if self._get(("recovery", call_sid)) is not None:
+            return False
+        self._put(("recovery", call_sid), True, self._ttl)
+        return True
 
     async def stream_ended(self, call_sid: str, memory_s: float) -> None:
         held = self._get(("stream", call_sid))
@@ -377,26 +419,61 @@ class RedisStore:
     async def hand_off(
         self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
     ) -> None:
+        await self._store_call(call_sid, state, turns, handed_off=True)
+
+    async def checkpoint(
+        self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
+    ) -> None:
+        await self._store_call(call_sid, state, turns, handed_off=False)
+
+    async def _store_call(
+        self,
+        call_sid: str,
+        state: CallState,
+        turns: Sequence[tuple[str, str]],
+        *,
+        handed_off: bool,
+    ) -> None:
         ttl, key = _ms(self._ttl), self._key(call_sid, "turns")
-        async with _errors("hand a call off"), self._redis.pipeline(transaction=True) as pipe:
+        async with _errors("store a call"), self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._key(call_sid, "state"), state.to_json(), px=ttl)
             pipe.delete(key)
             for role, text in list(turns)[-TURNS_KEPT:]:
                 pipe.rpush(key, json.dumps([role, text]))
             pipe.pexpire(key, ttl)
-            pipe.set(self._key(call_sid, "handoff"), "1", px=ttl)
+            if handed_off:
+                pipe.set(self._key(call_sid, "handoff"), "1", px=ttl)
             await pipe.execute()
+
+    async def forget(self, call_sid: str) -> None:
+        kinds = ("state", "turns", "handoff")
+        async with _errors("forget a call"):
+            await self._redis.delete(*(self._key(call_sid, kind) for kind in kinds))
+
+    async def claim_recovery(self, call_sid: str) -> bool:
+        key = self._key(call_sid, "recovery")
+        async with _errors("claim a recovery"):
+            return bool(await self._redis.set(key, "1", nx=True, px=_ms(self._ttl)))
 
     async def take_hand_off(self, call_sid: str) -> bool:
         async with _errors("take a hand-off"):
             return bool(await self._redis.getdel(self._key(call_sid, "handoff")))
 
     async def replica_ready(self, replica: str, ready: bool, for_s: float) -> None:
-        async with _errors("say the replica is ready"):
-            if ready:
-                await self._redis.zadd(REPLICAS_KEY, {replica: time.time() + for_s})
+        until = time.time() + for_s
+        async with _errors("say the replica is ready"), self._redis.pipeline() as pipe:
+            pipe.zadd(ALIVE_KEY, {replica: until})
+            if ready and for_s > 0:
+                pipe.zadd(REPLICAS_KEY, {replica: until})
             else:
-                await self._redis.zrem(REPLICAS_KEY, replica)
+                pipe.zrem(REPLICAS_KEY, replica)
+            pipe.zremrangebyscore(ALIVE_KEY, "-inf", time.time() - 3600)  # long gone
+            await pipe.execute()
+
+    async def replica_alive(self, replica: str) -> bool:
+        async with _errors("look a replica up"):
+            until = await self._redis.zscore(ALIVE_KEY, replica)
+        return until is not None and until > time.time()
 
     async def others_ready(self, replica: str) -> int:
         now = time.time()

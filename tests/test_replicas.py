@@ -223,8 +223,8 @@ async def test_a_draining_replica_hands_its_call_to_another(
     assert resumed, "the second replica resumed the session from the stored handle"
     actions = [c for c in call.record.callbacks if c[0] == "action"]
     assert [status for *_, status in actions] == [200]  # the hand-off; the caller hung up
-    (gap,) = logs.messages("gateway.server", "call continued after its hand-off")
-    assert "the caller's gap" in gap
+    (gap,) = logs.messages("gateway.server", "call continued here")
+    assert "after its state was stored" in gap
     assert logs.messages("gateway.server", "handed off") == ["handed off at a pause"]
     assert call.record.closed_by == "caller"
 
@@ -292,8 +292,50 @@ async def test_sigterm_hands_a_call_to_the_other_process(redis_url: str) -> None
             assert await two.exit_code(15.0) == 0
 
     assert "handed off at a pause" in one.messages(), one.output[-3000:]
-    continued = [m for m in two.messages() if m.startswith("call continued after its hand-off")]
+    continued = [m for m in two.messages() if m.startswith("call continued here")]
     assert len(continued) == 1, two.output[-3000:]
     (session,) = emulator.record.sessions.values()
     assert [t.trigger for t in session.turns].count("text") == 1  # one greeting
     assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.5][:3] == [1, 2, 3]
+
+
+async def test_a_call_goes_on_after_its_process_is_killed(redis_url: str) -> None:
+    """SIGKILL to the process holding a call: Twilio (the simulator, going on to the
+    action after a lost stream) asks the other process, which waits until the dead one
+    is seen gone and continues the call from its last checkpoint: the same Live session,
+    no second greeting."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tls = make_tls(Path(tmp))
+        config = quick_emulator(speed=2.0, handle_interval=0.3)
+        async with (
+            LiveEmulator(config, tls) as emulator,
+            processes(
+                2,
+                emulator,
+                tls.ca_pem_path,
+                REDIS_URL=redis_url,
+                GREETING="Greet the caller.",
+                GOAWAY_MARGIN_S="0.2",
+                CALLER_AUDIO_RATE="4",
+            ) as (one, two),
+            aiohttp.ClientSession() as http,
+        ):
+            caller = TwilioCallerSimulator(http, one.url, PUBLIC_URL, AUTH_TOKEN, speed=2)
+            call = await caller.place_call()
+            await await_reply(call, 1, limit_s=15)  # the greeting
+            await say_and_hear(call, 2)
+            await call.silence(4.0)  # a checkpoint holds reply 2 (stored every second)
+            caller.set_bases(two.url)
+            one.proc.kill()
+            await keep_talking_until(call, lambda: len(call.record.streams) == 2)
+            await say_and_hear(call, 3, freq=410.0)
+            await call.hangup()
+            two.proc.send_signal(signal.SIGTERM)
+            assert await two.exit_code(15.0) == 0
+
+    recovered = [m for m in two.messages() if m.startswith("the call's replica is gone")]
+    assert len(recovered) == 1, two.output[-3000:]
+    (session,) = emulator.record.sessions.values()
+    assert [t.trigger for t in session.turns].count("text") == 1  # one greeting
+    closed = [detail for _, kind, detail in call.record.events if kind == "stream_closed"]
+    assert closed[0] in ("1006 gateway", "None gateway"), closed
