@@ -81,6 +81,8 @@ log = logging.getLogger(__name__)
 TOKEN_PARAMETER = "token"
 #: How often a replica tells the store it takes calls (other replicas hand calls off to it).
 READY_EVERY_S = 1.0
+#: How long the app's own tasks get to stop at cleanup.
+STOP_LIMIT_S = 5.0
 #: How often a call's state is stored while it runs (with a shared store), if its handle
 #: changed: a replica that dies loses what the caller said since.
 CHECKPOINT_EVERY_S = 1.0
@@ -391,7 +393,9 @@ async def _answers(app: web.Application) -> AsyncIterator[None]:
             finally:
                 for task in (*tasks, *state.tasks):
                     task.cancel()
-                await asyncio.wait({*tasks, *state.tasks})
+                _, stuck = await asyncio.wait({*tasks, *state.tasks}, timeout=STOP_LIMIT_S)
+                if stuck:
+                    log.warning("tasks not stopped: %s", sorted(t.get_name() for t in stuck))
                 with contextlib.suppress(StoreError):
                     await state.store.replica_ready(state.replica, False, 0.0)
     finally:

@@ -553,6 +553,7 @@ class RedisStore:
             try:
                 message = await pubsub.get_message(timeout=1.0)
             except (RedisError, OSError) as error:
+                _raise_if_cancelling()
                 log.warning("answer feed lost Redis (%s): resubscribing", type(error).__name__)
                 await asyncio.sleep(RESUBSCRIBE_S)
                 try:
@@ -575,7 +576,18 @@ async def _errors(doing: str) -> AsyncIterator[None]:
     try:
         yield
     except (RedisError, OSError) as error:
+        _raise_if_cancelling()
         raise StoreError(f"Redis failed to {doing}: {type(error).__name__}") from None
+
+
+def _raise_if_cancelling() -> None:
+    """A task cancelled while redis-py's read timed out can see its TimeoutError instead
+    (the cancellation and the timeout race): the task is still being cancelled, so keep
+    cancelling rather than take it for Redis failing (a loop that retries on Redis errors
+    would otherwise never end)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def open_store(redis_url: str, ttl_s: float = DEFAULT_TTL_S) -> CallStore:

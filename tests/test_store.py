@@ -288,3 +288,25 @@ def test_a_calls_usage_carries_on_through_its_state() -> None:
     carried = CallUsage(prices={"prompt_audio": 3.0})
     carried.carry_on(state.usage)
     assert carried.summary() == usage.summary() and carried.turns == usage.turns == 2
+
+
+async def test_a_task_being_cancelled_is_not_told_redis_failed() -> None:
+    """redis-py may turn a cancellation that meets its read timeout into its TimeoutError;
+    a loop that retries on store errors must still stop, so the store lets it be cancelled."""
+    store = RedisStore("redis://127.0.0.1:1/0", timeout_s=0.5)  # nothing listens on port 1
+
+    async def cancelled_then_redis_fails() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            pass  # as if a library had swallowed it: the task is still being cancelled
+        await store.claim_stream(new_call(), "nonce", 60.0)
+
+    task = asyncio.create_task(cancelled_then_redis_fails())
+    await asyncio.sleep(0)
+    task.cancel()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await store.aclose()
