@@ -247,6 +247,10 @@ class Settings(BaseSettings):
     # On a drain with another replica ready (REDIS_URL), each call is handed off at its next
     # pause, at the latest after this long.
     hand_off_wait_s: float = Field(default=10.0, gt=0)
+    # ... after this long: a load balancer takes a draining replica out of its endpoints
+    # only after the signal (Kubernetes: as the endpoint removal spreads, about a second or
+    # two); a call handed off before may have its next stream sent back here, and refused.
+    hand_off_delay_s: float = Field(default=2.0, ge=0)
 
     live: LiveSettings = LiveSettings()
     # Caller audio sent to the model in pieces of this many ms. 40 (two Twilio frames): half

@@ -802,7 +802,9 @@ def start_draining(app: web.Application) -> None:
 
 
 async def _hand_off_all(state: GatewayState) -> None:
-    """Hand every call off if another replica takes calls; else they go on here."""
+    """Hand every call off if another replica takes calls; else they go on here. Not
+    before HAND_OFF_DELAY_S: the load balancer should no longer send streams here."""
+    await asyncio.sleep(state.settings.hand_off_delay_s)
     try:
         others = await state.store.others_ready(state.replica)
     except StoreError as error:
