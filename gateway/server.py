@@ -40,6 +40,7 @@ from gateway.call_factory import PERSONA_PARAMETER, CallFactory
 from gateway.config import Settings
 from gateway.ending import CallOutcome
 from gateway.listener import ConnectionDeadlines, PeerErrorLog, Throttle, watch_accept_errors
+from gateway.live import profiles
 from gateway.live import sdk as live_sdk
 from gateway.live.models import BackendWatch, probe
 from gateway.logs import bind_call, register_secret
@@ -362,6 +363,14 @@ def _clients(
         )
         watch = state.backend
         metrics.backend_refusing.set_function(lambda: float(watch.refusal is not None))
+        for model, setting in state.personas.models().items():
+            if not profiles.known(model, "vertex" if live.vertexai else "gemini"):
+                log.warning(
+                    "%s %s: not in the model table (docs/models.md): its setup carries nothing "
+                    "optional and text goes by the channels every model takes",
+                    setting,
+                    model,
+                )
         try:
             await watch.start()  # BackendRefused: the start stops
             yield

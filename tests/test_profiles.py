@@ -5,6 +5,7 @@ reported to refuse (real SDK over TLS)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import tempfile
@@ -386,3 +387,23 @@ async def test_a_call_goes_on_across_3_8s_session_cap(refused: bool) -> None:
     if refused:
         briefing = " ".join(text for _, text in sessions[1].history_text)
         assert "reply 1" in briefing, sessions[1].history_text
+
+
+async def test_a_model_the_table_does_not_know_gets_the_cautious_setup(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = quick_emulator()
+    config.models = {**config.models, "gemini-9.9-live": MODELS[M38]}
+    with caplog.at_level(logging.WARNING, logger="gateway.server"):
+        async with test_bed(config, gemini_model="gemini-9.9-live", greeting="Hello.") as bed:
+            call = await bed.caller(speed=2.0).place_call()
+            await await_reply(call, 1, min_s=0.7, limit_s=15.0)
+            await call.hangup()
+    assert any(
+        "GEMINI_MODEL gemini-9.9-live: not in the model table" in r.getMessage()
+        for r in caplog.records
+    )
+    [conn] = bed.emulator.record.connections
+    assert "historyConfig" in conn.setup  # initial history, then realtime text
+    [session] = bed.emulator.record.sessions.values()
+    assert session.history_text[0] == ("user", "Hello.")
