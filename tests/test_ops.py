@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,7 @@ from gateway.testing.harness import (
     test_bed,
 )
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
+from gateway.testing.replicas import GatewayProcess
 from gateway.testing.tls import make_tls
 from gateway.testing.twilio_sim import (
     CallRecord,
@@ -406,35 +407,6 @@ def test_the_call_command_names_the_twilio_settings_it_misses_and_no_key(tmp_pat
 
 
 # --------------------------------------------------------------- drain, as a process
-
-
-@dataclass
-class GatewayProcess:
-    """`python -m gateway` in a subprocess, its merged output collected line by line."""
-
-    proc: asyncio.subprocess.Process
-    url: str
-    lines: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        self.proc.send_signal(signum)
-
-    async def exit_code(self, limit_s: float) -> int:
-        async with asyncio.timeout(limit_s):
-            code = await self.proc.wait()
-        if self.reader is not None:
-            await asyncio.wait({self.reader}, timeout=5.0)
-        return code
 
 
 @dataclass

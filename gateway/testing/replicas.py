@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -109,6 +110,9 @@ class GatewayProcess:
             with contextlib.suppress(ValueError):
                 found.append(str(json.loads(line).get("msg", "")))
         return found
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
 
     async def exit_code(self, limit_s: float) -> int:
         async with asyncio.timeout(limit_s):
