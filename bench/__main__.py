@@ -472,6 +472,7 @@ class Burst:
             "open_ms": [1000 * percentile(opened, 0.5), 1000 * max(opened, default=math.nan)],
             "admitted": admitted,
             "completed": sum(bool(r["heard_ok"]) for r in self.results),
+            "heard": sum(r["heard"][:1] == [1] for r in self.results),
             "errors": sorted({r["error"] for r in self.results if r["error"]}),
             "start_wait_ms": None
             if wait is None
@@ -482,8 +483,8 @@ class Burst:
 def burst_table(bursts: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| burst | bridge | upgrades sent within ms | streams open ms p50 / last "
-        "| admitted (not refused) | completed (reply heard whole) | start read ms p50 / at most |",
-        "|---|---|---|---|---|---|---|",
+        "| admitted (not refused) | reply heard | without a gap | start read ms p50 / at most |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for b in bursts:
         wait = b["start_wait_ms"]
@@ -492,7 +493,8 @@ def burst_table(bursts: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {b['calls']} | {bridge} | {ms(b['sent_within_ms'])} "
             f"| {ms(b['open_ms'][0])} / {ms(b['open_ms'][1])} "
-            f"| {b['admitted']}/{b['calls']} | {b['completed']}/{b['calls']} | {read} |"
+            f"| {b['admitted']}/{b['calls']} | {b.get('heard', '-')}/{b['calls']} "
+            f"| {b['completed']}/{b['calls']} | {read} |"
         )
     return lines
 

@@ -78,10 +78,10 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
         assert cells[1] == "2" and int(cells[2]) >= 2, row  # both calls' connections reset
     # The burst: both calls' streams opened at once, admitted and completed on both bridges.
     burst = [line.split("|") for line in lines if line.startswith("| 2 | ") and "/" in line]
-    burst = [cells for cells in burst if len(cells) == 9]
+    burst = [cells for cells in burst if len(cells) == 10]
     assert [cells[2].strip() for cells in burst] == ["gateway (MAX_CALLS = burst)", "naive"]
     assert all(cells[5].strip() == cells[6].strip() == "2/2" for cells in burst), burst
-    assert burst[0][7].strip() != "-"  # how late the gateway read each start
+    assert burst[0][8].strip() != "-"  # how late the gateway read each start
     assert "caller 8k mu-law -> 16k PCM" in text and "model 24k PCM -> 8k mu-law" in text
     # The model's bill per call shape, both bridges; the gateway counted what was billed.
     cost = [line.split("|") for line in lines if line.startswith(("| short call", "| 0.5 min"))]
