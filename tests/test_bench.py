@@ -174,6 +174,7 @@ async def read_turn(
             if isinstance(message, list):
                 audio += b"".join(message)
                 continue
+            audio += _audio_of(message)  # 3.x: audio and its transcript in one message
             messages.append(message)
             if message.server_content and message.server_content.turn_complete:
                 break
@@ -181,11 +182,28 @@ async def read_turn(
     async for message in session.receive():
         content = message.server_content
         parts = content.model_turn.parts if content and content.model_turn else None
-        if parts and all(p.inline_data for p in parts):
-            audio += b"".join(p.inline_data.data or b"" for p in parts if p.inline_data)
-        else:
+        audio += _audio_of(message)
+        if not (parts and _audio_only(message)):
             messages.append(message)
     return messages, bytes(audio)
+
+
+def _audio_only(message: types.LiveServerMessage) -> bool:
+    """Nothing but model audio (what the fast path yields as PCM chunks)."""
+    dumped = message.model_dump(exclude_none=True)
+    content = dumped.get("server_content", {})
+    parts = content.get("model_turn", {}).get("parts", [])
+    return (
+        set(dumped) == {"server_content"}
+        and set(content) == {"model_turn"}
+        and all(set(p) == {"inline_data"} for p in parts)
+    )
+
+
+def _audio_of(message: types.LiveServerMessage) -> bytes:
+    content = message.server_content
+    parts = content.model_turn.parts if content and content.model_turn else None
+    return b"".join(p.inline_data.data or b"" for p in parts or [] if p.inline_data)
 
 
 async def test_fast_paths_carry_what_the_sdk_paths_carry(
