@@ -2,7 +2,7 @@
 
 The call-state store's Redis side is tested against the real server, never a mock: this
 starts one (no persistence, no TCP port, a socket only its owner may open) and stops it.
-Nothing is installed here: ``.ci/run`` installs Debian's ``redis-server``; elsewhere it is
+Nothing is installed here: ``scripts/test`` installs Debian's ``redis-server``; elsewhere it is
 found on ``PATH`` or at ``REDIS_SERVER``, and when it is missing :class:`RedisMissing`
 says how to get one (a test that needs it fails with that message: it is never skipped).
 """
