@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate.utils as kv
@@ -89,12 +90,15 @@ def load_docs(path: Path) -> list[dict[str, Any]]:
 
 
 def all_resources() -> dict[str, dict[str, Any]]:
-    """Kind -> resource, across every manifest (one resource per kind here)."""
+    """Kind -> resource, across every manifest: the gateway's under their kind (one per
+    kind), the others (the trial Redis) under "<app name>/<kind>"."""
     out: dict[str, dict[str, Any]] = {}
     for path in manifest_files():
         for doc in load_docs(path):
-            assert doc["kind"] not in out, f"duplicate kind {doc['kind']} in {path.name}"
-            out[doc["kind"]] = doc
+            app = doc["metadata"]["labels"]["app.kubernetes.io/name"]
+            key = doc["kind"] if app == "gateway" else f"{app}/{doc['kind']}"
+            assert key not in out, f"duplicate {key} in {path.name}"
+            out[key] = doc
     return out
 
 
@@ -547,6 +551,8 @@ def test_expected_resources_present(res: dict[str, dict[str, Any]]) -> None:
         "Service",
         "PodDisruptionBudget",
         "HorizontalPodAutoscaler",
+        "gateway-redis/Deployment",
+        "gateway-redis/Service",
     }
     assert res["HorizontalPodAutoscaler"]["apiVersion"] == "autoscaling/v2"
     assert res["PodDisruptionBudget"]["apiVersion"] == "policy/v1"
@@ -575,14 +581,48 @@ def test_probes_point_at_health_endpoints(res: dict[str, dict[str, Any]]) -> Non
 
 
 def test_grace_period_covers_drain_timeout(res: dict[str, dict[str, Any]]) -> None:
-    drain = int(res["ConfigMap"]["data"]["DRAIN_TIMEOUT"])
+    """With REDIS_URL calls are handed off within HAND_OFF_DELAY_S + HAND_OFF_WAIT_S, so
+    the drain and the grace period are short (a deploy takes seconds); without it they
+    cover calls ending by themselves (an hour)."""
+    data = res["ConfigMap"]["data"]
+    drain = int(data["DRAIN_TIMEOUT"])
     pod = res["Deployment"]["spec"]["template"]["spec"]
     for env in container(res).get("env", []):
         if env["name"] == "DRAIN_TIMEOUT":  # an override in the Deployment wins
             drain = int(env["value"])
-    assert drain >= 60
     grace = pod["terminationGracePeriodSeconds"]
     assert grace >= drain + 30, (grace, drain)
+    if "REDIS_URL" in data:
+        defaults = Settings.model_fields
+        hand_off = defaults["hand_off_delay_s"].default + defaults["hand_off_wait_s"].default
+        assert hand_off * 2 <= drain <= 120, (drain, hand_off)
+        assert grace <= 180, grace
+    else:
+        assert drain >= 600, drain
+
+
+def test_redis_url_reaches_the_trial_redis(res: dict[str, dict[str, Any]]) -> None:
+    """REDIS_URL names the trial Redis's Service and port, which selects its pods."""
+    url = urlsplit(res["ConfigMap"]["data"]["REDIS_URL"])
+    service, redis = res["gateway-redis/Service"], res["gateway-redis/Deployment"]
+    assert url.scheme == "redis" and url.hostname == service["metadata"]["name"]
+    (port,) = service["spec"]["ports"]
+    assert url.port == port["port"] == 6379
+    pod = redis["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert redis["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (c,) = pod["spec"]["containers"]
+    assert port["targetPort"] in {p["name"] for p in c["ports"]}
+    # Not the gateway's pods: its Service and PDB must not select Redis, nor Redis them.
+    assert not res["Service"]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    # Marked for trials, and as hardened as the gateway.
+    assert "TRIALS ONLY" in (K8S / "redis.yaml").read_text().splitlines()[0]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert {"cpu", "memory"} <= set(c["resources"]["limits"])
+    assert ":" in c["image"] and not c["image"].endswith(":latest")
 
 
 def test_pod_hardening(res: dict[str, dict[str, Any]]) -> None:
@@ -760,8 +800,12 @@ def test_env_example_names_and_placeholders() -> None:
     for key in SECRET_ENV & set(env):
         assert env[key].startswith("REPLACE_ME"), key
     cm = all_resources()["ConfigMap"]["data"]
-    # The compose and Kubernetes setups agree on the non-secret settings.
-    assert {k: v for k, v in env.items() if k in cm} == {k: v for k, v in cm.items() if k in env}
+    # The compose and Kubernetes setups agree on the non-secret settings, but for the drain:
+    # compose runs one gateway (no REDIS_URL: no hand-off, calls end by themselves), the
+    # Kubernetes pods share a Redis and hand calls off.
+    assert "REDIS_URL" not in env and int(env["DRAIN_TIMEOUT"]) > int(cm["DRAIN_TIMEOUT"])
+    same = set(env) & set(cm) - {"DRAIN_TIMEOUT"}
+    assert {k: env[k] for k in same} == {k: cm[k] for k in same}
 
 
 def test_marker_environment_is_the_image() -> None:
