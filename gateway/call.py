@@ -111,6 +111,7 @@ class Call:
         token_prices: Mapping[str, float] | None = None,
         greeted: bool = False,
         age_s: float = 0.0,
+        day_spend: Callable[[float], Awaitable[float | None]] | None = None,
     ) -> None:
         self.start = start
         self.live = live
@@ -137,6 +138,8 @@ class Call:
         self._dtx = dtx  # caller silence withheld from the model (gateway.dtx)
         self._early_answers: list[str] | None = []  # answered_by() before run(); None after
         self.greeted = greeted  # the greeting was played (on this stream or one before)
+        self._day_spend = day_spend  # adds to the persona's spend today (gateway.budget)
+        self._spends: set[asyncio.Task[None]] = set()  # awaited, not cancelled, at the end
 
     @property
     def shutting_down(self) -> bool:
@@ -198,6 +201,7 @@ class Call:
             for task in (*tasks, first_task, *self._tasks):
                 task.cancel()
             await asyncio.gather(*tasks, first_task, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._spends, return_exceptions=True)  # the cost is spent
             if self._dtx is not None:  # silence kept for a pre-roll the hang-up never needed
                 self._metrics.caller_audio_withheld.inc(self._dtx.held_frames * FRAME_MS / 1000)
             self._metrics.calls_active.dec()
@@ -409,8 +413,21 @@ class Call:
         after = self.usage.cost_usd()
         if before is not None and after is not None:
             self._metrics.cost.labels(persona=persona).inc(after - before)
+            if self._day_spend is not None and after > before:
+                task = asyncio.create_task(self._spend(after - before), name="spend")
+                self._spends.add(task)
+                task.add_done_callback(self._spends.discard)
         move = self.watch.tokens(self.usage.total_tokens, after)
         if move is not None:
+            self._move(move)
+
+    async def _spend(self, usd: float) -> None:
+        """Add to the persona's spend today; wrap up once the day is over its limit."""
+        assert self._day_spend is not None
+        total = await self._day_spend(usd)
+        move = None if total is None else self.watch.day_cost(total)
+        if move is not None:
+            log.info("persona %s over its day's limit: $%.4f", self.persona.name, total)
             self._move(move)
 
     async def _watch_loop(self) -> None:
@@ -435,6 +452,8 @@ class Call:
             self.end(EndReason.MAX_TOKENS, policy.wrap_up)
         elif move is Move.WRAP_UP_COST:
             self.end(EndReason.MAX_COST, policy.wrap_up)
+        elif move is Move.WRAP_UP_DAY_COST:
+            self.end(EndReason.MAX_DAY_COST, policy.wrap_up)
         elif move is Move.LIMIT:  # whatever is happening, even another ending
             self.end(EndReason.DURATION_LIMIT)
 

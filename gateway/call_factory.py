@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from google import genai
 
 from gateway.audio import FRAME_MS
+from gateway.budget import DayBudget
 from gateway.call import Call, SendText
 from gateway.config import Settings
 from gateway.dtx import CallerDtx
@@ -53,6 +54,7 @@ class CallFactory:
     client: genai.Client
     rest: TwilioRest  # Twilio's REST API, for the tools
     metrics: Metrics
+    budget: DayBudget | None = None  # each persona's spend per day (max_day_usd)
 
     def build(
         self,
@@ -107,6 +109,9 @@ class CallFactory:
             token_prices=prices_for(persona.model, settings.token_prices),
             greeted=resume is not None and resume.greeted,
             age_s=resume.age_s + max(0.0, time.time() - resume.handed_off_at) if resume else 0.0,
+            day_spend=self.budget.adder(persona.name)
+            if self.budget is not None and persona.policy.max_day_usd
+            else None,
         )
         if resume is not None:
             call.usage.carry_on(resume.usage)  # a token limit counts the whole call

@@ -121,6 +121,7 @@ class PersonaConfig(BaseModel):
     max_call_s: float | None = Field(default=None, ge=0)
     max_call_tokens: int | None = Field(default=None, ge=0)
     max_call_usd: float | None = Field(default=None, ge=0)
+    max_day_usd: float | None = Field(default=None, ge=0)
     wrap_up_at: float | None = Field(default=None, gt=0, le=1)
     wrap_up: str | None = None
     silence_timeout_s: float | None = Field(default=None, ge=0)
@@ -226,6 +227,7 @@ class Settings(BaseSettings):
     max_call_s: float = Field(default=0.0, ge=0)
     max_call_tokens: int = Field(default=0, ge=0)
     max_call_usd: float = Field(default=0.0, ge=0)  # needs TOKEN_PRICES
+    max_day_usd: float = Field(default=0.0, ge=0)  # per persona and UTC day; needs TOKEN_PRICES
     wrap_up_at: float = Field(default=0.9, gt=0, le=1)
     wrap_up: str = WRAP_UP
     silence_timeout_s: float = Field(default=0.0, ge=0)

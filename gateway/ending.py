@@ -32,6 +32,7 @@ class EndReason(StrEnum):
     MAX_DURATION = "max_duration"
     MAX_TOKENS = "max_tokens"
     MAX_COST = "max_cost"
+    MAX_DAY_COST = "max_day_cost"
     DURATION_LIMIT = "max_duration_reached"
     # who answered an outbound call
     VOICEMAIL = "voicemail"
@@ -103,6 +104,7 @@ _POLICY: dict[EndReason, _Rule] = {
     EndReason.MAX_DURATION: _Rule(Prelude.SAY, Finish.HANG_UP),
     EndReason.MAX_TOKENS: _Rule(Prelude.SAY, Finish.HANG_UP),
     EndReason.MAX_COST: _Rule(Prelude.SAY, Finish.HANG_UP),
+    EndReason.MAX_DAY_COST: _Rule(Prelude.SAY, Finish.HANG_UP),
     EndReason.DURATION_LIMIT: _Rule(Prelude.NOTHING, Finish.HANG_UP, overrides=True),
     EndReason.VOICEMAIL: _Rule(Prelude.SAY_NOW, Finish.HANG_UP),
     EndReason.MACHINE: _Rule(Prelude.NOTHING, Finish.HANG_UP),

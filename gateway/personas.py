@@ -33,6 +33,7 @@ class CallPolicy:
     max_call_s: float = 0.0  # 0 = no limit
     max_call_tokens: int = 0  # 0 = no limit
     max_call_usd: float = 0.0  # the call's cost at TOKEN_PRICES; 0 = no limit
+    max_day_usd: float = 0.0  # the persona's calls' cost per UTC day; 0 = no limit
     wrap_up_at: float = 0.9  # the share of any limit at which the model is told `wrap_up`
     wrap_up: str = ""
     silence_timeout_s: float = 0.0  # caller silent this long after the bot spoke; 0 = off
@@ -119,12 +120,15 @@ class PersonaTable:
             by_name[name] = _resolve(name, config, inherited, key, default.model_setting, backend)
         by_number: dict[str, Persona] = {}
         for persona in by_name.values():
-            if persona.policy.max_call_usd and not prices_for(persona.model, settings.token_prices):
-                key = "" if persona.name == DEFAULT else f"personas.{persona.name}."
-                raise ConfigError(
-                    f"invalid setting {key}max_call_usd: needs TOKEN_PRICES ({persona.model} "
-                    "has no price sheet)"
-                )
+            for limit in ("max_call_usd", "max_day_usd"):
+                if getattr(persona.policy, limit) and not prices_for(
+                    persona.model, settings.token_prices
+                ):
+                    key = "" if persona.name == DEFAULT else f"personas.{persona.name}."
+                    raise ConfigError(
+                        f"invalid setting {key}{limit}: needs TOKEN_PRICES ({persona.model} "
+                        "has no price sheet)"
+                    )
             for number in persona.numbers:
                 other = by_number.get(number)
                 if other is not None:
@@ -213,7 +217,10 @@ def _resolve(
     needs: list[tuple[str, tuple[str, ...]]] = [
         ("silence_timeout_s", ("silence_prompt", "silence_goodbye"))
     ]
-    needs += [(limit, ("wrap_up",)) for limit in ("max_call_s", "max_call_tokens", "max_call_usd")]
+    needs += [
+        (limit, ("wrap_up",))
+        for limit in ("max_call_s", "max_call_tokens", "max_call_usd", "max_day_usd")
+    ]
     for switch, texts in needs:
         for text in texts:
             if policy[switch] and not str(policy[text]).strip():

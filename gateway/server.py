@@ -35,6 +35,7 @@ from google.genai import types
 
 from gateway.admission import START_GRACE_S, Admission
 from gateway.backend import Backend, resolve
+from gateway.budget import DayBudget
 from gateway.call import Call
 from gateway.call_factory import PERSONA_PARAMETER, CallFactory
 from gateway.config import Settings
@@ -45,7 +46,7 @@ from gateway.live import sdk as live_sdk
 from gateway.live.models import BackendWatch, probe
 from gateway.logs import bind_call, register_secret
 from gateway.metrics import Metrics, watch_gc
-from gateway.personas import PersonaTable
+from gateway.personas import Persona, PersonaTable
 from gateway.store import CallState, CallStore, StoreError, open_store
 from gateway.transcript import append_record
 from gateway.twilio.protocol import (
@@ -352,7 +353,9 @@ def _clients(
             if found.vertex and found.project is not None:
                 key_setting = "GOOGLE_APPLICATION_CREDENTIALS"
         twilio = rest or TwilioRest(settings.twilio_auth_token.get_secret_value())
-        app[CALLS] = CallFactory(settings, state.personas, live, twilio, state.metrics)
+        app[CALLS] = CallFactory(
+            settings, state.personas, live, twilio, state.metrics, DayBudget(state.store)
+        )
         metrics = state.metrics
         state.backend = BackendWatch(
             functools.partial(probe, live),
@@ -544,6 +547,9 @@ async def voice_webhook(request: web.Request) -> web.Response:
         log.info("turned a call away (%s)", reason)
         return web.Response(text=busy_twiml(), content_type="text/xml")
     persona = state.personas.answering(params, request.query.get(PERSONA_PARAMETER))
+    if await _over_budget(state, request, persona):
+        state.admission.release(call_sid)
+        return web.Response(text=busy_twiml(), content_type="text/xml")
     token = state.tokens.issue(call_sid, account_sid=account_sid, persona=persona.name)
     twiml = connect_stream_twiml(
         state.stream_url,
@@ -551,6 +557,21 @@ async def voice_webhook(request: web.Request) -> web.Response:
         action=state.settings.public_url + CONNECT_ACTION_PATH,
     )
     return web.Response(text=twiml, content_type="text/xml")
+
+
+async def _over_budget(state: GatewayState, request: web.Request, persona: Persona) -> bool:
+    """Whether the persona's spend today has reached its `max_day_usd` (from every
+    replica): then its new calls are turned away, said in a log line and a metric."""
+    limit = persona.policy.max_day_usd
+    try:
+        over = await DayBudget(state.store).over(persona.name, limit)
+    except StoreError as error:
+        _refuse(state, request, "store_unavailable", str(error))
+        raise web.HTTPServiceUnavailable(text="call store unavailable\n") from None
+    if over:
+        state.metrics.rejected.labels(reason="max_day_cost").inc()
+        log.info("turned a call away (persona %s over its day's limit of $%g)", persona.name, limit)
+    return over
 
 
 async def connect_action(request: web.Request) -> web.Response:

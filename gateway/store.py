@@ -19,7 +19,8 @@ Per call (by CallSid) a store holds:
 * whether it was handed off and waits for its next stream (:meth:`CallStore.hand_off`).
 
 And which replicas take calls (:meth:`CallStore.replica_ready`), so that a draining one
-knows whether it can hand its calls off.
+knows whether it can hand its calls off; and what each persona's calls cost per day
+(:meth:`CallStore.add_spend`, for ``gateway.budget``).
 
 Every key expires: a call's state and turns ``ttl_s`` after their last write, its stream
 memory when :meth:`CallStore.stream_ended` says. Keys carry the CallSid in braces, so a
@@ -66,6 +67,8 @@ PASSED: Final = "pass:"
 REPLICAS_KEY: Final = "gw:replicas"
 #: Replicas alive (ready or draining): member the replica, score until when (epoch s).
 ALIVE_KEY: Final = "gw:alive"
+#: A persona's spend on a day, in USD (a float counter): ``gw:spend:<persona>:<day>``.
+SPEND_KEY: Final = "gw:spend:{}:{}"
 #: A replica's subscription that lost Redis tries again after this long.
 RESUBSCRIBE_S: Final = 1.0
 
@@ -213,6 +216,15 @@ class CallStore(Protocol):
         """Announcements of answering-machine results, from every replica."""
         ...
 
+    async def add_spend(self, persona: str, day: str, usd: float, keep_s: float) -> float:
+        """Add ``usd`` to the persona's spend on ``day`` (kept ``keep_s`` from now, at
+        once with the sum); returns the day's total so far, from every replica."""
+        ...
+
+    async def spent(self, persona: str, day: str) -> float:
+        """The persona's spend on ``day`` so far (0 if none)."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections; the state stays where it is."""
         ...
@@ -355,6 +367,15 @@ class MemoryStore:
             yield announcements()
         finally:
             self._feeds.discard(queue)
+
+    async def add_spend(self, persona: str, day: str, usd: float, keep_s: float) -> float:
+        key = ("spend", SPEND_KEY.format(persona, day))
+        total = float(self._get(key) or 0.0) + usd
+        self._put(key, total, keep_s)
+        return total
+
+    async def spent(self, persona: str, day: str) -> float:
+        return float(self._get(("spend", SPEND_KEY.format(persona, day))) or 0.0)
 
     async def aclose(self) -> None:
         pass
@@ -565,6 +586,22 @@ class RedisStore:
                 continue
             if message is not None and message.get("type") == "message":
                 yield str(message["data"])
+
+    async def add_spend(self, persona: str, day: str, usd: float, keep_s: float) -> float:
+        key = SPEND_KEY.format(persona, day)
+        async with _errors("add to a spend"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrbyfloat(key, usd)
+            pipe.pexpire(key, _ms(keep_s))
+            total, _ = await pipe.execute()
+        return float(total)
+
+    async def spent(self, persona: str, day: str) -> float:
+        async with _errors("read a spend"):
+            total = _text(await self._redis.get(SPEND_KEY.format(persona, day)))
+        try:
+            return float(total or 0.0)
+        except ValueError:
+            raise StoreError("unreadable spend") from None
 
     async def aclose(self) -> None:
         await self._redis.aclose()

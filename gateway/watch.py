@@ -14,6 +14,8 @@ what is due:
   call's tokens at TOKEN_PRICES, what the operator pays for it): the same wrap-up once the
   call's tokens or cost reach `wrap_up_at` of the limit. The service counts tokens at the
   end of each model turn, so the call can pass the limit by the goodbye's turn.
+* **Cost per day** (`max_day_usd`, 0 = off: the persona's calls today, from every replica,
+  `gateway.budget`): the same wrap-up once the day's total reaches the limit itself.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Move(StrEnum):
     WRAP_UP_DURATION = "max_duration"  # wrap up, then end
     WRAP_UP_TOKENS = "max_tokens"  # wrap up, then end
     WRAP_UP_COST = "max_cost"  # wrap up, then end
+    WRAP_UP_DAY_COST = "max_day_cost"  # wrap up, then end
     LIMIT = "max_duration_reached"  # end now
 
 
@@ -42,6 +45,7 @@ class CallWatch:
         self._max_s = policy.max_call_s
         self._max_tokens = policy.max_call_tokens
         self._max_usd = policy.max_call_usd
+        self._max_day_usd = policy.max_day_usd
         self._wrap_up_at = policy.wrap_up_at
         self._started_at = started_at
         self._caller_spoke_at = started_at
@@ -83,6 +87,15 @@ class CallWatch:
         if self._max_usd and cost_usd is not None and cost_usd >= self._wrap_up_at * self._max_usd:
             self._wrapped_up = True
             return Move.WRAP_UP_COST
+        return None
+
+    def day_cost(self, total_usd: float) -> Move | None:
+        """The wrap-up, once, when the persona's spend today reaches its daily limit."""
+        if self._wrapped_up or self.ending or not self._max_day_usd:
+            return None
+        if total_usd >= self._max_day_usd:
+            self._wrapped_up = True
+            return Move.WRAP_UP_DAY_COST
         return None
 
     def due(self, now: float) -> tuple[Move | None, float | None]:
