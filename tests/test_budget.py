@@ -31,7 +31,9 @@ from test_features import (
 from gateway.budget import KEEP_AFTER_S, DayBudget, keep_s, utc_day
 from gateway.personas import CallPolicy
 from gateway.store import CallStore, MemoryStore, RedisStore
-from gateway.testing.twilio_sim import CallRejected
+from gateway.testing.harness import AUTH_TOKEN, PUBLIC_URL, TestBed
+from gateway.testing.replicas import replicas
+from gateway.testing.twilio_sim import CallRejected, TwilioCallerSimulator
 from gateway.watch import CallWatch, Move
 
 pytestmark = pytest.mark.usefixtures("no_config_file")
@@ -138,3 +140,36 @@ async def test_a_call_over_the_days_limit_wraps_up_and_the_next_is_turned_away(
     refusals = [r.getMessage() for r in caplog.records if "day's limit" in r.getMessage()]
     assert refusals == ["turned a call away (persona sales over its day's limit of $0.0002)"]
     assert metric(text, "gateway_requests_rejected_total", reason="max_day_cost") == 1
+
+
+def caller(bed: TestBed) -> TwilioCallerSimulator:
+    return TwilioCallerSimulator(bed.http, [bed.gateway_url], PUBLIC_URL, AUTH_TOKEN, speed=SPEED)
+
+
+async def test_a_persona_over_its_days_limit_on_one_replica_is_busy_on_the_other(
+    redis_url: str,
+) -> None:
+    name = "sales" + secrets.token_hex(3)  # the day's counter outlives the test in Redis
+    personas = {name: limited(max_day_usd=0.0002, wrap_up=WRAP_UP)["sales"]}
+    store = RedisStore(redis_url)
+    try:
+        async with replicas(
+            2, redis_url, emulator_config(), personas=personas, token_prices=PRICES
+        ) as (one, two):
+            call = await caller(one).place_call(to=SALES)
+            async with asyncio.timeout(15):
+                while not await DayBudget(store).over(name, 0.0002):  # counted on one
+                    await call.silence(0.1)
+            with pytest.raises(CallRejected) as refused:
+                await caller(two).place_call(to=SALES)
+            async with asyncio.timeout(15):
+                while WRAP_UP not in user_turns(one):  # the call on one wraps up
+                    await call.silence(0.1)
+            await call.hangup()
+            rejected = two.metrics.registry.get_sample_value(
+                "gateway_requests_rejected_total", {"reason": "max_day_cost"}
+            )
+    finally:
+        await store.aclose()
+    assert busy(refused.value.body)
+    assert rejected == 1
