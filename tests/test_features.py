@@ -256,6 +256,11 @@ def test_personas_inherit_the_top_level_and_a_number_picks_its_persona() -> None
             f'[personas.a]\ngemini_model = "{M25}"\nmax_call_usd = 0.5\n',
             "invalid setting personas.a.max_call_usd: needs TOKEN_PRICES",
         ),
+        (
+            f'[personas.a]\ngemini_model = "{M25}"\nmax_day_usd = 20.0\n',
+            "invalid setting personas.a.max_day_usd: needs TOKEN_PRICES",
+        ),
+        ('max_day_usd = 20.0\nwrap_up = ""\n', "invalid setting WRAP_UP: must not be empty"),
     ],
 )
 def test_invalid_persona_configuration_fails_naming_the_key(
