@@ -57,7 +57,7 @@ from gateway.twilio.protocol import (
     MAX_MESSAGE_BYTES,
     StreamProtocolError,
 )
-from gateway.twilio.rest import TwilioRest
+from gateway.twilio.rest import CallControl, RestError, TwilioRest
 from gateway.twilio.stream import WRITER_LIMIT, MediaStream
 from gateway.twilio.twiml import (
     MAX_SUMMARY_CHARS,
@@ -92,10 +92,17 @@ CHECKPOINT_EVERY_S = 1.0
 #: seen gone (it says it is alive every READY_EVERY_S, for three times that).
 RECOVERY_WAIT_S = 5.0
 RECOVERY_POLL_S = 0.1
+#: How long a stream's `stream-error` leaves the `<Connect action>` to recover the call
+#: first, once its replica is seen gone: only when Twilio does not ask the action does the
+#: call go on by a REST redirect (and the action never answers a call a redirect took).
+ACTION_FIRST_S = 2.0
 #: How often a call waiting to be handed off is looked at for a pause.
 PAUSE_POLL_S = 0.05
 #: The voice webhook's `<Connect action>`: Twilio asks it what next when a stream ends.
 CONNECT_ACTION_PATH = "/twilio/connect-action"
+#: The `<Stream statusCallback>`: a stream lost with its replica is recovered from here
+#: when Twilio does not go on to the `<Connect action>`.
+STREAM_STATUS_PATH = "/twilio/stream-status"
 #: Twilio's CallStatus values for a call that is over.
 FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 #: Lines a throttle logs as they come in an interval before it only counts: enough that a
@@ -272,6 +279,7 @@ def create_app(
             web.post("/twilio/recording", recording_webhook),
             web.post("/twilio/whisper", whisper_webhook),
             web.post(CONNECT_ACTION_PATH, connect_action),
+            web.post(STREAM_STATUS_PATH, stream_status),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics_endpoint),
@@ -551,11 +559,7 @@ async def voice_webhook(request: web.Request) -> web.Response:
         state.admission.release(call_sid)
         return web.Response(text=busy_twiml(), content_type="text/xml")
     token = state.tokens.issue(call_sid, account_sid=account_sid, persona=persona.name)
-    twiml = connect_stream_twiml(
-        state.stream_url,
-        {TOKEN_PARAMETER: token, PERSONA_PARAMETER: persona.name},
-        action=state.settings.public_url + CONNECT_ACTION_PATH,
-    )
+    twiml = _stream_twiml(state, token, persona.name)
     return web.Response(text=twiml, content_type="text/xml")
 
 
@@ -572,6 +576,17 @@ async def _over_budget(state: GatewayState, request: web.Request, persona: Perso
         state.metrics.rejected.labels(reason="max_day_cost").inc()
         log.info("turned a call away (persona %s over its day's limit of $%g)", persona.name, limit)
     return over
+
+
+def _stream_twiml(state: GatewayState, token: str, persona: str) -> str:
+    """The call's `<Connect><Stream>`: what next when the stream ends (the action), and
+    how it ended (the status callback)."""
+    return connect_stream_twiml(
+        state.stream_url,
+        {TOKEN_PARAMETER: token, PERSONA_PARAMETER: persona},
+        action=state.settings.public_url + CONNECT_ACTION_PATH,
+        status_callback=state.settings.public_url + STREAM_STATUS_PATH,
+    )
 
 
 async def connect_action(request: web.Request) -> web.Response:
@@ -599,12 +614,52 @@ async def connect_action(request: web.Request) -> web.Response:
         log.info("stream over: the call ends", extra=extra)
         return web.Response(text=end_twiml(), content_type="text/xml")
     log.info("stream over: the call goes on after its hand-off", extra=extra)
-    twiml = connect_stream_twiml(
-        state.stream_url,
-        {TOKEN_PARAMETER: token, PERSONA_PARAMETER: saved.persona},
-        action=state.settings.public_url + CONNECT_ACTION_PATH,
-    )
-    return web.Response(text=twiml, content_type="text/xml")
+    return web.Response(text=_stream_twiml(state, token, saved.persona), content_type="text/xml")
+
+
+async def stream_status(request: web.Request) -> web.Response:
+    """The `<Stream statusCallback>`. A `stream-error` (the stream lost, e.g. with its
+    replica) of a call whose replica is gone: whether Twilio goes on to the `<Connect action>`
+    then is not documented, so a replica also recovers the call from here, redirecting it
+    through the REST API to a new stream (the recovery claim in the store lets one path
+    and one replica do it). Answered at once; the recovery runs on."""
+    state = request.app[STATE]
+    params = await _checked_form(request)
+    call_sid = params.get("CallSid", "")
+    event = params.get("StreamEvent", "")
+    log.info("stream %s", event or "status", extra={"call_sid": call_sid})
+    if event == "stream-error" and call_sid and state.settings.redis_url is not None:
+        account_sid = params.get("AccountSid", "")
+        task = asyncio.get_running_loop().create_task(
+            _recover_by_redirect(state, request.app[CALLS].rest, account_sid, call_sid),
+            name=f"recover-{call_sid}",
+        )
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+    return web.Response(status=204)
+
+
+async def _recover_by_redirect(
+    state: GatewayState, rest: TwilioRest, account_sid: str, call_sid: str
+) -> None:
+    """Once the call's replica is seen gone, redirect the call to a new stream of its own."""
+    try:
+        saved = await _recoverable(state, call_sid, defer_s=ACTION_FIRST_S)
+        if saved is None:
+            return
+        token = await state.tokens.issue_next(
+            call_sid, account_sid=account_sid, persona=saved.persona
+        )
+    except StoreError as error:
+        log.warning("stream lost: not recovered (%s)", error, extra={"call_sid": call_sid})
+        return
+    control = CallControl(rest, account_sid, call_sid, state.settings.public_url)
+    try:
+        await control.redirect(_stream_twiml(state, token, saved.persona))
+    except RestError as error:
+        log.warning("stream lost: redirect failed (%s)", error, extra={"call_sid": call_sid})
+        return
+    log.info("stream lost: the call redirected to a new stream", extra={"call_sid": call_sid})
 
 
 async def status_webhook(request: web.Request) -> web.Response:
@@ -921,10 +976,12 @@ async def _checkpoints(state: GatewayState) -> None:
             saved[call_sid] = handle
 
 
-async def _recoverable(state: GatewayState, call_sid: str) -> CallState | None:
+async def _recoverable(
+    state: GatewayState, call_sid: str, defer_s: float = 0.0
+) -> CallState | None:
     """The last checkpoint of a call whose replica died (its stream lost, Twilio asks the
-    action): once that replica is seen gone (within RECOVERY_WAIT_S), this caller goes on
-    with it, if no one else does."""
+    action): once that replica is seen gone (within RECOVERY_WAIT_S) and `defer_s` more,
+    this caller goes on with it, if no one else does."""
     saved = await state.store.load(call_sid)
     if saved is None or not saved.holder or saved.holder == state.replica:
         return None
@@ -934,6 +991,7 @@ async def _recoverable(state: GatewayState, call_sid: str) -> CallState | None:
         await asyncio.sleep(RECOVERY_POLL_S)
     else:
         return None  # alive: it holds the call still, or ends it
+    await asyncio.sleep(defer_s)
     if not await state.store.claim_recovery(call_sid):
         return None
     state.metrics.hand_offs.labels(outcome="recovered").inc()

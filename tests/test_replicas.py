@@ -28,7 +28,9 @@ from gateway.testing.live_emulator import LiveEmulator
 from gateway.testing.peers import closed_with, new_sid, say_and_hear, start_message, voice_params
 from gateway.testing.replicas import processes, replicas
 from gateway.testing.tls import make_tls
+from gateway.testing.twilio_rest import RestRequest, TwilioRestStandIn
 from gateway.testing.twilio_sim import SimulatedCall, TwilioCallerSimulator
+from gateway.twilio.rest import TwilioRest
 
 if TYPE_CHECKING:
     from conftest import Eventually, LogCapture
@@ -339,3 +341,65 @@ async def test_a_call_goes_on_after_its_process_is_killed(redis_url: str) -> Non
     assert [t.trigger for t in session.turns].count("text") == 1  # one greeting
     closed = [detail for _, kind, detail in call.record.events if kind == "stream_closed"]
     assert closed[0] in ("1006 gateway", "None gateway"), closed
+
+
+async def test_a_lost_stream_goes_on_by_a_rest_redirect(redis_url: str) -> None:
+    """Twilio does not ask the action after a lost stream (the simulator's knob: the call
+    stays up with no stream): the stream's status callback reports stream-error, and the
+    replica that gets it, once the killed process is seen gone, redirects the call through
+    the REST API to a new stream, which goes on with the same Live session."""
+    calls: dict[str, SimulatedCall] = {}
+    redirects: list[asyncio.Task[None]] = []
+
+    async def twilio_redirects(request: RestRequest) -> None:
+        call = calls.get(request.call_sid or "")
+        if call is not None and "Twiml" in request.form:
+            redirects.append(asyncio.create_task(call.redirect(request.form["Twiml"])))
+
+    config = quick_emulator(speed=2.0, handle_interval=0.3)
+    async with TwilioRestStandIn(AUTH_TOKEN) as stand_in:
+        stand_in.on_request = twilio_redirects
+        rest = TwilioRest(AUTH_TOKEN, http_client=stand_in.http_client())
+        try:
+            async with (
+                replicas(1, redis_url, config, rest=rest, greeting="Greet the caller.") as (two,),
+                processes(
+                    1,
+                    two.emulator,
+                    two.emulator.tls.ca_pem_path if two.emulator.tls else "",
+                    REDIS_URL=redis_url,
+                    GREETING="Greet the caller.",
+                    GOAWAY_MARGIN_S="0.2",
+                    CALLER_AUDIO_RATE="4",
+                ) as (one,),
+            ):
+                caller = TwilioCallerSimulator(
+                    two.http,
+                    one.url,
+                    PUBLIC_URL,
+                    AUTH_TOKEN,
+                    speed=2,
+                    action_after_abnormal_close=False,
+                )
+                call = await caller.place_call()
+                calls[call.record.call_sid] = call
+                await await_reply(call, 1, limit_s=15)  # the greeting
+                await say_and_hear(call, 2)
+                await call.silence(4.0)  # a checkpoint holds reply 2 (stored every second)
+                caller.set_bases(two.gateway_url)
+                one.proc.kill()
+                await keep_talking_until(call, lambda: len(call.record.streams) == 2)
+                await say_and_hear(call, 3, freq=410.0)
+                await call.hangup()
+                await asyncio.gather(*redirects)
+        finally:
+            await rest.close()
+
+    record = call.record
+    assert [kind for _, kind, _ in record.events].count("awaiting_redirect") == 1
+    assert not [c for c in record.callbacks if c[0] == "action"]  # no action was asked
+    (redirect,) = stand_in.record.updates(record.call_sid)
+    assert "<Stream" in redirect.form["Twiml"]
+    assert hand_offs(two, "recovered") == 1 and hand_offs(two, "continued") == 1
+    (session,) = two.emulator.record.sessions.values()
+    assert [t.trigger for t in session.turns].count("text") == 1  # one greeting

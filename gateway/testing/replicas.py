@@ -36,6 +36,7 @@ from gateway.testing.harness import (
 )
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.tls import make_tls
+from gateway.twilio.rest import TwilioRest
 
 
 @asynccontextmanager
@@ -43,12 +44,15 @@ async def replicas(
     count: int,
     redis_url: str,
     emulator_config: EmulatorConfig | None = None,
+    *,
+    rest: TwilioRest | None = None,
     **settings_overrides: Any,
 ) -> AsyncIterator[list[TestBed]]:
     """Start the emulator and ``count`` gateways sharing ``redis_url``; stop all on exit.
 
     Each replica is a :class:`TestBed` of its own (its app, metrics and URL); they share
-    the emulator and one HTTP client session.
+    the emulator, one HTTP client session and ``rest`` (their Twilio REST client, e.g. one
+    aimed at `gateway.testing.twilio_rest`'s stand-in; the caller's to close).
     """
     with tempfile.TemporaryDirectory() as tmp:
         tls = make_tls(Path(tmp))
@@ -66,7 +70,7 @@ async def replicas(
                 for _ in range(count):
                     metrics = Metrics()
                     app = create_app(
-                        settings, PersonaTable.from_settings(settings), metrics=metrics
+                        settings, PersonaTable.from_settings(settings), rest=rest, metrics=metrics
                     )
                     with environment(
                         GOOGLE_GEMINI_BASE_URL=emulator.base_url, SSL_CERT_FILE=tls.ca_pem_path

@@ -19,7 +19,9 @@ What it does, like Twilio does for an inbound call answered with ``<Connect><Str
   kept in ``unsent_ulaw``), anything else (``<Response/>``, ``<Hangup/>``) ends the call.
   Twilio documents that it resumes the TwiML only after the server closes the WebSocket; what
   it does after a connection lost without a close frame (a crashed server) is not documented:
-  ``action_after_abnormal_close`` says whether the simulator goes on to the action then;
+  ``action_after_abnormal_close`` says whether the simulator goes on to the action then,
+  or the call stays in progress with no stream until a REST redirect (``redirect``) or a
+  hang-up;
 * posts a ``<Stream statusCallback>`` (signed) on ``stream-started``, ``stream-stopped``
   and, for a stream lost without a close frame (1006), ``stream-error``;
 * spreads its requests over several gateway base URLs, round robin, as a load balancer
@@ -348,6 +350,28 @@ class SimulatedCall:
             self._player.cancel()
             await asyncio.wait({self._player})
 
+    async def redirect(self, twiml: str) -> None:
+        """Twilio's part of a REST redirect (a call update with ``Twiml``) of a call in
+        progress with no stream: run the new TwiML (a ``<Connect><Stream>`` opens a new stream
+        for the same CallSid; anything else ends the call). Redirecting a call while a stream
+        runs is not played here (tests end that stream themselves)."""
+        if self.streaming:
+            raise RuntimeError("redirect while a stream runs: not simulated")
+        if self.closed:
+            return
+        rec = self.record
+        rec.event("redirected", twiml[:200])
+        parsed = _parse_twiml(twiml, self._twiml.action)
+        if parsed is None or not parsed.stream_url:
+            self._mark_closed()
+            return
+        rec.twiml = twiml
+        try:
+            await self._start_stream(parsed)
+        except (aiohttp.ClientError, OSError, CallRejected) as exc:
+            rec.event("redirect_failed", repr(exc))
+            self._mark_closed()
+
     async def wait_closed(self, timeout: float) -> None:  # noqa: ASYNC109 - shared interface
         """Wait until the stream is closed (by the gateway, or by ``hangup``)."""
         async with asyncio.timeout(timeout):
@@ -522,7 +546,11 @@ class SimulatedCall:
             lost = rec.close_code in (None, 1006) and rec.closed_by == "gateway"
             await self._stream_status("stream-error" if lost else "stream-stopped")
             action = self._twiml.action
-            if self._hung_up or not action or (lost and not self._sim.action_after_abnormal_close):
+            if lost and action and not self._sim.action_after_abnormal_close:
+                rec.event("awaiting_redirect")  # in progress, no stream: REST may redirect it
+                continued = True
+                return
+            if self._hung_up or not action:
                 return
             form = {**self._params, "CallStatus": "in-progress"}
             status, body = await self._sim._post("action", self, action, form)

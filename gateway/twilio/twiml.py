@@ -23,14 +23,19 @@ MAX_SUMMARY_CHARS = 600
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
 
 
-def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str], action: str = "") -> str:
+def connect_stream_twiml(
+    stream_url: str, parameters: Mapping[str, str], action: str = "", status_callback: str = ""
+) -> str:
     """TwiML answering a call with a bidirectional ``<Connect><Stream>``.
 
     ``parameters`` arrive back in the stream's ``start.customParameters``. With ``action``,
     Twilio requests that URL once the stream's WebSocket is closed and runs the TwiML it
-    answers: the call can go on with another stream instead of ending.
+    answers: the call can go on with another stream instead of ending. With
+    ``status_callback``, Twilio reports the stream's ``stream-started``, ``stream-stopped``
+    and ``stream-error`` there (POST).
     """
-    stream = Stream(url=stream_url)
+    callback = {"status_callback": status_callback, "status_callback_method": "POST"}
+    stream = Stream(url=stream_url, **(callback if status_callback else {}))
     for name, value in parameters.items():
         stream.append(Parameter(name=name, value=value))
     connect = Connect(action=action) if action else Connect()
