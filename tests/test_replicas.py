@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
+import pytest
 from aiohttp import ClientSession
 from twilio.request_validator import RequestValidator
 
@@ -170,16 +171,22 @@ async def test_the_connect_action_ends_a_call_whose_stream_ended(redis_url: str)
         await call.hangup()
 
 
-async def test_the_connect_action_is_signature_checked(redis_url: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "status"), [("/twilio/connect-action", 200), ("/twilio/stream-status", 204)]
+)
+async def test_the_connect_action_and_stream_status_are_signature_checked(
+    redis_url: str, path: str, status: int
+) -> None:
+    """Signed: answered (a stream-error of a call no replica held: nothing to recover);
+    forged: 403."""
     async with replicas(1, redis_url, quick_emulator()) as (one,):
-        params = voice_params(new_sid("CA"))
-        assert (await post_signed(one, "/twilio/connect-action", params))[0] == 200
+        params = {**voice_params(new_sid("CA")), "StreamEvent": "stream-error"}
+        assert (await post_signed(one, path, params))[0] == status
         async with one.http.post(
-            one.gateway_url + "/twilio/connect-action",
-            data=params,
-            headers={"X-Twilio-Signature": "forged"},
+            one.gateway_url + path, data=params, headers={"X-Twilio-Signature": "forged"}
         ) as resp:
             assert resp.status == 403
+        assert hand_offs(one, "recovered") == 0
 
 
 # ------------------------------------------------------------------ hand-off on a drain
