@@ -627,7 +627,8 @@ async def stream_status(request: web.Request) -> web.Response:
     params = await _checked_form(request)
     call_sid = params.get("CallSid", "")
     event = params.get("StreamEvent", "")
-    log.info("stream %s", event or "status", extra={"call_sid": call_sid})
+    ids = {"call_sid": call_sid, "stream_sid": params.get("StreamSid", "")}
+    log.info("stream %s", event or "status", extra=ids)
     if event == "stream-error" and call_sid and state.settings.redis_url is not None:
         account_sid = params.get("AccountSid", "")
         task = asyncio.get_running_loop().create_task(

@@ -877,7 +877,13 @@ class TwilioCallerSimulator:
         async with self._http.post(
             self._rewrite(url),
             data=form,
-            headers={"X-Twilio-Signature": signature, "User-Agent": "TwilioProxy/1.1"},
+            # A callback after the stream is the call's last word to this gateway: its
+            # connection is not kept alive (a test sees nothing of the call left behind).
+            headers={
+                "X-Twilio-Signature": signature,
+                "User-Agent": "TwilioProxy/1.1",
+                "Connection": "close",
+            },
         ) as resp:
             body = await resp.text()
         call.record.callbacks.append((kind, urlsplit(url).path, form, resp.status))
