@@ -62,6 +62,17 @@ async def replay_start(bed: TestBed, http: ClientSession, start: str) -> tuple[i
         await ws.close()
 
 
+def process_env(redis_url: str) -> dict[str, str]:
+    """What the `python -m gateway` replicas of these tests share: the Redis, a greeting
+    (a continued call must not say it again), the test bed's compressed timing."""
+    return {
+        "REDIS_URL": redis_url,
+        "GREETING": "Greet the caller.",
+        "GOAWAY_MARGIN_S": "0.2",
+        "CALLER_AUDIO_RATE": "4",
+    }
+
+
 def stream_errors(bed: TestBed, reason: str) -> float:
     value = bed.metrics.registry.get_sample_value("gateway_stream_errors_total", {"reason": reason})
     return value or 0.0
@@ -272,10 +283,7 @@ async def test_sigterm_hands_a_call_to_the_other_process(redis_url: str) -> None
                 2,
                 emulator,
                 tls.ca_pem_path,
-                REDIS_URL=redis_url,
-                GREETING="Greet the caller.",
-                GOAWAY_MARGIN_S="0.2",
-                CALLER_AUDIO_RATE="4",
+                **process_env(redis_url),
             ) as (one, two),
             aiohttp.ClientSession() as http,
         ):
@@ -322,10 +330,7 @@ async def test_a_call_goes_on_after_its_process_is_killed(redis_url: str) -> Non
                 2,
                 emulator,
                 tls.ca_pem_path,
-                REDIS_URL=redis_url,
-                GREETING="Greet the caller.",
-                GOAWAY_MARGIN_S="0.2",
-                CALLER_AUDIO_RATE="4",
+                **process_env(redis_url),
             ) as (one, two),
             aiohttp.ClientSession() as http,
         ):
@@ -374,10 +379,7 @@ async def test_a_lost_stream_goes_on_by_a_rest_redirect(redis_url: str) -> None:
                     1,
                     two.emulator,
                     two.emulator.tls.ca_pem_path if two.emulator.tls else "",
-                    REDIS_URL=redis_url,
-                    GREETING="Greet the caller.",
-                    GOAWAY_MARGIN_S="0.2",
-                    CALLER_AUDIO_RATE="4",
+                    **process_env(redis_url),
                 ) as (one,),
             ):
                 caller = TwilioCallerSimulator(
