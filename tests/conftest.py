@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ PROFILE_MODELS = (
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _cap_address_space()
     config.addinivalue_line(
         "markers",
         "per_profile(*models): run against the default model and these (every profile in "
@@ -67,6 +69,25 @@ def live_model(request: pytest.FixtureRequest) -> Iterator[str]:
         yield model
     finally:
         harness.MODEL = harness.DEFAULT_MODEL
+
+
+#: A test process's address space: a test run away (a loop that never yields, appending to a
+#: list) fails with MemoryError in that test, instead of taking the machine's memory until
+#: the kernel kills a process, while every other test on the machine crawls (CI saw two
+#: workers grow to 24 GB each and a neighbour's call stall for 15 minutes). A worker of the
+#: suite maps under 1 GB.
+TEST_PROCESS_ADDRESS_SPACE = 8 << 30
+
+
+def _cap_address_space() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = (
+        TEST_PROCESS_ADDRESS_SPACE
+        if hard == resource.RLIM_INFINITY
+        else min(TEST_PROCESS_ADDRESS_SPACE, hard)
+    )
+    if soft == resource.RLIM_INFINITY or soft > cap:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -594,6 +594,27 @@ async def test_caller_audio_between_streams_is_kept_as_unsent(harness: Harness) 
     assert call.record.closed_by == "caller" and call.closed
 
 
+async def test_audio_after_the_hang_up_takes_its_time_and_sends_nothing(
+    harness: Harness,
+) -> None:
+    """A caller who hung up sends nothing, but the audio's time passes: a test that talks
+    until the call is closed (``while not call.closed: await call.silence(0.1)``) gives the
+    loop's other tasks their turn. Returning at once, that loop spun, never yielding, and
+    grew its record until the machine ran out of memory."""
+    call, conn = await harness.call(speed=4.0)
+    await call.hangup()
+    while (await conn.inbox.get())[1] is not None:
+        pass
+    others_ran: list[bool] = []
+    asyncio.get_running_loop().call_soon(others_ran.append, True)
+    sent = len(call.record.sent_ulaw)
+    t0 = time.monotonic()
+    await call.silence(0.4)
+    assert others_ran == [True]
+    assert time.monotonic() - t0 >= 0.4 / 4.0 - 0.005  # its frames' time at speed 4
+    assert len(call.record.sent_ulaw) == sent and not call.record.unsent_ulaw
+
+
 @pytest.mark.parametrize("goes_on", [True, False])
 async def test_a_stream_lost_without_a_close_frame(harness: Harness, goes_on: bool) -> None:
     """stream-error, then the action or not, as the knob says (Twilio does not document it)."""

@@ -410,6 +410,8 @@ class SimulatedCall:
 
         A trailing partial frame is padded with silence, as Twilio only sends whole frames.
         Back-to-back calls continue one schedule; after an idle gap it restarts at now.
+        Once the caller has hung up nothing is sent, but the audio's time still passes: a
+        loop that talks until the call is closed must yield to the tasks that close it.
         """
         if not ulaw:
             return
@@ -417,9 +419,11 @@ class SimulatedCall:
             step = FRAME_SECONDS / self._speed
             now = time.monotonic()
             due = self._next_frame_at if self._next_frame_at > now - step else now
+            end = due + step * -(-len(ulaw) // FRAME_BYTES)
             self.record.event("audio_tx", str(len(ulaw)))
             for off in range(0, len(ulaw), FRAME_BYTES):
                 if self.closed or self._hung_up:
+                    await asyncio.sleep(max(0.0, end - time.monotonic()))
                     return
                 frame = ulaw[off : off + FRAME_BYTES]
                 if len(frame) < FRAME_BYTES:
@@ -429,6 +433,7 @@ class SimulatedCall:
                     await asyncio.sleep(delay)
                 if not await self._send_media(frame, due):
                     if self.closed or self._hung_up:
+                        await asyncio.sleep(max(0.0, end - time.monotonic()))
                         return
                     self.record.unsent_ulaw += frame  # between two streams: no one hears it
                 due += step
