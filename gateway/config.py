@@ -4,7 +4,9 @@ Missing or malformed settings stop the start with one line naming them all
 (`ConfigError`), never a pydantic traceback.
 
 Every setting is declared once, here, with its check and default; `config/gateway.toml`
-documents the same defaults (a test holds the two together). The Live session's knobs are
+documents the same defaults (a test holds the two together). The keys a persona may set
+are declared in `PersonaSettings`: `Settings` inherits them as the default persona, and a
+`[personas.NAME]` table (`PersonaConfig`) sets any of them. The Live session's knobs are
 declared in `gateway.live.settings.LiveSettings` (the Live package reads them there) and
 nest here as `Settings.live`, handed to each call as they are; they are read from flat keys
 and variables (`REPLAY_LIMIT_S`), as operators have always set them.
@@ -94,64 +96,80 @@ TOKEN_KINDS = frozenset(
 )
 
 
-class PersonaConfig(BaseModel):
-    """One `[personas.NAME]` table; a key left out takes the top-level setting."""
+class PersonaSettings(BaseModel):
+    """The keys a persona may set, each declared once with its check and default: the
+    top-level settings (`Settings` inherits them, so a variable such as `VOICE` sets the
+    default persona) and every `[personas.NAME]` table (`PersonaConfig`, where the keys
+    a table sets override what it inherits) read these same fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    numbers: list[str] = []
-    gemini_model: str | None = None
+    gemini_model: str = "gemini-3.8-live"
+    # The model's own settings, checked against its profile at start (gateway.live.profiles):
+    # unset, the model's default.
     thinking_level: ThinkingLevel | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
+    # The service's voice activity detection: how readily it hears speech start and end,
+    # audio kept before a start, the silence that ends a turn (ms); unset: its defaults.
     vad_start_sensitivity: Sensitivity | None = None
     vad_end_sensitivity: Sensitivity | None = None
     vad_prefix_padding_ms: int | None = Field(default=None, ge=0)
     vad_silence_ms: int | None = Field(default=None, ge=0)
-    barge_in: bool | None = None
-    input_transcription: bool | None = None
-    output_transcription: bool | None = None
-    system_instruction: str | None = None
-    voice: str | None = None
-    language: str | None = None
-    greeting: str | None = None
-    tools: list[ToolName] | None = None
-    transfer_to: dict[str, str] | None = None
-    record: bool | None = None
-    voicemail: str | None = None
-    max_call_s: float | None = Field(default=None, ge=0)
-    max_call_tokens: int | None = Field(default=None, ge=0)
-    max_call_usd: float | None = Field(default=None, ge=0)
-    max_day_usd: float | None = Field(default=None, ge=0)
-    wrap_up_at: float | None = Field(default=None, gt=0, le=1)
-    wrap_up: str | None = None
-    silence_timeout_s: float | None = Field(default=None, ge=0)
-    silence_prompt: str | None = None
-    silence_goodbye: str | None = None
+    barge_in: bool = True  # the caller's speech interrupts the model (false: it finishes)
+    # Transcripts of what the caller and the model say (the transcript file, the brief of
+    # a fresh session after a refused handle, telling a resumed model's repeat need them).
+    input_transcription: bool = True
+    output_transcription: bool = True
+    system_instruction: str = "You are a friendly, concise phone assistant. Keep answers short."
+    voice: str = "Puck"
+    greeting: str = GREETING
+    language: str = ""  # BCP-47 speech language (e.g. en-US); empty: the model's choice
+    tools: list[ToolName] = []
+    transfer_to: dict[str, str] = {}  # name -> E.164 number or sip: address
+    # What the gateway does on its own during a call (see personas.CallPolicy).
+    record: bool = False
+    voicemail: str = ""
+    max_call_s: float = Field(default=0.0, ge=0)
+    max_call_tokens: int = Field(default=0, ge=0)
+    max_call_usd: float = Field(default=0.0, ge=0)  # needs TOKEN_PRICES
+    max_day_usd: float = Field(default=0.0, ge=0)  # per persona and UTC day; needs TOKEN_PRICES
+    wrap_up_at: float = Field(default=0.9, gt=0, le=1)
+    wrap_up: str = WRAP_UP
+    silence_timeout_s: float = Field(default=0.0, ge=0)
+    silence_prompt: str = SILENCE_PROMPT
+    silence_goodbye: str = SILENCE_GOODBYE
+
+    @field_validator("transfer_to")
+    @classmethod
+    def _transfer_to(cls, value: dict[str, str]) -> dict[str, str]:
+        return {name: phone_address(target) for name, target in value.items()}
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, value: str) -> str:
+        if value and not _LANGUAGE.match(value):
+            raise ValueError(f"not a BCP-47 language code such as en-US: {value!r}")
+        return value
+
+    def persona_keys(self) -> dict[str, Any]:
+        """The per-persona keys' values: what a persona table inherits from these."""
+        return {name: getattr(self, name) for name in PersonaSettings.model_fields}
+
+
+class PersonaConfig(PersonaSettings):
+    """One `[personas.NAME]` table: the numbers it answers and the keys it sets
+    (`overrides`); a key left out takes the top-level setting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    numbers: list[str] = []
 
     @field_validator("numbers")
     @classmethod
     def _numbers(cls, value: list[str]) -> list[str]:
         return [phone_address(v) for v in value]
 
-    @field_validator("transfer_to")
-    @classmethod
-    def _targets(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        return None if value is None else _transfer_targets(value)
-
-    @field_validator("language")
-    @classmethod
-    def _language(cls, value: str | None) -> str | None:
-        return None if value is None else _language_code(value)
-
-
-def _transfer_targets(value: dict[str, str]) -> dict[str, str]:
-    return {name: phone_address(target) for name, target in value.items()}
-
-
-def _language_code(value: str) -> str:
-    if value and not _LANGUAGE.match(value):
-        raise ValueError(f"not a BCP-47 language code such as en-US: {value!r}")
-    return value
+    def overrides(self) -> dict[str, Any]:
+        """The per-persona keys this table sets, with their values."""
+        return {name: getattr(self, name) for name in self.model_fields_set - {"numbers"}}
 
 
 class _LiveVariables(PydanticBaseSettingsSource):
@@ -166,8 +184,9 @@ class _LiveVariables(PydanticBaseSettingsSource):
         return {name: found[name] for name in LiveSettings.model_fields if name in found}
 
 
-class Settings(BaseSettings):
-    """Everything the gateway reads from its configuration."""
+class Settings(PersonaSettings, BaseSettings):
+    """Everything the gateway reads from its configuration: its own settings here, the
+    default persona's (`PersonaSettings`) inherited."""
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
@@ -196,43 +215,9 @@ class Settings(BaseSettings):
     )
     google_cloud_project: str = ""
     google_cloud_location: str = ""
-    gemini_model: str = "gemini-3.8-live"
     # How often the key and the models are checked again with the backend's models API
     # (at start, a refusal stops the gateway; later, /readyz fails while it lasts).
     model_check_interval_s: float = Field(default=300.0, gt=0)
-    # The model's own settings (per persona too), checked against its profile at start
-    # (gateway.live.profiles): unset, the model's default.
-    thinking_level: ThinkingLevel | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    # The service's voice activity detection: how readily it hears speech start and end,
-    # audio kept before a start, the silence that ends a turn (ms); unset: its defaults.
-    vad_start_sensitivity: Sensitivity | None = None
-    vad_end_sensitivity: Sensitivity | None = None
-    vad_prefix_padding_ms: int | None = Field(default=None, ge=0)
-    vad_silence_ms: int | None = Field(default=None, ge=0)
-    barge_in: bool = True  # the caller's speech interrupts the model (false: it finishes)
-    # Transcripts of what the caller and the model say (the transcript file, the brief of
-    # a fresh session after a refused handle, telling a resumed model's repeat need them).
-    input_transcription: bool = True
-    output_transcription: bool = True
-    system_instruction: str = "You are a friendly, concise phone assistant. Keep answers short."
-    voice: str = "Puck"
-    greeting: str = GREETING
-    language: str = ""  # BCP-47 speech language (e.g. en-US); empty: the model's choice
-    tools: list[ToolName] = []
-    transfer_to: dict[str, str] = {}  # name -> E.164 number or sip: address
-    # What the gateway does on its own during a call (per persona; see personas.Persona).
-    record: bool = False
-    voicemail: str = ""
-    max_call_s: float = Field(default=0.0, ge=0)
-    max_call_tokens: int = Field(default=0, ge=0)
-    max_call_usd: float = Field(default=0.0, ge=0)  # needs TOKEN_PRICES
-    max_day_usd: float = Field(default=0.0, ge=0)  # per persona and UTC day; needs TOKEN_PRICES
-    wrap_up_at: float = Field(default=0.9, gt=0, le=1)
-    wrap_up: str = WRAP_UP
-    silence_timeout_s: float = Field(default=0.0, ge=0)
-    silence_prompt: str = SILENCE_PROMPT
-    silence_goodbye: str = SILENCE_GOODBYE
     token_prices: dict[str, float] = {}  # USD per million tokens, by TOKEN_KINDS
     personas: dict[str, PersonaConfig] = {}
     transcript_dir: Path | None = None  # one JSON Lines file per call; unset: off
@@ -337,16 +322,6 @@ class Settings(BaseSettings):
                 "ALLOW_HTTP_PUBLIC_URL=true allows http:// for a test bed without Twilio"
             )
         return value.rstrip("/")
-
-    @field_validator("transfer_to")
-    @classmethod
-    def _transfer_to(cls, value: dict[str, str]) -> dict[str, str]:
-        return _transfer_targets(value)
-
-    @field_validator("language")
-    @classmethod
-    def _language(cls, value: str) -> str:
-        return _language_code(value)
 
     @field_validator("token_prices")
     @classmethod

@@ -12,15 +12,20 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import TypeVar
 
-from gateway.config import ConfigError, PersonaConfig, Settings, ToolName, address_key
+from gateway.config import (
+    ConfigError,
+    PersonaConfig,
+    PersonaSettings,
+    Settings,
+    ToolName,
+    address_key,
+)
 from gateway.live.profiles import BackendName, ModelSettings, problems, profile_for
 from gateway.usage import prices_for
 
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -92,24 +97,14 @@ class PersonaTable:
     @classmethod
     def from_settings(cls, settings: Settings) -> PersonaTable:
         """Resolve inheritance and check what a single key cannot: raises ConfigError."""
-        base = PersonaConfig(
-            gemini_model=settings.gemini_model,
-            **{key: getattr(settings, key) for key in _MODEL_KEYS},
-            system_instruction=settings.system_instruction,
-            voice=settings.voice,
-            language=settings.language,
-            greeting=settings.greeting,
-            tools=list(settings.tools),
-            transfer_to=dict(settings.transfer_to),
-            **{key: getattr(settings, key) for key in _POLICY_KEYS},
-        )
+        base = PersonaSettings.model_construct(**settings.persona_keys())
         configs = dict(settings.personas)
         default_config = configs.pop(DEFAULT, PersonaConfig())
         default_key = f"personas.{DEFAULT}" if DEFAULT in settings.personas else ""
         backend: BackendName = "vertex" if settings.vertexai else "gemini"
         default = _resolve(DEFAULT, default_config, base, default_key, "GEMINI_MODEL", backend)
         # Named personas inherit the top level, then what [personas.default] changed.
-        inherited = base.model_copy(update=default_config.model_dump(exclude_unset=True))
+        inherited = base.model_copy(update=default_config.overrides())
         by_name = {DEFAULT: default}
         for name, config in configs.items():
             if not _NAME.match(name):
@@ -151,31 +146,15 @@ class PersonaTable:
 _POLICY_KEYS = tuple(f.name for f in fields(CallPolicy))
 
 
-# Keys of what the setup asks of the model (gateway.live.profiles.ModelSettings), inherited
-# like the others and checked against the model's profile.
-_MODEL_KEYS = (
-    "thinking_level",
-    "temperature",
-    "vad_start_sensitivity",
-    "vad_end_sensitivity",
-    "vad_prefix_padding_ms",
-    "vad_silence_ms",
-    "barge_in",
-    "input_transcription",
-    "output_transcription",
-)
-
-
-def _pick(own: T | None, inherited: T | None, fallback: T) -> T:
-    if own is not None:
-        return own
-    return inherited if inherited is not None else fallback
+# Keys of what the setup asks of the model (gateway.live.profiles.ModelSettings), checked
+# against the model's profile.
+_MODEL_KEYS = tuple(f.name for f in fields(ModelSettings))
 
 
 def _resolve(
     name: str,
     config: PersonaConfig,
-    base: PersonaConfig,
+    base: PersonaSettings,
     key: str,
     base_model: str,
     backend: BackendName,
@@ -186,8 +165,10 @@ def _resolve(
     def where(setting: str) -> str:
         return f"{key}.{setting}" if key else setting.upper()
 
-    tools = tuple(dict.fromkeys(_pick(config.tools, base.tools, [])))
-    transfer_to = _pick(config.transfer_to, base.transfer_to, {})
+    own = config.overrides()
+    values = base.model_copy(update=own)
+    tools = tuple(dict.fromkeys(values.tools))
+    transfer_to = values.transfer_to
     if "transfer_call" in tools and not transfer_to:
         raise ConfigError(
             f"missing setting {where('transfer_to')} (the transfer_call tool needs a target)"
@@ -198,22 +179,16 @@ def _resolve(
                 f"invalid setting {where('transfer_to')}.{target}: "
                 "a name is 1-40 letters, digits, - or _"
             )
-    model = _pick(config.gemini_model, base.gemini_model, "")
+    model = values.gemini_model
     if not model.strip():
         raise ConfigError(f"invalid setting {where('gemini_model')}: must not be empty")
-    model_settings = ModelSettings(
-        **{
-            key: _pick(getattr(config, key), getattr(base, key), None)
-            for key in _MODEL_KEYS
-            if _pick(getattr(config, key), getattr(base, key), None) is not None
-        }
-    )
+    model_settings = ModelSettings(**{key: getattr(values, key) for key in _MODEL_KEYS})
     for setting, why in problems(profile_for(model, backend), model_settings):
         raise ConfigError(f"invalid setting {where(setting)}: {why}")
-    instruction = _pick(config.system_instruction, base.system_instruction, "")
+    instruction = values.system_instruction
     if not instruction.strip():
         raise ConfigError(f"invalid setting {where('system_instruction')}: must not be empty")
-    policy = {key: _pick(getattr(config, key), getattr(base, key), None) for key in _POLICY_KEYS}
+    policy = {key: getattr(values, key) for key in _POLICY_KEYS}
     needs: list[tuple[str, tuple[str, ...]]] = [
         ("silence_timeout_s", ("silence_prompt", "silence_goodbye"))
     ]
@@ -231,11 +206,11 @@ def _resolve(
         name=name,
         system_instruction=instruction,
         model=model,
-        model_setting=where("gemini_model") if config.gemini_model is not None else base_model,
+        model_setting=where("gemini_model") if "gemini_model" in own else base_model,
         model_settings=model_settings,
-        voice=_pick(config.voice, base.voice, "") or None,
-        language=_pick(config.language, base.language, "") or None,
-        greeting=_pick(config.greeting, base.greeting, ""),
+        voice=values.voice or None,
+        language=values.language or None,
+        greeting=values.greeting,
         tools=tools,
         transfer_to=dict(transfer_to),
         numbers=tuple(config.numbers),
