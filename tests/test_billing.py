@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from feature_helpers import keep_line_open, metric
 
 from gateway.server import STATE
 from gateway.testing import billing
 from gateway.testing.billing import Bill, BillingProfile, Context, Turn, bill_turn
 from gateway.testing.harness import quick_emulator, test_bed
-from gateway.testing.twilio_sim import SimulatedCall
 
 SECOND = billing.BYTES_PER_SECOND
 SETUP = {
@@ -134,22 +132,6 @@ def test_profiles_by_model_and_the_bill_in_either_backends_shape() -> None:
 
 
 # ------------------------------------------------------------------ the gateway agrees
-
-
-async def keep_line_open(call: SimulatedCall, until: Any, limit_s: float = 20.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not until():
-        assert time.monotonic() < deadline, "timed out"
-        assert not call.closed, "call closed"
-        await call.silence(0.1)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
 
 
 async def test_the_gateways_usage_and_metrics_agree_with_the_emulators_bill_across_a_reset() -> (

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 
 import pytest
-from test_features import (
+from feature_helpers import (
     PERSONAS,
     PRICES,
     SALES,
@@ -20,11 +20,11 @@ from test_features import (
     WRAP_UP,
     bed_with_rest,
     emulator_config,
-    keep_line_open,
     last_mark_echoed,
     limited,
     metric,
     scrape,
+    until_hung_up,
     user_turns,
 )
 
@@ -123,8 +123,7 @@ async def test_a_call_over_the_days_limit_wraps_up_and_the_next_is_turned_away(
     ):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
         calls[call.record.call_sid] = call
-        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-        await call.wait_closed(10)
+        await until_hung_up(rest, call)
         with pytest.raises(CallRejected) as refused:
             await bed.caller(speed=SPEED).place_call(to=SALES)
         other = await bed.caller(speed=SPEED).place_call(to=SUPPORT)  # its own budget

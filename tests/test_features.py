@@ -9,17 +9,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import tomllib
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from feature_helpers import (
+    GREETING,
+    PERSONAS,
+    PRICES,
+    REPLY_S,
+    SALES,
+    SPEED,
+    SUPPORT,
+    WRAP_UP,
+    bed_with_rest,
+    emulator_config,
+    keep_line_open,
+    last_mark_echoed,
+    limited,
+    metric,
+    scrape,
+    until_hung_up,
+    user_turns,
+)
 from twilio.request_validator import RequestValidator
 
 import gateway
@@ -40,12 +55,10 @@ from gateway.testing.harness import (
     AUTH_TOKEN,
     PUBLIC_URL,
     TestBed,
-    quick_emulator,
     test_bed,
     test_settings,
 )
-from gateway.testing.live_emulator import EmulatorConfig
-from gateway.testing.twilio_rest import RestRequest, TwilioRestStandIn
+from gateway.testing.twilio_rest import TwilioRestStandIn
 from gateway.testing.twilio_sim import SimulatedCall
 from gateway.tools import CallTools
 from gateway.twilio.rest import CallControl, TwilioRest
@@ -54,66 +67,6 @@ M25 = "gemini-2.5-flash-native-audio-preview-12-2025"
 
 # Only the settings a test gives: the repo's config/gateway.toml stays out of it.
 pytestmark = pytest.mark.usefixtures("no_config_file")
-SPEED = 2.0
-REPLY_S = 0.8
-SALES = "+15550100011"
-SUPPORT = "+15550100012"
-GREETING = "Greet the caller and ask how you can help."
-PERSONAS: dict[str, Any] = {
-    "sales": {
-        "numbers": [SALES],
-        "system_instruction": "You sell things.",
-        "voice": "Kore",
-        "language": "en-US",
-        "greeting": GREETING,
-        "tools": ["end_call", "transfer_call"],
-        "transfer_to": {"desk": "+15550100099", "pbx": "sip:desk@pbx.example.com"},
-    },
-    "support": {"numbers": [SUPPORT], "system_instruction": "You fix things."},
-}
-
-
-def emulator_config(**overrides: Any) -> EmulatorConfig:
-    return quick_emulator(
-        **{"speed": SPEED, "reply_s": REPLY_S, "handle_interval": 0.3, **overrides}
-    )
-
-
-@asynccontextmanager
-async def bed_with_rest(
-    config: EmulatorConfig, personas: dict[str, Any] | None = None, **settings: Any
-) -> AsyncIterator[tuple[TestBed, TwilioRestStandIn, dict[str, SimulatedCall]]]:
-    """A test bed whose REST requests go to a stand-in that, like Twilio, ends the media
-    stream of a call it hangs up or redirects (for the calls in the returned dict)."""
-    calls: dict[str, SimulatedCall] = {}
-    ended: list[asyncio.Task[None]] = []
-
-    async def twilio_ends_stream(request: RestRequest) -> None:
-        call = calls.get(request.call_sid or "")
-        if call is not None and (
-            request.form.get("Status") == "completed" or "Twiml" in request.form
-        ):
-            ended.append(asyncio.create_task(call.hangup()))
-
-    async with TwilioRestStandIn(AUTH_TOKEN) as rest:
-        rest.on_request = twilio_ends_stream
-        client = TwilioRest(AUTH_TOKEN, http_client=rest.http_client())
-        try:
-            table = PERSONAS if personas is None else personas
-            async with test_bed(config, personas=table, rest=client, **settings) as bed:
-                yield bed, rest, calls
-                await asyncio.gather(*ended)
-        finally:
-            await client.close()
-
-
-async def keep_line_open(call: SimulatedCall, until: Any, limit_s: float = 15.0) -> None:
-    """Stream silence, as Twilio does, until `until()` holds."""
-    deadline = time.monotonic() + limit_s
-    while not until():
-        assert time.monotonic() < deadline, "timed out"
-        assert not call.closed, "call closed"
-        await call.silence(0.1)
 
 
 def heard_in_full(call: SimulatedCall, n: int) -> bool:
@@ -131,11 +84,6 @@ def reply_done(bed: TestBed, call: SimulatedCall, n: int) -> bool:
     )
     played = len(call.record.marks_echoed) == len(call.record.marks_received) > 0
     return done and played and heard_in_full(call, n)
-
-
-def last_mark_echoed(call: SimulatedCall) -> float:
-    """When the caller's side confirmed the last reply had played (Twilio's mark echo)."""
-    return call.record.marks_echoed[-1][0]
 
 
 def camel(value: Any) -> Any:
@@ -359,8 +307,7 @@ async def test_end_call_hangs_up_only_after_the_goodbye_was_heard() -> None:
         calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: reply_done(bed, call, 1))  # the greeting
         await call.send_dtmf("9")  # "the caller pressed the key 9": the model says goodbye
-        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-        await call.wait_closed(10)
+        await until_hung_up(rest, call)
 
     (update,) = rest.record.updates()
     assert update.form == {"Status": "completed"}
@@ -388,8 +335,7 @@ async def test_transfer_call_redirects_to_the_configured_sip_address() -> None:
         calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
         await call.send_dtmf("0")
-        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-        await call.wait_closed(10)
+        await until_hung_up(rest, call)
 
     (update,) = rest.record.updates()
     sid, account = call.record.call_sid, call.record.account_sid
@@ -674,9 +620,6 @@ async def test_the_live_session_reports_the_services_token_counts_by_modality() 
     assert usage.total_tokens == text + reply
 
 
-PRICES = {"prompt_audio": 3.0, "prompt_text": 0.5, "response_audio": 12.0}
-
-
 def the_call(bed: TestBed) -> Call:
     (call,) = bed.app[STATE].calls
     return call
@@ -685,20 +628,6 @@ def the_call(bed: TestBed) -> Call:
 def transcript_lines(directory: Path, call: SimulatedCall) -> list[dict[str, Any]]:
     path = directory / f"{call.record.call_sid}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-async def scrape(bed: TestBed) -> str:
-    async with bed.http.get(bed.gateway_url + "/metrics") as resp:
-        assert resp.status == 200
-        return await resp.text()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
 
 
 async def test_a_calls_tokens_are_summed_into_its_log_line_transcript_and_metrics(
@@ -749,21 +678,6 @@ async def test_a_calls_tokens_are_summed_into_its_log_line_transcript_and_metric
 
 # ------------------------------------------------------------------------ limits, silence
 
-WRAP_UP = "Time is up: say goodbye."
-
-
-def user_turns(bed: TestBed) -> list[str]:
-    """The text turns the model got (greeting, instructions, keys), in order."""
-    (session,) = bed.emulator.record.sessions.values()
-    return [
-        text for role, text in session.history_text if role == "user" and "utterance" not in text
-    ]
-
-
-def limited(**keys: Any) -> dict[str, Any]:
-    """The sales persona (it greets) with these keys, and no tools."""
-    return {"sales": {**PERSONAS["sales"], "tools": [], **keys}}
-
 
 async def test_at_the_duration_limit_the_model_wraps_up_and_the_call_ends_once_it_was_heard(
     tmp_path: Path,
@@ -777,8 +691,7 @@ async def test_at_the_duration_limit_the_model_wraps_up_and_the_call_ends_once_i
     ):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
         calls[call.record.call_sid] = call
-        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-        await call.wait_closed(10)
+        await until_hung_up(rest, call)
         text = await scrape(bed)
 
     # At 2.5 s of 10 the model was told to wrap up; its goodbye (reply 2) was heard in full,
@@ -802,8 +715,7 @@ async def test_at_the_duration_limit_itself_the_call_ends_even_mid_reply() -> No
     async with bed_with_rest(config, persona) as (bed, rest, calls):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
         calls[call.record.call_sid] = call
-        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-        await call.wait_closed(10)
+        await until_hung_up(rest, call)
         text = await scrape(bed)
 
     # The wrap-up waited for the model to finish its words, which it never did.
@@ -834,8 +746,7 @@ async def test_near_a_token_or_cost_limit_the_model_wraps_up_and_the_call_ends_o
     ):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
         calls[call.record.call_sid] = call
-        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-        await call.wait_closed(10)
+        await until_hung_up(rest, call)
         text = await scrape(bed)
 
     assert user_turns(bed) == [GREETING, WRAP_UP]
@@ -866,8 +777,7 @@ async def test_a_silent_caller_is_checked_on_then_the_call_ends_after_the_goodby
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
         calls[call.record.call_sid] = call
         # The caller never says a word.
-        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-        await call.wait_closed(10)
+        await until_hung_up(rest, call)
         text = await scrape(bed)
 
     assert user_turns(bed) == [GREETING, CHECK_IN, GOODBYE]
@@ -959,8 +869,7 @@ async def test_a_machine_gets_the_voicemail_message_then_the_call_ends_once_it_w
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
         assert await amd(bed, rest, call.record.call_sid, "machine_end_beep", forged=True) == 403
         assert await amd(bed, rest, call.record.call_sid, "machine_end_beep") == 204
-        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-        await call.wait_closed(10)
+        await until_hung_up(rest, call)
         text = await scrape(bed)
 
     assert user_turns(bed) == [GREETING, VOICEMAIL]
@@ -995,8 +904,7 @@ async def test_each_answering_machine_outcome(answered_by: str, voicemail: str, 
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
         assert await amd(bed, rest, call.record.call_sid, answered_by) == 204
         if ends:
-            await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-            await call.wait_closed(10)
+            await until_hung_up(rest, call)
         else:  # a person: the call goes on as usual
             await call.speak_tone(400.0, 0.5)
             await keep_line_open(call, lambda: reply_done(bed, call, 2))
@@ -1018,8 +926,7 @@ async def test_an_answering_machine_result_before_the_stream_starts_is_kept_for_
         assert await amd(bed, rest, sid, "machine_end_other") == 204
         call = await outbound(bed, sid)
         calls[sid] = call
-        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-        await call.wait_closed(10)
+        await until_hung_up(rest, call)
 
     (update,) = rest.record.updates()
     assert update.call_sid == sid and update.form == {"Status": "completed"}
@@ -1040,8 +947,7 @@ async def test_warm_transfer_whispers_the_models_summary_to_the_person_who_answe
         calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
         await call.send_dtmf("0")
-        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-        await call.wait_closed(10)
+        await until_hung_up(rest, call)
 
         (update,) = rest.record.updates()
         assert update.at >= last_mark_echoed(call) and heard_in_full(call, 2)
@@ -1091,8 +997,7 @@ async def test_a_transfer_without_a_summary_is_a_plain_dial() -> None:
         calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
         await call.send_dtmf("0")
-        await keep_line_open(call, lambda: bool(rest.record.updates()) or call.closed)
-        await call.wait_closed(10)
+        await until_hung_up(rest, call)
 
     (update,) = rest.record.updates()
     assert update.form["Twiml"].endswith(
