@@ -24,6 +24,9 @@ A burst run (``--burst N,...``) answers N calls, then opens all their streams at
 against the naive bridge: streams admitted and calls completed (one turn each), how long the
 upgrades took, and how late the gateway read each ``start``.
 
+Calls outliving their replica (a rolling deploy, a crash): ``python -m bench replicas``
+(bench/replicas.py); many calls for minutes under random resets: ``python -m bench soak``.
+
 Run: ``python -m bench`` (about 10 minutes); ``python -m bench --quick`` (a smoke run);
 ``python -m bench --calls '' --reset-calls 0 --burst 50,100,200`` (bursts only).
 """
@@ -1034,6 +1037,10 @@ def cli(argv: list[str] | None = None) -> int:
         from bench.soak import cli as soak
 
         return soak(argv[1:])
+    if argv[:1] == ["replicas"]:  # python -m bench replicas: bench/replicas.py
+        from bench.replicas import cli as replicas
+
+        return replicas(argv[1:])
     args = parse_args(argv)
     with autogroup_nice(args.nice):
         return run_loop(main(args), fast=False)

@@ -8,6 +8,9 @@ printed and regenerating them after a run is mechanical:
     python -m bench.doc_tables FILE --doc docs/benchmarks.md         # replace the "main" block
     python -m bench.doc_tables FILE --doc docs/benchmarks.md --block deflate
     python -m bench.doc_tables DIR/gateway-50.txt --profile --doc docs/benchmarks.md --block profile
+    python -m bench.doc_tables replicas.json --doc docs/benchmarks.md --block replicas
+
+A result of ``python -m bench replicas`` (its ``stage``) prints that stage's table.
 
 A block is everything between ``<!-- bench:NAME begin -->`` and ``<!-- bench:NAME end -->``.
 """
@@ -55,7 +58,13 @@ def main() -> int:
             "```",
         ]
     else:
-        body = render(json.loads(args.json.read_text()))
+        data = json.loads(args.json.read_text())
+        if data.get("stage") == "replicas":
+            from bench.replicas import render as render_replicas
+
+            body = render_replicas(data)
+        else:
+            body = render(data)
     if args.doc is None:
         print("\n".join(body))
         return 0

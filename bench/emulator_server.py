@@ -9,7 +9,8 @@ are ordered through the control server (the emulator's cut/goAway live in its ev
 * ``GET /stats``                 connections opened so far, open now, resets ordered;
 * ``GET /sessions``              per session: the caller audio its newest lineage holds
   (bytes) and the pitch of the first speech in it (with ``--audio-head-s``: how the soak
-  tells whose call a session is), connections, whether it ended;
+  tells whose call a session is), connections, whether it ended, and how many of its
+  replies a text turn prompted (a greeting, not the caller's speech);
 * ``GET /bills``                 per session: what the emulator billed it for
   (gateway.testing.billing: reports, tokens by kind, dollars), its caller audio, its model;
 * ``GET /chaos``                 the disruptions made so far (gateway.testing.chaos);
@@ -125,6 +126,7 @@ async def _sessions(request: web.Request) -> web.Response:
             "head_freq": first_pitch(bytes(session.state.audio)),
             "connections": len(session.connection_ids),
             "ended": session.ended_at is not None,
+            "text_turns": sum(turn.trigger == "text" for turn in session.turns),
         }
         for session in emulator.record.sessions.values()
     ]

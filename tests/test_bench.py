@@ -8,6 +8,7 @@ docs/benchmarks.md, from a full run.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -105,6 +106,46 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout == text
+
+
+def test_replicas_stage_reports_every_scenario(tmp_path: Path) -> None:
+    """`python -m bench replicas` in small form (2 calls): a row per deploy step and per
+    crash, each call on the replica counted once as survived or dropped, and the naive
+    bridge's crash dropping every call on its killed process (it has nothing to go on with).
+    Whether the gateway's calls survived is tests/test_replicas.py's to assert."""
+    out = tmp_path / "replicas.json"
+    command = ["replicas", "--calls", "2", "--warmup", "3", "--settle-s", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *command, "--json", str(out), "--logs", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = [(r["bridge"], r["kind"]) for r in data["scenarios"]]
+    assert rows == [("gateway", "deploy")] * 2 + [("gateway", "crash"), ("naive", "crash")]
+    for row in data["scenarios"]:
+        assert row["survived"] + row["dropped"] == row["calls"], row
+    crash, naive = data["scenarios"][2:]
+    assert crash["calls"] >= 1 and naive["calls"] >= 1  # the replica killed held a call
+    assert naive["survived"] == 0 and naive["resumed"] == naive["fresh"] == 0
+    assert all(row["exit_s"] is not None for row in data["scenarios"][:2])  # SIGTERM: exits
+    assert (done.returncode == 0) == all(
+        row["dropped"] == row["second_greetings"] == 0 for row in data["scenarios"][:3]
+    )
+    header = "| bridge | scenario | calls on it | survived | dropped | caller's gap ms"
+    assert header in done.stdout, done.stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "bench.doc_tables", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout == done.stdout
 
 
 def test_doc_block_is_replaced_between_its_markers() -> None:

@@ -274,7 +274,7 @@ class SimulatedCall:
             rec.event("twiml_warning", "Twilio requires a wss:// stream url")
         if urlsplit(twiml.stream_url).query:
             rec.event("twiml_warning", "Twilio does not pass query strings on stream urls")
-        ws = await self._sim._ws_connect(twiml.stream_url)
+        ws = await self._sim._ws_connect(twiml.stream_url, rec)
         self._twiml = twiml
         self._ws = ws
         self._seq = 0
@@ -861,12 +861,17 @@ class TwilioCallerSimulator:
         await call._start_stream(twiml)
         return call
 
-    async def _ws_connect(self, stream_url: str) -> aiohttp.ClientWebSocketResponse:
-        """The signed WebSocket upgrade for ``stream_url`` (StreamRejected if refused)."""
+    async def _ws_connect(
+        self, stream_url: str, rec: CallRecord
+    ) -> aiohttp.ClientWebSocketResponse:
+        """The signed WebSocket upgrade for ``stream_url`` (StreamRejected if refused); the
+        record's ``stream_tx`` event says which gateway base it went to."""
         signature = self._validator.compute_signature(stream_url, {})
+        target = self._rewrite(stream_url, websocket=True)
+        rec.event("stream_tx", target)
         try:
             return await self._http.ws_connect(
-                URL(self._rewrite(stream_url, websocket=True), encoded=True),
+                URL(target, encoded=True),
                 headers={"X-Twilio-Signature": signature},
                 autoping=True,
             )
