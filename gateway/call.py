@@ -127,7 +127,7 @@ class Call:
             start.stream_sid,
             lambda: live.turn_state is TurnState.MODEL_SPEAKING,
             wait_limit_s=hangup_wait_s,
-            on_sent=metrics.added_latency.labels(direction="model_to_caller").observe,
+            on_sent=metrics.audio.added_latency.labels(direction="model_to_caller").observe,
         )
         self._ending = Ending()
         self._closing = asyncio.Event()  # the gateway closes the stream itself
@@ -159,7 +159,7 @@ class Call:
         tasks = (live_task, caller_task, model_task, end_task)
         # The call counts its Live connections: later ones from `Resumed`, the first here.
         first_task = asyncio.create_task(self._count_first_connection(), name="first-conn")
-        self._metrics.calls_active.inc()
+        self._metrics.calls.active.inc()
         log.info("call started")
         if self.watch.timed:
             self._spawn(self._watch_loop(), "watch")
@@ -203,8 +203,8 @@ class Call:
             await asyncio.gather(*tasks, first_task, *self._tasks, return_exceptions=True)
             await asyncio.gather(*self._spends, return_exceptions=True)  # the cost is spent
             if self._dtx is not None:  # silence kept for a pre-roll the hang-up never needed
-                self._metrics.caller_audio_withheld.inc(self._dtx.held_frames * FRAME_MS / 1000)
-            self._metrics.calls_active.dec()
+                self._metrics.audio.caller_withheld.inc(self._dtx.held_frames * FRAME_MS / 1000)
+            self._metrics.calls.active.dec()
             self.stats.outcome = outcome = self._ending.outcome or CallOutcome.HANGUP
             self._log_end(outcome)
         if protocol_error is not None:
@@ -219,7 +219,7 @@ class Call:
         else:
             reason = "live session ended"
         self.stats.failure = reason
-        self._metrics.live_errors.labels(reason=_reason_label(error)).inc()
+        self._metrics.live.errors.labels(reason=_reason_label(error)).inc()
         log.warning("call ended: live session failed: %s", reason)
         self.end(EndReason.LIVE_FAILED)
 
@@ -236,8 +236,8 @@ class Call:
             **({"ended_by": ended_by.value} if ended_by else {}),
             usage=usage,
         )
-        self._metrics.calls.labels(outcome=outcome.value).inc()
-        self._metrics.call_duration.observe(time.monotonic() - self.stats.started_at)
+        self._metrics.calls.ended.labels(outcome=outcome.value).inc()
+        self._metrics.calls.duration.observe(time.monotonic() - self.stats.started_at)
         cost = usage.get("cost_usd")
         log.info(
             "call ended (%s): %d replies sent, %d heard, %d barge-ins, %d resets, "
@@ -260,12 +260,12 @@ class Call:
 
     async def _count_first_connection(self) -> None:
         await self.live.wait_started()
-        self._metrics.live_connections.labels(kind="fresh").inc()
+        self._metrics.live.connections.labels(kind="fresh").inc()
 
     # ------------------------------------------------------------ caller side
 
     async def _caller_to_model(self, inbound: AsyncIterator[InboundMessage]) -> EndReason:
-        frames = self._metrics.caller_frames
+        frames = self._metrics.audio.caller_frames
         convert = CallerToModel().convert
         send_audio = self.live.send_audio
         batch = self._batch_frames
@@ -281,7 +281,7 @@ class Call:
         listen = self.watch.listens  # caller speech restarts the silence watch
         watch = self.watch
         dtx = self._dtx
-        withheld = self._metrics.caller_audio_withheld
+        withheld = self._metrics.audio.caller_withheld
         counted = 0  # frames withheld for good, in the metric
 
         async for message in inbound:
@@ -339,7 +339,7 @@ class Call:
     # ------------------------------------------------------------- model side
 
     async def _model_to_caller(self) -> None:
-        model_audio_s = self._metrics.model_audio
+        model_audio_s = self._metrics.audio.model_audio
         playback = self.playback
         async for event in self.live.events():
             if type(event) is ModelAudio:
@@ -351,14 +351,14 @@ class Call:
                 playback.turn_cut()
                 await self._clear_playback()
                 self.stats.barge_ins += 1
-                self._metrics.barge_ins.inc()
+                self._metrics.calls.barge_ins.inc()
                 self.transcript.event("interrupted")
             elif isinstance(event, ReplyAbandoned):
                 playback.turn_cut()
                 await self._clear_playback()
                 self.transcript.event("reply_lost", cause=event.cause.value)
             elif isinstance(event, RepeatSkipped):
-                self._metrics.repeats_skipped.inc()
+                self._metrics.live.repeats_skipped.inc()
                 self.transcript.event("repeat_skipped", held_s=round(event.held_s, 3))
             elif isinstance(event, GenerationComplete | TurnComplete):
                 await playback.end_reply()
@@ -368,9 +368,9 @@ class Call:
             elif isinstance(event, Resumed):
                 self._on_resumed(event)
             elif isinstance(event, GoAwayReceived):
-                self._metrics.goaway.inc()
+                self._metrics.live.goaway.inc()
             elif isinstance(event, AudioDropped):
-                self._metrics.caller_audio_dropped.labels(reason="replay_overflow").inc(
+                self._metrics.audio.caller_dropped.labels(reason="replay_overflow").inc(
                     event.seconds
                 )
             elif isinstance(event, Transcript):
@@ -395,12 +395,12 @@ class Call:
         )
         self.stats.resets += 1
         cause = event.cause.value
-        self._metrics.live_resumptions.labels(cause=cause).inc()
-        self._metrics.live_connections.labels(kind="fallback" if event.fresh else "resumed").inc()
-        self._metrics.reset_gap.labels(cause=cause).observe(event.gap_s)
-        self._metrics.replayed_audio.labels(cause=cause).observe(event.replayed_s)
+        self._metrics.live.resumptions.labels(cause=cause).inc()
+        self._metrics.live.connections.labels(kind="fallback" if event.fresh else "resumed").inc()
+        self._metrics.live.reset_gap.labels(cause=cause).observe(event.gap_s)
+        self._metrics.live.replayed_audio.labels(cause=cause).observe(event.replayed_s)
         if event.mode:
-            self._metrics.switches.labels(mode=event.mode).inc()
+            self._metrics.live.switches.labels(mode=event.mode).inc()
 
     # ------------------------------------------------------------ usage, limits
 
@@ -409,10 +409,12 @@ class Call:
         before = self.usage.cost_usd()
         for kind, tokens in self.usage.add(event).items():
             side, modality = kind.split("_", 1)
-            self._metrics.tokens.labels(persona=persona, kind=side, modality=modality).inc(tokens)
+            self._metrics.cost.tokens.labels(persona=persona, kind=side, modality=modality).inc(
+                tokens
+            )
         after = self.usage.cost_usd()
         if before is not None and after is not None:
-            self._metrics.cost.labels(persona=persona).inc(after - before)
+            self._metrics.cost.usd.labels(persona=persona).inc(after - before)
             if self._day_spend is not None and after > before:
                 task = asyncio.create_task(self._spend(after - before), name="spend")
                 self._spends.add(task)
@@ -524,7 +526,7 @@ class Call:
     async def _hang_up(self, reason: str) -> None:
         """Hang up through the REST API; if that fails, close the stream (Twilio then
         hangs up: nothing follows <Connect>)."""
-        self._metrics.hangups.labels(persona=self.persona.name, reason=reason).inc()
+        self._metrics.calls.hangups.labels(persona=self.persona.name, reason=reason).inc()
         self.transcript.event("hangup", reason=reason)
         if self._control is None:
             self._closing.set()
@@ -533,7 +535,7 @@ class Call:
             await self._control.hang_up()
         except RestError as exc:
             log.warning("hang-up (%s) failed: %s; closing the stream", reason, exc)
-            self._metrics.rest_errors.labels(action="hang_up").inc()
+            self._metrics.calls.rest_errors.labels(action="hang_up").inc()
             self._closing.set()
 
     async def _run_tool(self, name: str, outcome: ToolOutcome, heard: bool) -> None:
@@ -541,12 +543,12 @@ class Call:
         the stream (no verb follows <Connect>: Twilio hangs up)."""
         assert outcome.action is not None
         log.info("tool %s: %s (reply heard: %s)", name, outcome.description, heard)
-        self._metrics.hangups.labels(persona=self.persona.name, reason=name).inc()
+        self._metrics.calls.hangups.labels(persona=self.persona.name, reason=name).inc()
         try:
             await outcome.action()
         except RestError as exc:
             log.warning("tool %s failed: %s", name, exc)
-            self._metrics.rest_errors.labels(action=name).inc()
+            self._metrics.calls.rest_errors.labels(action=name).inc()
             self.transcript.event("tool_result", name=name, ok=False, error=str(exc))
             self._closing.set()
             return
@@ -559,7 +561,7 @@ class Call:
             sid = await self._control.record()
         except RestError as exc:
             log.warning("recording not started: %s", exc)
-            self._metrics.rest_errors.labels(action="record").inc()
+            self._metrics.calls.rest_errors.labels(action="record").inc()
             self.transcript.event("recording", status="failed", error=str(exc))
             return
         log.info("recording %s started", sid)
@@ -579,7 +581,7 @@ class Call:
         kind = answered_by_kind(answered_by)
         log.info("answered by %s", answered_by or "unknown")
         self.transcript.event("answered_by", answered_by=answered_by, result=kind)
-        self._metrics.answered_by.labels(persona=self.persona.name, answered_by=kind).inc()
+        self._metrics.calls.answered_by.labels(persona=self.persona.name, answered_by=kind).inc()
         voicemail = self.persona.policy.voicemail
         reason = answer_ending(kind, voicemail)
         if reason is not None:

@@ -71,7 +71,7 @@ class CallFactory:
         the greeting is not played again."""
         settings = self.settings
         persona = self.personas.get(start.custom_parameters.get(PERSONA_PARAMETER))
-        latency = self.metrics.added_latency.labels(direction="caller_to_model")
+        latency = self.metrics.audio.added_latency.labels(direction="caller_to_model")
         live = LiveSession(
             self.client, live_options(settings, persona), on_audio_sent=latency.observe
         )

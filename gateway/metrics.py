@@ -16,7 +16,6 @@ import gc
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import cast
 
 from prometheus_client import (
@@ -115,23 +114,19 @@ class _LoopCollector(Collector):
             yield metric
 
 
-@dataclass
-class Metrics:
-    """Every metric family the gateway exports."""
+class ReplicaMetrics:
+    """The replica as a whole: whether it takes calls, its backend's answers, its Python's
+    pauses and the calls it hands to or takes from other replicas. An operator's first
+    look, and what a load balancer or a drain acts on."""
 
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-
-    def __post_init__(self) -> None:
-        r = self.registry
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        self.calls_active = Gauge("gateway_calls_active", "Calls in progress", registry=r)
+    def __init__(self, r: CollectorRegistry) -> None:
         # Read at each scrape from the app's state (the server sets their functions).
         self.ready = Gauge(
             "gateway_ready",
             "1 while /readyz answers 200, else 0 (draining, at MAX_CALLS, backend refusing)",
             registry=r,
         )
+        self.draining = Gauge("gateway_draining", "1 once the replica drains (SIGTERM)", registry=r)
         self.backend_refusing = Gauge(
             "gateway_live_backend_refusing",
             "1 while the Live backend refuses the key or a model (its models API says so)",
@@ -143,129 +138,17 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self.draining = Gauge("gateway_draining", "1 once the replica drains (SIGTERM)", registry=r)
-        self.calls = Counter("gateway_calls", "Calls ended, by outcome", ["outcome"], registry=r)
-        self.call_duration = Histogram(
-            "gateway_call_duration_seconds",
-            "Call duration",
-            buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
-            registry=r,
-        )
-        self.live_connections = Counter(
-            "gateway_live_connections",
-            "Live connections opened, by kind (fresh, resumed, fallback)",
-            ["kind"],
-            registry=r,
-        )
-        self.live_resumptions = Counter(
-            "gateway_live_resumptions",
-            "Live connection switches, by cause (goaway, abrupt, refused)",
-            ["cause"],
-            registry=r,
-        )
-        self.goaway = Counter("gateway_live_goaway", "goAway messages received", registry=r)
-        self.switches = Counter(
-            "gateway_live_switches",
-            "goAway switches, by mode (make_before_break, break_before_make)",
-            ["mode"],
-            registry=r,
-        )
-        self.repeats_skipped = Counter(
-            "gateway_live_repeats_skipped",
-            "Replies a resumed model began again after the caller had heard them in full, "
-            "not played",
-            registry=r,
-        )
         self.sdk_path = Gauge(
             "gateway_sdk_fast_path",
             "1 for the google-genai path in use: fast (private names checked at start) or public",
             ["path"],
             registry=r,
         )
-        self.reset_gap = Histogram(
-            "gateway_live_reset_gap_seconds",
-            "How long caller audio waited for a Live connection at a reset",
-            ["cause"],
-            buckets=GAP_BUCKETS,
-            registry=r,
-        )
-        self.replayed_audio = Histogram(
-            "gateway_live_replayed_audio_seconds",
-            "Caller audio replayed into a resumed session",
-            ["cause"],
-            buckets=GAP_BUCKETS,
-            registry=r,
-        )
-        self.caller_frames = LoopCounter()
-        self.caller_audio_dropped = Counter(
-            "gateway_caller_audio_dropped_seconds",
-            "Caller audio that could not be delivered to the model, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.caller_audio_withheld = Counter(
-            "gateway_caller_audio_withheld_seconds",
-            "Caller silence not sent to the model (SILENCE_SUPPRESSION)",
-            registry=r,
-        )
-        self.model_audio = LoopCounter()
-        self.barge_ins = Counter("gateway_barge_ins", "Caller interrupted the model", registry=r)
-        self.rejected = Counter(
-            "gateway_requests_rejected", "Requests refused, by reason", ["reason"], registry=r
-        )
-        self.stream_errors = Counter(
-            "gateway_stream_errors",
-            "Streams closed for bad input, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.live_errors = Counter(
-            "gateway_live_errors", "Live sessions that failed, by reason", ["reason"], registry=r
-        )
         self.gc_pause = Histogram(
             "gateway_gc_pause_seconds",
             "How long each garbage collection held the process (and its event loop), by generation",
             ["generation"],
             buckets=GC_BUCKETS,
-            registry=r,
-        )
-        self.added_latency = LoopHistogramFamily("direction", LATENCY_BUCKETS)
-        counters = {
-            "gateway_caller_audio_frames": ("Caller audio frames received", self.caller_frames),
-            "gateway_model_audio_seconds": ("Model audio sent to callers", self.model_audio),
-        }
-        histograms = {
-            "gateway_added_latency_seconds": (
-                "Time audio spends inside the gateway, by direction",
-                self.added_latency,
-            )
-        }
-        r.register(_LoopCollector(counters, histograms))
-
-        # Features (per persona: a persona is a configured name, never a number or SID).
-        self.tokens = Counter(
-            "gateway_live_tokens",
-            "Tokens the Live API counted, by persona, kind (prompt, response) and modality",
-            ["persona", "kind", "modality"],
-            registry=r,
-        )
-        self.cost = Counter(
-            "gateway_live_cost_usd",
-            "What the tokens cost at TOKEN_PRICES, by persona",
-            ["persona"],
-            registry=r,
-        )
-        self.hangups = Counter(
-            "gateway_hangups",
-            "Calls the gateway ended, by persona and reason (end_call, transfer_call, silence, "
-            "max_duration, max_tokens, max_cost, voicemail, machine, fax, ...)",
-            ["persona", "reason"],
-            registry=r,
-        )
-        self.answered_by = Counter(
-            "gateway_answered_by",
-            "Answering-machine detection results of outbound calls (human, machine, fax, unknown)",
-            ["persona", "answered_by"],
             registry=r,
         )
         self.hand_offs = Counter(
@@ -276,13 +159,14 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.rest_errors = Counter(
-            "gateway_twilio_rest_errors",
-            "Twilio REST requests that failed, by action",
-            ["action"],
-            registry=r,
-        )
-        # What any peer can do to the listening socket, before a signature is checked.
+
+
+class AdmissionMetrics:
+    """The front door, before a call runs: what any peer can do to the listening socket
+    (before a signature is checked), the requests and streams refused, and the streams
+    and slots waiting for a start."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
         self.connections_open = Gauge(
             "gateway_connections_open",
             "Client connections open (HTTP and media streams)",
@@ -306,10 +190,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.caller_backlog = Histogram(
-            "gateway_caller_send_backlog_seconds",
-            "Most audio a call ever had queued for its caller's socket (CALLER_SEND_BUFFER_S cuts)",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0),
+        self.rejected = Counter(
+            "gateway_requests_rejected", "Requests refused, by reason", ["reason"], registry=r
+        )
+        self.stream_errors = Counter(
+            "gateway_stream_errors",
+            "Streams closed for bad input, by reason",
+            ["reason"],
             registry=r,
         )
         self.streams_waiting = Gauge(
@@ -326,6 +213,177 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=r,
         )
+
+
+class CallMetrics:
+    """Calls from start to end: how many run, how they ended and how long they lasted, and
+    what the gateway did in them on its own or for the model (hang-ups, transfers, the
+    answering machine, the REST requests that failed). Per persona where it says so: a
+    persona is a configured name, never a number or SID."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.active = Gauge("gateway_calls_active", "Calls in progress", registry=r)
+        self.ended = Counter("gateway_calls", "Calls ended, by outcome", ["outcome"], registry=r)
+        self.duration = Histogram(
+            "gateway_call_duration_seconds",
+            "Call duration",
+            buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+            registry=r,
+        )
+        self.barge_ins = Counter("gateway_barge_ins", "Caller interrupted the model", registry=r)
+        self.hangups = Counter(
+            "gateway_hangups",
+            "Calls the gateway ended, by persona and reason (end_call, transfer_call, silence, "
+            "max_duration, max_tokens, max_cost, voicemail, machine, fax, ...)",
+            ["persona", "reason"],
+            registry=r,
+        )
+        self.answered_by = Counter(
+            "gateway_answered_by",
+            "Answering-machine detection results of outbound calls (human, machine, fax, unknown)",
+            ["persona", "answered_by"],
+            registry=r,
+        )
+        self.rest_errors = Counter(
+            "gateway_twilio_rest_errors",
+            "Twilio REST requests that failed, by action",
+            ["action"],
+            registry=r,
+        )
+
+
+class LiveMetrics:
+    """Each call's Live session: the connections it opened, the resets it lived through
+    and what they cost the caller (the wait, the audio replayed, a repeat not played), and
+    the sessions that failed."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.connections = Counter(
+            "gateway_live_connections",
+            "Live connections opened, by kind (fresh, resumed, fallback)",
+            ["kind"],
+            registry=r,
+        )
+        self.resumptions = Counter(
+            "gateway_live_resumptions",
+            "Live connection switches, by cause (goaway, abrupt, refused)",
+            ["cause"],
+            registry=r,
+        )
+        self.goaway = Counter("gateway_live_goaway", "goAway messages received", registry=r)
+        self.switches = Counter(
+            "gateway_live_switches",
+            "goAway switches, by mode (make_before_break, break_before_make)",
+            ["mode"],
+            registry=r,
+        )
+        self.repeats_skipped = Counter(
+            "gateway_live_repeats_skipped",
+            "Replies a resumed model began again after the caller had heard them in full, "
+            "not played",
+            registry=r,
+        )
+        self.reset_gap = Histogram(
+            "gateway_live_reset_gap_seconds",
+            "How long caller audio waited for a Live connection at a reset",
+            ["cause"],
+            buckets=GAP_BUCKETS,
+            registry=r,
+        )
+        self.replayed_audio = Histogram(
+            "gateway_live_replayed_audio_seconds",
+            "Caller audio replayed into a resumed session",
+            ["cause"],
+            buckets=GAP_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "gateway_live_errors", "Live sessions that failed, by reason", ["reason"], registry=r
+        )
+
+
+class AudioMetrics:
+    """The audio itself, both ways: what came and went, what the caller's audio lost or
+    was spared on its way to the model, and the time audio spends inside the gateway. The
+    per-frame ones are loop-only numbers (see the module's docstring)."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.caller_frames = LoopCounter()
+        self.model_audio = LoopCounter()
+        self.added_latency = LoopHistogramFamily("direction", LATENCY_BUCKETS)
+        r.register(
+            _LoopCollector(
+                {
+                    "gateway_caller_audio_frames": (
+                        "Caller audio frames received",
+                        self.caller_frames,
+                    ),
+                    "gateway_model_audio_seconds": (
+                        "Model audio sent to callers",
+                        self.model_audio,
+                    ),
+                },
+                {
+                    "gateway_added_latency_seconds": (
+                        "Time audio spends inside the gateway, by direction",
+                        self.added_latency,
+                    )
+                },
+            )
+        )
+        self.caller_dropped = Counter(
+            "gateway_caller_audio_dropped_seconds",
+            "Caller audio that could not be delivered to the model, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.caller_withheld = Counter(
+            "gateway_caller_audio_withheld_seconds",
+            "Caller silence not sent to the model (SILENCE_SUPPRESSION)",
+            registry=r,
+        )
+        self.caller_backlog = Histogram(
+            "gateway_caller_send_backlog_seconds",
+            "Most audio a call ever had queued for its caller's socket (CALLER_SEND_BUFFER_S cuts)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0),
+            registry=r,
+        )
+
+
+class CostMetrics:
+    """What the model counted and what it cost, per persona: the bill an operator
+    watches, apart from how the calls went."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.tokens = Counter(
+            "gateway_live_tokens",
+            "Tokens the Live API counted, by persona, kind (prompt, response) and modality",
+            ["persona", "kind", "modality"],
+            registry=r,
+        )
+        self.usd = Counter(
+            "gateway_live_cost_usd",
+            "What the tokens cost at TOKEN_PRICES, by persona",
+            ["persona"],
+            registry=r,
+        )
+
+
+class Metrics:
+    """Every metric family the gateway exports, in one registry per app, grouped by what
+    they describe: the replica, its front door, the calls, their Live sessions, their audio
+    and their cost."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.replica = ReplicaMetrics(r)
+        self.admission = AdmissionMetrics(r)
+        self.calls = CallMetrics(r)
+        self.live = LiveMetrics(r)
+        self.audio = AudioMetrics(r)
+        self.cost = CostMetrics(r)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

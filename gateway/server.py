@@ -216,11 +216,11 @@ def create_app(
     # another replica than its webhook did.
     token_secret = hmac.new(auth_token.encode(), b"gateway-stream-token", hashlib.sha256).digest()
     metrics = metrics or Metrics()
-    metrics.sdk_path.labels(path="fast" if live_sdk.paths().fast else "public").set(1)
+    metrics.replica.sdk_path.labels(path="fast" if live_sdk.paths().fast else "public").set(1)
     logs = PeerLogs.every(settings.peer_log_interval_s)
 
     def deadline_closed(reason: str) -> None:
-        metrics.connections_closed.labels(reason=reason).inc()
+        metrics.admission.connections_closed.labels(reason=reason).inc()
         if reason == "no_request":  # an idle kept-alive connection is routine; this is not
             logs.connections.note(
                 reason,
@@ -237,7 +237,7 @@ def create_app(
         handler_args={
             "keepalive_timeout": settings.http_keepalive_s,
             "lingering_time": LINGER_S,
-            "logger": PeerErrorLog(logs.connections, metrics.peer_errors),
+            "logger": PeerErrorLog(logs.connections, metrics.admission.peer_errors),
         },
     )
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else ""
@@ -268,8 +268,8 @@ def create_app(
     )
     app[STATE].calls_idle.set()
     state = app[STATE]
-    metrics.ready.set_function(lambda: float(not state.unready()))
-    metrics.draining.set_function(lambda: float(state.draining))
+    metrics.replica.ready.set_function(lambda: float(not state.unready()))
+    metrics.replica.draining.set_function(lambda: float(state.draining))
     app.add_routes(
         [
             web.post("/twilio/voice", voice_webhook),
@@ -321,14 +321,14 @@ async def start_server(
     assert server is not None
     state = app[STATE]
     state.deadlines.watch(server)
-    state.metrics.connections_open.set_function(lambda: len(server.connections))
-    state.metrics.streams_waiting.set_function(lambda: len(state.admission.waiting))
-    state.metrics.calls_reserved.set_function(lambda: state.admission.reserved)
+    state.metrics.admission.connections_open.set_function(lambda: len(server.connections))
+    state.metrics.admission.streams_waiting.set_function(lambda: len(state.admission.waiting))
+    state.metrics.admission.calls_reserved.set_function(lambda: state.admission.reserved)
     loop = asyncio.get_running_loop()
     state.stop_listening += [
         state.deadlines.stop,
-        watch_accept_errors(loop, state.logs.accepts, state.metrics.accept_errors),
-        watch_gc(state.metrics.gc_pause),
+        watch_accept_errors(loop, state.logs.accepts, state.metrics.admission.accept_errors),
+        watch_gc(state.metrics.replica.gc_pause),
     ]
     return runner
 
@@ -370,10 +370,10 @@ def _clients(
             state.personas.models(),
             key_setting=key_setting,
             interval_s=settings.model_check_interval_s,
-            on_result=lambda result: metrics.backend_checks.labels(result=result).inc(),
+            on_result=lambda result: metrics.replica.backend_checks.labels(result=result).inc(),
         )
         watch = state.backend
-        metrics.backend_refusing.set_function(lambda: float(watch.refusal is not None))
+        metrics.replica.backend_refusing.set_function(lambda: float(watch.refusal is not None))
         for model, setting in state.personas.models().items():
             if not profiles.known(model, "vertex" if live.vertexai else "gemini"):
                 log.warning(
@@ -481,7 +481,7 @@ def live_http(settings: Settings) -> types.HttpOptions:
 
 def _refuse(state: GatewayState, request: web.Request, reason: str, detail: str) -> None:
     """Count and log (throttled) a request turned away."""
-    state.metrics.rejected.labels(reason=reason).inc()
+    state.metrics.admission.rejected.labels(reason=reason).inc()
     state.logs.requests.note(reason, "rejected %s: %s", request.path, detail)
 
 
@@ -533,7 +533,7 @@ async def voice_webhook(request: web.Request) -> web.Response:
     params = await _checked_form(request)
     call_sid = params.get("CallSid", "")
     if not call_sid:
-        state.metrics.rejected.labels(reason="no_call_sid").inc()
+        state.metrics.admission.rejected.labels(reason="no_call_sid").inc()
         raise web.HTTPBadRequest(text="CallSid missing")
     account_sid = params.get("AccountSid", "")
     expected = state.settings.twilio_account_sid
@@ -551,7 +551,7 @@ async def voice_webhook(request: web.Request) -> web.Response:
         return web.Response(text=busy_twiml(), content_type="text/xml")
     if state.draining or not state.admission.reserve(call_sid, len(state.calls)):
         reason = "draining" if state.draining else "busy"
-        state.metrics.rejected.labels(reason=reason).inc()
+        state.metrics.admission.rejected.labels(reason=reason).inc()
         log.info("turned a call away (%s)", reason)
         return web.Response(text=busy_twiml(), content_type="text/xml")
     persona = state.personas.answering(params, request.query.get(PERSONA_PARAMETER))
@@ -573,7 +573,7 @@ async def _over_budget(state: GatewayState, request: web.Request, persona: Perso
         _refuse(state, request, "store_unavailable", str(error))
         raise web.HTTPServiceUnavailable(text="call store unavailable\n") from None
     if over:
-        state.metrics.rejected.labels(reason="max_day_cost").inc()
+        state.metrics.admission.rejected.labels(reason="max_day_cost").inc()
         log.info("turned a call away (persona %s over its day's limit of $%g)", persona.name, limit)
     return over
 
@@ -758,7 +758,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden()
     if state.draining or not state.admission.may_upgrade(len(state.calls)):
         reason = "draining" if state.draining else "busy"
-        state.metrics.rejected.labels(reason=f"stream_{reason}").inc()
+        state.metrics.admission.rejected.labels(reason=f"stream_{reason}").inc()
         raise web.HTTPServiceUnavailable(text=reason)
 
     settings = state.settings
@@ -784,7 +784,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     finally:
         state.admission.left(stream)
         await stream.aclose()
-        state.metrics.caller_backlog.observe(stream.peak_queued_audio_s)
+        state.metrics.audio.caller_backlog.observe(stream.peak_queued_audio_s)
         state.sockets.discard(ws)
         if not state.sockets:
             state.calls_idle.set()
@@ -815,10 +815,10 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
         if verdict is not TokenResult.OK:
             raise StreamProtocolError(CLOSE_POLICY_VIOLATION, f"stream token {verdict.value}")
         if waited is not None:
-            state.metrics.stream_start_wait.observe(waited)
+            state.metrics.admission.stream_start_wait.observe(waited)
         if not state.admission.start(start.call_sid, len(state.calls)):
             await _stream_ended(state, start.call_sid)
-            state.metrics.rejected.labels(reason="stream_busy").inc()
+            state.metrics.admission.rejected.labels(reason="stream_busy").inc()
             raise StreamProtocolError(CLOSE_TRY_AGAIN_LATER, "at call limit")
         resume, turns = await _handed_to_us(state, start.call_sid)
         try:
@@ -838,7 +838,7 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
             await stream.close(CLOSE_INTERNAL_ERROR, "live session failed")
     except StreamProtocolError as error:
         reason, label = error.reason, _label(error.reason)
-        state.metrics.stream_errors.labels(reason=label).inc()
+        state.metrics.admission.stream_errors.labels(reason=label).inc()
         state.logs.streams.note(label, "stream closed: %s", reason, close_code=error.close_code)
         await stream.close(error.close_code, reason)
 
@@ -924,13 +924,13 @@ async def _hand_off(state: GatewayState, call: Call) -> None:
         log.warning(
             "hand-off failed: %s; the call goes on here", error, extra={"call_sid": call_sid}
         )
-        state.metrics.hand_offs.labels(outcome="failed").inc()
+        state.metrics.replica.hand_offs.labels(outcome="failed").inc()
         return
     if not call.hand_off():  # it began to end meanwhile: nothing to continue
         with contextlib.suppress(StoreError):
             await state.store.take_hand_off(call_sid)
         return
-    state.metrics.hand_offs.labels(outcome="handed_off").inc()
+    state.metrics.replica.hand_offs.labels(outcome="handed_off").inc()
     log.info(
         "handed off %s",
         "at a pause" if paused else "with no pause within HAND_OFF_WAIT_S",
@@ -995,7 +995,7 @@ async def _recoverable(
     await asyncio.sleep(defer_s)
     if not await state.store.claim_recovery(call_sid):
         return None
-    state.metrics.hand_offs.labels(outcome="recovered").inc()
+    state.metrics.replica.hand_offs.labels(outcome="recovered").inc()
     age = time.time() - saved.handed_off_at
     log.warning(
         "the call's replica is gone: going on from its checkpoint of %.3f s ago",
@@ -1018,7 +1018,7 @@ async def _handed_to_us(
         log.warning("call state not read (%s): a fresh session", error)
         return None, []
     gap = time.time() - saved.handed_off_at
-    state.metrics.hand_offs.labels(outcome="continued").inc()
+    state.metrics.replica.hand_offs.labels(outcome="continued").inc()
     log.info("call continued here, %.3f s after its state was stored", gap, extra={"gap_s": gap})
     return saved, turns
 

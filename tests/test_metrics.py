@@ -35,13 +35,13 @@ def test_loop_metrics_render_like_prometheus_client() -> None:
         registry=reference,
     )
     for _ in range(7):
-        metrics.caller_frames.inc()
+        metrics.audio.caller_frames.inc()
         frames.inc()
     for amount in (0.04, 0.02, 0.5):
-        metrics.model_audio.inc(amount)
+        metrics.audio.model_audio.inc(amount)
         audio.inc(amount)
     for direction in ("caller_to_model", "model_to_caller"):
-        ours = metrics.added_latency.labels(direction=direction)
+        ours = metrics.audio.added_latency.labels(direction=direction)
         theirs = latency.labels(direction=direction)
         for value in LATENCIES:
             ours.observe(value)
@@ -60,7 +60,7 @@ def test_loop_metrics_render_like_prometheus_client() -> None:
 
 def test_a_direction_never_observed_is_not_exported() -> None:
     metrics = Metrics()
-    metrics.added_latency.labels(direction="model_to_caller").observe(0.001)
+    metrics.audio.added_latency.labels(direction="model_to_caller").observe(0.001)
     text = metrics.render().decode()
     assert 'direction="model_to_caller"' in text
     assert 'direction="caller_to_model"' not in text
@@ -75,7 +75,7 @@ def gc_counts(metrics: Metrics) -> dict[str, float]:
 
 def test_every_collection_is_timed_by_generation_until_stopped() -> None:
     metrics = Metrics()
-    stop = watch_gc(metrics.gc_pause)
+    stop = watch_gc(metrics.replica.gc_pause)
     try:
         gc.collect(0)
         gc.collect()

@@ -42,5 +42,5 @@ def test_the_metric_names_the_path() -> None:
     from gateway.metrics import Metrics
 
     metrics = Metrics()
-    metrics.sdk_path.labels(path="fast").set(1)
+    metrics.replica.sdk_path.labels(path="fast").set(1)
     assert metrics.registry.get_sample_value("gateway_sdk_fast_path", {"path": "fast"}) == 1

@@ -422,7 +422,7 @@ async def test_good_call_unharmed_beside_thirty_hostile_streams(
         assert logged == Counter(HOSTILE[kind][2] for kind in kinds)
         counted = sum(
             s.value
-            for metric in bed.metrics.stream_errors.collect()
+            for metric in bed.metrics.admission.stream_errors.collect()
             for s in metric.samples
             if s.name.endswith("_total")
         )
