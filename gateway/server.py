@@ -139,6 +139,64 @@ class PeerLogs:
 
 
 @dataclass
+class PeerGuard:
+    """What bounds any peer before a signature is checked: the throttled logs of what
+    peers did and every connection's deadlines, made with the app; and, from the server's
+    start to the app's cleanup, the watchers that run beside it (the deadlines' sweep,
+    the accept errors, the GC pauses that stall every peer's audio)."""
+
+    logs: PeerLogs
+    deadlines: ConnectionDeadlines
+    watchers: list[Callable[[], None]] = field(default_factory=list)  # each stops one
+
+    def start(self, server: web.Server, metrics: Metrics) -> None:
+        """Watch `server` (a started runner's) until `stop`."""
+        self.deadlines.watch(server)
+        loop = asyncio.get_running_loop()
+        self.watchers += [
+            self.deadlines.stop,
+            watch_accept_errors(loop, self.logs.accepts, metrics.admission.accept_errors),
+            watch_gc(metrics.replica.gc_pause),
+        ]
+
+    def stop(self) -> None:
+        for stop in self.watchers:
+            stop()
+        self.watchers.clear()
+        self.logs.close()
+
+
+@dataclass
+class OpenStreams:
+    """The media streams open here (calls, and streams still waiting for `start`), and
+    an event set while there is none: what a drain waits for and a shutdown closes."""
+
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    none_open: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.none_open.set()
+
+    def add(self, ws: web.WebSocketResponse) -> None:
+        self.sockets.add(ws)
+        self.none_open.clear()
+
+    def discard(self, ws: web.WebSocketResponse) -> None:
+        self.sockets.discard(ws)
+        if not self.sockets:
+            self.none_open.set()
+
+    async def closed(self, limit_s: float) -> bool:
+        """Wait until none is open or `limit_s` passes; True if none is."""
+        try:
+            async with asyncio.timeout(limit_s):
+                await self.none_open.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass
 class GatewayState:
     """Per-app state shared by the handlers."""
 
@@ -148,18 +206,15 @@ class GatewayState:
     tokens: StreamTokens
     stream_url: str
     personas: PersonaTable
-    logs: PeerLogs
-    deadlines: ConnectionDeadlines
+    peers: PeerGuard
     admission: Admission[MediaStream]
     store: CallStore  # what replicas share: stream memory, answering-machine results
     replica: str = field(default_factory=lambda: secrets.token_hex(8))  # its name there
     calls: set[Call] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # hand-offs under way
-    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    streams: OpenStreams = field(default_factory=OpenStreams)
     draining: bool = False
     backend: BackendWatch | None = None  # the key and models checked with the backend
-    calls_idle: asyncio.Event = field(default_factory=asyncio.Event)
-    stop_listening: list[Callable[[], None]] = field(default_factory=list)
 
     def at_capacity(self) -> bool:
         """MAX_CALLS calls in progress or answered and reserved for their streams (streams
@@ -257,8 +312,7 @@ def create_app(
         ),
         stream_url=stream_url(settings.public_url),
         personas=personas,
-        logs=logs,
-        deadlines=deadlines,
+        peers=PeerGuard(logs, deadlines),
         admission=Admission(
             settings.max_calls,
             reservation_s=settings.stream_token_ttl_s,
@@ -266,7 +320,6 @@ def create_app(
         ),
         store=store,
     )
-    app[STATE].calls_idle.set()
     state = app[STATE]
     metrics.replica.ready.set_function(lambda: float(not state.unready()))
     metrics.replica.draining.set_function(lambda: float(state.draining))
@@ -320,25 +373,15 @@ async def start_server(
     server = runner.server
     assert server is not None
     state = app[STATE]
-    state.deadlines.watch(server)
     state.metrics.admission.connections_open.set_function(lambda: len(server.connections))
     state.metrics.admission.streams_waiting.set_function(lambda: len(state.admission.waiting))
     state.metrics.admission.calls_reserved.set_function(lambda: state.admission.reserved)
-    loop = asyncio.get_running_loop()
-    state.stop_listening += [
-        state.deadlines.stop,
-        watch_accept_errors(loop, state.logs.accepts, state.metrics.admission.accept_errors),
-        watch_gc(state.metrics.replica.gc_pause),
-    ]
+    state.peers.start(server, state.metrics)
     return runner
 
 
 async def _stop_listening(app: web.Application) -> None:
-    state = app[STATE]
-    for stop in state.stop_listening:
-        stop()
-    state.stop_listening.clear()
-    state.logs.close()
+    app[STATE].peers.stop()
 
 
 def _clients(
@@ -482,7 +525,7 @@ def live_http(settings: Settings) -> types.HttpOptions:
 def _refuse(state: GatewayState, request: web.Request, reason: str, detail: str) -> None:
     """Count and log (throttled) a request turned away."""
     state.metrics.admission.rejected.labels(reason=reason).inc()
-    state.logs.requests.note(reason, "rejected %s: %s", request.path, detail)
+    state.peers.logs.requests.note(reason, "rejected %s: %s", request.path, detail)
 
 
 async def _body(state: GatewayState, request: web.Request) -> bytes:
@@ -775,8 +818,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         audio_burst_s=settings.caller_audio_burst_s,
         send_buffer_s=settings.caller_send_buffer_s,
     )
-    state.sockets.add(ws)
-    state.calls_idle.clear()
+    state.streams.add(ws)
     for quiet in state.admission.wait(stream, len(state.calls)):
         quiet.evict("too many streams waiting for start")
     try:
@@ -785,9 +827,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         state.admission.left(stream)
         await stream.aclose()
         state.metrics.audio.caller_backlog.observe(stream.peak_queued_audio_s)
-        state.sockets.discard(ws)
-        if not state.sockets:
-            state.calls_idle.set()
+        state.streams.discard(ws)
         if not ws.closed:
             await ws.close()
     return ws
@@ -839,7 +879,9 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
     except StreamProtocolError as error:
         reason, label = error.reason, _label(error.reason)
         state.metrics.admission.stream_errors.labels(reason=label).inc()
-        state.logs.streams.note(label, "stream closed: %s", reason, close_code=error.close_code)
+        state.peers.logs.streams.note(
+            label, "stream closed: %s", reason, close_code=error.close_code
+        )
         await stream.close(error.close_code, reason)
 
 
@@ -1026,19 +1068,11 @@ async def _handed_to_us(
 async def wait_calls_done(app: web.Application, limit_s: float) -> bool:
     """Wait until no media stream is left (calls, and streams still waiting for `start`)
     or `limit_s` passes; True if all ended."""
-    state = app[STATE]
-    deadline = time.monotonic() + limit_s
-    while state.sockets:
-        try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await state.calls_idle.wait()
-        except TimeoutError:
-            return False
-    return True
+    return await app[STATE].streams.closed(limit_s)
 
 
 async def _close_streams(app: web.Application) -> None:
     for call in app[STATE].calls:
         call.shutting_down = True
-    for ws in list(app[STATE].sockets):
+    for ws in list(app[STATE].streams.sockets):
         await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown")

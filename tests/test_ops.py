@@ -110,7 +110,7 @@ async def test_health_and_readiness_follow_calls_and_drain(eventually: Eventuall
 
         call = await bed.caller(speed=SPEED).place_call()
         state = bed.app[STATE]
-        await eventually(lambda: state.sockets)
+        await eventually(lambda: state.streams.sockets)
         # At MAX_CALLS: not ready (one line saying why), the next call is turned away busy.
         assert await get(bed.http, url + "/readyz") == (503, "at call limit\n")
         with pytest.raises(CallRejected) as turned_away:
@@ -118,7 +118,7 @@ async def test_health_and_readiness_follow_calls_and_drain(eventually: Eventuall
         assert "<Reject" in turned_away.value.body and 'reason="busy"' in turned_away.value.body
         assert await get(bed.http, url + "/healthz") == (200, "ok\n")
         await call.hangup()
-        await eventually(lambda: not state.sockets)
+        await eventually(lambda: not state.streams.sockets)
         assert await get(bed.http, url + "/readyz") == (200, "ready\n")
 
         start_draining(bed.app)
@@ -211,7 +211,7 @@ async def _run_scripted_call(eventually: Eventually) -> ScriptedCall:
             root.addHandler(collect)
             root.setLevel(logging.INFO)
             record = await _scripted_call(bed)
-            await eventually(lambda: not bed.app[STATE].sockets)
+            await eventually(lambda: not bed.app[STATE].streams.sockets)
             async with bed.http.get(bed.gateway_url + "/metrics") as resp:
                 assert resp.status == 200
                 assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")

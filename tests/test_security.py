@@ -221,7 +221,7 @@ async def test_unsigned_stream_upgrade_is_refused_before_anything_opens() -> Non
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 await http.ws_connect(bed.gateway_url + "/twilio/media", headers=headers)
             assert refused.value.status == 403, case
-        assert bed.app[STATE].sockets == set()
+        assert bed.app[STATE].streams.sockets == set()
         assert bed.emulator.record.connections == []
 
 
@@ -430,7 +430,7 @@ async def test_good_call_unharmed_beside_thirty_hostile_streams(
         logs.assert_no_traceback_spam()
         assert leftover == set(), leftover
         state = bed.app[STATE]
-        assert state.sockets == set() and state.calls == set()
+        assert state.streams.sockets == set() and state.calls == set()
         assert all(c.closed_at is not None for c in bed.emulator.record.connections)
         assert bed.metrics.registry.get_sample_value("gateway_calls_active") == 0
         # No secret anywhere: logs, metrics, close reasons.
@@ -466,7 +466,7 @@ async def test_call_limit_answers_busy_and_readiness_says_so(eventually: Eventua
         assert bed.metrics.registry.get_sample_value("gateway_requests_rejected_total", busy) == 1
 
         await call.hangup()
-        await eventually(lambda: not bed.app[STATE].sockets, limit_s=5)
+        await eventually(lambda: not bed.app[STATE].streams.sockets, limit_s=5)
         async with http.get(bed.gateway_url + "/readyz") as resp:
             assert resp.status == 200
         assert await issue_token(http, bed, new_sid("CA"))
