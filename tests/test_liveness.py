@@ -10,6 +10,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+import pytest
 from survival_helpers import (
     CALLER_FREQS,
     FULL_REPLY_S,
@@ -20,7 +21,12 @@ from survival_helpers import (
 )
 
 from gateway.live import sdk
-from gateway.live.handles import DEFAULT_RTT_S, RoundTripPlacement
+from gateway.live.handles import (
+    DEFAULT_RTT_S,
+    GUARD_MARGIN_S,
+    RTT_SAMPLES,
+    RoundTripPlacement,
+)
 from gateway.server import live_http
 from gateway.testing.analysis import await_reply, heard_playings, heard_replies
 from gateway.testing.harness import quick_emulator, test_bed, test_settings
@@ -48,6 +54,11 @@ def test_handles_are_placed_from_the_tighter_bound_on_the_round_trip() -> None:
     slow.measured(0.03)  # a prompt pong
     quick.measured(0.3)  # a pong slower than the setup's answer: the pong was held up
     assert (quick.rtt, slow.rtt) == (0.04, 0.03)
+    slow.measured(0.045)  # a sample taken while the event loop lagged does not widen it
+    assert slow.rtt == 0.03 and slow.guard() == pytest.approx(1.5 * 0.03 + GUARD_MARGIN_S)
+    for _ in range(RTT_SAMPLES):  # the latest samples only: a slower path is followed
+        slow.measured(0.06)
+    assert slow.rtt == 0.06
 
 
 def test_the_sdk_hands_the_keepalive_setting_to_websockets() -> None:

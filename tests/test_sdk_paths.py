@@ -7,7 +7,9 @@ version cap in pyproject.toml is raised only together with a fix.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import pytest
 
@@ -44,3 +46,30 @@ def test_the_metric_names_the_path() -> None:
     metrics = Metrics()
     metrics.replica.sdk_path.labels(path="fast").set(1)
     assert metrics.registry.get_sample_value("gateway_sdk_fast_path", {"path": "fast"}) == 1
+
+
+async def test_a_message_is_stamped_when_it_reached_the_socket_not_when_it_was_read() -> None:
+    """A handle is placed from when its message arrived: a reader that gets to it late
+    (a busy event loop) must not make it look newer than it is."""
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def speak(ws: ServerConnection) -> None:
+        await ws.send(b"first")
+        await ws.send(b"second")
+        await ws.wait_closed()
+
+    async with serve(speak, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}", create_connection=sdk.TimedSocket) as ws:
+            assert isinstance(ws, sdk.TimedSocket) and ws.opened_at is not None
+            await asyncio.sleep(0.3)  # both messages arrive meanwhile; nobody reads
+            read_at = time.monotonic()
+            assert await ws.recv() == b"first"
+            first = ws.received_at
+            assert await ws.recv() == b"second"
+            assert first is not None and ws.received_at is not None
+            assert first <= ws.received_at <= read_at - 0.25
+            # Written when sent: nothing of it waits in the transport.
+            await ws.send(b"x" * 200_000)
+            assert ws.transport.get_write_buffer_size() == 0

@@ -8,11 +8,16 @@ lacks: too little loses the caller's words, too much makes the model hear them t
   still in flight may not be. Whatever the split between the two directions, input written
   one round trip before the handle arrived had reached the service; the guard is 1.5
   round trips plus ``GUARD_MARGIN_S`` (for jitter). At worst that much input is sent twice
-  at a reset. The round trip: a ping's, when its pong comes promptly; the service's pongs
-  have been seen 8-30 s late, so the connection's setup is timed too (it went up and came
-  down as input and handles do: a bound on their round trip, with the service's setup
-  work on top). Until a pong measures it, the setup's places handles when it is under the
-  ``DEFAULT_RTT_S`` assumed otherwise; a pong's counts at most as much as the setup's.
+  at a reset. Both times are the socket's, not the reader's or writer's: a handle arrived
+  when its message reached the connection (`gateway.live.sdk.TimedSocket`), however late
+  a busy event loop reads it; input was written when the transport had handed it on to
+  the kernel. The round trip: the least of the latest ``RTT_SAMPLES`` samples, the
+  connection's setup and its prompt pongs. Each bounds the data path's round trip from
+  above (a lagging event loop or the service's own work only add to it), so one sample
+  taken while the loop lagged neither widens the guard nor, being the least, narrows it
+  below the path's. The service's pongs have been seen 8-30 s late, so the setup is timed
+  too (it went up and came down as input and handles do, with the service's setup work on
+  top). Until a sample beats it, ``DEFAULT_RTT_S`` is assumed.
 * **Exact placement** (`IndexPlacement`, on Vertex AI): with `transparent` resumption each
   handle names the last client message its state holds (`lastConsumedClientMessageIndex`);
   counting the messages written to the connection, it holds exactly the input up to that
@@ -31,6 +36,7 @@ from typing import Protocol
 
 GUARD_MARGIN_S = 0.005  # added to 1.5 round trips when placing a handle
 DEFAULT_RTT_S = 0.15  # assumed until a connection's round trip was measured
+RTT_SAMPLES = 8  # round trips the guard is taken from: the least of the latest
 
 
 class Placement(Protocol):
@@ -62,7 +68,7 @@ class RoundTripPlacement:
 
     def __init__(self) -> None:
         self.rtt = DEFAULT_RTT_S
-        self._bound = float("inf")  # the setup's round trip
+        self._samples: deque[float] = deque(maxlen=RTT_SAMPLES)  # the setup's, then pongs'
         self._writes: deque[tuple[int, float]] = deque()  # (seq, written at)
 
     def guard(self) -> float:
@@ -81,11 +87,12 @@ class RoundTripPlacement:
         pass  # placed by when input was written, not by message
 
     def measured(self, rtt: float) -> None:
-        self.rtt = min(rtt, self._bound)  # both bound the data path's: the tighter
+        self._samples.append(rtt)
+        self.rtt = min(self._samples)  # each bounds the data path's: the tightest
 
     def setup(self, rtt: float) -> None:
-        self._bound = rtt
-        self.rtt = min(self.rtt, rtt)
+        self._samples.append(rtt)
+        self.rtt = min(DEFAULT_RTT_S, *self._samples)  # the default until one beats it
 
     def covered(self, now: float, consumed: int | None = None) -> int | None:
         horizon = now - self.guard()

@@ -638,14 +638,17 @@ class SessionMachine:
         resumable: bool,
         now: float,
         consumed: int | None = None,
+        arrived: float | None = None,
     ) -> list[Action]:
         """A handle from `conn_id`; `consumed`: the last of its client messages the handle
-        holds, where the service says so (`sent` numbers them)."""
+        holds, where the service says so (`sent` numbers them); `arrived`: when its message
+        reached the connection, if known and earlier than `now` (placed from then: input
+        written after it arrived is not in it, however late it is read)."""
         conn = self._from_active(conn_id)
         if conn is None or conn.superseded or not resumable or not handle:
             return []
         held, placement = self.held, conn.placement
-        covered = placement.covered(now, consumed)
+        covered = placement.covered(now if arrived is None else min(arrived, now), consumed)
         # A later handle of the same lineage covers at least what the one before it did.
         base = max(held.base, conn.base if covered is None else covered)
         newest = placement.newest()

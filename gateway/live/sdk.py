@@ -33,15 +33,19 @@ import base64
 import binascii
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import orjson
 from google.genai import _api_client, _live_converters, errors, types
 from google.genai.live import AsyncSession
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import DATA_OPCODES, Frame
+from websockets.protocol import Event
+from websockets.typing import Data
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +177,70 @@ async def ping(session: AsyncSession) -> asyncio.Future[float] | None:
 
 
 class TimedSocket(ClientConnection):
-    """websockets' client connection, noting when its opening handshake completed (passed
-    as ``create_connection``, websockets' own hook): the SDK sends the setup right after, so
-    from then to ``connect()``'s return is the setup's round trip alone."""
+    """websockets' client connection, timing what placing resumption handles needs (passed
+    as ``create_connection``, websockets' own hook):
+
+    * ``opened_at``: when its opening handshake completed. The SDK sends the setup right
+      after, so from then to ``connect()``'s return is the setup's round trip alone.
+    * ``received_at``: when the message ``recv()`` returned last reached the connection:
+      the bytes that completed it were handed to it (``data_received``, as the event loop
+      read the socket), not when a reader got to it. A reader late by tens of ms (a busy
+      event loop, a backlog of model audio) would place a handle that late, taking input
+      written after the service issued the handle as held by it.
+    * Its transport pauses writing while it holds anything: websockets' ``send`` then returns
+      only once the transport holds nothing of the message (flow control: ``drain`` waits
+      for ``resume_writing``), so input stamped written when ``send`` returns has been
+      handed to the kernel, not left waiting in the process. (Under TLS the TCP transport
+      below is not visible from here: it passes bytes on at once unless the kernel's send
+      buffer is full, and then pauses the TLS layer past its high-water mark.)
+    """
 
     opened_at: float | None = None
+    received_at: float | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._read_at = time.monotonic()
+        self._arrivals: deque[float] = deque()  # completed messages not yet returned
+        # Paused from the first byte held (asyncio's TLS layer, which pauses at a high-water
+        # mark reached rather than passed, would never resume with 0), resumed when empty.
+        self.transport.set_write_buffer_limits(high=1, low=0)
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         await super().handshake(*args, **kwargs)
         self.opened_at = time.monotonic()
+
+    def data_received(self, data: bytes) -> None:
+        self._read_at = time.monotonic()
+        super().data_received(data)
+
+    def process_event(self, event: Event) -> None:
+        if isinstance(event, Frame) and event.fin and event.opcode in DATA_OPCODES:
+            self._arrivals.append(self._read_at)  # a message is complete: queued for recv
+        super().process_event(event)
+
+    @overload
+    async def recv(self, decode: Literal[True]) -> str: ...
+
+    @overload
+    async def recv(self, decode: Literal[False]) -> bytes: ...
+
+    @overload
+    async def recv(self, decode: bool | None = None) -> Data: ...
+
+    async def recv(self, decode: bool | None = None) -> Data:
+        message = await super().recv(decode)
+        if self._arrivals:
+            self.received_at = self._arrivals.popleft()
+        return message
+
+
+def received_at(session: AsyncSession) -> float | None:
+    """When the message the session's socket returned last reached it (None: not a
+    :class:`TimedSocket`, or nothing received yet)."""
+    socket = getattr(session, "_ws", None) if paths().socket else None
+    at = getattr(socket, "received_at", None)
+    return at if isinstance(at, float) else None
 
 
 def setup_round_trip(session: AsyncSession, began: float, now: float) -> float:

@@ -579,7 +579,8 @@ class LiveSession:
                         self.machine.model_audio(link.id, message, time.monotonic())
                     )
                 else:
-                    await self._execute(self._on_message(link.id, message))
+                    arrived = sdk.received_at(link.session)
+                    await self._execute(self._on_message(link.id, message, arrived))
             detail = "connection ended"
         except asyncio.CancelledError:
             raise
@@ -593,7 +594,10 @@ class LiveSession:
             detail = type(exc).__name__
         await self._lost(link, kind, detail)
 
-    def _on_message(self, conn: int, message: types.LiveServerMessage) -> list[Action]:
+    def _on_message(
+        self, conn: int, message: types.LiveServerMessage, arrived: float | None = None
+    ) -> list[Action]:
+        """Feed one message to the machine; `arrived`: when it reached the socket."""
         m = self.machine
         now = time.monotonic()
         actions: list[Action] = []
@@ -601,7 +605,7 @@ class LiveSession:
         if update is not None:
             consumed = update.last_consumed_client_message_index
             actions += m.handle_update(
-                conn, update.new_handle, bool(update.resumable), now, consumed
+                conn, update.new_handle, bool(update.resumable), now, consumed, arrived
             )
         if message.go_away is not None:
             actions += m.go_away(conn, parse_duration(message.go_away.time_left), now)
