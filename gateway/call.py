@@ -14,7 +14,10 @@ outbound call (an instruction to the model, its words heard, then the REST hang-
 the line going away. Tokens the service reports are summed per call (`gateway.usage`):
 the call-ended log line, the transcript, the metrics.
 
-The call owns every task it starts; when it returns, none is left.
+Its parts carry out what it decides: `CallerAudio` (the caller's audio on its way to the
+model), `gateway.playback` (the model's to the caller), `LineControl` (what it does to the
+phone call through Twilio's REST API), `CallCost` (what its tokens cost) and `CallTasks`:
+the call owns every task it starts; when it returns, none is left.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from gateway.live.events import (
     Usage,
 )
 from gateway.live.session import SPEECH_RMS, LiveSession, LiveSessionFailed
-from gateway.metrics import Metrics
+from gateway.metrics import AudioMetrics, CallMetrics, CostMetrics, Metrics
 from gateway.personas import Persona
 from gateway.playback import Speaker
 from gateway.tools import CallTools, ToolOutcome
@@ -89,10 +92,205 @@ class CallStats:
     resets: int = 0
     outcome: CallOutcome | None = None
     failure: str | None = None
+    greeted: bool = False  # the greeting was played (on this stream or one before)
+
+
+class CallTasks:
+    """The tasks a call starts besides its main four, so that none outlives it: most are
+    cancelled when the call ends (`spawn`); a spend of the persona's money is awaited
+    instead (`keep`), so the day's total counts every call that cost it."""
+
+    def __init__(self) -> None:
+        self._cancelled: set[asyncio.Task[object]] = set()
+        self._awaited: set[asyncio.Task[object]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, object], name: str) -> None:
+        """A task cancelled (if still running) when the call ends."""
+        self._add(self._cancelled, work, name)
+
+    def keep(self, work: Coroutine[Any, Any, object], name: str) -> None:
+        """A task the call's end waits for."""
+        self._add(self._awaited, work, name)
+
+    @staticmethod
+    def _add(
+        tasks: set[asyncio.Task[object]], work: Coroutine[Any, Any, object], name: str
+    ) -> None:
+        task = asyncio.create_task(work, name=name)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def close(self, *others: asyncio.Task[Any]) -> None:
+        """Cancel `others` and the spawned tasks, then wait for them and the kept ones."""
+        for task in (*others, *self._cancelled):
+            task.cancel()
+        await asyncio.gather(*others, *self._cancelled, return_exceptions=True)
+        await asyncio.gather(*self._awaited, return_exceptions=True)
+
+
+class CallerAudio:
+    """The caller's audio on its way to the model: converted to the model's rate
+    (`gateway.audio`), sent in pieces of `batch_frames` Twilio frames, and with `dtx` its
+    long silences withheld (`gateway.dtx`; the withheld seconds counted). Twilio's other
+    messages stay the call's: `flush` sends what a piece holds before them."""
+
+    def __init__(
+        self, live: LiveSession, metrics: AudioMetrics, batch_frames: int, dtx: CallerDtx | None
+    ) -> None:
+        self._live = live
+        self._convert = CallerToModel().convert
+        self._batch = max(1, batch_frames)
+        self._held: list[bytes] = []  # frames waiting to fill a piece (only when batching)
+        self._held_since = 0.0
+        self.dtx = dtx
+        self._withheld = metrics.caller_withheld
+        self._counted = 0  # frames withheld for good, in the metric
+
+    async def frame(self, payload: bytes, received: float, level: float) -> None:
+        """One 20 ms frame (mu-law) received at `received`, `level` its speech level
+        (needed with dtx only)."""
+        dtx = self.dtx
+        if dtx is not None:
+            out = dtx.feed(payload, level)
+            if dtx.withheld_frames > self._counted:
+                self._withheld.inc((dtx.withheld_frames - self._counted) * FRAME_MS / 1000)
+                self._counted = dtx.withheld_frames
+            if out.pause:
+                await self.flush()
+                await self._live.pause_audio()
+            if not out.frames:
+                return
+            if len(out.frames) > 1:  # the pre-roll, then this frame
+                payload = b"".join(out.frames)
+        if self._batch > 1:
+            held = self._held
+            if not held:
+                self._held_since = received
+            held.append(payload)
+            if len(held) >= self._batch:
+                await self.flush()
+            return
+        pcm = self._convert(payload)
+        if pcm:
+            await self._live.send_audio(pcm, received)
+
+    async def flush(self) -> None:
+        """Send the piece held so far, if any."""
+        if not self._held:
+            return
+        pcm = self._convert(b"".join(self._held))
+        self._held.clear()
+        if pcm:
+            await self._live.send_audio(pcm, self._held_since)
+
+    def close(self) -> None:
+        """Count the silence dtx still held for a pre-roll the call's end never needed."""
+        if self.dtx is not None:
+            self._withheld.inc(self.dtx.held_frames * FRAME_MS / 1000)
+
+
+class CallCost:
+    """What the call's tokens cost: summed per call (`gateway.usage`), counted per persona
+    in the metrics and, under a daily limit, added to the persona's spend today
+    (`gateway.budget`), whose total the call's watch weighs."""
+
+    def __init__(
+        self,
+        persona: str,
+        prices: Mapping[str, float],
+        metrics: CostMetrics,
+        day_spend: Callable[[float], Awaitable[float | None]] | None,
+    ) -> None:
+        self.usage = CallUsage(prices=dict(prices))
+        self._persona = persona
+        self._metrics = metrics
+        self._day_spend = day_spend
+
+    def add(self, event: Usage) -> float:
+        """Count one usage report; returns the USD it adds to the persona's spend today
+        (0: nothing to add)."""
+        persona = self._persona
+        before = self.usage.cost_usd()
+        for kind, tokens in self.usage.add(event).items():
+            side, modality = kind.split("_", 1)
+            self._metrics.tokens.labels(persona=persona, kind=side, modality=modality).inc(tokens)
+        after = self.usage.cost_usd()
+        if before is None or after is None:
+            return 0.0
+        self._metrics.usd.labels(persona=persona).inc(after - before)
+        return after - before if self._day_spend is not None and after > before else 0.0
+
+    async def spend(self, usd: float) -> float | None:
+        """Add `usd` to the persona's spend today; the day's total, None if unknown."""
+        return None if self._day_spend is None else await self._day_spend(usd)
+
+
+class LineControl:
+    """What the gateway does to the phone call through Twilio's REST API (hang up, a
+    tool's request, recording) and, where that fails or there is no REST client, closing
+    the stream itself (`closing`): nothing follows <Connect>, so Twilio then hangs up."""
+
+    def __init__(
+        self,
+        control: CallControl | None,
+        metrics: CallMetrics,
+        transcript: CallTranscript,
+        persona: str,
+    ) -> None:
+        self._control = control
+        self._metrics = metrics
+        self._transcript = transcript
+        self._persona = persona
+        self.closing = asyncio.Event()  # the gateway closes the stream itself
+
+    async def hang_up(self, reason: str) -> None:
+        """Hang up through the REST API; if that fails, close the stream."""
+        self._metrics.hangups.labels(persona=self._persona, reason=reason).inc()
+        self._transcript.event("hangup", reason=reason)
+        if self._control is None:
+            self.closing.set()
+            return
+        try:
+            await self._control.hang_up()
+        except RestError as exc:
+            log.warning("hang-up (%s) failed: %s; closing the stream", reason, exc)
+            self._metrics.rest_errors.labels(action="hang_up").inc()
+            self.closing.set()
+
+    async def run_tool(self, name: str, outcome: ToolOutcome, heard: bool) -> None:
+        """The tool's REST request, once the caller heard the model; if it fails, close
+        the stream."""
+        assert outcome.action is not None
+        log.info("tool %s: %s (reply heard: %s)", name, outcome.description, heard)
+        self._metrics.hangups.labels(persona=self._persona, reason=name).inc()
+        try:
+            await outcome.action()
+        except RestError as exc:
+            log.warning("tool %s failed: %s", name, exc)
+            self._metrics.rest_errors.labels(action=name).inc()
+            self._transcript.event("tool_result", name=name, ok=False, error=str(exc))
+            self.closing.set()
+            return
+        self._transcript.event("tool_result", name=name, ok=True, detail=outcome.description)
+
+    async def record(self) -> None:
+        """Ask Twilio to record the call (dual channel); its callback brings the URL."""
+        assert self._control is not None
+        try:
+            sid = await self._control.record()
+        except RestError as exc:
+            log.warning("recording not started: %s", exc)
+            self._metrics.rest_errors.labels(action="record").inc()
+            self._transcript.event("recording", status="failed", error=str(exc))
+            return
+        log.info("recording %s started", sid)
+        self._transcript.event("recording", status="started", recording_sid=sid)
 
 
 class Call:
-    """Joins a started Twilio stream to a Live session until either side ends."""
+    """Joins a started Twilio stream to a Live session until either side ends: routes
+    what each side sends, and makes the call's moves (the greeting, the watch's, the
+    model's tools, who answered) and its ending; its parts carry them out."""
 
     def __init__(
         self,
@@ -119,8 +317,8 @@ class Call:
         self.persona = persona or Persona(name="default", system_instruction="")
         self._metrics = metrics
         # A call handed off by another replica is `age_s` old: its duration limit goes on.
-        self.stats = CallStats(started_at=time.monotonic() - age_s)
-        self.usage = CallUsage(prices=dict(token_prices or {}))
+        self.stats = CallStats(started_at=time.monotonic() - age_s, greeted=greeted)
+        self.cost = CallCost(self.persona.name, token_prices or {}, metrics.cost, day_spend)
         self.watch = CallWatch(self.persona.policy, self.stats.started_at)
         self.playback = Speaker(
             send,
@@ -129,17 +327,22 @@ class Call:
             wait_limit_s=hangup_wait_s,
             on_sent=metrics.audio.added_latency.labels(direction="model_to_caller").observe,
         )
+        self._audio = CallerAudio(live, metrics.audio, batch_frames, dtx)
+        self._line = LineControl(control, metrics.calls, self.transcript, self.persona.name)
         self._ending = Ending()
-        self._closing = asyncio.Event()  # the gateway closes the stream itself
         self._tools = tools
-        self._control = control
-        self._tasks: set[asyncio.Task[object]] = set()  # the call's own tasks
-        self._batch_frames = max(1, batch_frames)  # Twilio frames per piece sent to the model
-        self._dtx = dtx  # caller silence withheld from the model (gateway.dtx)
+        self._tasks = CallTasks()
         self._early_answers: list[str] | None = []  # answered_by() before run(); None after
-        self.greeted = greeted  # the greeting was played (on this stream or one before)
-        self._day_spend = day_spend  # adds to the persona's spend today (gateway.budget)
-        self._spends: set[asyncio.Task[None]] = set()  # awaited, not cancelled, at the end
+
+    @property
+    def usage(self) -> CallUsage:
+        """The call's tokens so far (`gateway.usage`)."""
+        return self.cost.usage
+
+    @property
+    def greeted(self) -> bool:
+        """The greeting was played (on this stream or one before)."""
+        return self.stats.greeted
 
     @property
     def shutting_down(self) -> bool:
@@ -155,7 +358,7 @@ class Call:
         live_task = asyncio.create_task(self.live.run(), name="live")
         caller_task = asyncio.create_task(self._caller_to_model(inbound), name="caller")
         model_task = asyncio.create_task(self._model_to_caller(), name="model")
-        end_task = asyncio.create_task(self._closing.wait(), name="end")
+        end_task = asyncio.create_task(self._line.closing.wait(), name="end")
         tasks = (live_task, caller_task, model_task, end_task)
         # The call counts its Live connections: later ones from `Resumed`, the first here.
         first_task = asyncio.create_task(self._count_first_connection(), name="first-conn")
@@ -164,11 +367,11 @@ class Call:
         if self.watch.timed:
             self._spawn(self._watch_loop(), "watch")
         if self.persona.policy.record:
-            self._spawn(self._record(), "record")
-        if self.persona.greeting and not self.greeted:
+            self._spawn(self._line.record(), "record")
+        if self.persona.greeting and not self.stats.greeted:
             self.transcript.event("greeting", text=self.persona.greeting)
             await self.live.send_text(self.persona.greeting)
-            self.greeted = True
+            self.stats.greeted = True
         early, self._early_answers = self._early_answers or [], None
         for answered_by in early:
             self.answered_by(answered_by)
@@ -198,12 +401,8 @@ class Call:
             raise
         finally:
             self.live.close()
-            for task in (*tasks, first_task, *self._tasks):
-                task.cancel()
-            await asyncio.gather(*tasks, first_task, *self._tasks, return_exceptions=True)
-            await asyncio.gather(*self._spends, return_exceptions=True)  # the cost is spent
-            if self._dtx is not None:  # silence kept for a pre-roll the hang-up never needed
-                self._metrics.audio.caller_withheld.inc(self._dtx.held_frames * FRAME_MS / 1000)
+            await self._tasks.close(*tasks, first_task)
+            self._audio.close()
             self._metrics.calls.active.dec()
             self.stats.outcome = outcome = self._ending.outcome or CallOutcome.HANGUP
             self._log_end(outcome)
@@ -266,70 +465,31 @@ class Call:
 
     async def _caller_to_model(self, inbound: AsyncIterator[InboundMessage]) -> EndReason:
         frames = self._metrics.audio.caller_frames
-        convert = CallerToModel().convert
-        send_audio = self.live.send_audio
-        batch = self._batch_frames
-        held: list[bytes] = []  # frames waiting to fill a piece (only when batching)
-        held_since = 0.0
-
-        async def send_held() -> None:
-            pcm = convert(b"".join(held))
-            held.clear()
-            if pcm:
-                await send_audio(pcm, held_since)
-
+        audio = self._audio
         listen = self.watch.listens  # caller speech restarts the silence watch
         watch = self.watch
-        dtx = self._dtx
-        withheld = self._metrics.audio.caller_withheld
-        counted = 0  # frames withheld for good, in the metric
-
+        level_needed = listen or audio.dtx is not None
         async for message in inbound:
             if type(message) is Media:
                 received = time.monotonic()
                 self.stats.caller_frames += 1
                 frames.inc()
                 payload = message.payload
-                level = speech_level(payload) if listen or dtx is not None else 0
+                level = speech_level(payload) if level_needed else 0
                 if listen and level > SPEECH_RMS:  # every frame, held or not
                     watch.caller_spoke(received)
-                if dtx is not None:
-                    out = dtx.feed(payload, level)
-                    if dtx.withheld_frames > counted:
-                        withheld.inc((dtx.withheld_frames - counted) * FRAME_MS / 1000)
-                        counted = dtx.withheld_frames
-                    if out.pause:
-                        if held:
-                            await send_held()
-                        await self.live.pause_audio()
-                    if not out.frames:
-                        continue
-                    if len(out.frames) > 1:  # the pre-roll, then this frame
-                        payload = b"".join(out.frames)
-                if batch > 1:
-                    if not held:
-                        held_since = received
-                    held.append(payload)
-                    if len(held) >= batch:
-                        await send_held()
-                    continue
-                pcm = convert(payload)
-                if pcm:
-                    await send_audio(pcm, received)
+                await audio.frame(payload, received, level)
             elif isinstance(message, Mark):
                 if self.playback.mark(message.name):
                     self._bot_quiet()
             elif isinstance(message, Dtmf):
-                if held:
-                    await send_held()  # the key press follows the audio before it
+                await audio.flush()  # the key press follows the audio before it
                 self.transcript.event("dtmf", digit=message.digit)
                 await self.live.send_text(f"The caller pressed the key {message.digit}.")
             elif isinstance(message, Stop):
-                if held:
-                    await send_held()  # the caller's last words, not dropped with the piece
+                await audio.flush()  # the caller's last words, not dropped with the piece
                 return EndReason.COMPLETED
-        if held:
-            await send_held()
+        await audio.flush()
         return EndReason.HANGUP
 
     def _bot_quiet(self) -> None:
@@ -405,28 +565,16 @@ class Call:
     # ------------------------------------------------------------ usage, limits
 
     def _on_usage(self, event: Usage) -> None:
-        persona = self.persona.name
-        before = self.usage.cost_usd()
-        for kind, tokens in self.usage.add(event).items():
-            side, modality = kind.split("_", 1)
-            self._metrics.cost.tokens.labels(persona=persona, kind=side, modality=modality).inc(
-                tokens
-            )
-        after = self.usage.cost_usd()
-        if before is not None and after is not None:
-            self._metrics.cost.usd.labels(persona=persona).inc(after - before)
-            if self._day_spend is not None and after > before:
-                task = asyncio.create_task(self._spend(after - before), name="spend")
-                self._spends.add(task)
-                task.add_done_callback(self._spends.discard)
-        move = self.watch.tokens(self.usage.total_tokens, after)
+        usd = self.cost.add(event)
+        if usd:
+            self._tasks.keep(self._spend(usd), "spend")
+        move = self.watch.tokens(self.usage.total_tokens, self.usage.cost_usd())
         if move is not None:
             self._move(move)
 
     async def _spend(self, usd: float) -> None:
         """Add to the persona's spend today; wrap up once the day is over its limit."""
-        assert self._day_spend is not None
-        total = await self._day_spend(usd)
+        total = await self.cost.spend(usd)
         move = None if total is None else self.watch.day_cost(total)
         if move is not None:
             log.info("persona %s over its day's limit: $%.4f", self.persona.name, total)
@@ -517,55 +665,11 @@ class Call:
                 await self.playback.wait_heard(turn_after=sent)
         if plan.finish is Finish.CLOSE:
             log.info("handing the call off")
-            self._closing.set()
+            self._line.closing.set()
         elif plan.finish is Finish.HANG_UP:
-            await self._hang_up(reason)
+            await self._line.hang_up(reason)
         elif plan.finish is Finish.TOOL and tool is not None:
-            await self._run_tool(reason, tool, heard)
-
-    async def _hang_up(self, reason: str) -> None:
-        """Hang up through the REST API; if that fails, close the stream (Twilio then
-        hangs up: nothing follows <Connect>)."""
-        self._metrics.calls.hangups.labels(persona=self.persona.name, reason=reason).inc()
-        self.transcript.event("hangup", reason=reason)
-        if self._control is None:
-            self._closing.set()
-            return
-        try:
-            await self._control.hang_up()
-        except RestError as exc:
-            log.warning("hang-up (%s) failed: %s; closing the stream", reason, exc)
-            self._metrics.calls.rest_errors.labels(action="hang_up").inc()
-            self._closing.set()
-
-    async def _run_tool(self, name: str, outcome: ToolOutcome, heard: bool) -> None:
-        """The tool's REST request, once the caller heard the model; if it fails, close
-        the stream (no verb follows <Connect>: Twilio hangs up)."""
-        assert outcome.action is not None
-        log.info("tool %s: %s (reply heard: %s)", name, outcome.description, heard)
-        self._metrics.calls.hangups.labels(persona=self.persona.name, reason=name).inc()
-        try:
-            await outcome.action()
-        except RestError as exc:
-            log.warning("tool %s failed: %s", name, exc)
-            self._metrics.calls.rest_errors.labels(action=name).inc()
-            self.transcript.event("tool_result", name=name, ok=False, error=str(exc))
-            self._closing.set()
-            return
-        self.transcript.event("tool_result", name=name, ok=True, detail=outcome.description)
-
-    async def _record(self) -> None:
-        """Ask Twilio to record the call (dual channel); its callback brings the URL."""
-        assert self._control is not None
-        try:
-            sid = await self._control.record()
-        except RestError as exc:
-            log.warning("recording not started: %s", exc)
-            self._metrics.calls.rest_errors.labels(action="record").inc()
-            self.transcript.event("recording", status="failed", error=str(exc))
-            return
-        log.info("recording %s started", sid)
-        self.transcript.event("recording", status="started", recording_sid=sid)
+            await self._line.run_tool(reason, tool, heard)
 
     def answered_by(self, answered_by: str) -> None:
         """Twilio's answering-machine detection result for this (outbound) call.
@@ -589,9 +693,7 @@ class Call:
 
     def _spawn(self, work: Coroutine[Any, Any, object], name: str) -> None:
         """A task of the call's own; cancelled (if still running) when the call ends."""
-        task = asyncio.create_task(work, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(work, name)
 
     # ------------------------------------------------------------------ tools
 
