@@ -93,6 +93,7 @@ class CallStats:
     outcome: CallOutcome | None = None
     failure: str | None = None
     greeted: bool = False  # the greeting was played (on this stream or one before)
+    answered_by: str | None = None  # the answering-machine result delivered (here or before)
 
 
 class CallTasks:
@@ -436,7 +437,8 @@ class Call:
             usage=usage,
         )
         self._metrics.calls.ended.labels(outcome=outcome.value).inc()
-        self._metrics.calls.duration.observe(time.monotonic() - self.stats.started_at)
+        if outcome is not CallOutcome.HANDED_OFF:  # once per call: where it really ends
+            self._metrics.calls.duration.observe(time.monotonic() - self.stats.started_at)
         cost = usage.get("cost_usd")
         log.info(
             "call ended (%s): %d replies sent, %d heard, %d barge-ins, %d resets, "
@@ -683,6 +685,7 @@ class Call:
             self._early_answers[:] = [answered_by]
             return
         kind = answered_by_kind(answered_by)
+        self.stats.answered_by = answered_by
         log.info("answered by %s", answered_by or "unknown")
         self.transcript.event("answered_by", answered_by=answered_by, result=kind)
         self._metrics.calls.answered_by.labels(persona=self.persona.name, answered_by=kind).inc()

@@ -115,4 +115,7 @@ class CallFactory:
         )
         if resume is not None:
             call.usage.carry_on(resume.usage)  # a token limit counts the whole call
+            since_s = max(0.0, time.time() - resume.handed_off_at)
+            call.watch.carry_on(resume.watch, time.monotonic(), since_s)  # its schedule
+            call.stats.answered_by = resume.answered_by
         return call

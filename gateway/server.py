@@ -81,17 +81,25 @@ from gateway.twilio.webhooks import (
 log = logging.getLogger(__name__)
 
 TOKEN_PARAMETER = "token"
-#: How often a replica tells the store it takes calls (other replicas hand calls off to it).
-READY_EVERY_S = 1.0
+#: How often a replica tells the store it is alive and whether it takes calls (other
+#: replicas hand calls off to it), and how long each word holds: a replica killed is seen
+#: gone at most ALIVE_FOR_S after, which is what a call whose stream was lost with it
+#: waits when Twilio asks the `<Connect action>` before reporting the stream lost. Four
+#: words per hold, so that only an event loop stalled for 3/4 s makes a live replica seem
+#: gone; and a replica taken for dead loses nothing: its calls' streams had already ended
+#: (Twilio asks the action only then), and the store refuses what it still writes for them
+#: once another replica took them over (`gateway.store`). Four small Redis writes a second.
+READY_EVERY_S = 0.25
+ALIVE_FOR_S = 4 * READY_EVERY_S
 #: How long the app's own tasks get to stop at cleanup.
 STOP_LIMIT_S = 5.0
 #: How often a call's state is stored while it runs (with a shared store), if its handle
 #: changed: a replica that dies loses what the caller said since.
 CHECKPOINT_EVERY_S = 1.0
 #: How long a `<Connect action>` for a call whose replica seems gone waits for it to be
-#: seen gone (it says it is alive every READY_EVERY_S, for three times that).
+#: seen gone (ALIVE_FOR_S at most) or its stream reported lost.
 RECOVERY_WAIT_S = 5.0
-RECOVERY_POLL_S = 0.1
+RECOVERY_POLL_S = 0.05
 #: How long a stream's `stream-error` leaves the `<Connect action>` to recover the call
 #: first, once its replica is seen gone: only when Twilio does not ask the action does the
 #: call go on by a REST redirect (and the action never answers a call a redirect took).
@@ -467,10 +475,10 @@ async def _answers(app: web.Application) -> AsyncIterator[None]:
 
 async def _announce(state: GatewayState) -> None:
     """Tell the other replicas whether this one takes calls (they hand theirs off to it
-    on a drain): said every READY_EVERY_S, holding for three times that."""
+    on a drain): said every READY_EVERY_S, holding for ALIVE_FOR_S."""
     while True:
         try:
-            await state.store.replica_ready(state.replica, not state.unready(), READY_EVERY_S * 3)
+            await state.store.replica_ready(state.replica, not state.unready(), ALIVE_FOR_S)
         except StoreError as error:
             log.warning("readiness not shared: %s", error)
         await asyncio.sleep(READY_EVERY_S)
@@ -636,20 +644,26 @@ async def connect_action(request: web.Request) -> web.Response:
     """Twilio's request once a call's stream closed (the `<Connect action>`). A call a
     draining replica handed off goes on: a new `<Connect><Stream>` with a fresh token for
     the same call (any replica answers; the stored state says how the call continues).
-    Any other call has nothing more to do: an empty `<Response/>` ends it."""
+    A call whose stream was lost with its replica goes on from its last checkpoint
+    (`_recoverable`). Any other call has nothing more to do: an empty `<Response/>` ends it."""
     state = request.app[STATE]
     params = await _checked_form(request)
     call_sid = params.get("CallSid", "")
+    account_sid = params.get("AccountSid", "")
     extra = {"call_sid": call_sid, "call_status": params.get("CallStatus")}
+    saved: CallState | None = None
     try:
-        handed_off = bool(call_sid) and await state.tokens.handed_off(call_sid)
-        saved = await state.store.load(call_sid) if handed_off else None
-        if saved is None and call_sid and state.settings.redis_url is not None:
-            saved = await _recoverable(state, call_sid)
-        if saved is not None:
-            token = await state.tokens.issue_next(
-                call_sid, account_sid=params.get("AccountSid", ""), persona=saved.persona
-            )
+        up = bool(call_sid) and params.get("CallStatus") not in FINAL_STATUSES
+        if up and await state.tokens.handed_off(call_sid):
+            saved = await state.store.load(call_sid)
+            if saved is not None:
+                token = await state.tokens.issue_next(
+                    call_sid, account_sid=account_sid, persona=saved.persona
+                )
+        elif up and state.settings.redis_url is not None:
+            found = await _recoverable(state, call_sid, account_sid)
+            if found is not None:
+                saved, token = found
     except StoreError as error:
         _refuse(state, request, "store_unavailable", str(error))
         raise web.HTTPServiceUnavailable(text="call store unavailable\n") from None
@@ -673,6 +687,10 @@ async def stream_status(request: web.Request) -> web.Response:
     ids = {"call_sid": call_sid, "stream_sid": params.get("StreamSid", "")}
     log.info("stream %s", event or "status", extra=ids)
     if event == "stream-error" and call_sid and state.settings.redis_url is not None:
+        try:  # the `<Connect action>` need not wait to see the stream's replica gone
+            await state.store.stream_lost(call_sid)
+        except StoreError as error:
+            log.warning("stream loss not stored: %s", error, extra=ids)
         account_sid = params.get("AccountSid", "")
         task = asyncio.get_running_loop().create_task(
             _recover_by_redirect(state, request.app[CALLS].rest, account_sid, call_sid),
@@ -688,12 +706,10 @@ async def _recover_by_redirect(
 ) -> None:
     """Once the call's replica is seen gone, redirect the call to a new stream of its own."""
     try:
-        saved = await _recoverable(state, call_sid, defer_s=ACTION_FIRST_S)
-        if saved is None:
+        found = await _recoverable(state, call_sid, account_sid, defer_s=ACTION_FIRST_S)
+        if found is None:
             return
-        token = await state.tokens.issue_next(
-            call_sid, account_sid=account_sid, persona=saved.persona
-        )
+        saved, token = found
     except StoreError as error:
         log.warning("stream lost: not recovered (%s)", error, extra={"call_sid": call_sid})
         return
@@ -870,8 +886,9 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
             finally:
                 state.calls.discard(call)
                 if call.stats.outcome is not CallOutcome.HANDED_OFF:
+                    stream_nonce = _stream_nonce(call)
                     with contextlib.suppress(StoreError):  # else its state expires
-                        await state.store.forget(start.call_sid)
+                        await state.store.forget(start.call_sid, stream_nonce)
         finally:
             await _stream_ended(state, start.call_sid)
         if call.stats.failure and not stream.closed:
@@ -961,12 +978,15 @@ async def _hand_off(state: GatewayState, call: Call) -> None:
     call_sid = call.start.call_sid
     saved, turns = _call_state(call, holder="")
     try:
-        await state.store.hand_off(call_sid, saved, turns)
+        stored = await state.store.hand_off(call_sid, saved, turns)
     except StoreError as error:
         log.warning(
             "hand-off failed: %s; the call goes on here", error, extra={"call_sid": call_sid}
         )
         state.metrics.replica.hand_offs.labels(outcome="failed").inc()
+        return
+    if not stored:  # another replica took the call over (its stream was lost)
+        log.info("not handed off: the call went on elsewhere", extra={"call_sid": call_sid})
         return
     if not call.hand_off():  # it began to end meanwhile: nothing to continue
         with contextlib.suppress(StoreError):
@@ -991,11 +1011,20 @@ def _call_state(call: Call, holder: str) -> tuple[CallState, list[tuple[str, str
         handle_replies=machine.handle_replies,
         handle_turns=len(turns),
         usage=call.usage.counts(),
+        answered_by=call.stats.answered_by,
+        watch=call.watch.marks(time.monotonic()),
         handed_off_at=time.time(),
         age_s=time.monotonic() - call.stats.started_at,
         holder=holder,
+        stream=_stream_nonce(call),
     )
     return saved, turns
+
+
+def _stream_nonce(call: Call) -> str:
+    """Which of its call's streams `call` runs on (its token's nonce; the store refuses
+    this stream's writes once the call moved on to another)."""
+    return StreamTokens.nonce_of(call.start.custom_parameters.get(TOKEN_PARAMETER, ""))
 
 
 async def _checkpoints(state: GatewayState) -> None:
@@ -1012,30 +1041,43 @@ async def _checkpoints(state: GatewayState) -> None:
             if handle is None or saved.get(call_sid) == handle or call.stats.outcome:
                 continue
             try:
-                await state.store.checkpoint(call_sid, *_call_state(call, state.replica))
+                stored = await state.store.checkpoint(call_sid, *_call_state(call, state.replica))
             except StoreError as error:
                 log.warning("checkpoint failed: %s", error, extra={"call_sid": call_sid})
                 break
+            if not stored:
+                log.info("checkpoint refused: the call went on elsewhere")
             saved[call_sid] = handle
 
 
 async def _recoverable(
-    state: GatewayState, call_sid: str, defer_s: float = 0.0
-) -> CallState | None:
-    """The last checkpoint of a call whose replica died (its stream lost, Twilio asks the
-    action): once that replica is seen gone (within RECOVERY_WAIT_S) and `defer_s` more,
-    this caller goes on with it, if no one else does."""
+    state: GatewayState, call_sid: str, account_sid: str, defer_s: float = 0.0
+) -> tuple[CallState, str] | None:
+    """The last checkpoint of a call whose stream was lost with its replica, and the next
+    stream's token, if this caller is the one to go on with it.
+
+    Asked only after Twilio ended the stream. It goes on once the stream was reported lost
+    (`stream-error`) or its replica is seen gone (within ALIVE_FOR_S), then `defer_s` more.
+    A replica alive that closed the stream itself forgot the call's state before it closed
+    it (nothing to recover); one that lost its stream to the network and is taken for dead
+    cannot write over the call once it goes on here (the store's fence)."""
     saved = await state.store.load(call_sid)
     if saved is None or not saved.holder or saved.holder == state.replica:
         return None
     for _ in range(math.ceil(RECOVERY_WAIT_S / RECOVERY_POLL_S)):
+        if await state.store.was_lost(call_sid):
+            break
         if not await state.store.replica_alive(saved.holder):
             break
         await asyncio.sleep(RECOVERY_POLL_S)
     else:
         return None  # alive: it holds the call still, or ends it
     await asyncio.sleep(defer_s)
-    if not await state.store.claim_recovery(call_sid):
+    saved = await state.store.load(call_sid)  # its newest checkpoint
+    if saved is None:
+        return None
+    token = await state.tokens.recover(call_sid, account_sid=account_sid, persona=saved.persona)
+    if token is None:
         return None
     state.metrics.replica.hand_offs.labels(outcome="recovered").inc()
     age = time.time() - saved.handed_off_at
@@ -1044,7 +1086,7 @@ async def _recoverable(
         age,
         extra={"call_sid": call_sid},
     )
-    return saved
+    return saved, token
 
 
 async def _handed_to_us(

@@ -16,7 +16,14 @@ Per call (by CallSid) a store holds:
   refused or has expired;
 * an answering-machine result not yet delivered, and a feed telling every replica which
   call has one (:meth:`CallStore.answer_feed`): the replica holding the call takes it;
-* whether it was handed off and waits for its next stream (:meth:`CallStore.hand_off`).
+* whether it was handed off and waits for its next stream (:meth:`CallStore.hand_off`);
+* whether Twilio reported its stream lost (:meth:`CallStore.stream_lost`).
+
+A call's state is written for one stream of it (:attr:`CallState.stream`, the nonce of the
+stream's token): once the call's claim has moved on to another stream (a hand-off, a
+recovery), what a replica still writes or forgets for the old stream is refused. So a
+replica taken for dead while it was not cannot overwrite or forget a call that another
+replica took over from it.
 
 And which replicas take calls (:meth:`CallStore.replica_ready`), so that a draining one
 knows whether it can hand its calls off; and what each persona's calls cost per day
@@ -71,6 +78,9 @@ ALIVE_KEY: Final = "gw:alive"
 SPEND_KEY: Final = "gw:spend:{}:{}"
 #: A replica's subscription that lost Redis tries again after this long.
 RESUBSCRIBE_S: Final = 1.0
+#: How long a report of a lost stream is kept: Twilio asks the `<Connect action>` (or the
+#: stream's status callback comes) within seconds of the stream's end.
+LOST_S: Final = 60.0
 
 
 #: ``async with store.answer_feed() as feed: async for call_sid in feed``: subscribed once
@@ -97,6 +107,8 @@ class CallState:
     handed_off_at: float = 0.0  # wall-clock time of the hand-off (the caller's gap from it)
     age_s: float = 0.0  # how long the call had run then (its duration limit goes on from it)
     holder: str = ""  # the replica that holds the call's stream (checkpoints); "": none
+    watch: dict[str, float] = field(default_factory=dict)  # gateway.watch.CallWatch.marks
+    stream: str = ""  # the nonce of the stream it was written for ("": any)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -120,7 +132,12 @@ class CallState:
             and isinstance(state.handed_off_at, int | float)
             and isinstance(state.age_s, int | float)
             and isinstance(state.holder, str)
+            and isinstance(state.stream, str)
             and all(isinstance(k, str) and isinstance(v, int) for k, v in state.usage.items())
+            and isinstance(state.watch, dict)
+            and all(
+                isinstance(k, str) and isinstance(v, int | float) for k, v in state.watch.items()
+            )
         )
         if not ok:
             raise StoreError("unreadable call state: wrong types")
@@ -143,9 +160,10 @@ class CallStore(Protocol):
 
     async def hand_off(
         self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
-    ) -> None:
+    ) -> bool:
         """Save the call's state and conversation (replacing the turns) and mark it handed
-        off, at once: the next `<Connect action>` continues it, once (:meth:`take_hand_off`)."""
+        off, at once: the next `<Connect action>` continues it, once (:meth:`take_hand_off`).
+        False (nothing written) if the call's stream is no longer ``state.stream``."""
         ...
 
     async def take_hand_off(self, call_sid: str) -> bool:
@@ -167,17 +185,29 @@ class CallStore(Protocol):
 
     async def checkpoint(
         self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
-    ) -> None:
+    ) -> bool:
         """Save the call's state and conversation (replacing the turns) while it runs, so
-        that another replica can take it over if this one dies."""
+        that another replica can take it over if this one dies. False (nothing written)
+        if the call's stream is no longer ``state.stream``."""
         ...
 
-    async def forget(self, call_sid: str) -> None:
-        """The call is over: nothing of it is to be continued."""
+    async def forget(self, call_sid: str, stream: str = "") -> None:
+        """The call is over: nothing of it is to be continued; unless ``stream`` is given
+        and the call's stream is no longer that one (another replica took the call over)."""
         ...
 
-    async def claim_recovery(self, call_sid: str) -> bool:
-        """Whether this caller is the one to continue a call whose replica died (once)."""
+    async def claim_recovery(self, call_sid: str, nonce: str, live_s: float) -> bool:
+        """Continue a call whose stream was lost with its replica: True for one caller
+        only, while the call's state is still there; the call's next stream is then the
+        token ``nonce``'s (as :meth:`pass_stream`), and the old stream's writes are refused."""
+        ...
+
+    async def stream_lost(self, call_sid: str) -> None:
+        """Twilio reported the call's stream lost (a `stream-error`): for :meth:`was_lost`."""
+        ...
+
+    async def was_lost(self, call_sid: str) -> bool:
+        """Whether the call's stream was reported lost within :data:`LOST_S`."""
         ...
 
     async def stream_ended(self, call_sid: str, memory_s: float) -> None:
@@ -283,9 +313,15 @@ class MemoryStore:
 
     async def hand_off(
         self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
-    ) -> None:
-        await self.checkpoint(call_sid, state, turns)
+    ) -> bool:
+        if not await self.checkpoint(call_sid, state, turns):
+            return False
         self._put(("handoff", call_sid), True, self._ttl)
+        return True
+
+    def _holds(self, call_sid: str, stream: str) -> bool:
+        """Whether ``stream`` ("": any) is the call's stream."""
+        return not stream or self._get(("stream", call_sid)) == stream
 
     async def take_hand_off(self, call_sid: str) -> bool:
         taken = self._get(("handoff", call_sid)) is not None
@@ -303,19 +339,31 @@ class MemoryStore:
 
     async def checkpoint(
         self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
-    ) -> None:
+    ) -> bool:
+        if not self._holds(call_sid, state.stream):
+            return False
         await self.save(call_sid, state)
         self._put(("turns", call_sid), list(turns)[-TURNS_KEPT:], self._ttl)
+        return True
 
-    async def forget(self, call_sid: str) -> None:
-        for kind in ("state", "turns", "handoff"):
-            self._values.pop((kind, call_sid), None)
+    async def forget(self, call_sid: str, stream: str = "") -> None:
+        if self._holds(call_sid, stream):
+            for kind in ("state", "turns", "handoff"):
+                self._values.pop((kind, call_sid), None)
 
-    async def claim_recovery(self, call_sid: str) -> bool:
-        if self._get(("recovery", call_sid)) is not None:
+    async def claim_recovery(self, call_sid: str, nonce: str, live_s: float) -> bool:
+        if self._get(("recovery", call_sid)) is not None or self._get(("state", call_sid)) is None:
             return False
         self._put(("recovery", call_sid), True, self._ttl)
+        await self.pass_stream(call_sid, nonce, live_s)
+        self._values.pop(("lost", call_sid), None)
         return True
+
+    async def stream_lost(self, call_sid: str) -> None:
+        self._put(("lost", call_sid), True, LOST_S)
+
+    async def was_lost(self, call_sid: str) -> bool:
+        return self._get(("lost", call_sid)) is not None
 
     async def stream_ended(self, call_sid: str, memory_s: float) -> None:
         held = self._get(("stream", call_sid))
@@ -403,6 +451,37 @@ return false
 """
 
 
+#: Store a call's state and turns (and mark it handed off) if the call's stream is still
+#: the writer's. KEYS: stream, state, turns, handoff. ARGV: the writer's stream ("": any),
+#: the state, the TTL in ms, "1" to mark it handed off, then the turns.
+_STORE: Final = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[3])
+if #ARGV > 4 then redis.call('RPUSH', KEYS[3], unpack(ARGV, 5)) end
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+if ARGV[4] == '1' then redis.call('SET', KEYS[4], '1', 'PX', ARGV[3]) end
+return 1
+"""
+
+#: Forget a call (state, turns, hand-off) if its stream is still ARGV[1] ("": any).
+#: KEYS: stream, state, turns, handoff.
+_FORGET: Final = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+"""
+
+#: Claim a recovery: once, while the state is there; the stream passed on to ARGV[1].
+#: KEYS: recovery, stream, state, lost. ARGV: the pass value, its TTL, the claim's TTL (ms).
+_RECOVER: Final = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[4])
+return 1
+"""
+
+
 class RedisStore:
     """The store in Redis: one string key per kind of state, a list for the turns, a
     pub/sub channel for answering-machine announcements."""
@@ -421,6 +500,9 @@ class RedisStore:
         except ValueError as error:  # the URL: its text may hold a password, so not shown
             raise ValueError(f"REDIS_URL is not a Redis URL ({type(error).__name__})") from None
         self._claim = self._redis.register_script(_CLAIM)
+        self._store = self._redis.register_script(_STORE)
+        self._forget = self._redis.register_script(_FORGET)
+        self._recover = self._redis.register_script(_RECOVER)
 
     @staticmethod
     def _key(call_sid: str, kind: str) -> str:
@@ -439,13 +521,13 @@ class RedisStore:
 
     async def hand_off(
         self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
-    ) -> None:
-        await self._store_call(call_sid, state, turns, handed_off=True)
+    ) -> bool:
+        return await self._store_call(call_sid, state, turns, handed_off=True)
 
     async def checkpoint(
         self, call_sid: str, state: CallState, turns: Sequence[tuple[str, str]]
-    ) -> None:
-        await self._store_call(call_sid, state, turns, handed_off=False)
+    ) -> bool:
+        return await self._store_call(call_sid, state, turns, handed_off=False)
 
     async def _store_call(
         self,
@@ -454,27 +536,32 @@ class RedisStore:
         turns: Sequence[tuple[str, str]],
         *,
         handed_off: bool,
-    ) -> None:
-        ttl, key = _ms(self._ttl), self._key(call_sid, "turns")
-        async with _errors("store a call"), self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._key(call_sid, "state"), state.to_json(), px=ttl)
-            pipe.delete(key)
-            for role, text in list(turns)[-TURNS_KEPT:]:
-                pipe.rpush(key, json.dumps([role, text]))
-            pipe.pexpire(key, ttl)
-            if handed_off:
-                pipe.set(self._key(call_sid, "handoff"), "1", px=ttl)
-            await pipe.execute()
+    ) -> bool:
+        keys = [self._key(call_sid, kind) for kind in ("stream", "state", "turns", "handoff")]
+        items = [json.dumps([role, text]) for role, text in list(turns)[-TURNS_KEPT:]]
+        args: list[str | int] = [state.stream, state.to_json(), _ms(self._ttl)]
+        args += ["1" if handed_off else "", *items]
+        async with _errors("store a call"):
+            return bool(await self._store(keys=keys, args=args))
 
-    async def forget(self, call_sid: str) -> None:
-        kinds = ("state", "turns", "handoff")
+    async def forget(self, call_sid: str, stream: str = "") -> None:
+        keys = [self._key(call_sid, kind) for kind in ("stream", "state", "turns", "handoff")]
         async with _errors("forget a call"):
-            await self._redis.delete(*(self._key(call_sid, kind) for kind in kinds))
+            await self._forget(keys=keys, args=[stream])
 
-    async def claim_recovery(self, call_sid: str) -> bool:
-        key = self._key(call_sid, "recovery")
+    async def claim_recovery(self, call_sid: str, nonce: str, live_s: float) -> bool:
+        keys = [self._key(call_sid, kind) for kind in ("recovery", "stream", "state", "lost")]
+        args: list[str | int] = [PASSED + nonce, _ms(live_s), _ms(self._ttl)]
         async with _errors("claim a recovery"):
-            return bool(await self._redis.set(key, "1", nx=True, px=_ms(self._ttl)))
+            return bool(await self._recover(keys=keys, args=args))
+
+    async def stream_lost(self, call_sid: str) -> None:
+        async with _errors("note a lost stream"):
+            await self._redis.set(self._key(call_sid, "lost"), "1", px=_ms(LOST_S))
+
+    async def was_lost(self, call_sid: str) -> bool:
+        async with _errors("look a lost stream up"):
+            return bool(await self._redis.exists(self._key(call_sid, "lost")))
 
     async def take_hand_off(self, call_sid: str) -> bool:
         async with _errors("take a hand-off"):

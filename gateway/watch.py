@@ -16,6 +16,10 @@ what is due:
   end of each model turn, so the call can pass the limit by the goodbye's turn.
 * **Cost per day** (`max_day_usd`, 0 = off: the persona's calls today, from every replica,
   `gateway.budget`): the same wrap-up once the day's total reaches the limit itself.
+
+A call that moves to another replica (a hand-off, a recovery) keeps its schedule: the watch's
+:meth:`CallWatch.marks` go with its state, and the next replica's watch :meth:`~CallWatch.carry_on`
+from them (the duration limits already run from the call's age).
 """
 
 from __future__ import annotations
@@ -125,3 +129,26 @@ class CallWatch:
                 return Move.SILENCE, None
             wake.append(since + self._silence_s)
         return None, min(wake) if wake else None
+
+    def marks(self, now: float) -> dict[str, float]:
+        """Where the silence and wrap-up moves stand at `now`, for the call's next replica
+        (times as seconds before `now`; `bot_quiet_s` absent while the bot speaks)."""
+        marks = {
+            "caller_quiet_s": now - self._caller_spoke_at,
+            "check_ins": float(self._check_ins),
+            "wrapped_up": float(self._wrapped_up),
+        }
+        if self._bot_quiet_since is not None:
+            marks["bot_quiet_s"] = now - self._bot_quiet_since
+        return marks
+
+    def carry_on(self, marks: dict[str, float], now: float, since_s: float) -> None:
+        """Go on from another replica's :meth:`marks`, taken `since_s` before `now`: the
+        caller's silence and the bot's quiet count on through the move (a bot that was
+        speaking is quiet from now: nothing plays on the new stream until it speaks)."""
+        self._caller_spoke_at = now - since_s - max(0.0, marks.get("caller_quiet_s", 0.0))
+        bot_quiet_s = marks.get("bot_quiet_s")
+        quiet_since = None if bot_quiet_s is None else now - since_s - max(0.0, bot_quiet_s)
+        self._bot_quiet_since = now if quiet_since is None else quiet_since
+        self._check_ins = int(marks.get("check_ins", 0))
+        self._wrapped_up = bool(marks.get("wrapped_up", 0))

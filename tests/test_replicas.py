@@ -214,7 +214,8 @@ async def test_a_draining_replica_hands_its_call_to_another(
     """SIGTERM's drain with another replica ready: at the call's next pause the stream
     closes, Twilio asks the action (the load balancer no longer sends to the draining
     replica), and the call goes on there: same Live session, no second greeting, the model's
-    replies numbered on from where they were."""
+    replies numbered on from where they were; its answering-machine result and its
+    duration (counted once, where the call ends) come along."""
     greeting = "Greet the caller."
     async with replicas(2, redis_url, quick_emulator(), greeting=greeting) as (one, two):
         caller = TwilioCallerSimulator(one.http, one.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=2)
@@ -222,6 +223,9 @@ async def test_a_draining_replica_hands_its_call_to_another(
         await await_reply(call, 1, limit_s=15)  # the greeting
         await say_and_hear(call, 2)
         (first,) = one.app[STATE].calls
+        amd = {**voice_params(call.record.call_sid, call.record.account_sid), "AnsweredBy": "human"}
+        assert await post_signed(one, "/twilio/amd", amd) == (204, "")
+        assert first.stats.answered_by == "human"
         caller.set_bases(two.gateway_url)
         start_draining(one.app)
         await keep_talking_until(call, lambda: len(call.record.streams) == 2)
@@ -231,9 +235,20 @@ async def test_a_draining_replica_hands_its_call_to_another(
         assert second.usage.total_tokens >= first.usage.total_tokens > 0
         assert second.usage.by_kind.keys() >= first.usage.by_kind.keys()
         assert second.stats.started_at <= first.stats.started_at + 0.5
+        assert second.stats.answered_by == "human"
         await say_and_hear(call, 3, freq=410.0)
         await call.hangup()
         await eventually(lambda: not one.app[STATE].calls and not two.app[STATE].calls)
+        whole = time.monotonic() - first.stats.started_at
+
+    def durations(bed: TestBed) -> tuple[float, float]:
+        sample = bed.metrics.registry.get_sample_value
+        name = "gateway_call_duration_seconds"
+        return sample(f"{name}_count") or 0.0, sample(f"{name}_sum") or 0.0
+
+    assert durations(one) == (0.0, 0.0)  # handed off: the call did not end there
+    count, seconds = durations(two)
+    assert count == 1 and whole - 1.0 < seconds <= whole, (seconds, whole)
 
     assert hand_offs(one, "handed_off") == 1 and hand_offs(two, "continued") == 1
     (session,) = one.emulator.record.sessions.values()  # resumed, never a fresh one

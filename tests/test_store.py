@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.live.events import Usage
+from gateway.personas import CallPolicy
 from gateway.store import (
     TURNS_KEPT,
     CallState,
@@ -24,6 +25,7 @@ from gateway.store import (
 )
 from gateway.testing.redis_server import INSTALL_HINT, RedisMissing, RedisServer
 from gateway.usage import CallUsage
+from gateway.watch import CallWatch, Move
 
 MakeStore = Callable[..., CallStore]
 
@@ -113,6 +115,53 @@ async def test_a_hand_off_is_taken_once(make_store: MakeStore) -> None:
     assert await store.turns(call) == [("user", "hi"), ("model", "hello, how can I help?")]
     assert await store.take_hand_off(call)
     assert not await store.take_hand_off(call)
+
+
+async def test_a_call_taken_over_refuses_what_its_old_stream_writes(
+    make_store: MakeStore,
+) -> None:
+    """A replica taken for dead (its stream lost, the call recovered elsewhere) that is
+    still alive: its checkpoints, hand-off and forget for the old stream change nothing;
+    the next stream's hold."""
+    store, call = make_store(), new_call()
+    assert await store.claim_stream(call, "first", 60.0) is None
+    mine = CallState(persona="p", handle="h-1", holder="a", stream="first")
+    assert await store.checkpoint(call, mine, [("user", "hi")])
+    assert await store.claim_recovery(call, "second", 60.0)
+    assert not await store.claim_recovery(call, "third", 60.0)  # one taker
+    later = CallState(persona="p", handle="h-2", holder="a", stream="first")
+    assert not await store.checkpoint(call, later, [])
+    assert not await store.hand_off(call, later, [])
+    await store.forget(call, "first")
+    assert await store.load(call) == mine and await store.turns(call) == [("user", "hi")]
+    assert not await store.take_hand_off(call)
+    assert await store.claim_stream(call, "first", 60.0) == "pass:second"
+    assert await store.claim_stream(call, "second", 60.0) is None  # the recovery's token
+    theirs = CallState(persona="p", handle="h-3", holder="b", stream="second")
+    assert await store.checkpoint(call, theirs, [])
+    assert await store.load(call) == theirs
+    await store.forget(call, "second")
+    assert await store.load(call) is None
+
+
+async def test_a_recovery_needs_the_calls_state(make_store: MakeStore) -> None:
+    """Its replica forgot the call (it ended it) before the recovery: nothing to go on
+    with, and the call's stream is not passed on."""
+    store, call = make_store(), new_call()
+    assert await store.claim_stream(call, "first", 60.0) is None
+    assert not await store.claim_recovery(call, "second", 60.0)
+    assert await store.claim_stream(call, "second", 60.0) == "first"
+
+
+async def test_a_lost_stream_is_noted_until_the_call_is_recovered(make_store: MakeStore) -> None:
+    store, call = make_store(), new_call()
+    assert not await store.was_lost(call)
+    await store.stream_lost(call)
+    assert await store.was_lost(call) and not await store.was_lost(new_call())
+    assert await store.claim_stream(call, "first", 60.0) is None
+    assert await store.checkpoint(call, CallState(stream="first"), [])
+    assert await store.claim_recovery(call, "second", 60.0)
+    assert not await store.was_lost(call)
 
 
 async def test_state_round_trips_and_is_replaced(make_store: MakeStore) -> None:
@@ -288,6 +337,34 @@ def test_a_calls_usage_carries_on_through_its_state() -> None:
     carried = CallUsage(prices={"prompt_audio": 3.0})
     carried.carry_on(state.usage)
     assert carried.summary() == usage.summary() and carried.turns == usage.turns == 2
+
+
+def test_a_calls_watch_keeps_its_schedule_through_its_state() -> None:
+    """Handed off 100 s in (stored, then continued 2 s later on a replica whose clock reads
+    otherwise): the caller silent for 15 s and checked on once, the bot quiet for 4 s, the
+    wrap-up asked. There, the goodbye comes when it would have, and no second wrap-up."""
+    policy = CallPolicy(max_call_s=300.0, wrap_up_at=0.3, silence_timeout_s=10.0)
+    old = CallWatch(policy, started_at=0.0)
+    old.caller_spoke(85.0)
+    old.bot_speaking()
+    old.bot_quiet(86.0)
+    assert old.due(90.0) == (Move.WRAP_UP_DURATION, None)
+    assert old.due(96.0) == (Move.CHECK_IN, None)
+    state = CallState.from_json(CallState(watch=old.marks(100.0)).to_json())
+    now = 5000.0
+    fresh = CallWatch(policy, started_at=now - 102.0)  # the call's age carries on (call_factory)
+    assert fresh.due(now + 1)[0] is Move.WRAP_UP_DURATION  # what carry_on keeps from happening
+    new = CallWatch(policy, started_at=now - 102.0)
+    new.carry_on(state.watch, now, since_s=2.0)
+    assert new.due(now + 1) == (None, now + 4)  # 10 s after the bot went quiet
+    assert new.due(now + 4) == (Move.SILENCE, None)  # the second silence: goodbye
+    # A bot speaking when stored is quiet from the new stream on: a first check-in then.
+    old.caller_spoke(100.0)
+    old.bot_speaking()
+    speaking = CallWatch(policy, started_at=now - 102.0)
+    speaking.carry_on(old.marks(101.0), now, since_s=2.0)
+    assert speaking.due(now + 9.9) == (None, now + 10)
+    assert speaking.due(now + 10) == (Move.CHECK_IN, None)
 
 
 async def test_a_task_being_cancelled_is_not_told_redis_failed() -> None:

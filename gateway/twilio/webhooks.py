@@ -304,6 +304,25 @@ class StreamTokens:
         await self._store.pass_stream(call_sid, nonce, self._live)
         return token
 
+    async def recover(
+        self, call_sid: str, *, account_sid: str = "", persona: str = ""
+    ) -> str | None:
+        """A token for the next stream of a call whose stream was lost with its replica,
+        if this caller is the one to continue it (:meth:`CallStore.claim_recovery`)."""
+        token, nonce = self._issue(call_sid, account_sid, persona)
+        return token if await self._store.claim_recovery(call_sid, nonce, self._live) else None
+
+    @staticmethod
+    def nonce_of(token: str) -> str:
+        """The nonce of a token :meth:`redeem` accepted: which of the call's streams it
+        opened (the store refuses that stream's writes once the call moved on); "" if none."""
+        match = _TOKEN_RE.fullmatch(token) if isinstance(token, str) else None
+        try:
+            nonce = json.loads(_unb64url(match.group(1)))["n"] if match else ""
+        except (ValueError, binascii.Error, TypeError, KeyError, RecursionError):
+            return ""
+        return nonce if isinstance(nonce, str) else ""
+
     async def redeem(
         self, token: str, call_sid: str, *, account_sid: str = "", persona: str = ""
     ) -> TokenResult:
