@@ -111,9 +111,13 @@ def test_placement_forgets_writes_it_can_no_longer_use() -> None:
     placement = RoundTripPlacement()
     for seq in range(1, 100):
         placement.written(seq, seq * 0.1)
-    assert len(placement._writes) <= 4  # the newest older than the guard, and those after
+    # The newest older than the guard of a handle that arrived READ_LAG_S ago, and those
+    # after: 2 s of writes every 0.1 s, and the guard's.
+    assert len(placement._writes) <= 24
     assert placement.covered(99 * 0.1) == 96  # the guard is 0.23 s at the assumed round trip
     assert placement.covered(10.5) == 99
+    # A handle that arrived 1.5 s before the newest write, read only now: placed by then.
+    assert placement.covered(99 * 0.1 - 1.5) == 81
     assert placement.newest() == 99
 
 

@@ -37,6 +37,7 @@ from typing import Protocol
 GUARD_MARGIN_S = 0.005  # added to 1.5 round trips when placing a handle
 DEFAULT_RTT_S = 0.15  # assumed until a connection's round trip was measured
 RTT_SAMPLES = 8  # round trips the guard is taken from: the least of the latest
+READ_LAG_S = 2.0  # a handle read this long after it arrived is still placed exactly
 
 
 class Placement(Protocol):
@@ -77,9 +78,9 @@ class RoundTripPlacement:
     def written(self, seq: int, now: float) -> None:
         writes = self._writes
         writes.append((seq, now))
-        # Keep only what placement can still use: the newest entry older than the guard,
-        # and everything after it.
-        horizon = now - self.guard()
+        # Keep only what placement can still use: the newest entry older than the guard
+        # of a handle that arrived up to READ_LAG_S ago (read only now), and all after it.
+        horizon = now - self.guard() - READ_LAG_S
         while len(writes) > 1 and writes[1][1] <= horizon:
             writes.popleft()
 

@@ -2,8 +2,9 @@
 
 No sockets, no clock: a discrete-event simulation drives `gateway.live.machine.
 SessionMachine` through generated schedules (setup latencies, handle cadences, network
-delays, goAways with any lead, cuts and closes at any moment, refusals), once per
-service behaviour the documentation leaves open:
+delays, goAways with any lead, cuts and closes at any moment, refusals, and a client event
+loop that lags: messages read tens of ms after they reached the socket, writes leaving
+late), once per service behaviour the documentation leaves open:
 
 * ``fork``: a resume while another connection of the session is open gets its own copy
   of the state (our emulator's first reading);
@@ -19,10 +20,12 @@ After every step it checks: every lineage of the session receives the caller's i
 order with none missing; an input arrives twice only if it was written to the connection
 of the handle its lineage resumed less than one guard (one and a half round trips plus a
 margin) before that handle arrived, i.e. only what may have been in flight when the
-service issued it (never, with ``transparent``); nothing is written to a connection before
-its setup completed; at most two connections are open; the machine's own invariants hold;
-no audio is dropped; the call never gives up while the service accepts connections; a
-reply is never skipped as a repeat unless the caller had heard that reply to the end. At
+service issued it (never, with ``transparent``), the driver stamping a handle with when it
+reached the socket and input with when it left (as `gateway.live.sdk.TimedSocket` lets
+it); nothing is written to a connection before its setup completed; at most two
+connections are open; the machine's own invariants hold; no audio is dropped; the call
+never gives up while the service accepts connections; a reply is never skipped as a
+repeat unless the caller had heard that reply to the end. At
 the end (faults over, a few quiet seconds) the active lineage holds every input and the
 caller's last utterance got an answer (so a reply cut by a reset never leaves the caller in
 silence).
@@ -124,6 +127,11 @@ class Schedule:
     pong_s: float = 0.0  # every pong this much late (the service's: 8-30 s seen)
     duration_s: float = 20.0
     transparent: bool = False  # handles name the last message they hold (Vertex AI)
+    # The client's event loop lagging: each server message is read this long after it
+    # reached the socket (in order: a message waits for the one before it), and each write
+    # leaves this long after the machine asked for it (in order too).
+    reader_lags: tuple[float, ...] = (0.0,)
+    send_lags: tuple[float, ...] = (0.0,)
 
 
 class Violation(AssertionError):
@@ -243,6 +251,10 @@ class Simulation:
         self._written_at: dict[tuple[str, int], float] = {}  # ("h<conn>", seq): first write
         self._setup_rtt: dict[str, float] = {}  # "h<conn>": its setup's round trip
         self._armed: float | None = None
+        self._read_n = self._send_n = 0
+        self._read_free: dict[int, float] = {}  # client connection: its reader is free then
+        self._send_free: dict[int, float] = {}  # client connection: its last write left then
+        self.arrived = 0.0  # when the message being read reached the client's socket
         self.last_utterance_end = 0.0
         self.heard: list[float] = []  # when model output reached the caller
         self.failed: Fail | None = None
@@ -341,15 +353,26 @@ class Simulation:
         conn = self._service.get(action.conn)
         last = action.items[-1].seq
         self._max_written = max(self._max_written, last)
-        for item in action.items:
-            self._written_at.setdefault((f"h{action.conn}", item.seq), self.now)
         for item in action.items:  # one message each, numbered as they go out
             self.machine.sent(action.conn, item.seq)
-        self.machine.written(action.conn, last, self.now)
-        if conn is None:
-            return
         items = action.items
-        self.at(self.now + self.s.uplink_s, lambda: self._arrive(conn, items))
+
+        def leave() -> None:
+            """The bytes reach the kernel: the driver reports them written then."""
+            for item in items:
+                self._written_at.setdefault((f"h{action.conn}", item.seq), self.now)
+            self.machine.written(action.conn, last, self.now)
+            if conn is not None:
+                self.at(self.now + self.s.uplink_s, lambda: self._arrive(conn, items))
+
+        lag = self.s.send_lags[self._send_n % len(self.s.send_lags)]
+        self._send_n += 1
+        leaves = max(self.now + lag, self._send_free.get(action.conn, 0.0))
+        self._send_free[action.conn] = leaves
+        if leaves <= self.now:
+            leave()
+        else:
+            self.at(leaves, leave)
 
     def _other_message(self, conn_id: int) -> None:
         """A client message with no caller input (a brief, a tool response)."""
@@ -636,9 +659,12 @@ class Simulation:
         self._schedule_handle(conn)
 
     def _handle(self, conn_id: int, token: str, consumed: int | None) -> None:
-        self._handle_arrival[token] = self.now
+        arrived = self.arrived  # read maybe later than that: placed from its arrival
+        self._handle_arrival[token] = arrived
         self._mark_delivered(conn_id)
-        self.execute(self.machine.handle_update(conn_id, token, True, self.now, consumed))
+        self.execute(
+            self.machine.handle_update(conn_id, token, True, self.now, consumed, arrived=arrived)
+        )
 
     def _mark_delivered(self, conn_id: int) -> None:
         if conn_id in self._client_open and conn_id not in self._delivered:
@@ -647,12 +673,26 @@ class Simulation:
 
     def _to_client(self, conn: _ServiceConn, fn: Callable[[], None]) -> None:
         """A server message: it reaches the client after the downlink delay, if still open."""
+        self.at(self.now + self.s.downlink_s, lambda: self._read(conn.id, fn))
 
-        def deliver() -> None:
-            if conn.id in self._client_open:
+    def _read(self, conn_id: int, fn: Callable[[], None]) -> None:
+        """Something reached client connection `conn_id`'s socket now: its reader gets to it
+        after the schedule's reader lag, and after whatever reached it before."""
+        arrived = self.now
+        lag = self.s.reader_lags[self._read_n % len(self.s.reader_lags)]
+        self._read_n += 1
+        read_at = max(arrived + lag, self._read_free.get(conn_id, 0.0))
+        self._read_free[conn_id] = read_at
+
+        def read() -> None:
+            if conn_id in self._client_open:
+                self.arrived = arrived
                 fn()
 
-        self.at(self.now + self.s.downlink_s, deliver)
+        if read_at <= self.now:
+            read()
+        else:
+            self.at(read_at, read)
 
     # --- faults
 
@@ -710,11 +750,11 @@ class Simulation:
         kind = LossKind.NETWORK if abrupt else LossKind.CLOSED
 
         def lost() -> None:
-            if conn_id in self._client_open:
-                self._client_open.discard(conn_id)
-                self.execute(self.machine.lost(conn_id, kind, f"code {code}", self.now))
+            self._client_open.discard(conn_id)
+            self.execute(self.machine.lost(conn_id, kind, f"code {code}", self.now))
 
-        self.at(self.now + delay, lost)
+        # The reader sees the end after what reached the socket before it.
+        self.at(self.now + delay, lambda: self._read(conn_id, lost))
 
     # --- the end
 
@@ -786,7 +826,20 @@ def generate(seed: int, concurrency: Concurrency, transparent: bool = False) -> 
         pong_s=0.0 if rng.random() < 0.6 else round(rng.uniform(0.0, 30.0), 2),
         duration_s=duration,
         transparent=transparent,
+        **_lags(rng),
     )
+
+
+def _lags(rng: random.Random) -> dict[str, tuple[float, ...]]:
+    """Half the schedules run on a lagging event loop: messages read up to 80 ms after they
+    arrived, writes leaving up to 50 ms after they were asked for (seen: 24-45 ms with two
+    busy processes beside the gateway on two cores)."""
+    if rng.random() < 0.5:
+        return {}
+    return {
+        "reader_lags": tuple(round(rng.uniform(0.0, 0.08), 4) for _ in range(7)),
+        "send_lags": tuple(round(rng.uniform(0.0, 0.05), 4) for _ in range(5)),
+    }
 
 
 def run(schedule: Schedule, factory: MachineFactory = SessionMachine) -> Stats:
@@ -817,6 +870,7 @@ def shrink(schedule: Schedule, check: str, factory: MachineFactory = SessionMach
             lambda b: replace(b, uplink_s=0.0, downlink_s=0.0),
             lambda b: replace(b, handle_gaps=(b.handle_gaps[0],)),
             lambda b: replace(b, pong_s=0.0),
+            lambda b: replace(b, reader_lags=(0.0,), send_lags=(0.0,)),
             lambda b: replace(b, after_cut_reply="repeat"),
         )
         for simplify in simplifications:
