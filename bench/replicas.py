@@ -71,6 +71,9 @@ PCM_PER_ULAW = 4  # one 8 kHz mu-law byte is two 16-bit samples at 16 kHz
 PCM_RATE = 32000  # bytes of 16 kHz PCM16 per second
 SETTLE_LIMIT_S = 30.0  # for every call to have a stream again after a scenario
 READY_LIMIT_S = 30.0
+#: A caller who heard no reply for this long speaks again, as a person would ("hello?"):
+#: what they said while their stream was lost with its replica never reached the model.
+REPLY_WAIT_S = 6.0
 GREETING = "Greet the caller."
 
 
@@ -168,7 +171,7 @@ async def talk(
         caller.error = f"place_call: {type(exc).__name__}: {exc}"
         return
     async with call:
-        if greet and await await_reply(call, 0, min_bytes) is None:
+        if greet and await await_reply(call, 0, min_bytes, REPLY_WAIT_S) is None:
             caller.error = "no greeting"
         while not stop.is_set() and not call.closed:
             first = len(call.record.heard)
@@ -176,7 +179,7 @@ async def talk(
             await call.speak_tone(caller.pitch, TONE_S)
             turn.speech_end = time.monotonic()
             caller.turns.append(turn)
-            found = await await_reply(call, first, min_bytes)
+            found = await await_reply(call, first, min_bytes, REPLY_WAIT_S)
             if found is not None:
                 turn.reply_start = found[0]
                 await call.silence(PAUSE_S)
@@ -184,10 +187,12 @@ async def talk(
 
 @dataclass
 class Point:
-    """Per call at one moment: caller audio said (as 16 kHz PCM bytes), what its sessions
-    hold, how many sessions it has, and their replies a text turn prompted."""
+    """Per call at one moment: caller audio said (as 16 kHz PCM bytes; ``unsent``: said
+    while no stream was open), what its sessions hold, how many sessions it has, and their
+    replies a text turn prompted."""
 
     said: dict[int, int]
+    unsent: dict[int, int]
     held: dict[int, int]
     sessions: dict[int, int]
     text_turns: dict[int, int]
@@ -196,12 +201,12 @@ class Point:
 async def point(http: aiohttp.ClientSession, control: str, callers: list[Caller]) -> Point:
     async with http.get(control + "/sessions") as resp:
         sessions: list[dict[str, Any]] = await resp.json()
-    said = {}
+    said, unsent = {}, {}
     for c in callers:
         record = c.call.record if c.call is not None else None
-        said[c.index] = (
-            0 if record is None else (len(record.sent_ulaw) + len(record.unsent_ulaw))
-        ) * PCM_PER_ULAW
+        sent = 0 if record is None else len(record.sent_ulaw)
+        unsent[c.index] = 0 if record is None else len(record.unsent_ulaw) * PCM_PER_ULAW
+        said[c.index] = sent * PCM_PER_ULAW + unsent[c.index]
     held = dict.fromkeys(said, 0)
     count = dict.fromkeys(said, 0)
     text = dict.fromkeys(said, 0)
@@ -213,7 +218,7 @@ async def point(http: aiohttp.ClientSession, control: str, callers: list[Caller]
         held[index] += int(session["audio_bytes"])
         count[index] += 1
         text[index] += int(session.get("text_turns", 0))
-    return Point(said, held, count, text)
+    return Point(said, unsent, held, count, text)
 
 
 # --- scenarios ----------------------------------------------------------------------------
@@ -256,7 +261,9 @@ def summarise(scenario: Scenario, callers: list[Caller], baseline_s: float) -> d
     affected, survived, dropped = 0, 0, 0
     gaps: list[float] = []
     extra: list[float] = []
-    lost: list[float] = []
+    no_stream: list[float] = []  # caller audio said while the call had no stream
+    not_held: list[float] = []  # sent to a gateway, not in the call's Live session
+    unanswered = 0
     resumed = fresh = greetings = 0
     for c in callers:
         if c.call is None:
@@ -274,6 +281,11 @@ def summarise(scenario: Scenario, callers: list[Caller], baseline_s: float) -> d
         else:
             dropped += 1
         gaps += [b - a for a, b in mine if b is not None]
+        unanswered += sum(
+            t.reply_start is None and t.speech_end >= mine[0][0] - TONE_S - REPLY_WAIT_S
+            for t in c.turns
+            if t.speech_start < scenario.until
+        )
         waits = [
             t.reply_start - t.speech_end
             for t in c.turns
@@ -285,7 +297,9 @@ def summarise(scenario: Scenario, callers: list[Caller], baseline_s: float) -> d
         if before is not None and after is not None:
             said = after.said[c.index] - before.said[c.index]
             held = after.held[c.index] - before.held[c.index]
-            lost.append(max(0, said - held) / PCM_RATE)
+            gone = after.unsent[c.index] - before.unsent[c.index]
+            no_stream.append(gone / PCM_RATE)
+            not_held.append(max(0, said - held - gone) / PCM_RATE)
             greetings += max(0, after.text_turns[c.index] - max(1, before.text_turns[c.index]))
             if heard_after:
                 if after.sessions[c.index] > before.sessions[c.index]:
@@ -301,11 +315,9 @@ def summarise(scenario: Scenario, callers: list[Caller], baseline_s: float) -> d
         "dropped": dropped,
         "gap_ms": [1000 * percentile(gaps, q) for q in (0.5, 0.99, 1.0)],
         "turn_added_ms": [1000 * percentile(extra, q) for q in (0.5, 1.0)],
-        "lost_s": {
-            "p50": percentile(lost, 0.5),
-            "max": percentile(lost, 1.0),
-            "total": sum(lost),
-        },
+        "unanswered": unanswered,
+        "no_stream_s": [percentile(no_stream, 0.5), percentile(no_stream, 1.0)],
+        "not_held_s": [percentile(not_held, 0.5), percentile(not_held, 1.0)],
         "second_greetings": greetings,
         "resumed": resumed,
         "fresh": fresh,
@@ -376,7 +388,7 @@ async def crash(cluster: Cluster, callers: list[Caller]) -> Scenario:
     scenario = Scenario(cluster.impl, "crash", victim.name, time.monotonic())
     log(f"{cluster.impl}: crash: SIGKILL to {victim.name}")
     victim.proc.process.send_signal(signal.SIGKILL)
-    cluster.balance(cluster.live[1:])
+    cluster.balance([r for r in cluster.live if r is not victim])
     await victim.proc.process.wait()
     fresh = await cluster.start()
     cluster.balance([*cluster.live, fresh])
@@ -504,6 +516,10 @@ def ms(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.0f}"
 
 
+def seconds(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
 def render(data: dict[str, Any]) -> list[str]:
     """The table, in markdown, from :func:`bench`'s result (or its JSON)."""
     out = [
@@ -515,18 +531,21 @@ def render(data: dict[str, Any]) -> list[str]:
         "",
         "| bridge | scenario | calls on it | survived | dropped "
         "| caller's gap ms p50 / p99 / max | turn's added wait ms p50 / max "
-        "| caller audio not delivered s per call p50 / max (all calls) | second greetings "
+        "| caller turns unanswered | caller audio s per call, said with no stream p50 / max "
+        "| sent, not in the session p50 / max | second greetings "
         "| same session / fresh brief | replica exit s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["scenarios"]:
-        gap, added, lost = r["gap_ms"], r["turn_added_ms"], r["lost_s"]
+        gap, added = r["gap_ms"], r["turn_added_ms"]
+        no_stream, not_held = r["no_stream_s"], r["not_held_s"]
         exit_s = "-" if r["exit_s"] is None else f"{r['exit_s']:.1f}"
         out.append(
             f"| {r['bridge']} | {r['kind']} ({r['replica']}) | {r['calls']} | {r['survived']} "
             f"| {r['dropped']} | {ms(gap[0])} / {ms(gap[1])} / {ms(gap[2])} "
-            f"| {ms(added[0])} / {ms(added[1])} "
-            f"| {lost['p50']:.2f} / {lost['max']:.2f} ({lost['total']:.1f}) "
+            f"| {ms(added[0])} / {ms(added[1])} | {r['unanswered']} "
+            f"| {seconds(no_stream[0])} / {seconds(no_stream[1])} "
+            f"| {seconds(not_held[0])} / {seconds(not_held[1])} "
             f"| {r['second_greetings']} | {r['resumed']} / {r['fresh']} | {exit_s} |"
         )
     for b in data["bridges"]:
@@ -552,7 +571,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=2, help="gateway processes")
     parser.add_argument("--rate", type=float, default=10.0, help="calls placed per second")
     parser.add_argument("--warmup", type=float, default=8.0, help="s after the last call")
-    parser.add_argument("--settle-s", type=float, default=5.0, help="s after each scenario")
+    parser.add_argument(
+        "--settle-s",
+        type=float,
+        default=12.0,
+        help="s after each scenario: calls talk on (a caller whose words were lost asks again)",
+    )
     parser.add_argument("--reply-s", type=float, default=0.8)
     parser.add_argument("--handle-interval", default="0.2,1.0", help="MIN,MAX s")
     parser.add_argument(

@@ -163,13 +163,13 @@ class Window:
 
 
 async def await_reply(
-    call: SimulatedCall, first: int, min_bytes: int
+    call: SimulatedCall, first: int, min_bytes: int, timeout_s: float = REPLY_TIMEOUT_S
 ) -> tuple[float, float, bool] | None:
     """Keep the line open until a whole reply was heard: its (start, end, gapped); None if
-    none came within REPLY_TIMEOUT_S. Gapped: no one unbroken run held the whole reply,
+    none came within ``timeout_s``. Gapped: no one unbroken run held the whole reply,
     but the runs since the turn add up to it and nothing more came for GAPPED_QUIET_S (a
     reply heard with the line's playback running dry in it, e.g. on a busy machine)."""
-    deadline = time.monotonic() + REPLY_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not call.closed:
         await call.silence(STEP_S)
         now = time.monotonic()

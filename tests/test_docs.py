@@ -67,7 +67,7 @@ def test_every_setting_is_in_the_configuration_doc() -> None:
 def test_each_benchmark_block_names_a_command_from_this_repository() -> None:
     text = (DOCS / "benchmarks.md").read_text()
     blocks = re.findall(r"<!-- bench:(\w+) begin -->(.*?)<!-- bench:\1 end -->", text, re.S)
-    assert {name for name, _ in blocks} == {"main", "deflate", "profile"}
+    assert {name for name, _ in blocks} == {"main", "deflate", "profile", "replicas"}
     reproduce = text.split("## Reproducing the tables", 1)[1].split("\n## ", 1)[0]
     for name, body in blocks:
         commands = re.findall(r"^command: (.*)$", body, re.M)
