@@ -37,6 +37,9 @@ from gateway.testing.analysis import heard_replies
 from gateway.testing.twilio_sim import TwilioCallerSimulator
 
 REPLY_S = 3.0  # the emulator's replies in this stage: a bot's answer of a few seconds
+# A caller turn reached the model whole when the utterance it took holds the turn's speech
+# to within one 20 ms window at each end (where the codec and the resampler smear the edge).
+WHOLE_SLACK_S = 0.04
 TONE_HZ = 400.0
 
 
@@ -67,6 +70,7 @@ class CostRow:
     call_minutes: float
     replies: int  # turns the callers took
     heard: int  # replies heard whole
+    whole: int  # caller turns whose speech the model got whole (one utterance, none of it cut)
     audio_s: float  # caller audio the sessions got
     context: tuple[int, int]  # tokens the sessions' models hold at the end, and trimmed
     bill: dict[str, int]  # tokens by kind, all the run's sessions
@@ -138,10 +142,11 @@ async def run_shape(
     after = await bills(http, control_url)
     tokens: dict[str, int] = {}
     cost = audio_s = 0.0
-    kept = trimmed = 0
+    kept = trimmed = whole = 0
     for sid, bill in after.items():
         if sid in before:
             continue
+        whole += sum(s >= shape.speech_s - WHOLE_SLACK_S for s in bill["utterance_speech_s"])
         cost += bill["cost_usd"]
         audio_s += bill["audio_s"]
         kept += bill["context_tokens"]
@@ -155,6 +160,7 @@ async def run_shape(
         call_minutes=sum(s for _, _, s in results) / 60,
         replies=sum(t for t, _, _ in results),
         heard=sum(h for _, h, _ in results),
+        whole=whole,
         audio_s=audio_s,
         context=(kept, trimmed),
         bill=tokens,
@@ -181,7 +187,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     header = (
         "| call shape | bridge | call-min | caller audio sent s/min | prompt tok/min "
         "| model audio tok/min | billed tok/min | $ / call-min | billed vs naive "
-        "| gateway's count | context held at the end | replies heard |"
+        "| gateway's count | context held at the end | replies heard "
+        "| caller turns lost or cut |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     naive = {r["shape"]: r for r in rows if r["bridge"] == "naive"}
@@ -196,6 +203,9 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             saved = 1 - total / sum(base["bill"].values())
             vs = f"{100 * saved:.0f} % fewer" if saved >= 0 else f"{-100 * saved:.0f} % more"
         kept, trimmed = r["context"]
+        # what the model did not get whole of the callers' turns (target 0); "-" for a
+        # run from before the emulator reported it
+        lost = "-" if "whole" not in r else str(max(r["replies"] - r["whole"], 0))
         held = f"{kept} tok ({100 * kept / max(kept + trimmed, 1):.0f} %)"
         if r["counted"] is None:
             count = "-"
@@ -207,7 +217,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['shape']} | {r['bridge']} | {minutes:.2f} | {r['audio_s'] / minutes:.1f} "
             f"| {prompt / minutes:.0f} | {bill.get('response_audio', 0) / minutes:.0f} "
             f"| {total / minutes:.0f} | {r['cost_usd'] / minutes:.4f} | {vs} | {count} "
-            f"| {held} | {r['heard']}/{r['replies']} |"
+            f"| {held} | {r['heard']}/{r['replies']} | {lost} |"
         )
     return lines
 

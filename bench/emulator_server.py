@@ -12,7 +12,8 @@ are ordered through the control server (the emulator's cut/goAway live in its ev
   tells whose call a session is), connections, whether it ended, and how many of its
   replies a text turn prompted (a greeting, not the caller's speech);
 * ``GET /bills``                 per session: what the emulator billed it for
-  (gateway.testing.billing: reports, tokens by kind, dollars), its caller audio, its model;
+  (gateway.testing.billing: reports, tokens by kind, dollars), its caller audio, its model,
+  the speech in each caller utterance it took as a turn;
 * ``GET /chaos``                 the disruptions made so far (gateway.testing.chaos);
 * ``POST /chaos?every=MIN,MAX``  random disruptions from now on, one every U(MIN, MAX) s over
   all connections (``every=off``: stop); ``--chaos-every`` starts them at once.
@@ -142,6 +143,8 @@ async def _bills(request: web.Request) -> web.Response:
             "context_tokens": session.state.context.tokens,  # what its model holds now
             "trimmed_tokens": session.state.context.trimmed,  # what compression dropped
             "connections": len(session.connection_ids),
+            # seconds of speech in each caller utterance its model took as a turn
+            "utterance_speech_s": [round(s, 3) for s in session.state.utterance_speech_s],
             **session.bill.summary(),
         }
         for session in emulator.record.sessions.values()

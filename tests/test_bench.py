@@ -94,6 +94,7 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
     for cells in cost:
         heard, turns = cells[12].strip().split("/")
         assert heard == turns != "0", cells  # every reply heard whole
+        assert cells[13].strip() == "0", cells  # the model got every caller turn whole
         assert float(cells[8].strip()) > 0, cells  # dollars per call-minute
     assert all(c[10].strip().startswith("= bill") for c in cost[::2]), cost
     # The doc's tables are printed again from the JSON, exactly as the run printed them.

@@ -262,6 +262,8 @@ async def test_resume_continues_the_session(emulator_factory: Factory, tls: Test
         ("user", "caller utterance 2"),
         ("model", "reply 2"),
     ]
+    # each utterance's speech, whole, on either connection (the bench's turns lost or cut)
+    assert session_rec.state.utterance_speech_s == pytest.approx([0.3, 0.3])
 
 
 async def test_resumed_state_is_the_handle_snapshot(

@@ -500,6 +500,10 @@ class SessionState:
     history_text: list[tuple[str, str]] = field(default_factory=list)
     model_turns: int = 0  # finished or interrupted replies + "model" turns given as history
     utterances: int = 0
+    # Seconds of speech (windows over the VAD threshold) of each utterance taken as a turn:
+    # whether a caller's turn reached the model whole (silence suppression must cut none).
+    # Append-only, like `turns`: a snapshot holds a prefix.
+    utterance_speech_s: list[float] = field(default_factory=list)
     context: billing.Context = field(default_factory=billing.Context)  # in tokens
 
 
@@ -532,6 +536,7 @@ class _Snapshot:
             history_text=s.history_text[: self.n_history],
             model_turns=self.model_turns,
             utterances=self.utterances,
+            utterance_speech_s=s.utterance_speech_s[: self.utterances],
             context=self.context,
         )
 
@@ -1379,6 +1384,7 @@ class _Connection:
     async def _end_of_utterance(self) -> None:
         st = self.state
         assert st is not None
+        st.utterance_speech_s.append(self._voiced * WINDOW_S)
         self._voiced = self._silent = 0
         self._speech_confirmed = False
         st.utterances += 1
