@@ -234,9 +234,10 @@ class Settings(PersonaSettings, BaseSettings):
     # On a drain with another replica ready (REDIS_URL), each call is handed off at its next
     # pause, at the latest after this long.
     hand_off_wait_s: float = Field(default=10.0, gt=0)
-    # ... after this long: a load balancer takes a draining replica out of its endpoints
-    # only after the signal (Kubernetes: as the endpoint removal spreads, about a second or
-    # two); a call handed off before may have its next stream sent back here, and refused.
+    # ... from this long after the signal: what a load balancer takes to stop sending streams
+    # to a draining replica (Kubernetes: the endpoint removal spreads in under a second to a
+    # couple in a small cluster, more in a large one). A stream sent back meanwhile is taken
+    # and handed on again (one more gap for its caller): the delay trades drain time for that.
     hand_off_delay_s: float = Field(default=2.0, ge=0)
 
     live: LiveSettings = LiveSettings()

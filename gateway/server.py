@@ -815,7 +815,10 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         reason = f"stream_signature_{signature.value}"
         _refuse(state, request, reason, f"{signature.value} signature on the stream upgrade")
         raise web.HTTPForbidden()
-    if state.draining or not state.admission.may_upgrade(len(state.calls)):
+    # Draining with a shared store, a stream is still taken: the load balancer sent it here
+    # before it caught up with the drain, and it is handed on at its first pause.
+    refused = state.draining and state.settings.redis_url is None
+    if refused or not state.admission.may_upgrade(len(state.calls)):
         reason = "draining" if state.draining else "busy"
         state.metrics.admission.rejected.labels(reason=f"stream_{reason}").inc()
         raise web.HTTPServiceUnavailable(text=reason)
@@ -947,22 +950,32 @@ def start_draining(app: web.Application) -> None:
 
 
 async def _hand_off_all(state: GatewayState) -> None:
-    """Hand every call off if another replica takes calls; else they go on here. Not
-    before HAND_OFF_DELAY_S: the load balancer should no longer send streams here."""
+    """Hand every call off if another replica takes calls; else they go on here.
+
+    From HAND_OFF_DELAY_S after the signal: the time a load balancer takes to stop sending
+    streams here. Nothing rests on it being long enough: a stream sent here meanwhile (a
+    hand-off's next stream among them) is taken and handed on at its first pause, as is
+    every call that starts here until the drain ends; each such bounce costs its caller
+    one more gap, so the delay trades a longer drain for fewer bounces."""
     await asyncio.sleep(state.settings.hand_off_delay_s)
     try:
         others = await state.store.others_ready(state.replica)
     except StoreError as error:
         log.warning("draining: no hand-off (%s): calls go on here", error)
         return
-    if not others or not state.calls:
+    if not others:
         if state.calls:
             log.info("draining: no other replica ready: calls go on here")
         return
     log.info("draining: handing %d call(s) off to %d other replica(s)", len(state.calls), others)
+    handed: set[Call] = set()
     async with asyncio.TaskGroup() as group:
-        for call in list(state.calls):
-            group.create_task(_hand_off(state, call))
+        while True:  # until the app's cleanup cancels it
+            for call in state.calls - handed:
+                handed.add(call)
+                group.create_task(_hand_off(state, call))
+            handed &= state.calls
+            await asyncio.sleep(PAUSE_POLL_S)
 
 
 async def _hand_off(state: GatewayState, call: Call) -> None:

@@ -264,6 +264,39 @@ async def test_a_draining_replica_hands_its_call_to_another(
     assert call.record.closed_by == "caller"
 
 
+async def test_a_stream_sent_back_to_the_draining_replica_is_handed_on(
+    redis_url: str, eventually: Eventually
+) -> None:
+    """The load balancer has not caught up with the drain (HAND_OFF_DELAY_S 0): the
+    hand-off's next stream comes back to the draining replica, which takes it and hands it
+    on at its first pause; once the balancer sends elsewhere, the call lands there, still
+    in its Live session, greeted once."""
+    greeting = "Greet the caller."
+    config = quick_emulator()
+    async with replicas(2, redis_url, config, greeting=greeting, hand_off_delay_s=0.0) as (
+        one,
+        two,
+    ):
+        caller = TwilioCallerSimulator(one.http, one.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=2)
+        call = await caller.place_call()
+        await await_reply(call, 1, limit_s=15)  # the greeting
+        await say_and_hear(call, 2)
+        start_draining(one.app)
+        await keep_talking_until(call, lambda: len(call.record.streams) == 2)
+        caller.set_bases(two.gateway_url)  # the balancer caught up
+        await keep_talking_until(call, lambda: len(call.record.streams) == 3)
+        await eventually(lambda: bool(two.app[STATE].calls))
+        await say_and_hear(call, 3, freq=410.0)
+        await call.hangup()
+        await eventually(lambda: not one.app[STATE].calls and not two.app[STATE].calls)
+
+    assert hand_offs(one, "handed_off") == 2 and hand_offs(one, "continued") == 1
+    assert hand_offs(two, "continued") == 1
+    (session,) = one.emulator.record.sessions.values()
+    assert [t.trigger for t in session.turns].count("text") == 1  # one greeting
+    assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.5][:3] == [1, 2, 3]
+
+
 async def keep_talking_until(call: SimulatedCall, done: Callable[[], bool]) -> None:
     """Keep the line open (silence, as Twilio streams it) until `done()` holds."""
     async with asyncio.timeout(20):
