@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from gateway.live.events import Resumed
+from gateway.live.session import LiveSession
+from gateway.server import STATE
 from gateway.testing.analysis import (
     HeardReply,
     await_reply,
@@ -19,6 +23,7 @@ from gateway.testing.analysis import (
 )
 from gateway.testing.chaos import Chaos
 from gateway.testing.harness import TestBed
+from gateway.testing.live_emulator import ConnectionRecord, EmulatorRecord
 from gateway.testing.twilio_sim import SimulatedCall
 
 SPEED = 2.0
@@ -77,6 +82,82 @@ def assert_replies_once_in_order(replies: list[HeardReply], turns: int) -> None:
     assert not unsaid, (unsaid, replies)
 
 
+# The caller's audio as the test counts it (mu-law bytes times 4, less the seconds withheld)
+# and as the gateway resamples it may differ by a few samples.
+ROUNDING_BYTES = 320
+
+
+def reset_problems(
+    record: EmulatorRecord, resumes: Sequence[Resumed], held: int, sent: int
+) -> list[str]:
+    """Each reset where the resumed session lacks some of the caller's audio, or holds some
+    twice beyond what the gateway said it might (its ``overlap_s``); and whether the session
+    holding ``held`` bytes at the end of a call of ``sent`` bytes holds every byte once
+    but for what the resets sent twice.
+
+    A connection carries one unbroken run of the caller's audio: its session holds ``a``
+    bytes when it begins, and the gateway writes to it from byte ``b`` of the caller's audio
+    on, so the session holds ``a - b`` bytes more than the caller's audio it has had, for
+    the connection's life. A handle it issued holding ``h`` bytes holds the caller's audio
+    up to byte ``h - (a - b)``; a resume from it replays from byte ``b'`` (the gateway's
+    ``replayed_from``): a ``b'`` past that is audio lost, short of it audio sent twice.
+    """
+    by_handle: dict[str | None, list[Resumed]] = {}
+    for resumed in resumes:
+        by_handle.setdefault(resumed.handle, []).append(resumed)
+    conns: dict[str | None, list[ConnectionRecord]] = {}
+    for conn in record.connections[1:]:
+        if conn.setup and not conn.refused:
+            conns.setdefault(conn.resumed_from, []).append(conn)
+    taken: list[tuple[ConnectionRecord, Resumed]] = []
+    problems: list[str] = []
+    for handle, resumed_list in by_handle.items():
+        mine = conns.get(handle, [])
+        if len(mine) != len(resumed_list):  # some were opened and dropped before taking over
+            mine = [c for c in mine if c.audio_bytes_received or c.messages_received]
+        if len(mine) != len(resumed_list):
+            problems.append(f"{len(resumed_list)} resets from one handle, {len(mine)} resumes")
+            continue
+        taken += zip(mine, resumed_list, strict=True)
+    surplus: dict[int, int] = {record.connections[0].id: 0}  # a - b, by connection
+    for conn, resumed in sorted(taken, key=lambda pair: pair[0].id):
+        if conn.resumed_holding is None:  # a fresh session (the handle refused): not resumed
+            surplus[conn.id] = -resumed.replayed_from
+            continue
+        issuer, holds = conn.resumed_holding
+        if issuer not in surplus:
+            problems.append(f"connection {conn.id} resumed a handle of {issuer}, never used")
+            continue
+        upto = holds - surplus[issuer]  # the caller's audio its handle holds
+        surplus[conn.id] = holds - resumed.replayed_from
+        missing_s = (resumed.replayed_from - upto) / 32000
+        if missing_s > 0:
+            problems.append(f"reset to connection {conn.id}: {missing_s:.3f} s of audio missing")
+        elif -missing_s > resumed.overlap_s + 1e-6:
+            problems.append(
+                f"reset to connection {conn.id}: {-missing_s:.3f} s of audio sent twice, "
+                f"the gateway said at most {resumed.overlap_s:.3f} s"
+            )
+    last = max(surplus)
+    if abs(held - sent - surplus[last]) > ROUNDING_BYTES:
+        problems.append(
+            f"the session holds {held} bytes of {sent} sent, {surplus[last]} of them twice "
+            f"at resets: {(sent + surplus[last] - held) / 32000:.3f} s lost on a connection"
+        )
+    return problems
+
+
+async def live_session(bed: TestBed) -> LiveSession:
+    """The gateway's Live session of the one call in progress."""
+    state = bed.app[STATE]
+    for _ in range(100):
+        if state.calls:
+            (call,) = state.calls
+            return call.live
+        await asyncio.sleep(0.05)
+    raise AssertionError("no call at the gateway")
+
+
 def sent_bytes(bed: TestBed, call: SimulatedCall) -> int:
     """The caller's audio as 16 kHz PCM (4 bytes per mu-law byte), less the silence the
     gateway withheld from the model on purpose (SILENCE_SUPPRESSION, gateway.dtx)."""
@@ -85,13 +166,19 @@ def sent_bytes(bed: TestBed, call: SimulatedCall) -> int:
     return len(call.record.sent_ulaw) * 4 - round(withheld * 32000)
 
 
-def assert_session_holds_caller_audio(bed: TestBed, call: SimulatedCall, utterances: int) -> None:
-    sessions = list(bed.emulator.record.sessions.values())
+def assert_session_holds_caller_audio(
+    bed: TestBed, call: SimulatedCall, utterances: int, live: LiveSession
+) -> None:
+    """At no reset is the caller's audio missing from the resumed session, nor sent twice
+    beyond what the gateway reported (`reset_problems`); every utterance is held once."""
+    record = bed.emulator.record
+    sessions = list(record.sessions.values())
     assert len(sessions) == 1, "a reconnect did not resume the session"
     session = sessions[0]
     sent = sent_bytes(bed, call)
     held = len(session.audio)
-    assert abs(held - sent) <= 0.02 * sent, (held, sent)
+    problems = reset_problems(record, live.resumes, held, sent)
+    assert not problems, (problems, held, sent)
     pcm = np.frombuffer(bytes(session.audio), dtype=np.int16)
     # A piece's length or less, apart from an utterance, is a piece sent again at a reset.
     spoken = [s for s in segments(pcm, rate=16000) if s.duration_s > UTTERANCE_SLACK_S]

@@ -17,6 +17,7 @@ from survival_helpers import (
     UTTERANCE_S,
     assert_replies_once_in_order,
     assert_session_holds_caller_audio,
+    live_session,
     sent_bytes,
 )
 
@@ -113,6 +114,7 @@ async def test_a_call_whose_pongs_come_25_s_late_keeps_its_connection_and_its_au
     )
     async with test_bed(config) as bed:
         call = await bed.caller(speed=SPEED).place_call()
+        live = await live_session(bed)
         started = time.monotonic()
         turns = 0
         while time.monotonic() - started < 47.0:
@@ -131,7 +133,7 @@ async def test_a_call_whose_pongs_come_25_s_late_keeps_its_connection_and_its_au
         assert resumed("gateway_live_resumptions_total", {"cause": "goaway"}) == 1
         assert resumed("gateway_live_resumptions_total", {"cause": "abrupt"}) is None
         assert_replies_once_in_order(heard_playings(call.record), turns)
-        assert_session_holds_caller_audio(bed, call, turns)
+        assert_session_holds_caller_audio(bed, call, turns, live)
         # 16-kHz PCM the session holds beyond what was sent (silence withheld on purpose
         # aside): what the switch sent twice (or, below zero, the tail of the call still in
         # the gateway at the hang-up).

@@ -90,6 +90,8 @@ class Resumed:
     fresh: bool  # True when the handle was refused and a new session carries the call
     mode: str = ""  # goAway switches: "make_before_break" or "break_before_make"
     overlap_s: float = 0.0  # of the replayed audio, how much the handle may have held already
+    handle: str | None = None  # the handle it resumed (None: a fresh session)
+    replayed_from: int = 0  # bytes of caller audio (16 kHz PCM) the session had before the replay
 
 
 @dataclass(frozen=True, slots=True)

@@ -492,7 +492,15 @@ class SessionMachine:
             mode = conn.mode.value if conn.mode is not None else ""
             overlap = self.held.overlap_s if conn.handle is not None else 0.0
             resumed = Resumed(
-                cause, gap, replayed_s, self.retry.attempts, conn.handle is None, mode, overlap
+                cause,
+                gap,
+                replayed_s,
+                self.retry.attempts,
+                conn.handle is None,
+                mode,
+                overlap,
+                conn.handle,
+                replay[0].offset if replay else self.replay.total_bytes,
             )
             actions.append(Emit(resumed))
         self.outage.over()

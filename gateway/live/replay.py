@@ -28,6 +28,7 @@ class Input:
     text: str | None = None
     turn_complete: bool = True
     received_at: float = 0.0
+    offset: int = 0  # bytes of caller audio before it (since the session began)
 
     @property
     def seconds(self) -> float:
@@ -41,6 +42,7 @@ class ReplayLog:
         self.seq = 0  # the newest input's number
         self._items: deque[Input] = deque()
         self._bytes = 0
+        self.total_bytes = 0  # caller audio ever added
         self._limit_bytes = int(limit_s * BYTES_PER_SECOND)
         self._unprotected: deque[tuple[int, float]] = deque()  # (seq, seconds) pushed out
         self.dropped_s = 0.0  # audio that never reached the model, counted when known
@@ -56,11 +58,13 @@ class ReplayLog:
         """
         self.seq += 1
         item.seq = self.seq
+        item.offset = self.total_bytes
         self._items.append(item)
         dropped: list[float] = []
         if item.audio is None:
             return dropped
         self._bytes += len(item.audio)
+        self.total_bytes += len(item.audio)
         while self._bytes > self._limit_bytes and self._items:
             old = self._items.popleft()
             if old.audio is None:

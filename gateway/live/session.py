@@ -76,6 +76,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REPLAY_CHUNK_BYTES = BYTES_PER_SECOND // 2  # replay in half-second messages
+RESUMES_KEPT = 1000
 # Close codes with which the service refuses a resumption handle (bad or expired).
 REFUSAL_CODES = frozenset({1007, 1008})
 # Caller speech, for choosing when to switch connections: RMS above about -40 dBFS,
@@ -167,6 +168,9 @@ class LiveSession:
         self._closed = asyncio.Event()
         self._started = asyncio.Event()
         self._audio_paused = False  # the caller's audio is paused (pause_audio)
+        # The latest resets, with where each replay began and what it may hold twice (what
+        # tests check the service's record against).
+        self.resumes: deque[Resumed] = deque(maxlen=RESUMES_KEPT)
 
     # ----------------------------------------------------------------- public
 
@@ -293,6 +297,7 @@ class LiveSession:
                 assert isinstance(action, Emit)
                 self._events.put_nowait(action.event)
                 if type(action.event) is Resumed:
+                    self.resumes.append(action.event)
                     self._log_resumed(action.event)
                 elif type(action.event) is RepeatSkipped:
                     log.info(

@@ -523,6 +523,7 @@ class _Snapshot:
     # utterance begun before a reset and finished after it is still one turn.
     vad: tuple[int, int, bool, bytes] = (0, 0, False, b"")
     context: billing.Context = billing.EMPTY
+    conn_id: int = 0  # the connection that issued it
 
     def restore(self) -> SessionState:
         s = self.state
@@ -566,6 +567,8 @@ class ConnectionRecord:
     dropped_audio_bytes: int = 0  # takeover: caller audio among them
     in_flight_lost_bytes: int = 0  # input_delay: caller audio still in flight at the server's
     # close or cut (never processed)
+    # Resumed: the connection that issued its handle, and the caller audio (bytes) it held.
+    resumed_holding: tuple[int, int] | None = None
     api_version: str = "v1"  # of its URL
 
 
@@ -1090,6 +1093,7 @@ class _Connection:
             self._voiced, self._silent, self._speech_confirmed, self._pending = snap.vad
             session.state = self.state
             self.rec.resumed_from = handle
+            self.rec.resumed_holding = (snap.conn_id, snap.audio_bytes)
             emu.record.handles_used.append(handle)
         else:
             sid = f"s{len(emu.record.sessions) + 1}-{secrets.token_hex(4)}"
@@ -1225,6 +1229,7 @@ class _Connection:
                 now,
                 (src._voiced, src._silent, src._speech_confirmed, src._pending),
                 st.context,
+                src.rec.id,  # whose lineage it is (the newer one's, after a takeover)
             ),
         )
         self.rec.handles_issued += 1
