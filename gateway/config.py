@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,8 @@ from pydantic_settings import (
 from gateway.live.settings import LiveSettings as LiveSettings  # nested as `Settings.live`
 
 DEFAULT_CONFIG_FILE = Path("config/gateway.toml")
+#: How deploy/gateway.env.example and the example Secret mark a value still to fill in.
+PLACEHOLDER = "REPLACE_ME"
 
 
 class ConfigError(Exception):
@@ -310,7 +313,12 @@ class Settings(PersonaSettings, BaseSettings):
         """Required on the Gemini API; Vertex AI finds its credentials at start."""
         if value is None and info.data.get("vertexai") is False:
             raise PydanticCustomError("missing", "Field required")
-        return value
+        return value if value is None else filled_in(value)
+
+    @field_validator("twilio_auth_token")
+    @classmethod
+    def _token_filled_in(cls, value: SecretStr) -> SecretStr:
+        return filled_in(value)
 
     @field_validator("public_url")
     @classmethod
@@ -358,13 +366,42 @@ class Settings(PersonaSettings, BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = Path(os.environ.get("GATEWAY_CONFIG", str(DEFAULT_CONFIG_FILE)))
-        return (
-            init_settings,
-            env_settings,
-            _LiveVariables(settings_cls),
-            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
-        )
+        sources = (init_settings, env_settings, _LiveVariables(settings_cls))
+        path = config_file()
+        if path is None:
+            return sources
+        try:
+            return (*sources, TomlConfigSettingsSource(settings_cls, toml_file=path))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: not readable: {exc.strerror}") from None
+
+
+def config_file() -> Path | None:
+    """The toml file the settings are read from: ``GATEWAY_CONFIG``'s (empty: none), else
+    ``config/gateway.toml`` in the working directory where there is one.
+
+    A file named in ``GATEWAY_CONFIG`` must be there: a mistyped path would otherwise start
+    the gateway on the built-in defaults, its personas left out, without a word.
+    """
+    named = os.environ.get("GATEWAY_CONFIG")
+    if named is None:
+        return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+    if not named:
+        return None
+    if not Path(named).is_file():
+        raise ConfigError(f"invalid setting GATEWAY_CONFIG: {named} is not a file")
+    return Path(named)
+
+
+def filled_in(secret: SecretStr) -> SecretStr:
+    """`secret`, unless it is still the example's placeholder: a `TWILIO_AUTH_TOKEN` left as
+    copied from deploy/gateway.env.example would start a gateway that refuses every call
+    (Twilio's signatures checked against the placeholder)."""
+    if secret.get_secret_value().startswith(PLACEHOLDER):
+        raise ValueError(f"still the example's placeholder ({PLACEHOLDER}...): set the real one")
+    return secret
 
 
 def load_settings(kind: type[Settings] = Settings, /, **overrides: object) -> Settings:

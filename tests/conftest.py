@@ -14,7 +14,6 @@ import os
 import resource
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -104,9 +103,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 @pytest.fixture
-def no_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def no_config_file(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the settings a test gives: the repo's config/gateway.toml stays out of it."""
-    monkeypatch.setenv("GATEWAY_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setenv("GATEWAY_CONFIG", "")  # empty: no file
 
 
 @pytest.fixture

@@ -128,6 +128,46 @@ def test_an_http_public_url_is_refused_unless_allowed(monkeypatch: pytest.Monkey
     assert load_settings(**REQUIRED).public_url == PUBLIC_URL  # https needs no permission
 
 
+def test_a_config_file_that_cannot_be_read_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mistyped GATEWAY_CONFIG would start on the built-in defaults, the operator's
+    personas left out; a malformed file would end in tomllib's traceback. Each is one line."""
+    missing = tmp_path / "gateway.tom"
+    for named in (missing, tmp_path):
+        monkeypatch.setenv("GATEWAY_CONFIG", str(named))
+        with pytest.raises(ConfigError) as caught:
+            load_settings(**REQUIRED)
+        assert str(caught.value) == f"invalid setting GATEWAY_CONFIG: {named} is not a file"
+    malformed = tmp_path / "gateway.toml"
+    malformed.write_text("max_calls = 50\nport =\n")
+    monkeypatch.setenv("GATEWAY_CONFIG", str(malformed))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(**REQUIRED)
+    assert str(caught.value) == f"{malformed}: not valid TOML: Invalid value (at line 2, column 7)"
+    malformed.write_text("max_calls = 50\n")
+    assert load_settings(**REQUIRED).max_calls == 50
+    monkeypatch.setenv("GATEWAY_CONFIG", "")  # empty: no file at all
+    assert load_settings(**REQUIRED).max_calls == Settings.model_fields["max_calls"].default
+
+
+def test_a_secret_left_at_the_examples_placeholder_stops_the_start() -> None:
+    """deploy/gateway.env.example's secrets, copied and not filled in: a placeholder auth
+    token would start a gateway that refuses every call (signatures checked against it)."""
+    unfilled = {
+        **REQUIRED,
+        "twilio_auth_token": "REPLACE_ME_twilio_auth_token",
+        "gemini_api_key": "REPLACE_ME_gemini_api_key",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(**unfilled)
+    placeholder = "still the example's placeholder (REPLACE_ME...): set the real one"
+    assert str(caught.value) == (
+        f"invalid setting TWILIO_AUTH_TOKEN: {placeholder}; "
+        f"invalid setting GEMINI_API_KEY or GOOGLE_API_KEY: {placeholder}"
+    )
+
+
 # ---------------------------------------------------------------- imports run one way
 
 

@@ -820,11 +820,24 @@ def test_marker_environment_is_the_image() -> None:
 
 def test_app_boots_with_the_example_env_and_drains_on_sigterm(tmp_path: Path) -> None:
     """The contract the manifests rely on, with the compose env file as the only config:
-    the health check passes, /readyz and /metrics answer, SIGTERM ends it with exit 0."""
+    copied as it is, its placeholder secrets stop the start with one line; filled in, the
+    health check passes, /readyz and /metrics answer, SIGTERM ends it with exit 0."""
     port = free_port()
     env = {"PATH": os.environ.get("PATH", ""), **parse_env_file(ENV_EXAMPLE)}
     env |= {"PORT": str(port), "GATEWAY_CONFIG": str(ROOT / "config" / "gateway.toml")}
     env["PYTHONPATH"] = str(ROOT)
+    unfilled = subprocess.run(
+        [sys.executable, "-m", "gateway"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unfilled.returncode == 2, unfilled.stderr
+    assert unfilled.stderr.startswith("gateway: invalid setting TWILIO_AUTH_TOKEN: still the")
+    assert unfilled.stderr.count("\n") == 1
+    env |= {"TWILIO_AUTH_TOKEN": "filled-in-token", "GEMINI_API_KEY": "filled-in-key"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway"],
         cwd=tmp_path,  # like the image: no source tree in the working directory

@@ -140,7 +140,7 @@ async def processes(
             values = {
                 "PATH": os.environ.get("PATH", ""),
                 "PYTHONPATH": _ROOT,
-                "GATEWAY_CONFIG": "/nonexistent/gateway.toml",
+                "GATEWAY_CONFIG": "",  # no file: only these settings
                 "PUBLIC_URL": PUBLIC_URL,
                 "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
                 "GEMINI_API_KEY": emulator.config.api_key,
