@@ -573,9 +573,28 @@ async def _checked_form(request: web.Request) -> dict[str, str]:
         request.headers.get(SIGNATURE_SETTINGS_HEADER),
     )
     if result is not SignatureResult.OK:
-        _refuse(state, request, f"signature_{result.value}", f"{result.value} signature")
+        detail = f"{result.value} signature"
+        if result is SignatureResult.INVALID and _signed_for_host(state, request, params):
+            detail += (
+                f", signed for https://{request.host}{request.raw_path}: set PUBLIC_URL to "
+                "the URL the number's webhook calls"
+            )
+        _refuse(state, request, f"signature_{result.value}", detail)
         raise web.HTTPForbidden()
     return params
+
+
+def _signed_for_host(state: GatewayState, request: web.Request, params: dict[str, str]) -> bool:
+    """Whether an invalid signature holds for the https URL of the request's Host: Twilio
+    signed the URL the number calls, and PUBLIC_URL names another (a tunnel's new address,
+    a renamed host), a first deploy's commonest mistake. Only whoever has the auth token
+    can sign that URL, so the log may name it; it never admits a request."""
+    url = f"https://{request.host}{request.raw_path}"
+    if url == state.settings.public_url + request.raw_path:
+        return False
+    signature = request.headers.get(SIGNATURE_HEADER)
+    settings = request.headers.get(SIGNATURE_SETTINGS_HEADER)
+    return state.signatures.check(url, params, signature, settings) is SignatureResult.OK
 
 
 async def voice_webhook(request: web.Request) -> web.Response:

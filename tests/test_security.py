@@ -202,6 +202,31 @@ async def test_webhooks_refuse_unsigned_badly_and_otherwise_signed(logs: LogCapt
         logs.assert_no_traceback_spam()
 
 
+async def test_a_webhook_signed_for_another_public_url_is_refused_and_says_so(
+    logs: LogCapture,
+) -> None:
+    """The number calls a URL other than PUBLIC_URL (a tunnel's new address): Twilio signed
+    that URL, so every call is refused; the log names the URL it was signed for, which only
+    a holder of the auth token can sign."""
+    async with test_bed(emulator_config()) as bed, client_session() as http:
+        params = voice_params(new_sid("CA"))
+        tunnel = "https://new-words.trycloudflare.example/twilio/voice"
+        headers = {
+            "Host": "new-words.trycloudflare.example",
+            "X-Twilio-Signature": SIGNER.compute_signature(tunnel, params),
+        }
+        assert (await post_webhook(http, bed, VOICE_URL, params, headers))[0] == 403
+        forged = RequestValidator("another-auth-token-0123456789abcd")
+        headers["X-Twilio-Signature"] = forged.compute_signature(tunnel, params)
+        assert (await post_webhook(http, bed, VOICE_URL, params, headers))[0] == 403
+        assert logs.messages("gateway.server", "rejected /twilio/") == [
+            f"rejected /twilio/voice: invalid signature, signed for {tunnel}: set PUBLIC_URL "
+            "to the URL the number's webhook calls",
+            "rejected /twilio/voice: invalid signature",
+        ]
+        assert bed.emulator.record.connections == []
+
+
 # --------------------------------------------------------------- stream upgrade
 
 
