@@ -364,11 +364,15 @@ async def test_sigterm_hands_a_call_to_the_other_process(redis_url: str) -> None
     assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.5][:3] == [1, 2, 3]
 
 
-async def test_a_call_goes_on_after_its_process_is_killed(redis_url: str) -> None:
+@pytest.mark.parametrize("status_delay_s", [0.0, 6.0])
+async def test_a_call_goes_on_after_its_process_is_killed(
+    redis_url: str, status_delay_s: float
+) -> None:
     """SIGKILL to the process holding a call: Twilio (the simulator, going on to the
-    action after a lost stream) asks the other process, which waits until the dead one
-    is seen gone and continues the call from its last checkpoint: the same Live session,
-    no second greeting."""
+    action after a lost stream) asks the other process, which continues the call from its
+    last checkpoint: the same Live session, no second greeting. It goes on at once when
+    the stream's stream-error came first; when the action comes first (the status callback
+    6 s later), once the dead process is seen gone."""
     with tempfile.TemporaryDirectory() as tmp:
         tls = make_tls(Path(tmp))
         config = quick_emulator(speed=2.0, handle_interval=0.3)
@@ -382,7 +386,9 @@ async def test_a_call_goes_on_after_its_process_is_killed(redis_url: str) -> Non
             ) as (one, two),
             aiohttp.ClientSession() as http,
         ):
-            caller = TwilioCallerSimulator(http, one.url, PUBLIC_URL, AUTH_TOKEN, speed=2)
+            caller = TwilioCallerSimulator(
+                http, one.url, PUBLIC_URL, AUTH_TOKEN, speed=2, stream_status_delay_s=status_delay_s
+            )
             call = await caller.place_call()
             await await_reply(call, 1, limit_s=15)  # the greeting
             await say_and_hear(call, 2)
@@ -397,6 +403,9 @@ async def test_a_call_goes_on_after_its_process_is_killed(redis_url: str) -> Non
 
     recovered = [m for m in two.messages() if m.startswith("the call's replica is gone")]
     assert len(recovered) == 1, two.output[-3000:]
+    said = [(kind, form.get("StreamEvent")) for kind, _, form, _ in call.record.callbacks]
+    error_first = ("status", "stream-error") in said[: said.index(("action", None))]
+    assert error_first == (status_delay_s == 0), said
     (session,) = emulator.record.sessions.values()
     assert [t.trigger for t in session.turns].count("text") == 1  # one greeting
     closed = [detail for _, kind, detail in call.record.events if kind == "stream_closed"]

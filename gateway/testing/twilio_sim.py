@@ -23,7 +23,9 @@ What it does, like Twilio does for an inbound call answered with ``<Connect><Str
   or the call stays in progress with no stream until a REST redirect (``redirect``) or a
   hang-up;
 * posts a ``<Stream statusCallback>`` (signed) on ``stream-started``, ``stream-stopped``
-  and, for a stream lost without a close frame (1006), ``stream-error``;
+  and, for a stream lost without a close frame (1006), ``stream-error``: before it goes on
+  to the action, or ``stream_status_delay_s`` after the stream's end, on its own (Twilio
+  does not say which comes first);
 * spreads its requests over several gateway base URLs, round robin, as a load balancer
   in front of replicas would.
 
@@ -248,6 +250,7 @@ class SimulatedCall:
         self._reader: asyncio.Task[None] | None = None
         self._player: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
+        self._late: set[asyncio.Task[None]] = set()  # status callbacks posted later
 
     @property
     def stream_sid(self) -> str:
@@ -345,6 +348,10 @@ class SimulatedCall:
         if self._follower is not None:  # its status callback, or an action under way
             await asyncio.wait({self._follower}, timeout=5.0)
             self._follower.cancel()
+        for late in self._late:  # not sent yet: the call is over
+            late.cancel()
+        if self._late:
+            await asyncio.wait(self._late)
         self._mark_closed()
         if self._player is not None:
             self._player.cancel()
@@ -549,7 +556,14 @@ class SimulatedCall:
         continued = False
         try:
             lost = rec.close_code in (None, 1006) and rec.closed_by == "gateway"
-            await self._stream_status("stream-error" if lost else "stream-stopped")
+            event = "stream-error" if lost else "stream-stopped"
+            delay = self._sim.stream_status_delay_s / self._speed
+            if delay > 0:
+                late = asyncio.create_task(self._stream_status(event, after_s=delay))
+                self._late.add(late)
+                late.add_done_callback(self._late.discard)
+            else:
+                await self._stream_status(event)
             action = self._twiml.action
             if lost and action and not self._sim.action_after_abnormal_close:
                 rec.event("awaiting_redirect")  # in progress, no stream: REST may redirect it
@@ -577,16 +591,18 @@ class SimulatedCall:
             if not continued:
                 self._mark_closed()
 
-    async def _stream_status(self, event: str) -> None:
-        """The stream's ``statusCallback``, if its TwiML asked for one."""
-        twiml, rec = self._twiml, self.record
+    async def _stream_status(self, event: str, after_s: float = 0.0) -> None:
+        """The stream's ``statusCallback``, if its TwiML asked for one (``after_s`` later:
+        about the stream as it is now, though another may have started meanwhile)."""
+        twiml, rec, stream_sid = self._twiml, self.record, self.record.stream_sid
         if not twiml.status_callback:
             return
+        await asyncio.sleep(after_s)
         form = {
             "AccountSid": rec.account_sid,
             "CallSid": rec.call_sid,
-            "StreamSid": rec.stream_sid,
-            "StreamName": twiml.stream_name or rec.stream_sid,
+            "StreamSid": stream_sid,
+            "StreamName": twiml.stream_name or stream_sid,
             "StreamEvent": event,
             "Timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
@@ -759,7 +775,9 @@ class TwilioCallerSimulator:
     ``action_after_abnormal_close``: whether a ``<Connect action>`` is requested after a
     stream was lost without a close frame (a crashed server). Twilio documents the action
     after "your server closes the WebSocket connection"; after a lost connection it does not
-    say, so both are playable.
+    say, so both are playable. ``stream_status_delay_s``: a stream's status callback comes
+    that long after its end, on its own, instead of before the action (the order is not
+    documented either).
     """
 
     def __init__(
@@ -772,6 +790,7 @@ class TwilioCallerSimulator:
         speed: float = 1.0,
         account_sid: str | None = None,
         action_after_abnormal_close: bool = True,
+        stream_status_delay_s: float = 0.0,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be positive")
@@ -782,6 +801,7 @@ class TwilioCallerSimulator:
         self._speed = speed
         self._account_sid = account_sid or _sid("AC")
         self.action_after_abnormal_close = action_after_abnormal_close
+        self.stream_status_delay_s = stream_status_delay_s
 
     def set_bases(self, base_url: str | Sequence[str]) -> None:
         """Where requests go from now on (a load balancer's endpoints changed: a replica
