@@ -36,7 +36,14 @@ from gateway.listener import raise_open_file_limit
 from gateway.live.models import BackendRefused
 from gateway.logs import configure_logging
 from gateway.personas import PersonaTable
-from gateway.server import STATE, create_app, start_draining, start_server, wait_calls_done
+from gateway.server import (
+    STATE,
+    create_app,
+    listen_backlog,
+    start_draining,
+    start_server,
+    wait_calls_done,
+)
 
 log = logging.getLogger("gateway")
 
@@ -50,7 +57,8 @@ async def serve(settings: Settings, personas: PersonaTable, backend: Backend) ->
     runner = await start_server(
         app, settings.host, settings.port, handle_signals=False, shutdown_timeout=5.0
     )
-    log.info("listening on %s:%d", settings.host, settings.port)
+    backlog = listen_backlog(settings.max_calls)
+    log.info("listening on %s:%d (backlog %d)", settings.host, settings.port, backlog)
     log.info("gc: %d objects of the started process frozen", freeze_startup_objects())
 
     loop = asyncio.get_running_loop()

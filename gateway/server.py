@@ -376,16 +376,28 @@ async def start_server(
     """
     runner = web.AppRunner(app, access_log=None, **runner_args)  # type: ignore[arg-type]
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    state = app[STATE]
+    site = web.TCPSite(runner, host, port, backlog=listen_backlog(state.settings.max_calls))
     await site.start()
     server = runner.server
     assert server is not None
-    state = app[STATE]
     state.metrics.admission.connections_open.set_function(lambda: len(server.connections))
     state.metrics.admission.streams_waiting.set_function(lambda: len(state.admission.waiting))
     state.metrics.admission.calls_reserved.set_function(lambda: state.admission.reserved)
     state.peers.start(server, state.metrics)
     return runner
+
+
+def listen_backlog(max_calls: int) -> int:
+    """Connections the kernel completes before the gateway accepts them: a whole burst's
+    streams and webhooks (twice ``MAX_CALLS``), at least the usual 128.
+
+    Past the backlog the kernel drops a new connection's SYN, and the peer sends it again
+    only a second later (then 3 s, 7 s): a burst larger than the backlog that arrives while
+    the event loop is busy would wait that long for its upgrades. The kernel caps it at
+    ``net.core.somaxconn`` (4096 since Linux 5.4).
+    """
+    return max(128, 2 * max_calls)
 
 
 async def _stop_listening(app: web.Application) -> None:
