@@ -121,6 +121,8 @@ class PersonaSettings(BaseModel):
     # a fresh session after a refused handle, telling a resumed model's repeat need them).
     input_transcription: bool = True
     output_transcription: bool = True
+    # BCP-47 languages the transcriptions expect (hints); empty: detected.
+    transcription_languages: list[str] = []
     system_instruction: str = "You are a friendly, concise phone assistant. Keep answers short."
     voice: str = "Puck"
     greeting: str = GREETING
@@ -150,6 +152,14 @@ class PersonaSettings(BaseModel):
     def _language(cls, value: str) -> str:
         if value and not _LANGUAGE.match(value):
             raise ValueError(f"not a BCP-47 language code such as en-US: {value!r}")
+        return value
+
+    @field_validator("transcription_languages")
+    @classmethod
+    def _transcription_languages(cls, value: list[str]) -> list[str]:
+        for code in value:
+            if not _LANGUAGE.match(code):
+                raise ValueError(f"not a BCP-47 language code such as en-US: {code!r}")
         return value
 
     def persona_keys(self) -> dict[str, Any]:

@@ -182,7 +182,9 @@ def _resolve(
     model = values.gemini_model
     if not model.strip():
         raise ConfigError(f"invalid setting {where('gemini_model')}: must not be empty")
-    model_settings = ModelSettings(**{key: getattr(values, key) for key in _MODEL_KEYS})
+    asked = {key: getattr(values, key) for key in _MODEL_KEYS}
+    asked["transcription_languages"] = tuple(asked["transcription_languages"])
+    model_settings = ModelSettings(**asked)
     for setting, why in problems(profile_for(model, backend), model_settings):
         raise ConfigError(f"invalid setting {where(setting)}: {why}")
     instruction = values.system_instruction

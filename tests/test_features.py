@@ -395,6 +395,7 @@ def test_tool_requests_outside_the_configuration_are_declined() -> None:
 # ---------------------------------------------------------------------- transcripts
 
 
+@pytest.mark.per_profile("gemini-2.5-flash-native-audio-preview-12-2025")  # caller's in pieces
 async def test_transcript_holds_every_turn_a_reset_and_how_the_call_ended(
     tmp_path: Path,
 ) -> None:

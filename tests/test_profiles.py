@@ -20,7 +20,7 @@ from google import genai
 from google.genai import errors, types
 from test_ops import base_env
 
-from gateway.config import ConfigError
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.live.events import Usage
 from gateway.live.profiles import (
     PROFILES,
@@ -133,6 +133,7 @@ async def test_the_setup_carries_what_the_profile_takes_and_text_its_channel(mod
         gemini_model=model,
         thinking_level=level,
         temperature=0.6,
+        transcription_languages=("en-US", "es-US"),
         tools=["end_call"],
         greeting="Greet the caller.",
     ) as bed:
@@ -146,6 +147,8 @@ async def test_the_setup_carries_what_the_profile_takes_and_text_its_channel(mod
     # (the SDK keeps nested keys in snake_case, which the service accepts too)
     assert (list(thinking.values()) if thinking else None) == ([level.upper()] if level else None)
     assert generation.get("temperature") == 0.6
+    hints = {"language_codes": ["en-US", "es-US"]}  # nested keys as the SDK sends them
+    assert setup["inputAudioTranscription"] == setup["outputAudioTranscription"] == hints
     assert "enableAffectiveDialog" not in generation and "proactivity" not in setup
     [declaration] = setup["tools"][0]["functionDeclarations"]
     assert declaration.get("behavior") == ("NON_BLOCKING" if model == ET else None)
@@ -252,6 +255,32 @@ async def test_3_x_packs_audio_and_transcript_in_one_event() -> None:
         assert first.output_transcription is not None and first.output_transcription.text
 
 
+async def test_2_5_streams_the_callers_transcript_while_they_speak() -> None:
+    speech = b"\x00\x10\x00\xf0" * 8000  # 1 s of a square wave at -18 dBFS: speech
+    async with live(quick_emulator()) as (_emu, client):
+        config = types.LiveConnectConfig(input_audio_transcription=types.AudioTranscriptionConfig())
+        async with client.aio.live.connect(model=M25, config=config) as session:
+            blob = types.Blob(data=speech, mime_type="audio/pcm;rate=16000")
+            await session.send_realtime_input(audio=blob)
+            pieces: list[str] = []
+            async with asyncio.timeout(5):
+                async for message in session.receive():  # still speaking: no turn ended
+                    content = message.server_content
+                    if content and content.input_transcription:
+                        pieces.append(content.input_transcription.text or "")
+                        break
+            silence = types.Blob(data=bytes(32000), mime_type="audio/pcm;rate=16000")
+            await session.send_realtime_input(audio=silence)
+            async with asyncio.timeout(5):
+                async for message in session.receive():
+                    content = message.server_content
+                    if content and content.input_transcription:
+                        pieces.append(content.input_transcription.text or "")
+                    if content and content.turn_complete:
+                        break
+        assert len(pieces) == 2 and "".join(pieces) == "caller utterance 1", pieces
+
+
 async def test_a_3_8_connection_is_closed_at_its_cap_with_1011_deadline_expired() -> None:
     config = quick_emulator()
     config.behaviours = {**BEHAVIOURS, M38: ModelBehaviour(session_cap_s=0.5)}
@@ -323,6 +352,22 @@ def test_a_transcription_the_model_cannot_turn_off_stops_the_start() -> None:
     with pytest.raises(ConfigError) as caught:
         PersonaTable.from_settings(test_settings("k", output_transcription=False))
     assert "gemini-3.8-live transcribes itself always" in str(caught.value)
+
+
+def test_transcription_languages_are_checked_codes_and_need_a_transcription() -> None:
+    quiet = {"input_transcription": False, "output_transcription": False}
+    persona = {"gemini_model": M25, "transcription_languages": ["en-US"], **quiet}
+    with pytest.raises(ConfigError) as caught:
+        PersonaTable.from_settings(test_settings("k", personas={"sales": persona}))
+    assert str(caught.value) == (
+        "invalid setting personas.sales.transcription_languages: both transcriptions are off"
+    )
+    base = test_settings("k").model_dump()
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Settings, **{**base, "transcription_languages": ["en_US"]})
+    assert str(caught.value) == (
+        "invalid setting TRANSCRIPTION_LANGUAGES: not a BCP-47 language code such as en-US: 'en_US'"
+    )
 
 
 async def test_a_persona_without_barge_in_is_heard_out_and_its_vad_is_sent() -> None:

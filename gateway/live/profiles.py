@@ -209,6 +209,7 @@ class ModelSettings:
     barge_in: bool = True  # activityHandling: the caller's speech interrupts the model
     input_transcription: bool = True
     output_transcription: bool = True
+    transcription_languages: tuple[str, ...] = ()  # BCP-47 hints for both transcriptions
 
 
 def problems(profile: Profile, settings: ModelSettings) -> list[tuple[str, str]]:
@@ -225,6 +226,10 @@ def problems(profile: Profile, settings: ModelSettings) -> list[tuple[str, str]]
         found.append(("input_transcription", f"{model} transcribes the caller always"))
     if not settings.output_transcription and profile.output_transcription_always:
         found.append(("output_transcription", f"{model} transcribes itself always"))
+    if settings.transcription_languages and not (
+        settings.input_transcription or settings.output_transcription
+    ):
+        found.append(("transcription_languages", "both transcriptions are off"))
     return found
 
 
@@ -256,9 +261,10 @@ def setup_fields(profile: Profile, settings: ModelSettings, *, fresh: bool) -> d
         realtime["activity_handling"] = types.ActivityHandling.NO_INTERRUPTION
     if realtime:
         fields["realtime_input_config"] = types.RealtimeInputConfig(**realtime)
-    transcribe = types.AudioTranscriptionConfig
-    fields["input_audio_transcription"] = transcribe() if settings.input_transcription else None
-    fields["output_audio_transcription"] = transcribe() if settings.output_transcription else None
+    hints = list(settings.transcription_languages) or None
+    transcribe = types.AudioTranscriptionConfig(language_codes=hints)
+    fields["input_audio_transcription"] = transcribe if settings.input_transcription else None
+    fields["output_audio_transcription"] = transcribe if settings.output_transcription else None
     if profile.history == "initial_history" and fresh:
         fields["history_config"] = types.HistoryConfig(initial_history_in_client_content=True)
     return fields

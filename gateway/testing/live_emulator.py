@@ -211,6 +211,9 @@ OUT_RATE = 24_000
 REPLY_LEVELS = (0.15, 0.45)  # a reply's amplitude at its start and at its end (full scale 1)
 WINDOW_S = 0.02
 WINDOW_BYTES = int(IN_RATE * WINDOW_S) * 2
+#: The first piece of a caller's transcript where the model streams it while they speak
+#: (`ModelBehaviour.input_transcription_incremental`); the rest comes at the utterance's end.
+TX_HEAD = "caller "
 
 REASON_NO_KEY = (
     "Method doesn't allow unregistered callers (callers without established identity). "
@@ -751,6 +754,7 @@ class _Connection:
         self.reply_frames = 0  # all of them
         self.next_tool_call: tuple[str, dict[str, Any]] | None = None
         self.behaviour = ModelBehaviour()  # the model's, once its setup is read
+        self._tx_head = False  # the current utterance's first transcript piece went out
         self.tool_modes = ToolModes(default="NON_BLOCKING")  # unlisted: never waits
         self._tool_answered = asyncio.Event()
         self.history_open = False  # initial history announced and not complete yet
@@ -1375,6 +1379,10 @@ class _Connection:
                     self._speech_confirmed = True
                     if self.reply_task is not None and self.barge_in:
                         await self._interrupt()
+                    if self.in_tx and self.behaviour.input_transcription_incremental:
+                        self._tx_head = True  # the rest at the utterance's end
+                        head = {"inputTranscription": {"text": TX_HEAD}}
+                        await self.send({"serverContent": head})
             elif self._voiced:
                 self._silent += 1
                 if self._silent >= end_silence:
@@ -1397,7 +1405,9 @@ class _Connection:
         text = f"caller utterance {utterance}"
         st.history_text.append(("user", text))
         if self.in_tx:
-            await self.send({"serverContent": {"inputTranscription": {"text": text}}})
+            rest = text.removeprefix(TX_HEAD) if self._tx_head else text
+            await self.send({"serverContent": {"inputTranscription": {"text": rest}}})
+        self._tx_head = False
         session = self.session
         if (
             self.emu.config.after_cut_reply == "wait"

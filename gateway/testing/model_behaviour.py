@@ -34,6 +34,9 @@ class ModelBehaviour:
     tool_behaviours: frozenset[ToolBehaviour] = frozenset({"BLOCKING", "NON_BLOCKING"})
     multi_part: bool = False  # audio chunks and the transcript in one serverContent
     input_transcription_always: bool = False  # sent even when the setup did not ask
+    # The caller's transcript in pieces while they speak (its first word once speech is
+    # heard, the rest at the utterance's end), not one piece at the end.
+    input_transcription_incremental: bool = False
     output_transcription_always: bool = False
     # A connection closed this long after its setup, without goAway (None: no cap).
     session_cap_s: float | None = None
@@ -87,9 +90,12 @@ BEHAVIOURS: dict[str, ModelBehaviour] = {
         sources="[G31][SKILL][LK5251][LK5262][GTOOLS][D171882][D136977]",
     ),
     # 2.5 native audio: thinkingBudget, proactivity, affective dialog [GCAPold]; blocking by
-    # default, async supported [GTOOLS]; one part per event [GCAPold].
+    # default, async supported [GTOOLS]; one part per event [GCAPold]; the caller's
+    # transcript streamed while they speak (what 3.1 was reported to no longer do) [D136977].
     "gemini-2.5-flash-native-audio-preview-12-2025": ModelBehaviour(
-        refuses=frozenset({"thinkingLevel"}), sources="[GCAPold][GTOOLS][G25]"
+        refuses=frozenset({"thinkingLevel"}),
+        input_transcription_incremental=True,
+        sources="[GCAPold][GTOOLS][G25][D136977]",
     ),
 }
 
