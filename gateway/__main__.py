@@ -54,9 +54,14 @@ async def serve(settings: Settings, personas: PersonaTable, backend: Backend) ->
     log.info("live backend: %s", backend.describe())
     app = create_app(settings, personas, backend=backend)
     # shutdown_timeout: what the calls left after the drain get to close, not the drain.
-    runner = await start_server(
-        app, settings.host, settings.port, handle_signals=False, shutdown_timeout=5.0
-    )
+    try:
+        runner = await start_server(
+            app, settings.host, settings.port, handle_signals=False, shutdown_timeout=5.0
+        )
+    except OSError as exc:  # the port taken, the address not this host's, ...
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"gateway: cannot listen on {settings.host}:{settings.port}: {why}", file=sys.stderr)
+        return 2
     backlog = listen_backlog(settings.max_calls)
     log.info("listening on %s:%d (backlog %d)", settings.host, settings.port, backlog)
     log.info("gc: %d objects of the started process frozen", freeze_startup_objects())

@@ -378,7 +378,11 @@ async def start_server(
     await runner.setup()
     state = app[STATE]
     site = web.TCPSite(runner, host, port, backlog=listen_backlog(state.settings.max_calls))
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()  # what setup() started: the app's clients and tasks
+        raise
     server = runner.server
     assert server is not None
     state.metrics.admission.connections_open.set_function(lambda: len(server.connections))

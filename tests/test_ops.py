@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -355,8 +356,17 @@ def base_env(**values: str) -> dict[str, str]:
             },
             "gateway: invalid setting PUBLIC_URL: must be https://",
         ),
+        (
+            {
+                "PUBLIC_URL": PUBLIC_URL,
+                "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                "GEMINI_API_KEY": "k",
+                "GATEWAY_CONFIG": "/app/config/gateway.tom",
+            },
+            "gateway: invalid setting GATEWAY_CONFIG: /app/config/gateway.tom is not a file",
+        ),
     ],
-    ids=["missing-public-url", "missing-two", "malformed-port", "http-public-url"],
+    ids=["missing-public-url", "missing-two", "malformed-port", "http-public-url", "no-file"],
 )
 def test_bad_configuration_stops_the_start_with_one_line(
     env: dict[str, str], expected: str, tmp_path: Path
@@ -375,6 +385,29 @@ def test_bad_configuration_stops_the_start_with_one_line(
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(expected), lines
     assert AUTH_TOKEN not in done.stderr
+
+
+def test_a_port_in_use_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    """Another process holds the port: one line saying so, status 2; no traceback, and
+    nothing the start had opened left behind to complain at exit."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"PUBLIC_URL": PUBLIC_URL, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "GEMINI_API_KEY": "k"}
+        env |= {"HOST": "127.0.0.1", "PORT": str(port), "LOG_FORMAT": "console"}
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway"],
+            cwd=tmp_path,
+            env=base_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[-1] == f"gateway: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert not [line for line in lines if " ERROR " in line or "Traceback" in line], lines
 
 
 def test_help_names_the_required_settings_and_the_docs(tmp_path: Path) -> None:
