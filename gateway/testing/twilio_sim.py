@@ -597,7 +597,8 @@ class SimulatedCall:
         twiml, rec, stream_sid = self._twiml, self.record, self.record.stream_sid
         if not twiml.status_callback:
             return
-        await asyncio.sleep(after_s)
+        if after_s:
+            await asyncio.sleep(after_s)
         form = {
             "AccountSid": rec.account_sid,
             "CallSid": rec.call_sid,
