@@ -155,7 +155,8 @@ class ReplicaMetrics:
             "gateway_hand_offs",
             "Calls handed off to another replica on a drain (handed_off, here), continued "
             "from another replica's hand-off or checkpoint (continued), taken over from a "
-            "replica that died (recovered), or kept for a store failure (failed)",
+            "replica that died (recovered), kept for its next stream when its stream was "
+            "lost with this replica alive (stream_lost), or kept for a store failure (failed)",
             ["outcome"],
             registry=r,
         )

@@ -689,16 +689,13 @@ async def connect_action(request: web.Request) -> web.Response:
     saved: CallState | None = None
     try:
         up = bool(call_sid) and params.get("CallStatus") not in FINAL_STATUSES
+        found = None
         if up and await state.tokens.handed_off(call_sid):
-            saved = await state.store.load(call_sid)
-            if saved is not None:
-                token = await state.tokens.issue_next(
-                    call_sid, account_sid=account_sid, persona=saved.persona
-                )
+            found = await _next_stream(state, call_sid, account_sid)
         elif up and state.settings.redis_url is not None:
             found = await _recoverable(state, call_sid, account_sid)
-            if found is not None:
-                saved, token = found
+        if found is not None:
+            saved, token = found
     except StoreError as error:
         _refuse(state, request, "store_unavailable", str(error))
         raise web.HTTPServiceUnavailable(text="call store unavailable\n") from None
@@ -923,7 +920,9 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
                 await call.run(stream.messages)
             finally:
                 state.calls.discard(call)
-                if call.stats.outcome is not CallOutcome.HANDED_OFF:
+                if call.stats.outcome is CallOutcome.HANGUP:
+                    await _keep_for_next_stream(state, call)
+                elif call.stats.outcome is not CallOutcome.HANDED_OFF:
                     stream_nonce = _stream_nonce(call)
                     with contextlib.suppress(StoreError):  # else its state expires
                         await state.store.forget(start.call_sid, stream_nonce)
@@ -938,6 +937,23 @@ async def _serve_stream(state: GatewayState, calls: CallFactory, stream: MediaSt
             label, "stream closed: %s", reason, close_code=error.close_code
         )
         await stream.close(error.close_code, reason)
+
+
+async def _keep_for_next_stream(state: GatewayState, call: Call) -> None:
+    """The stream closed without Twilio's `stop` and not by the gateway: the line between
+    them broke (a load balancer or ingress restarted, the network), not the call. Stored as
+    a hand-off, so that Twilio's `<Connect action>` (on any replica) goes on with it from
+    its newest state; if the call was over after all, nobody asks and the state expires."""
+    call_sid = call.start.call_sid
+    saved, turns = _call_state(call, holder="")
+    try:
+        stored = await state.store.hand_off(call_sid, saved, turns)
+    except StoreError as error:
+        log.warning("stream lost: the call not kept (%s)", error, extra={"call_sid": call_sid})
+        return
+    if stored:
+        state.metrics.replica.hand_offs.labels(outcome="stream_lost").inc()
+        log.info("stream lost: the call kept for its next stream", extra={"call_sid": call_sid})
 
 
 async def _stream_ended(state: GatewayState, call_sid: str) -> None:
@@ -1101,29 +1117,36 @@ async def _checkpoints(state: GatewayState) -> None:
 async def _recoverable(
     state: GatewayState, call_sid: str, account_sid: str, defer_s: float = 0.0
 ) -> tuple[CallState, str] | None:
-    """The last checkpoint of a call whose stream was lost with its replica, and the next
-    stream's token, if this caller is the one to go on with it.
+    """A call whose stream was lost: its state and its next stream's token, if this caller
+    is the one to go on with it.
 
-    Asked only after Twilio ended the stream. It goes on once the stream was reported lost
-    (`stream-error`) or its replica is seen gone (within ALIVE_FOR_S), then `defer_s` more.
-    A replica alive that closed the stream itself forgot the call's state before it closed
-    it (nothing to recover); one that lost its stream to the network and is taken for dead
-    cannot write over the call once it goes on here (the store's fence)."""
-    saved = await state.store.load(call_sid)
-    if saved is None or not saved.holder or saved.holder == state.replica:
-        return None
+    Asked only after Twilio ended the stream. A replica alive that closed the stream itself
+    forgot the call's state before (nothing to go on with); one that lost the stream to the
+    network keeps the call as a hand-off (`_keep_for_next_stream`), taken here once it is
+    stored. A call whose replica died goes on from its last checkpoint once the stream was
+    reported lost (`stream-error`) or the replica is seen gone (within ALIVE_FOR_S); should
+    that replica be alive after all, it cannot write over the call once it goes on here
+    (the store's fence). Either way after `defer_s` more."""
     for _ in range(math.ceil(RECOVERY_WAIT_S / RECOVERY_POLL_S)):
-        if await state.store.was_lost(call_sid):
-            break
-        if not await state.store.replica_alive(saved.holder):
+        saved = await state.store.load(call_sid)
+        if saved is None:
+            return None  # its replica ended the call (or none held it)
+        if not saved.holder:
+            break  # handed off: kept by its replica for its next stream
+        if saved.holder != state.replica and (
+            await state.store.was_lost(call_sid)
+            or not await state.store.replica_alive(saved.holder)
+        ):
             break
         await asyncio.sleep(RECOVERY_POLL_S)
     else:
         return None  # alive: it holds the call still, or ends it
     await asyncio.sleep(defer_s)
+    if await state.tokens.handed_off(call_sid):
+        return await _next_stream(state, call_sid, account_sid)
     saved = await state.store.load(call_sid)  # its newest checkpoint
-    if saved is None:
-        return None
+    if saved is None or not saved.holder:
+        return None  # ended, or another request took its hand-off
     token = await state.tokens.recover(call_sid, account_sid=account_sid, persona=saved.persona)
     if token is None:
         return None
@@ -1134,6 +1157,17 @@ async def _recoverable(
         age,
         extra={"call_sid": call_sid},
     )
+    return saved, token
+
+
+async def _next_stream(
+    state: GatewayState, call_sid: str, account_sid: str
+) -> tuple[CallState, str] | None:
+    """A call handed off (taken): its state and its next stream's token."""
+    saved = await state.store.load(call_sid)
+    if saved is None:
+        return None
+    token = await state.tokens.issue_next(call_sid, account_sid=account_sid, persona=saved.persona)
     return saved, token
 
 

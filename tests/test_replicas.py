@@ -297,6 +297,36 @@ async def test_a_stream_sent_back_to_the_draining_replica_is_handed_on(
     assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.5][:3] == [1, 2, 3]
 
 
+async def test_a_stream_lost_with_its_replica_alive_keeps_its_call(
+    redis_url: str, eventually: Eventually
+) -> None:
+    """The line between Twilio and the replica breaks (an ingress restarts): both ends see
+    the stream end with no close frame. The replica keeps the call as a hand-off of its
+    newest state, and Twilio's action, on the other replica, goes on with it there: same
+    Live session, greeted once."""
+    greeting = "Greet the caller."
+    async with replicas(2, redis_url, quick_emulator(), greeting=greeting) as (one, two):
+        caller = TwilioCallerSimulator(one.http, one.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=2)
+        call = await caller.place_call()
+        await await_reply(call, 1, limit_s=15)  # the greeting
+        await say_and_hear(call, 2)
+        caller.set_bases(two.gateway_url)
+        await call.lose_stream()
+        await keep_talking_until(call, lambda: len(call.record.streams) == 2)
+        await eventually(lambda: bool(two.app[STATE].calls))
+        await say_and_hear(call, 3, freq=410.0)
+        await call.hangup()
+        await eventually(lambda: not one.app[STATE].calls and not two.app[STATE].calls)
+
+    assert hand_offs(one, "stream_lost") == 1 and hand_offs(two, "continued") == 1
+    assert hand_offs(two, "recovered") == 0  # its newest state, not a checkpoint
+    (session,) = one.emulator.record.sessions.values()
+    assert [t.trigger for t in session.turns].count("text") == 1  # one greeting
+    assert [r.n for r in heard_replies(call.record) if r.duration_s > 0.5][:3] == [1, 2, 3]
+    said = [(kind, form.get("StreamEvent")) for kind, _, form, _ in call.record.callbacks]
+    assert ("status", "stream-error") in said and ("action", None) in said
+
+
 async def keep_talking_until(call: SimulatedCall, done: Callable[[], bool]) -> None:
     """Keep the line open (silence, as Twilio streams it) until `done()` holds."""
     async with asyncio.timeout(20):

@@ -51,6 +51,7 @@ import base64
 import binascii
 import json
 import secrets
+import socket
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -356,6 +357,18 @@ class SimulatedCall:
         if self._player is not None:
             self._player.cancel()
             await asyncio.wait({self._player})
+
+    async def lose_stream(self) -> None:
+        """The line between Twilio and the gateway breaks (a load balancer restarts, the
+        network): the stream's connection ends with no close frame, seen so by both ends
+        (a FIN, no WebSocket close); the call is still up, so the simulator goes on as for
+        any stream lost (``stream-error``, then the action)."""
+        if self._ws is None or self._ws.closed:
+            return
+        self.record.event("stream_lost_tx")
+        sock = self._ws.get_extra_info("socket")
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
 
     async def redirect(self, twiml: str) -> None:
         """Twilio's part of a REST redirect (a call update with ``Twiml``) of a call in
