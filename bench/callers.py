@@ -70,7 +70,7 @@ class CallResult:
     error: str | None = None
     protocol_errors: int = 0
     upgrade_sent: float | None = None  # --burst: when its stream's upgrade went out
-    upgraded: float | None = None  # and when the stream was open and started
+    upgraded: float | None = None  # and when the stream was upgraded (`connected` sent)
     close_code: int | None = None  # the gateway's close of the stream, if it closed it
 
 
@@ -204,7 +204,10 @@ async def burst(args: argparse.Namespace) -> None:
             async def place() -> SimulatedCall:
                 times["sent"] = time.monotonic()
                 call = await sim.open_stream(record)
-                times["open"] = time.monotonic()
+                # Open: upgraded, `connected` sent. Not when open_stream returns: it also waits
+                # for the gateway to answer the stream-status callback, which Twilio sends on
+                # its own while the stream goes on.
+                times["open"] = max(t for t, kind, _ in record.events if kind == "connected_tx")
                 return call
 
             quiet = Quiet(args.line_noise_db, seed=0)
