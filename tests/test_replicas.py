@@ -499,3 +499,58 @@ async def test_a_lost_stream_goes_on_by_a_rest_redirect(redis_url: str) -> None:
     assert hand_offs(two, "recovered") == 1 and hand_offs(two, "continued") == 1
     (session,) = two.emulator.record.sessions.values()
     assert [t.trigger for t in session.turns].count("text") == 1  # one greeting
+
+
+async def test_a_stream_lost_with_its_replica_alive_goes_on_by_a_rest_redirect(
+    redis_url: str,
+) -> None:
+    """The line breaks and Twilio does not ask the action (the call stays up with no
+    stream): the replica kept the call as a hand-off, and the one that gets the stream's
+    stream-error, once the action had its time, redirects the call to a new stream, which
+    goes on from that newest state."""
+    calls: dict[str, SimulatedCall] = {}
+    redirects: list[asyncio.Task[None]] = []
+
+    async def twilio_redirects(request: RestRequest) -> None:
+        call = calls.get(request.call_sid or "")
+        if call is not None and "Twiml" in request.form:
+            redirects.append(asyncio.create_task(call.redirect(request.form["Twiml"])))
+
+    async with TwilioRestStandIn(AUTH_TOKEN) as stand_in:
+        stand_in.on_request = twilio_redirects
+        rest = TwilioRest(AUTH_TOKEN, http_client=stand_in.http_client())
+        try:
+            async with replicas(
+                2, redis_url, quick_emulator(), rest=rest, greeting="Greet the caller."
+            ) as (one, two):
+                caller = TwilioCallerSimulator(
+                    one.http,
+                    one.gateway_url,
+                    PUBLIC_URL,
+                    AUTH_TOKEN,
+                    speed=2,
+                    action_after_abnormal_close=False,
+                )
+                call = await caller.place_call()
+                calls[call.record.call_sid] = call
+                await await_reply(call, 1, limit_s=15)  # the greeting
+                await say_and_hear(call, 2)
+                caller.set_bases(two.gateway_url)
+                await call.lose_stream()
+                await keep_talking_until(call, lambda: len(call.record.streams) == 2)
+                await say_and_hear(call, 3, freq=410.0)
+                await call.hangup()
+                await asyncio.gather(*redirects)
+        finally:
+            await rest.close()
+
+    record = call.record
+    assert [kind for _, kind, _ in record.events].count("awaiting_redirect") == 1
+    assert not [c for c in record.callbacks if c[0] == "action"]  # no action was asked
+    (redirect,) = stand_in.record.updates(record.call_sid)
+    assert "<Stream" in redirect.form["Twiml"]
+    assert hand_offs(one, "stream_lost") == 1 and hand_offs(two, "continued") == 1
+    assert hand_offs(two, "recovered") == 0
+    (session,) = one.emulator.record.sessions.values()
+    assert [t.trigger for t in session.turns].count("text") == 1  # one greeting
+    assert [r.n for r in heard_replies(record) if r.duration_s > 0.5][:3] == [1, 2, 3]
