@@ -47,9 +47,10 @@ def full_replies(record_replies: list[HeardReply]) -> list[int]:
     return [r.n for r in record_replies if r.sound_s > FULL_REPLY_S]
 
 
-async def converse(call: SimulatedCall, turns: int, limit_s: float = 20.0) -> None:
-    """Say something, keep the line open until the reply to it was heard, repeat."""
-    for n in range(1, turns + 1):
+async def converse(call: SimulatedCall, turns: int, limit_s: float = 20.0, first: int = 1) -> None:
+    """Say something, keep the line open until the reply to it was heard, repeat (turns
+    ``first`` to ``turns``)."""
+    for n in range(first, turns + 1):
         await call.speak_tone(CALLER_FREQS[n % len(CALLER_FREQS)], UTTERANCE_S)
         await await_reply(call, n, min_s=FULL_REPLY_S, limit_s=limit_s, read=heard_playings)
         await call.silence(0.2)
@@ -303,14 +304,25 @@ async def settle(bed: TestBed, call: SimulatedCall, limit_s: float = 15.0) -> No
 
 
 async def run_call(
-    bed: TestBed, turns: int, limit_s: float = 8.0, chaos: Chaos | None = None
+    bed: TestBed,
+    turns: int,
+    limit_s: float = 8.0,
+    chaos: Chaos | None = None,
+    until_disruptions: int = 0,
 ) -> Outcome:
-    """One call of ``turns`` turns; a reply that never comes ends it early (``stalled``).
-    Then the disruptions stop, the line settles (:func:`settle`) and the caller hangs up."""
+    """One call of ``turns`` turns, and more (up to three times as many) until ``chaos`` has
+    done ``until_disruptions``: its moments are drawn in wall-clock time and some find
+    nothing to cut (no reply long enough left), more of them on a busy machine. A reply that
+    never comes ends the call early (``stalled``). Then the disruptions stop, the line
+    settles (:func:`settle`) and the caller hangs up."""
     call = await bed.caller(speed=SPEED).place_call()
     stalled = None
+    most = 3 * turns
     try:
         await converse(call, turns, limit_s=limit_s)
+        while chaos is not None and len(chaos.done) < until_disruptions and turns < most:
+            turns += 1
+            await converse(call, turns, limit_s=limit_s, first=turns)
     except TimeoutError as exc:
         stalled = str(exc)
     if chaos is not None:

@@ -114,7 +114,7 @@ async def test_random_announced_and_abrupt_cuts_with_slow_setups(mode: str) -> N
         seed=13,
     )
     async with test_bed(config) as bed, chaos(bed, ChaosConfig(every=(1.0, 2.0), seed=13)) as c:
-        out = await run_call(bed, TURNS, chaos=c)
+        out = await run_call(bed, TURNS, chaos=c, until_disruptions=RESETS)
     assert_survived(out, len(c.done), c)
 
 
@@ -129,5 +129,5 @@ async def test_replies_cut_off_then_resumed(after_cut_reply: str) -> None:
     )
     cuts = ChaosConfig(every=(0.5, 1.5), kinds=("mid-reply",), mid_reply_after=(0.05, 0.3))
     async with test_bed(config) as bed, chaos(bed, cuts) as c:
-        out = await run_call(bed, TURNS, chaos=c)
+        out = await run_call(bed, TURNS, chaos=c, until_disruptions=RESETS)
     assert_survived(out, len(c.done), c)
