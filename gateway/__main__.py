@@ -44,6 +44,7 @@ from gateway.server import (
     start_server,
     wait_calls_done,
 )
+from gateway.transcript import check_directory
 
 log = logging.getLogger("gateway")
 
@@ -171,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    if settings.transcript_dir is not None:
+        try:
+            check_directory(settings.transcript_dir)
+        except OSError as exc:
+            where = exc.filename or settings.transcript_dir
+            why = f"{where}: {exc.strerror or exc}"
+            print(f"gateway: invalid setting TRANSCRIPT_DIR: {why}", file=sys.stderr)
+            return 2
     configure_logging(settings.log_level, settings.log_format)
     try:  # the Live backend's credentials and the model's location, checked at start
         backend = resolve(settings, tuple(personas.models()))

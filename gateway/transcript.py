@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,15 @@ log = logging.getLogger(__name__)
 
 Speaker = Literal["caller", "model"]
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def check_directory(directory: Path) -> None:
+    """Make ``directory`` if need be and a file in it (removed at once); OSError if either
+    fails. Run at start: a directory that cannot be written (a read-only root filesystem, as
+    the image is run) would otherwise turn every call's transcript off, a warning a call."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+        pass
 
 
 def transcript_path(directory: Path, call_sid: str) -> Path:

@@ -365,8 +365,24 @@ def base_env(**values: str) -> dict[str, str]:
             },
             "gateway: invalid setting GATEWAY_CONFIG: /app/config/gateway.tom is not a file",
         ),
+        (
+            {
+                "PUBLIC_URL": PUBLIC_URL,
+                "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                "GEMINI_API_KEY": "k",
+                "TRANSCRIPT_DIR": "/dev/null/transcripts",
+            },
+            "gateway: invalid setting TRANSCRIPT_DIR: /dev/null/transcripts: Not a directory",
+        ),
     ],
-    ids=["missing-public-url", "missing-two", "malformed-port", "http-public-url", "no-file"],
+    ids=[
+        "missing-public-url",
+        "missing-two",
+        "malformed-port",
+        "http-public-url",
+        "no-file",
+        "transcripts-unwritable",
+    ],
 )
 def test_bad_configuration_stops_the_start_with_one_line(
     env: dict[str, str], expected: str, tmp_path: Path
