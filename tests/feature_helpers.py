@@ -58,15 +58,15 @@ def emulator_config(**overrides: Any) -> EmulatorConfig:
 @asynccontextmanager
 async def bed_with_rest(
     config: EmulatorConfig, personas: dict[str, Any] | None = None, **settings: Any
-) -> AsyncIterator[tuple[TestBed, TwilioRestStandIn, dict[str, SimulatedCall]]]:
+) -> AsyncIterator[tuple[TestBed, TwilioRestStandIn]]:
     """A test bed with `personas` (PERSONAS unless given) whose REST requests go to a
     stand-in that, like Twilio, ends the media stream of a call it hangs up or redirects
-    (for the calls in the returned dict)."""
-    calls: dict[str, SimulatedCall] = {}
+    (any call the bed's callers placed, however soon after its start the request comes)."""
+    beds: list[TestBed] = []
     ended: list[asyncio.Task[None]] = []
 
     async def twilio_ends_stream(request: RestRequest) -> None:
-        call = calls.get(request.call_sid or "")
+        call = beds[0].placed_call(request.call_sid) if beds else None
         if call is not None and (
             request.form.get("Status") == "completed" or "Twiml" in request.form
         ):
@@ -78,7 +78,8 @@ async def bed_with_rest(
         try:
             table = PERSONAS if personas is None else personas
             async with test_bed(config, personas=table, rest=client, **settings) as bed:
-                yield bed, rest, calls
+                beds.append(bed)
+                yield bed, rest
                 await asyncio.gather(*ended)
         finally:
             await client.close()

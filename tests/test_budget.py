@@ -119,10 +119,8 @@ async def test_a_call_over_the_days_limit_wraps_up_and_the_next_is_turned_away(
     async with bed_with_rest(emulator_config(), persona, token_prices=PRICES) as (
         bed,
         rest,
-        calls,
     ):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
-        calls[call.record.call_sid] = call
         await until_hung_up(rest, call)
         with pytest.raises(CallRejected) as refused:
             await bed.caller(speed=SPEED).place_call(to=SALES)

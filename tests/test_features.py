@@ -302,9 +302,8 @@ async def test_the_default_persona_greets_and_a_persona_can_turn_it_off() -> Non
 )
 async def test_end_call_hangs_up_only_after_the_goodbye_was_heard() -> None:
     config = emulator_config(tool_call_on_text={"key 9": ("end_call", {"reason": "done"})})
-    async with bed_with_rest(config) as (bed, rest, calls):
+    async with bed_with_rest(config) as (bed, rest):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
-        calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: reply_done(bed, call, 1))  # the greeting
         await call.send_dtmf("9")  # "the caller pressed the key 9": the model says goodbye
         await until_hung_up(rest, call)
@@ -330,9 +329,8 @@ async def test_end_call_hangs_up_only_after_the_goodbye_was_heard() -> None:
 @pytest.mark.per_profile("gemini-2.5-flash-native-audio-preview-12-2025")
 async def test_transfer_call_redirects_to_the_configured_sip_address() -> None:
     config = emulator_config(tool_call_on_text={"key 0": ("transfer_call", {"destination": "pbx"})})
-    async with bed_with_rest(config) as (bed, rest, calls):
+    async with bed_with_rest(config) as (bed, rest):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
-        calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
         await call.send_dtmf("0")
         await until_hung_up(rest, call)
@@ -364,7 +362,7 @@ async def test_a_keypad_press_reaches_the_model_as_text() -> None:
 
 async def test_end_call_hangs_up_through_the_stream_when_the_rest_api_fails() -> None:
     config = emulator_config(tool_call_on_text={"key 9": ("end_call", {})})
-    async with bed_with_rest(config) as (bed, rest, _calls):
+    async with bed_with_rest(config) as (bed, rest):
         rest.fail_status = 500
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
@@ -688,10 +686,8 @@ async def test_at_the_duration_limit_the_model_wraps_up_and_the_call_ends_once_i
     async with bed_with_rest(emulator_config(), persona, transcript_dir=directory) as (
         bed,
         rest,
-        calls,
     ):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
-        calls[call.record.call_sid] = call
         await until_hung_up(rest, call)
         text = await scrape(bed)
 
@@ -713,9 +709,8 @@ async def test_at_the_duration_limit_the_model_wraps_up_and_the_call_ends_once_i
 async def test_at_the_duration_limit_itself_the_call_ends_even_mid_reply() -> None:
     persona = limited(max_call_s=3.0, wrap_up_at=0.5, wrap_up=WRAP_UP)
     config = emulator_config(reply_s=30.0)  # the model never stops talking
-    async with bed_with_rest(config, persona) as (bed, rest, calls):
+    async with bed_with_rest(config, persona) as (bed, rest):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
-        calls[call.record.call_sid] = call
         await until_hung_up(rest, call)
         text = await scrape(bed)
 
@@ -743,10 +738,8 @@ async def test_near_a_token_or_cost_limit_the_model_wraps_up_and_the_call_ends_o
     async with bed_with_rest(emulator_config(), persona, token_prices=PRICES) as (
         bed,
         rest,
-        calls,
     ):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
-        calls[call.record.call_sid] = call
         await until_hung_up(rest, call)
         text = await scrape(bed)
 
@@ -773,10 +766,8 @@ async def test_a_silent_caller_is_checked_on_then_the_call_ends_after_the_goodby
     async with bed_with_rest(emulator_config(), persona, transcript_dir=directory) as (
         bed,
         rest,
-        calls,
     ):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
-        calls[call.record.call_sid] = call
         # The caller never says a word.
         await until_hung_up(rest, call)
         text = await scrape(bed)
@@ -803,9 +794,8 @@ async def test_caller_speech_starts_the_silence_watch_over_and_without_it_nothin
         **limited(silence_timeout_s=1.0, silence_prompt=CHECK_IN, silence_goodbye=GOODBYE),
         "support": {**PERSONAS["support"], "greeting": GREETING},  # silence handling off
     }
-    async with bed_with_rest(emulator_config(), personas) as (bed, rest, calls):
+    async with bed_with_rest(emulator_config(), personas) as (bed, rest):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
-        calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: reply_done(bed, call, 2))  # greeting, check-in
         await call.speak_tone(400.0, 0.5)  # the caller answers: back to the first stage
         await keep_line_open(call, lambda: reply_done(bed, call, 3))
@@ -861,10 +851,8 @@ async def test_a_machine_gets_the_voicemail_message_then_the_call_ends_once_it_w
     async with bed_with_rest(emulator_config(), persona, transcript_dir=directory) as (
         bed,
         rest,
-        calls,
     ):
         call = await outbound(bed)
-        calls[call.record.call_sid] = call
         assert call.record.custom_parameters["persona"] == "sales"
         # The bot greets (to the machine); then the machine's own greeting ends (beep).
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
@@ -899,9 +887,8 @@ async def test_a_machine_gets_the_voicemail_message_then_the_call_ends_once_it_w
 )
 async def test_each_answering_machine_outcome(answered_by: str, voicemail: str, ends: bool) -> None:
     persona = limited(voicemail=voicemail)
-    async with bed_with_rest(emulator_config(), persona) as (bed, rest, calls):
+    async with bed_with_rest(emulator_config(), persona) as (bed, rest):
         call = await outbound(bed)
-        calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
         assert await amd(bed, rest, call.record.call_sid, answered_by) == 204
         if ends:
@@ -922,11 +909,10 @@ async def test_each_answering_machine_outcome(answered_by: str, voicemail: str, 
 
 async def test_an_answering_machine_result_before_the_stream_starts_is_kept_for_it() -> None:
     persona = limited(voicemail="")
-    async with bed_with_rest(emulator_config(), persona) as (bed, rest, calls):
+    async with bed_with_rest(emulator_config(), persona) as (bed, rest):
         sid = "CA" + "7" * 32
         assert await amd(bed, rest, sid, "machine_end_other") == 204
         call = await outbound(bed, sid)
-        calls[sid] = call
         await until_hung_up(rest, call)
 
     (update,) = rest.record.updates()
@@ -943,9 +929,8 @@ async def test_warm_transfer_whispers_the_models_summary_to_the_person_who_answe
     config = emulator_config(
         tool_call_on_text={"key 0": ("transfer_call", {"destination": "desk", "summary": SUMMARY})}
     )
-    async with bed_with_rest(config) as (bed, rest, calls):
+    async with bed_with_rest(config) as (bed, rest):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
-        calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
         await call.send_dtmf("0")
         await until_hung_up(rest, call)
@@ -993,9 +978,8 @@ async def test_a_transfer_without_a_summary_is_a_plain_dial() -> None:
     config = emulator_config(
         tool_call_on_text={"key 0": ("transfer_call", {"destination": "desk"})}
     )
-    async with bed_with_rest(config) as (bed, rest, calls):
+    async with bed_with_rest(config) as (bed, rest):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
-        calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
         await call.send_dtmf("0")
         await until_hung_up(rest, call)
@@ -1013,10 +997,8 @@ async def test_a_recorded_persona_asks_twilio_for_a_dual_channel_recording_and_k
     async with bed_with_rest(emulator_config(), limited(record=True), transcript_dir=directory) as (
         bed,
         rest,
-        calls,
     ):
         call = await bed.caller(speed=SPEED).place_call(to=SALES)
-        calls[call.record.call_sid] = call
         await keep_line_open(call, lambda: bool(rest.record.recordings()))
         await keep_line_open(call, lambda: reply_done(bed, call, 1))
         await call.hangup()

@@ -12,7 +12,7 @@ import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ from gateway.server import create_app, start_server
 from gateway.testing.live_emulator import EmulatorConfig, LiveEmulator
 from gateway.testing.service_account import service_account_file
 from gateway.testing.tls import TestTLS, make_tls
-from gateway.testing.twilio_sim import TwilioCallerSimulator
+from gateway.testing.twilio_sim import SimulatedCall, TwilioCallerSimulator
 from gateway.twilio.rest import TwilioRest
 
 PUBLIC_URL = "https://gateway.example.test"
@@ -93,12 +93,22 @@ class TestBed:
     metrics: Metrics
     gateway_url: str
     http: aiohttp.ClientSession
+    callers: list[TwilioCallerSimulator] = field(default_factory=list)
 
     def caller(self, speed: float = 1.0) -> TwilioCallerSimulator:
         """A simulated Twilio that calls this gateway."""
-        return TwilioCallerSimulator(
+        caller = TwilioCallerSimulator(
             self.http, self.gateway_url, PUBLIC_URL, AUTH_TOKEN, speed=speed
         )
+        self.callers.append(caller)
+        return caller
+
+    def placed_call(self, call_sid: str | None) -> SimulatedCall | None:
+        """The call ``call_sid`` one of this bed's callers placed, if any."""
+        for caller in self.callers:
+            if (call := caller.calls.get(call_sid or "")) is not None:
+                return call
+        return None
 
 
 #: The Live model of the settings' default, and the one test beds use now (the tests set it

@@ -816,6 +816,9 @@ class TwilioCallerSimulator:
         self._account_sid = account_sid or _sid("AC")
         self.action_after_abnormal_close = action_after_abnormal_close
         self.stream_status_delay_s = stream_status_delay_s
+        #: Every call placed, by CallSid, from before its stream opens: what Twilio's REST
+        #: API acts on (a hang-up may come before ``place_call`` has returned).
+        self.calls: dict[str, SimulatedCall] = {}
 
     def set_bases(self, base_url: str | Sequence[str]) -> None:
         """Where requests go from now on (a load balancer's endpoints changed: a replica
@@ -892,6 +895,7 @@ class TwilioCallerSimulator:
         if twiml is None or not twiml.stream_url:
             raise CallRejected(200, rec.twiml)
         call = SimulatedCall(self, rec, rec.params, self._speed)
+        self.calls[rec.call_sid] = call
         await call._start_stream(twiml)
         return call
 
