@@ -66,6 +66,7 @@ def shapes(long_minutes: float) -> tuple[Shape, ...]:
 class CostRow:
     shape: str
     bridge: str
+    model: str
     calls: int
     call_minutes: float
     replies: int  # turns the callers took
@@ -120,6 +121,7 @@ async def run_shape(
     start: Callable[[str], Awaitable[tuple[Any, str]]],
     impl: str,
     label: str,
+    model: str,
     shape: Shape,
     calls: int,
     speed: float,
@@ -156,6 +158,7 @@ async def run_shape(
     return CostRow(
         shape=shape.name,
         bridge=label,
+        model=model,
         calls=calls,
         call_minutes=sum(s for _, _, s in results) / 60,
         replies=sum(t for t, _, _ in results),
@@ -183,7 +186,8 @@ def gateway_settings(speed: float, model: str) -> list[str]:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    """Per shape, each bridge's bill per call-minute and the gateway's count of it."""
+    """Per shape (and model, when the run had several), each bridge's bill per call-minute
+    and the gateway's count of it."""
     header = (
         "| call shape | bridge | call-min | caller audio sent s/min | prompt tok/min "
         "| model audio tok/min | billed tok/min | $ / call-min | billed vs naive "
@@ -191,14 +195,19 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         "| caller turns lost or cut |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    naive = {r["shape"]: r for r in rows if r["bridge"] == "naive"}
+    several = len({r.get("model") for r in rows}) > 1
+
+    def shape_of(r: dict[str, Any]) -> str:
+        return f"{r['shape']}, {r['model']}" if several else str(r["shape"])
+
+    naive = {shape_of(r): r for r in rows if r["bridge"] == "naive"}
     for r in rows:
         minutes = r["call_minutes"]
         bill = r["bill"]
         total = sum(bill.values())
         prompt = bill.get("prompt_audio", 0) + bill.get("prompt_text", 0)
         vs = "-"
-        base = naive.get(r["shape"])
+        base = naive.get(shape_of(r))
         if r["bridge"] != "naive" and base is not None and sum(base["bill"].values()):
             saved = 1 - total / sum(base["bill"].values())
             vs = f"{100 * saved:.0f} % fewer" if saved >= 0 else f"{-100 * saved:.0f} % more"
@@ -214,7 +223,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         else:
             count = f"differs: {r['counted']} (${r['counted_usd']:.4f})"
         lines.append(
-            f"| {r['shape']} | {r['bridge']} | {minutes:.2f} | {r['audio_s'] / minutes:.1f} "
+            f"| {shape_of(r)} | {r['bridge']} | {minutes:.2f} | {r['audio_s'] / minutes:.1f} "
             f"| {prompt / minutes:.0f} | {bill.get('response_audio', 0) / minutes:.0f} "
             f"| {total / minutes:.0f} | {r['cost_usd'] / minutes:.4f} | {vs} | {count} "
             f"| {held} | {r['heard']}/{r['replies']} | {lost} |"
@@ -228,7 +237,11 @@ def cost_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cost-minutes", type=float, default=10.0, help="the long calls")
     parser.add_argument("--cost-speed", type=float, default=10.0, help="time compression")
-    parser.add_argument("--cost-model", default="gemini-3.8-live", help="GEMINI_MODEL")
+    parser.add_argument(
+        "--cost-model",
+        default="gemini-3.8-live",
+        help="GEMINI_MODEL, or a comma list: every shape on each model (its billing profile)",
+    )
 
 
 async def stage(args: argparse.Namespace, logs: Path, tmp: Path) -> list[dict[str, Any]]:
@@ -244,30 +257,32 @@ async def stage(args: argparse.Namespace, logs: Path, tmp: Path) -> list[dict[st
     rows: list[dict[str, Any]] = []
     try:
         info = await emulator.line(limit_s=30)
-        settings = copy.copy(args)
-        settings.gateway_env = [
-            *args.gateway_env,
-            *gateway_settings(args.cost_speed, args.cost_model),
-        ]
         impls = ["gateway", *(f"variant:{i}" for i in range(len(args.variant)))]
         impls += [f"before:{i}" for i in range(len(args.baseline))]
         impls += [] if args.no_naive else ["naive"]
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-            bench = Bench(settings, emulator, info, http, logs)
-            for shape in shapes(args.cost_minutes):
-                for impl in impls:
-                    log(f"cost: {impl}, {args.cost_calls} x {shape.name} ...")
-                    row = await run_shape(
-                        bench.start_gateway,
-                        impl,
-                        label(impl, args),
-                        shape,
-                        args.cost_calls,
-                        args.cost_speed,
-                        http,
-                        info["control_url"],
-                    )
-                    rows.append(asdict(row))
+            for model in [m.strip() for m in args.cost_model.split(",") if m.strip()]:
+                settings = copy.copy(args)
+                settings.gateway_env = [
+                    *args.gateway_env,
+                    *gateway_settings(args.cost_speed, model),
+                ]
+                bench = Bench(settings, emulator, info, http, logs)
+                for shape in shapes(args.cost_minutes):
+                    for impl in impls:
+                        log(f"cost: {impl}, {model}, {args.cost_calls} x {shape.name} ...")
+                        row = await run_shape(
+                            bench.start_gateway,
+                            impl,
+                            label(impl, args),
+                            model,
+                            shape,
+                            args.cost_calls,
+                            args.cost_speed,
+                            http,
+                            info["control_url"],
+                        )
+                        rows.append(asdict(row))
     finally:
         await emulator.stop()
     return rows
