@@ -28,6 +28,7 @@ from gateway.live.handles import (
     RTT_SAMPLES,
     RoundTripPlacement,
 )
+from gateway.live.liveness import UNACKED_S
 from gateway.server import live_http
 from gateway.testing.analysis import await_reply, heard_playings, heard_replies
 from gateway.testing.harness import quick_emulator, test_bed, test_settings
@@ -94,6 +95,39 @@ async def test_a_connection_that_sends_nothing_more_is_resumed_after_the_stall_l
             "gateway_live_resumptions_total", {"cause": "abrupt"}
         )
         assert resumed == 1
+        logs.assert_quiet()
+
+
+async def test_a_dead_path_is_noticed_by_what_goes_unacknowledged(
+    logs: LogCapture, eventually: Eventually
+) -> None:
+    """The path to the service dies without a word (the emulator's `cut_path`: it neither
+    reads nor sends, its socket left open). With the stall limit at 60 s, nothing received
+    would tell for a minute; but the caller's audio and the pings go unacknowledged, and the
+    kernel ends the connection `UNACKED_S` later: resumed on a new one, the audio replayed."""
+    async with test_bed(quick_emulator(SPEED), live_stall_s=60.0) as bed:
+        emulator = bed.emulator
+        call = await bed.caller(speed=SPEED).place_call()
+        await say_and_hear(call, 1)
+        [cut] = emulator.open_connections()
+        assert emulator.cut_path(cut)
+        since = time.monotonic()
+        # More than the window the path had left (its receive buffer was full size): the
+        # window closes, and what is written after it waits unacknowledged.
+        await call.speak_tone(380.0, 8.0)
+        sample = bed.metrics.registry.get_sample_value
+        while sample("gateway_live_resumptions_total", {"cause": "abrupt"}) != 1:
+            assert time.monotonic() - since < 50.0, "the dead path was never noticed"
+            await call.silence(0.5)  # the line stays open, as Twilio keeps it
+        noticed_s = time.monotonic() - since
+        await await_reply(call, 2, min_s=0.7, limit_s=15)
+        await call.hangup()
+
+        assert replies_heard(call) == [1, 2]
+        assert UNACKED_S <= noticed_s < 60.0, noticed_s  # the kernel's, not the stall limit
+        assert len(bed.emulator.record.connections) == 2
+        lost = logs.messages("gateway.live.session", "live: connection lost")
+        assert len(lost) == 1, lost
         logs.assert_quiet()
 
 

@@ -19,14 +19,22 @@ on) and decides itself, from any traffic:
 A healthy silent connection is heard at least every ping interval plus the pong's delay
 (5 + 30 s with the latest pongs reported), so 45 s does not cut one; a connection that stops
 delivering anything is cut 45 s after the last thing it sent. A connection that dies at the
-TCP level (a reset, a close) is noticed at once, as before.
+TCP level (a reset, a close) is noticed at once, as before. A path that dies without a word
+(a route or a NAT entry gone) leaves what the gateway wrote unacknowledged: the kernel ends
+the connection once anything written has waited ``UNACKED_S`` for the service's side to
+acknowledge it (``TCP_USER_TIMEOUT``, Linux; `gateway.live.sdk.TimedSocket`), and with a ping
+every 5 s something always has: such a path is noticed within 5 + 15 s. An acknowledgement
+comes from the service's TCP end however late its pongs, so this cuts no slow service.
 """
 
 from __future__ import annotations
 
-__all__ = ["PING_INTERVAL_S", "PROMPT_PONG_S", "Liveness"]
+__all__ = ["PING_INTERVAL_S", "PROMPT_PONG_S", "UNACKED_S", "Liveness"]
 
 PING_INTERVAL_S = 5.0
+#: Written to the Live connection and not acknowledged by the service's side this long: the
+#: path is dead (the socket's TCP_USER_TIMEOUT).
+UNACKED_S = 15.0
 #: A pong later than this measures the service's pong handling, not the network: it proves
 #: the connection alive but gives no round trip (handles are then placed from the setup's).
 PROMPT_PONG_S = 2.0

@@ -31,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -46,6 +48,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import DATA_OPCODES, Frame
 from websockets.protocol import Event
 from websockets.typing import Data
+
+from gateway.live.liveness import UNACKED_S
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +197,9 @@ class TimedSocket(ClientConnection):
       handed to the kernel, not left waiting in the process. (Under TLS the TCP transport
       below is not visible from here: it passes bytes on at once unless the kernel's send
       buffer is full, and then pauses the TLS layer past its high-water mark.)
+
+    Its socket gives up on what the service's side leaves unacknowledged for ``UNACKED_S``
+    (``TCP_USER_TIMEOUT``): a dead path (`gateway.live.liveness`).
     """
 
     opened_at: float | None = None
@@ -200,6 +207,10 @@ class TimedSocket(ClientConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):  # a dead path: Linux
+            with contextlib.suppress(OSError):  # not TCP (a test's Unix socket): no such bound
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(UNACKED_S * 1e3))
         self._read_at = time.monotonic()
         self._arrivals: deque[float] = deque()  # completed messages not yet returned
         # Paused from the first byte held (asyncio's TLS layer, which pauses at a high-water

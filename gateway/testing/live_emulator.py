@@ -67,7 +67,9 @@ Wire protocol, as checked against google-genai 3.6 (``live.py``, ``_api_client.p
   handshake, a reset during the setup, or a close code after it.
 * Stalls (:meth:`LiveEmulator.stall`): a connection stops sending anything, pongs included,
   while its socket stays open and its input is still read (a wedged service behind a live
-  TCP stack): only the client's own liveness check can tell.
+  TCP stack): only the client's own liveness check can tell. :meth:`LiveEmulator.cut_path`
+  also stops reading, its receive buffer shrunk: the client's window closes and what it writes
+  goes unacknowledged, as through a dead route.
 * Server frames are camelCase JSON sent as binary frames; ``setupComplete`` is ``{}`` (the
   Developer API does not send a session id).
 
@@ -1638,6 +1640,22 @@ class LiveEmulator:
             return False
         conn.stalled = True
         self.record.event("stall", f"conn={connection_id}")
+        return True
+
+    def cut_path(self, connection_id: int) -> bool:
+        """The network path to connection ``connection_id`` dies: it sends nothing more and
+        stops reading (its receive buffer shrunk, so the client's window closes within a
+        few kB), its socket left open. The client's writes then go unacknowledged, as
+        through a dead route. False if it is not open."""
+        conn = self._conns.get(connection_id)
+        if conn is None or conn.closing or not conn.setup_done or conn.transport is None:
+            return False
+        conn.stalled = True
+        sock = conn.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.transport.pause_reading()
+        self.record.event("cut_path", f"conn={connection_id}")
         return True
 
     def open_connections(self) -> list[int]:
