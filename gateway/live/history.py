@@ -16,14 +16,21 @@ class History:
 
     def __init__(self) -> None:
         self.turns: list[tuple[str, str]] = []
+        self.added = 0  # turns begun since the call's start (`turns` holds the newest)
 
     def add(self, role: str, text: str) -> None:
         if self.turns and self.turns[-1][0] == role:
             self.turns[-1] = (role, self.turns[-1][1] + text)
         else:
             self.turns.append((role, text))
+            self.added += 1
         if len(self.turns) > TURNS_KEPT:
             del self.turns[:-TURNS_KEPT]
+
+    def since(self, first: int, end: int) -> list[tuple[str, str]]:
+        """Turns `first` to `end` - 1, numbered from the call's start, that are still kept."""
+        base = self.added - len(self.turns)
+        return self.turns[max(0, first - base) : max(0, end - base)]
 
     def recent(self, limit: int = HISTORY_CHARS) -> tuple[tuple[str, str], ...]:
         """The newest turns whose text fits in `limit` characters, oldest first."""

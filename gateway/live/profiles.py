@@ -62,6 +62,10 @@ class Profile:
     input_transcription_always: bool = False  # input transcripts come even unasked
     output_transcription_always: bool = False  # output transcripts come even unasked
     session_cap_s: float | None = None  # a reported hard end of a session's connection
+    # contextUpdate{systemInstruction} is taken mid-session: what compression drops is carried
+    # there (gateway.live.essentials). Documented for Vertex AI's 3.8 only [VSESS]; unknown
+    # elsewhere, so not sent.
+    context_update: bool = False
     sources: str = ""
 
     @property
@@ -145,14 +149,16 @@ PROFILES: tuple[Profile, ...] = (
     ),
     Profile(
         # Thinking on Vertex 3.8: not found; affective dialog: conflicting (§11.2): neither
-        # is sent. Non-blocking tools by default, scheduling taken [VASYNC][V38MIG].
+        # is sent. Non-blocking tools by default, scheduling taken [VASYNC][V38MIG]. "Update
+        # system instructions and tools during a session with Gemini 3.8 Live" [VSESS].
         "gemini-3.8-live",
         backend="vertex",
         tools_non_blocking=True,
         tool_scheduling=True,
         usage="vertex",
         multi_part=True,
-        sources="[V38][V38G][V38MIG][VASYNC]",
+        context_update=True,
+        sources="[V38][V38G][V38MIG][VASYNC][VSESS]",
     ),
 )
 _BY_KEY = {(p.backend, p.model): p for p in PROFILES}

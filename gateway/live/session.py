@@ -34,6 +34,7 @@ from google.genai.live import AsyncSession
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from gateway.live import sdk
+from gateway.live.essentials import Essentials
 from gateway.live.events import (
     LiveEvent,
     RepeatSkipped,
@@ -158,6 +159,10 @@ class LiveSession:
         self.machine = SessionMachine(options.settings, rng, exact=client.vertexai)
         self.profile = options.profile or profile_for(
             options.model, "vertex" if client.vertexai else "gemini"
+        )
+        # What compression drops, carried in the system instruction where the model takes it.
+        self.essentials = (
+            Essentials(options.system_instruction) if self.profile.context_update else None
         )
         self._events: asyncio.Queue[LiveEvent] = asyncio.Queue()
         self._links: dict[int, _Link] = {}
@@ -299,6 +304,10 @@ class LiveSession:
                 if type(action.event) is Resumed:
                     self.resumes.append(action.event)
                     self._log_resumed(action.event)
+                    if self.essentials is not None:
+                        await self._carry_over(action.event.fresh, self.essentials)
+                elif type(action.event) is Usage and self.essentials is not None:
+                    await self._carry(action.event, self.essentials)
                 elif type(action.event) is RepeatSkipped:
                     log.info(
                         "live: the resumed model began a reply the caller heard in full; "
@@ -436,6 +445,49 @@ class LiveSession:
                         scheduling=_scheduling(self.profile, action.result),
                     )
                 ]
+            )
+        except Exception as exc:
+            await self._lost(link, LossKind.NETWORK, f"send: {type(exc).__name__}")
+
+    async def _carry(self, usage: Usage, essentials: Essentials) -> None:
+        """A usage report: if compression dropped turns the model was not given back, send
+        them in its system instruction on the connection in use (`gateway.live.essentials`)."""
+        history = self.machine.history
+        essentials.report(usage.prompt_tokens, usage.response_tokens, history.added)
+        link = self._active_link()
+        if link is None:
+            return  # the next report tries again
+        instruction = essentials.due(history)
+        if instruction is not None:
+            log.info(
+                "live: context compressed; %d earlier turn(s) carried in the system instruction",
+                essentials.carried,
+                extra=self._log_extra,
+            )
+            await self._instruct(link, instruction)
+
+    async def _carry_over(self, fresh: bool, essentials: Essentials) -> None:
+        """A new connection: a fresh session starts over (its setup has the persona's own
+        instruction, its brief the recent turns); a resumed state may be from a handle issued
+        before the last update was read: it is sent again (a replacement, so harmless)."""
+        if fresh:
+            essentials.fresh()
+        elif essentials.last is not None and (link := self._active_link()) is not None:
+            await self._instruct(link, essentials.last)
+
+    def _active_link(self) -> _Link | None:
+        conn = self.machine.active
+        link = self._links.get(conn.id) if conn is not None else None
+        return None if link is None or link.gone else link
+
+    async def _instruct(self, link: _Link, instruction: str) -> None:
+        """Replace the session's system instruction (``contextUpdate``)."""
+        try:
+            self.machine.sent(link.id, None)
+            await link.session.send_context_update(
+                system_instruction=types.Content(
+                    role="system", parts=[types.Part(text=instruction)]
+                )
             )
         except Exception as exc:
             await self._lost(link, LossKind.NETWORK, f"send: {type(exc).__name__}")

@@ -189,7 +189,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Literal
 
@@ -202,6 +202,7 @@ from gateway.testing.model_behaviour import (
     BEHAVIOURS,
     ModelBehaviour,
     ToolModes,
+    instruction_text,
     setup_refusal,
 )
 from gateway.testing.tls import TestTLS
@@ -510,6 +511,9 @@ class SessionState:
     # Append-only, like `turns`: a snapshot holds a prefix.
     utterance_speech_s: list[float] = field(default_factory=list)
     context: billing.Context = field(default_factory=billing.Context)  # in tokens
+    # The system instruction: the setup's, or the latest contextUpdate's (kept through
+    # compression, like the setup's).
+    instruction: str = ""
 
 
 @dataclass(frozen=True)
@@ -529,6 +533,7 @@ class _Snapshot:
     vad: tuple[int, int, bool, bytes] = (0, 0, False, b"")
     context: billing.Context = billing.EMPTY
     conn_id: int = 0  # the connection that issued it
+    instruction: str = ""
 
     def restore(self) -> SessionState:
         s = self.state
@@ -544,6 +549,7 @@ class _Snapshot:
             utterances=self.utterances,
             utterance_speech_s=s.utterance_speech_s[: self.utterances],
             context=self.context,
+            instruction=self.instruction,
         )
 
 
@@ -1106,6 +1112,7 @@ class _Connection:
             compression = setup.get("contextWindowCompression") is not None
             self.state = SessionState(session_id=sid, created_at=now, compression=compression)
             self.state.context = billing.start(setup)
+            self.state.instruction = instruction_text(setup.get("systemInstruction"))
             session = SessionRecord(id=sid, created_at=now, connection_ids=[], state=self.state)
             session.bill.profile = billing.profile_for(setup["model"], emu.config.billing_profiles)
             emu.record.sessions[sid] = session
@@ -1236,6 +1243,7 @@ class _Connection:
                 (src._voiced, src._silent, src._speech_confirmed, src._pending),
                 st.context,
                 src.rec.id,  # whose lineage it is (the newer one's, after a takeover)
+                st.instruction,
             ),
         )
         self.rec.handles_issued += 1
@@ -1274,7 +1282,27 @@ class _Connection:
                 self.pending_tool_calls.clear()
             self._tool_answered.set()
         if "contextUpdate" in msg:
-            self.emu.record.event("context_update", f"conn={self.rec.id}")
+            self._on_context_update(msg["contextUpdate"])
+
+    def _on_context_update(self, update: Any) -> None:
+        """A new system instruction (or tools) mid-session, where the model takes it
+        (``ModelBehaviour.context_update``): it replaces the setup's in what the session
+        holds, and is billed and kept through compression as that was."""
+        backend = "vertex" if self.vertex else "gemini"
+        if backend not in self.behaviour.context_update:
+            reason = f"{REASON_INVALID} contextUpdate is not supported for this model."
+            raise _Refused(self.behaviour.refusal_code, reason, "error")
+        if not isinstance(update, dict):
+            raise _Refused(1007, "Invalid JSON payload received. contextUpdate.", "error")
+        st = self.state
+        assert st is not None
+        instruction = update.get("systemInstruction")
+        if instruction is not None:
+            st.instruction = instruction_text(instruction)
+            st.context = replace(st.context, system=billing.text_tokens(st.instruction))
+        self.emu.record.event(
+            "context_update", f"conn={self.rec.id} {json.dumps(st.instruction)[:500]}"
+        )
 
     async def _on_realtime(self, rt: Any) -> None:
         if not isinstance(rt, dict):

@@ -44,6 +44,10 @@ class ModelBehaviour:
     # A resume of a capped session: accepted (None) or refused with this close. After 3.8's
     # 58:00 close one resume worked, a later one was refused with 1007 [D186392].
     resume_after_cap: tuple[int, str] | None = None
+    # The backends ("gemini", "vertex") on which a contextUpdate (a new system instruction
+    # mid-session) is taken; elsewhere it closes with `refusal_code`. Nothing unlisted takes
+    # it: acceptance is documented for Vertex AI's 3.8 only [VSESS].
+    context_update: frozenset[str] = frozenset()
     sources: str = ""
 
 
@@ -54,14 +58,17 @@ BEHAVIOURS: dict[str, ModelBehaviour] = {
     # [GTHINK][M3P]; clientContent the whole session [G38]; NON_BLOCKING by default, BLOCKING
     # allowed [G38]; several parts per event [SKILL]; output transcripts even unasked
     # [D188765]; a connection closed at 58:00 with 1011
-    # "Deadline expired before operation could complete." and no goAway seen [D186392].
+    # "Deadline expired before operation could complete." and no goAway seen [D186392];
+    # "Update system instructions and tools during a session" on Vertex AI [VSESS] (on the
+    # Gemini API: not found).
     "gemini-3.8-live": ModelBehaviour(
         refuses=frozenset({"thinkingConfig", "enableAffectiveDialog", "proactiveAudio=false"}),
         tool_default="NON_BLOCKING",
         multi_part=True,
         output_transcription_always=True,  # "still arrives with its configuration omitted"
         session_cap_s=58 * 60.0,
-        sources="[G38][GTHINK][M3P][SKILL][D186392][D188765]",
+        context_update=frozenset({"vertex"}),
+        sources="[G38][GTHINK][M3P][SKILL][D186392][D188765][VSESS]",
     ),
     # 3.8 extended thinking: thinkingLevel low/medium/high, MINIMAL refused [GTHINK]; no
     # affective dialog, proactive_audio:false refused [M3P][MJ]; NON_BLOCKING only:
@@ -134,6 +141,16 @@ def setup_refusal(behaviour: ModelBehaviour, setup: dict[str, Any]) -> str | Non
         if used not in behaviour.tool_behaviours:
             return f"{used} function calling is not supported for this model ({name})."
     return None
+
+
+def instruction_text(content: Any) -> str:
+    """The text of a (camelCase) system instruction: a Content's parts, or a plain string."""
+    if isinstance(content, str):
+        return content
+    parts = content.get("parts") if isinstance(content, dict) else None
+    return "".join(
+        str(p.get("text", "")) for p in parts or [] if isinstance(p, dict) and "text" in p
+    )
 
 
 def declared_tools(setup: dict[str, Any]) -> dict[str, str | None]:
