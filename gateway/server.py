@@ -1124,20 +1124,27 @@ async def _recoverable(
     forgot the call's state before (nothing to go on with); one that lost the stream to the
     network keeps the call as a hand-off (`_keep_for_next_stream`), taken here once it is
     stored. A call whose replica died goes on from its last checkpoint once the stream was
-    reported lost (`stream-error`) or the replica is seen gone (within ALIVE_FOR_S); should
-    that replica be alive after all, it cannot write over the call once it goes on here
-    (the store's fence). Either way after `defer_s` more."""
+    seen gone (within ALIVE_FOR_S), or ALIVE_FOR_S after its stream was reported lost
+    (`stream-error`) if the replica still seems alive: one that lost its stream to the
+    network stores the call's newest state as a hand-off as soon as it sees the loss, which
+    may be after Twilio reported it (taking the checkpoint then would lose what the caller
+    said since it). Should that replica be alive after all, it cannot write over the call
+    once it goes on here (the store's fence). Either way after `defer_s` more."""
+    loop = asyncio.get_running_loop()
+    lost_at: float | None = None
     for _ in range(math.ceil(RECOVERY_WAIT_S / RECOVERY_POLL_S)):
         saved = await state.store.load(call_sid)
         if saved is None:
             return None  # its replica ended the call (or none held it)
         if not saved.holder:
             break  # handed off: kept by its replica for its next stream
-        if saved.holder != state.replica and (
-            await state.store.was_lost(call_sid)
-            or not await state.store.replica_alive(saved.holder)
-        ):
-            break
+        if saved.holder != state.replica:
+            if not await state.store.replica_alive(saved.holder):
+                break
+            if lost_at is None and await state.store.was_lost(call_sid):
+                lost_at = loop.time()
+            if lost_at is not None and loop.time() - lost_at >= ALIVE_FOR_S:
+                break
         await asyncio.sleep(RECOVERY_POLL_S)
     else:
         return None  # alive: it holds the call still, or ends it
