@@ -3,13 +3,16 @@ drives them together through the facade and the schedule explorer)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 
 import pytest
 
 from gateway.live.events import ModelAudio, ResetCause, Transcript, TurnState
 from gateway.live.handles import HeldHandle, RoundTripPlacement
 from gateway.live.history import History
+from gateway.live.looplag import LoopLag, loop_lag
 from gateway.live.nudge import CUT_UNHEARD, DROPPED, Nudge
 from gateway.live.outage import Outage
 from gateway.live.repeats import REPEAT_WINDOW_S, Repeat, RepeatFilter
@@ -366,3 +369,33 @@ def test_the_caller_speaks_until_a_pause_and_waits_for_an_answer() -> None:
     assert turns.state is TurnState.CALLER_SPEAKING
     turns.idle()
     assert turns.state is TurnState.IDLE
+
+
+# ---------------------------------------------------------------------- loop lag
+
+
+def test_loop_lag_is_the_most_around_a_moment() -> None:
+    lag = LoopLag()
+    assert lag.around(0.0) == 0.0
+    lag.note(1.0, 0.03)
+    lag.note(1.05, 0.01)
+    lag.note(1.5, 0.02)
+    assert lag.around(1.02) == 0.03  # the busy stretch that ended at 1.0
+    assert lag.around(1.12) == 0.01
+    assert lag.around(1.3) == 0.0  # no timer ran late near it
+    lag.note(3.2, 0.0)
+    assert lag.around(1.0) == 0.0  # more than WINDOW_S ago: forgotten
+
+
+async def test_loop_lag_sees_a_blocked_loop_and_stops_with_its_last_holder() -> None:
+    shared = loop_lag()
+    assert loop_lag() is shared
+    async with shared.hold(), shared.hold():
+        await asyncio.sleep(0.03)
+        busy_until = time.monotonic() + 0.08  # the loop is busy: the timer due runs late
+        while time.monotonic() < busy_until:
+            pass
+        await asyncio.sleep(0.03)
+        assert 0.05 <= shared.around(time.monotonic()) <= 1.0
+    tasks = [t for t in asyncio.all_tasks() if t.get_name() == "loop-lag"]
+    assert not tasks

@@ -6,18 +6,20 @@ lacks: too little loses the caller's words, too much makes the model hear them t
 * **Placement** (`RoundTripPlacement`): input written to a connection at least one guard
   interval before the handle arrived was in the service when it issued the handle; input
   still in flight may not be. Whatever the split between the two directions, input written
-  one round trip before the handle arrived had reached the service; the guard is 1.5
-  round trips plus ``GUARD_MARGIN_S`` (for jitter). At worst that much input is sent twice
-  at a reset. Both times are the socket's, not the reader's or writer's: a handle arrived
-  when its message reached the connection (`gateway.live.sdk.TimedSocket`), however late
-  a busy event loop reads it; input was written when the transport had handed it on to
-  the kernel. The round trip: the least of the latest ``RTT_SAMPLES`` samples, the
-  connection's setup and its prompt pongs. Each bounds the data path's round trip from
-  above (a lagging event loop or the service's own work only add to it), so one sample
-  taken while the loop lagged neither widens the guard nor, being the least, narrows it
-  below the path's. The service's pongs have been seen 8-30 s late, so the setup is timed
-  too (it went up and came down as input and handles do, with the service's setup work on
-  top). Until a sample beats it, ``DEFAULT_RTT_S`` is assumed.
+  one round trip before the handle arrived had reached the service; the guard is 1.5 round
+  trips plus ``GUARD_MARGIN_S`` (for jitter). At worst that much input is sent twice at a
+  reset. Both times are the socket's, not the reader's or writer's: a handle arrived when
+  its message reached the connection (`gateway.live.sdk.TimedSocket`, less the loop's lag
+  around then: `gateway.live.looplag`), however late a busy event loop reads it; input was
+  written when the transport had handed it on to the kernel. The round trip: the least of
+  the latest ``RTT_SAMPLES`` samples, the connection's setup and its prompt pongs. Each
+  bounds the data path's round trip from above (a lagging event loop or the service's own
+  work only add to it), so one sample taken while the loop lagged neither widens the guard
+  nor, being the least, narrows it below the path's. The service's pongs have been seen 8-30
+  s late, so the setup is timed too (it went up and came down as input and handles do, with
+  the service's setup work on top). Until a sample beats it, ``DEFAULT_RTT_S`` is assumed.
+  Writes are kept for a handle read up to ``READ_LAG_S`` after it arrived; one read later
+  places no more than the last.
 * **Exact placement** (`IndexPlacement`, on Vertex AI): with `transparent` resumption each
   handle names the last client message its state holds (`lastConsumedClientMessageIndex`);
   counting the messages written to the connection, it holds exactly the input up to that

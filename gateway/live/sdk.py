@@ -11,7 +11,9 @@ caps google-genai to the versions the tests ran on.
   the connection is pinged now and then: any pong, however late, is a sign of life
   (`gateway.live.liveness`), and a prompt one measures the round trip, which places
   resumption handles (`gateway.live.machine`); when it is a :class:`TimedSocket`, its
-  handshake's end times the setup's round trip (:func:`setup_round_trip`).
+  handshake's end times the setup's round trip (:func:`setup_round_trip`), each message
+  is stamped with when it reached the socket (:func:`received_at`), and a write returns once
+  the transport has handed it on.
 * ``google.genai._live_converters._LiveServerMessage_from_mldev`` and, on Vertex AI,
   ``_LiveServerMessage_from_vertex`` (which also renames Vertex's usage fields): the SDK's
   own wire to model converters, for every message that is not audio only (the public

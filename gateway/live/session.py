@@ -44,6 +44,7 @@ from gateway.live.events import (
     Usage,
 )
 from gateway.live.liveness import PROMPT_PONG_S, Liveness
+from gateway.live.looplag import LoopLag, loop_lag
 from gateway.live.machine import (
     BYTES_PER_SECOND,
     Action,
@@ -173,6 +174,7 @@ class LiveSession:
         self._closed = asyncio.Event()
         self._started = asyncio.Event()
         self._audio_paused = False  # the caller's audio is paused (pause_audio)
+        self._lag = LoopLag()  # the loop's, while `run` runs
         # The latest resets, with where each replay began and what it may hold twice (what
         # tests check the service's record against).
         self.resumes: deque[Resumed] = deque(maxlen=RESUMES_KEPT)
@@ -250,6 +252,11 @@ class LiveSession:
         Raises LiveSessionFailed when the service stays unreachable longer than the
         configured bounds.
         """
+        async with loop_lag().hold() as lag:
+            self._lag = lag
+            await self._run()
+
+    async def _run(self) -> None:
         sdk.paths()  # probe (and log) the SDK's fast paths once, before the first call
         loop = asyncio.get_running_loop()
         try:
@@ -637,6 +644,8 @@ class LiveSession:
                     )
                 else:
                     arrived = sdk.received_at(link.session)
+                    if arrived is not None:  # the kernel may have had it a loop's lag before
+                        arrived -= self._lag.around(arrived)
                     await self._execute(self._on_message(link.id, message, arrived))
             detail = "connection ended"
         except asyncio.CancelledError:
