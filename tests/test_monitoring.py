@@ -19,9 +19,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.testing.harness import AUTH_TOKEN, quick_emulator, test_bed
+from gateway.testing.harness import AUTH_TOKEN, TestBed, quick_emulator, test_bed
 from gateway.testing.twilio_rest import RestRequest, TwilioRestStandIn
-from gateway.testing.twilio_sim import SimulatedCall
 from gateway.twilio.rest import TwilioRest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,11 +217,11 @@ async def _a_real_call() -> str:
             "tools": ["end_call"],
         }
     }
-    calls: dict[str, SimulatedCall] = {}
+    beds: list[TestBed] = []
     ended: list[asyncio.Task[None]] = []
 
     async def twilio_ends_stream(request: RestRequest) -> None:
-        call = calls.get(request.call_sid or "")
+        call = beds[0].placed_call(request.call_sid) if beds else None
         if call is not None and request.form.get("Status") == "completed":
             ended.append(asyncio.create_task(call.hangup()))
 
@@ -233,8 +232,8 @@ async def _a_real_call() -> str:
             async with test_bed(
                 config, personas=personas, rest=client, token_prices={"prompt_audio": 3.0}
             ) as bed:
+                beds.append(bed)
                 call = await bed.caller(speed=SPEED).place_call(to="+15550100011")
-                calls[call.record.call_sid] = call
                 while not any(
                     kind == "setup" and "resumed=True" in detail
                     for _, kind, detail in bed.emulator.record.events

@@ -12,7 +12,8 @@ import signal
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from gateway.testing.peers import closed_with, new_sid, say_and_hear, start_mess
 from gateway.testing.replicas import processes, replicas
 from gateway.testing.tls import make_tls
 from gateway.testing.twilio_rest import RestRequest, TwilioRestStandIn
-from gateway.testing.twilio_sim import SimulatedCall, TwilioCallerSimulator
+from gateway.testing.twilio_sim import CallRecord, SimulatedCall, TwilioCallerSimulator
 from gateway.twilio.rest import TwilioRest
 
 if TYPE_CHECKING:
@@ -442,60 +443,76 @@ async def test_a_call_goes_on_after_its_process_is_killed(
     assert closed[0] in ("1006 gateway", "None gateway"), closed
 
 
+@asynccontextmanager
+async def redirecting_rest() -> AsyncIterator[
+    tuple[TwilioRestStandIn, TwilioRest, list[TwilioCallerSimulator]]
+]:
+    """Twilio's REST API as a stand-in that, as Twilio does, moves a call it is told to
+    redirect on to the new TwiML (a call of any caller simulator put in the yielded list)."""
+    callers: list[TwilioCallerSimulator] = []
+    redirects: list[asyncio.Task[None]] = []
+
+    async def twilio_redirects(request: RestRequest) -> None:
+        for caller in callers:
+            call = caller.calls.get(request.call_sid or "")
+            if call is not None and "Twiml" in request.form:
+                redirects.append(asyncio.create_task(call.redirect(request.form["Twiml"])))
+
+    async with TwilioRestStandIn(AUTH_TOKEN) as stand_in:
+        stand_in.on_request = twilio_redirects
+        rest = TwilioRest(AUTH_TOKEN, http_client=stand_in.http_client())
+        try:
+            yield stand_in, rest, callers
+            await asyncio.gather(*redirects)
+        finally:
+            await rest.close()
+
+
+def assert_redirected_once(stand_in: TwilioRestStandIn, record: CallRecord) -> None:
+    """The call went on by one REST redirect to a new stream, never by the action."""
+    assert [kind for _, kind, _ in record.events].count("awaiting_redirect") == 1
+    assert not [c for c in record.callbacks if c[0] == "action"]  # no action was asked
+    (redirect,) = stand_in.record.updates(record.call_sid)
+    assert "<Stream" in redirect.form["Twiml"]
+
+
 async def test_a_lost_stream_goes_on_by_a_rest_redirect(redis_url: str) -> None:
     """Twilio does not ask the action after a lost stream (the simulator's knob: the call
     stays up with no stream): the stream's status callback reports stream-error, and the
     replica that gets it, once the killed process is seen gone, redirects the call through
     the REST API to a new stream, which goes on with the same Live session."""
-    calls: dict[str, SimulatedCall] = {}
-    redirects: list[asyncio.Task[None]] = []
-
-    async def twilio_redirects(request: RestRequest) -> None:
-        call = calls.get(request.call_sid or "")
-        if call is not None and "Twiml" in request.form:
-            redirects.append(asyncio.create_task(call.redirect(request.form["Twiml"])))
-
     config = quick_emulator(speed=2.0, handle_interval=0.3)
-    async with TwilioRestStandIn(AUTH_TOKEN) as stand_in:
-        stand_in.on_request = twilio_redirects
-        rest = TwilioRest(AUTH_TOKEN, http_client=stand_in.http_client())
-        try:
-            async with (
-                replicas(1, redis_url, config, rest=rest, greeting="Greet the caller.") as (two,),
-                processes(
-                    1,
-                    two.emulator,
-                    two.emulator.tls.ca_pem_path if two.emulator.tls else "",
-                    **process_env(redis_url),
-                ) as (one,),
-            ):
-                caller = TwilioCallerSimulator(
-                    two.http,
-                    one.url,
-                    PUBLIC_URL,
-                    AUTH_TOKEN,
-                    speed=2,
-                    action_after_abnormal_close=False,
-                )
-                call = await caller.place_call()
-                calls[call.record.call_sid] = call
-                await await_reply(call, 1, limit_s=15)  # the greeting
-                await say_and_hear(call, 2)
-                await call.silence(4.0)  # a checkpoint holds reply 2 (stored every second)
-                caller.set_bases(two.gateway_url)
-                one.proc.kill()
-                await keep_talking_until(call, lambda: len(call.record.streams) == 2)
-                await say_and_hear(call, 3, freq=410.0)
-                await call.hangup()
-                await asyncio.gather(*redirects)
-        finally:
-            await rest.close()
+    async with redirecting_rest() as (stand_in, rest, callers):
+        async with (
+            replicas(1, redis_url, config, rest=rest, greeting="Greet the caller.") as (two,),
+            processes(
+                1,
+                two.emulator,
+                two.emulator.tls.ca_pem_path if two.emulator.tls else "",
+                **process_env(redis_url),
+            ) as (one,),
+        ):
+            caller = TwilioCallerSimulator(
+                two.http,
+                one.url,
+                PUBLIC_URL,
+                AUTH_TOKEN,
+                speed=2,
+                action_after_abnormal_close=False,
+            )
+            callers.append(caller)
+            call = await caller.place_call()
+            await await_reply(call, 1, limit_s=15)  # the greeting
+            await say_and_hear(call, 2)
+            await call.silence(4.0)  # a checkpoint holds reply 2 (stored every second)
+            caller.set_bases(two.gateway_url)
+            one.proc.kill()
+            await keep_talking_until(call, lambda: len(call.record.streams) == 2)
+            await say_and_hear(call, 3, freq=410.0)
+            await call.hangup()
 
     record = call.record
-    assert [kind for _, kind, _ in record.events].count("awaiting_redirect") == 1
-    assert not [c for c in record.callbacks if c[0] == "action"]  # no action was asked
-    (redirect,) = stand_in.record.updates(record.call_sid)
-    assert "<Stream" in redirect.form["Twiml"]
+    assert_redirected_once(stand_in, record)
     assert hand_offs(two, "recovered") == 1 and hand_offs(two, "continued") == 1
     (session,) = two.emulator.record.sessions.values()
     assert [t.trigger for t in session.turns].count("text") == 1  # one greeting
@@ -508,47 +525,30 @@ async def test_a_stream_lost_with_its_replica_alive_goes_on_by_a_rest_redirect(
     stream): the replica kept the call as a hand-off, and the one that gets the stream's
     stream-error, once the action had its time, redirects the call to a new stream, which
     goes on from that newest state."""
-    calls: dict[str, SimulatedCall] = {}
-    redirects: list[asyncio.Task[None]] = []
-
-    async def twilio_redirects(request: RestRequest) -> None:
-        call = calls.get(request.call_sid or "")
-        if call is not None and "Twiml" in request.form:
-            redirects.append(asyncio.create_task(call.redirect(request.form["Twiml"])))
-
-    async with TwilioRestStandIn(AUTH_TOKEN) as stand_in:
-        stand_in.on_request = twilio_redirects
-        rest = TwilioRest(AUTH_TOKEN, http_client=stand_in.http_client())
-        try:
-            async with replicas(
-                2, redis_url, quick_emulator(), rest=rest, greeting="Greet the caller."
-            ) as (one, two):
-                caller = TwilioCallerSimulator(
-                    one.http,
-                    one.gateway_url,
-                    PUBLIC_URL,
-                    AUTH_TOKEN,
-                    speed=2,
-                    action_after_abnormal_close=False,
-                )
-                call = await caller.place_call()
-                calls[call.record.call_sid] = call
-                await await_reply(call, 1, limit_s=15)  # the greeting
-                await say_and_hear(call, 2)
-                caller.set_bases(two.gateway_url)
-                await call.lose_stream()
-                await keep_talking_until(call, lambda: len(call.record.streams) == 2)
-                await say_and_hear(call, 3, freq=410.0)
-                await call.hangup()
-                await asyncio.gather(*redirects)
-        finally:
-            await rest.close()
+    async with redirecting_rest() as (stand_in, rest, callers):
+        async with replicas(
+            2, redis_url, quick_emulator(), rest=rest, greeting="Greet the caller."
+        ) as (one, two):
+            caller = TwilioCallerSimulator(
+                one.http,
+                one.gateway_url,
+                PUBLIC_URL,
+                AUTH_TOKEN,
+                speed=2,
+                action_after_abnormal_close=False,
+            )
+            callers.append(caller)
+            call = await caller.place_call()
+            await await_reply(call, 1, limit_s=15)  # the greeting
+            await say_and_hear(call, 2)
+            caller.set_bases(two.gateway_url)
+            await call.lose_stream()
+            await keep_talking_until(call, lambda: len(call.record.streams) == 2)
+            await say_and_hear(call, 3, freq=410.0)
+            await call.hangup()
 
     record = call.record
-    assert [kind for _, kind, _ in record.events].count("awaiting_redirect") == 1
-    assert not [c for c in record.callbacks if c[0] == "action"]  # no action was asked
-    (redirect,) = stand_in.record.updates(record.call_sid)
-    assert "<Stream" in redirect.form["Twiml"]
+    assert_redirected_once(stand_in, record)
     assert hand_offs(one, "stream_lost") == 1 and hand_offs(two, "continued") == 1
     assert hand_offs(two, "recovered") == 0
     (session,) = one.emulator.record.sessions.values()
