@@ -44,8 +44,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -155,6 +155,21 @@ async def spawn(
             preexec_fn=(lambda: os.setpriority(os.PRIO_PROCESS, 0, nice)) if nice else None,
         )
     return Proc(name, process, log_path)
+
+
+@asynccontextmanager
+async def emulator_server(
+    tmp: str, logs: Path, options: Sequence[str], nice: int = 0
+) -> AsyncIterator[tuple[Proc, dict[str, Any]]]:
+    """``bench.emulator_server`` in a process of its own, keeping its files in ``tmp``, with
+    ``options``: it and the line it prints once it serves (its addresses); stopped after."""
+    emulator = await spawn(
+        "emulator", ["-m", "bench.emulator_server", "--dir", tmp, *options], {}, logs, nice
+    )
+    try:
+        yield emulator, await emulator.line(limit_s=30)
+    finally:
+        await emulator.stop()
 
 
 def _append(path: Path) -> BinaryIO:
@@ -856,27 +871,16 @@ async def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         logs = Path(args.logs) if args.logs else Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
-        emulator = await spawn(
-            "emulator",
-            [
-                "-m",
-                "bench.emulator_server",
-                "--dir",
-                tmp,
-                "--reply-s",
-                str(args.reply_s),
-                "--end-of-speech-s",
-                str(args.end_of_speech_s),
-                "--response-delay-s",
-                str(args.response_delay_s),
-                *(["--deflate"] if args.emulator_deflate else []),
-            ],
-            {},
-            logs,
-            args.nice,
-        )
-        try:
-            info = await emulator.line(limit_s=30)
+        options = [
+            "--reply-s",
+            str(args.reply_s),
+            "--end-of-speech-s",
+            str(args.end_of_speech_s),
+            "--response-delay-s",
+            str(args.response_delay_s),
+            *(["--deflate"] if args.emulator_deflate else []),
+        ]
+        async with emulator_server(tmp, logs, options, args.nice) as (emulator, info):
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
                 bench = Bench(args, emulator, info, http, logs)
                 runs: list[Run] = []
@@ -911,8 +915,6 @@ async def main(args: argparse.Namespace) -> int:
                     log(f"resets: {args.reset_calls} calls for {args.reset_seconds:.0f} s ...")
                     reset_run, times = await bench.resets(args.reset_calls, args.reset_seconds)
                     gaps = reset_gaps(reset_run, times, reset_run.extra["time_left"])
-        finally:
-            await emulator.stop()
         costs = []
         if args.cost_calls:
             from bench.cost import stage

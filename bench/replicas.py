@@ -58,7 +58,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.__main__ import Proc, machine, machine_busy, spawn, wait_healthy
+from bench.__main__ import Proc, emulator_server, machine, machine_busy, spawn, wait_healthy
 from bench.common import AUTH_TOKEN, PUBLIC_URL, gateway_env
 from bench.common import run as run_loop
 from bench.soak import BASE_HZ, MATCH_HZ, PAUSE_S, STEP_HZ, TONE_S, await_reply, pitch
@@ -460,41 +460,29 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="replicas-") as tmp:
         logs = Path(args.logs) if args.logs else Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
-        emulator = await spawn(
-            "emulator",
-            [
-                "-m",
-                "bench.emulator_server",
-                "--dir",
-                tmp,
-                "--reply-s",
-                str(args.reply_s),
-                "--handle-interval",
-                args.handle_interval,
-                "--concurrent-resume",
-                args.concurrent_resume,
-                "--audio-head-s",
-                "8",
-            ],
-            {},
-            logs,
-        )
+        options = [
+            "--reply-s",
+            str(args.reply_s),
+            "--handle-interval",
+            args.handle_interval,
+            "--concurrent-resume",
+            args.concurrent_resume,
+            "--audio-head-s",
+            "8",
+        ]
         busy0, total0 = machine_busy()
         load = os.getloadavg()[0]
         rows: list[dict[str, Any]] = []
         bridges: list[dict[str, Any]] = []
-        try:
-            info = await emulator.line(limit_s=30)
-            async with (
-                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http,
-            ):
-                with RedisServer() as redis:
-                    for impl in ["gateway", *(["naive"] if args.naive else [])]:
-                        found, summary = await run_bridge(impl, args, http, info, logs, redis.url)
-                        rows += found
-                        bridges.append(summary)
-        finally:
-            await emulator.stop()
+        async with (
+            emulator_server(tmp, logs, options) as (_, info),
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http,
+        ):
+            with RedisServer() as redis:
+                for impl in ["gateway", *(["naive"] if args.naive else [])]:
+                    found, summary = await run_bridge(impl, args, http, info, logs, redis.url)
+                    rows += found
+                    bridges.append(summary)
         busy1, total1 = machine_busy()
     return {
         "stage": "replicas",

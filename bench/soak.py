@@ -53,7 +53,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.__main__ import Proc, machine_busy, spawn, wait_healthy
+from bench.__main__ import Proc, emulator_server, machine_busy, spawn, wait_healthy
 from bench.callers import complete_reply
 from bench.common import AUTH_TOKEN, PUBLIC_URL, cpu_seconds, gateway_env, rss_bytes
 from bench.common import run as run_loop
@@ -381,50 +381,40 @@ async def soak(args: argparse.Namespace) -> Report:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         logs = Path(args.logs) if args.logs else Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
-        emulator = await spawn(
-            "emulator",
-            [
-                "-m",
-                "bench.emulator_server",
-                "--dir",
-                tmp,
-                "--reply-s",
-                str(args.reply_s),
-                "--setup-latency",
-                args.setup_latency,
-                "--pong-delay",
-                args.pong_delay,
-                "--handle-interval",
-                args.handle_interval,
-                "--concurrent-resume",
-                args.concurrent_resume,
-                "--after-cut-reply",
-                args.after_cut_reply,
-                "--audio-head-s",
-                "3",
-                "--seed",
-                str(args.seed),
-            ],
-            {},
-            logs,
-        )
+        options = [
+            "--reply-s",
+            str(args.reply_s),
+            "--setup-latency",
+            args.setup_latency,
+            "--pong-delay",
+            args.pong_delay,
+            "--handle-interval",
+            args.handle_interval,
+            "--concurrent-resume",
+            args.concurrent_resume,
+            "--after-cut-reply",
+            args.after_cut_reply,
+            "--audio-head-s",
+            "3",
+            "--seed",
+            str(args.seed),
+        ]
         gateway: Proc | None = None
-        try:
-            info = await emulator.line(limit_s=30)
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-                port = free_port()
-                env = gateway_env(info, port, os.environ.get("SOAK_LOG_LEVEL", "WARNING"))
-                # Sent against held per call: every frame must reach the model, so the
-                # caller's silence is sent too (gateway.dtx withholds it by default).
-                env["SILENCE_SUPPRESSION"] = "false"
-                gateway = await spawn("gateway", ["-m", "gateway"], env, logs)
-                url = f"http://127.0.0.1:{port}"
-                await wait_healthy(http, url, gateway)
-                return await drive(args, http, url, gateway, emulator, info["control_url"])
-        finally:
-            if gateway is not None:
-                await gateway.stop()
-            await emulator.stop()
+        async with emulator_server(tmp, logs, options) as (emulator, info):
+            try:
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+                    port = free_port()
+                    env = gateway_env(info, port, os.environ.get("SOAK_LOG_LEVEL", "WARNING"))
+                    # Sent against held per call: every frame must reach the model, so the
+                    # caller's silence is sent too (gateway.dtx withholds it by default).
+                    env["SILENCE_SUPPRESSION"] = "false"
+                    gateway = await spawn("gateway", ["-m", "gateway"], env, logs)
+                    url = f"http://127.0.0.1:{port}"
+                    await wait_healthy(http, url, gateway)
+                    return await drive(args, http, url, gateway, emulator, info["control_url"])
+            finally:
+                if gateway is not None:
+                    await gateway.stop()
 
 
 async def drive(
